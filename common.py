@@ -419,7 +419,8 @@ def _read_cityscapes(root, split, download, seed, options):
     for c in tv_datasets.Cityscapes.classes:
         if c.id >= 0:
             lookup[c.id] = c.train_id if 0 <= c.train_id < 255 else IGNORE_INDEX
-    return {"images": city.images, "labels": [t[0] for t in city.targets], "decode": lambda lab: lookup[_grey(lab)]}
+    pairs = sorted(zip(city.images, (t[0] for t in city.targets)))  # torchvision lists folders unsorted
+    return {"images": [p[0] for p in pairs], "labels": [p[1] for p in pairs], "decode": lambda lab: lookup[_grey(lab)]}
 
 
 CITYSCAPES_CLASSES = tuple(c.name for c in tv_datasets.Cityscapes.classes if 0 <= c.train_id < 255)

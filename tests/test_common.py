@@ -1,0 +1,507 @@
+"""Tests for common.py: every reader on a tiny fake copy of its original layout and on the real samples in
+../shared/data when present, the joint transforms, the synthetic set, the metrics against hand-computed values and
+slow reference loops, and one clear DatasetError for each kind of bad input."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import common
+from common import (BinaryStats, ConfusionMatrix, DatasetError, bce_loss, build_dataset, denormalize, dice_loss,
+                    focal_loss, joint_transform, per_image_foreground_iou, per_image_micro_jaccard)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real samples not present at {SHARED_DATA}")
+RNG = np.random.default_rng(0)
+
+
+# --- helpers that write tiny files in each dataset's layout ---
+
+def write_rgb(path, size=(12, 10), fmt=None):
+    """Random RGB image of size (W, H)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+    return path
+
+
+def write_label(path, array, mode="L", palette=None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.asarray(array, dtype=np.uint8), mode=None)
+    if mode == "P":
+        image = image.convert("L").convert("P")
+        image.putpalette(palette or [v for c in common.pascal_palette() for v in c])
+        image.putdata(list(np.asarray(array, dtype=np.uint8).ravel()))
+    elif mode == "RGB":
+        image = Image.fromarray(np.asarray(array, dtype=np.uint8))
+    image.save(path)
+    return path
+
+
+def label_map(values, size=(12, 10)):
+    """(H, W) label whose pixels cycle through `values`."""
+    return np.resize(np.array(values, dtype=np.uint8), size[1] * size[0]).reshape(size[1], size[0])
+
+
+def raw(dataset, index=0):
+    """Untransformed label of item `index` as a numpy array."""
+    return dataset.load(index)[1]
+
+
+# --- readers on fake layouts ---
+
+def test_voc_reads_palette_pngs_and_the_unlabeled_set(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for stem in ("a", "b", "c"):
+        write_rgb(voc / "JPEGImages" / f"{stem}.jpg")
+        write_label(voc / "SegmentationClass" / f"{stem}.png", label_map([0, 15, 255, 20]), mode="P")
+    write_rgb(voc / "JPEGImages" / "unlabelled_only.jpg")
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("c\n")
+    train, info = build_dataset("voc", tmp_path, "train", transform=joint_transform(8))
+    assert len(train) == 2 and info.num_classes == 21 and info.class_names[15] == "person"
+    assert set(np.unique(raw(train)).tolist()) == {0, 15, 20, 255}  # palette indices, not colours
+    image, label = train[0]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and label.dtype == torch.int64
+    unlabeled, _ = build_dataset("voc", tmp_path / "VOCdevkit", "unlabeled", transform=joint_transform(8))
+    assert len(unlabeled) == 4 and unlabeled[0].shape == (3, 8, 8)
+    with pytest.raises(DatasetError, match="VOC2007|--download"):
+        build_dataset("voc", tmp_path, "test")
+
+
+def test_cityscapes_maps_label_ids_to_19_train_ids(tmp_path):
+    ids = label_map([7, 8, 26, 0, 33, 4])  # road, sidewalk, car, unlabeled, bicycle, static
+    for city, frame in (("aachen", "aachen_000000_000019"), ("bochum", "bochum_000000_000313")):
+        write_rgb(tmp_path / "leftImg8bit" / "train" / city / f"{frame}_leftImg8bit.png")
+        write_label(tmp_path / "gtFine" / "train" / city / f"{frame}_gtFine_labelIds.png", ids)
+    write_rgb(tmp_path / "leftImg8bit" / "train_extra" / "x" / "x_0_leftImg8bit.png")
+    train, info = build_dataset("cityscapes", tmp_path, "train")
+    assert len(train) == 2 and info.num_classes == 19 and info.class_names[13] == "car"
+    assert train.names == sorted(train.names)
+    assert set(np.unique(raw(train)).tolist()) == {0, 1, 13, 18, 255}
+    unlabeled, _ = build_dataset("cityscapes", tmp_path, "unlabeled")
+    assert len(unlabeled) == 3
+
+
+def write_pets(root, stems, trimap_values=(1, 2, 3)):
+    base = root / "oxford-iiit-pet"
+    for stem in stems:
+        write_rgb(base / "images" / f"{stem}.jpg")
+        write_label(base / "annotations" / "trimaps" / f"{stem}.png", label_map(trimap_values))
+    (base / "annotations" / "trainval.txt").write_text("".join(f"{s} 1 1 1\n" for s in stems[:-2]))
+    (base / "annotations" / "test.txt").write_text("".join(f"{s} 1 1 1\n" for s in stems[-2:]))
+
+
+@pytest.mark.parametrize("border, expected", [("ignore", {0, 1, 255}), ("foreground", {0, 1}), ("background", {0, 1})])
+def test_pets_trimap_border_rule(tmp_path, border, expected):
+    write_pets(tmp_path, [f"Abyssinian_{i}" for i in range(12)])
+    dataset, info = build_dataset("pets", tmp_path, "all", border=border)
+    assert len(dataset) == 12 and info.binary and info.num_classes == 2
+    label = raw(dataset)
+    assert set(np.unique(label).tolist()) == expected
+    trimap = label_map((1, 2, 3))
+    border_value = {"ignore": 255, "foreground": 1, "background": 0}[border]
+    assert np.array_equal(label, np.select([trimap == 1, trimap == 2], [1, 0], border_value))
+    train, _ = build_dataset("pets", tmp_path / "oxford-iiit-pet", "train")
+    val, _ = build_dataset("pets", tmp_path, "val")
+    test, _ = build_dataset("pets", tmp_path, "test")
+    assert len(train) == 9 and len(val) == 1 and len(test) == 2
+    assert not set(train.names) & set(val.names) and not set(train.names + val.names) & set(test.names)
+
+
+def test_cifar10_is_image_only(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    data = RNG.integers(0, 255, (4, 3 * 32 * 32), dtype=np.uint8)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"data": data, "labels": [0, 1, 2, 3]}, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, handle)
+    # torchvision checks the md5 sums of the real release; these fake batches cannot match them
+    monkeypatch.setattr(common.tv_datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(common.tv_datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    train, _ = build_dataset("cifar10", tmp_path, "train", transform=joint_transform(16))
+    assert len(train) == 20 and train[3].shape == (3, 16, 16)
+
+
+def test_catsdogs_skips_and_reports_unreadable_files(tmp_path, capsys):
+    for i in range(3):
+        write_rgb(tmp_path / "PetImages" / "Cat" / f"{i}.jpg", fmt="JPEG")
+        write_rgb(tmp_path / "PetImages" / "Dog" / f"{i}.jpg", fmt="JPEG")
+    (tmp_path / "PetImages" / "Cat" / "666.jpg").write_bytes(b"")
+    (tmp_path / "PetImages" / "Dog" / "11702.jpg").write_bytes(b"not a jpeg at all")
+    dataset, _ = build_dataset("catsdogs", tmp_path, "train")
+    assert len(dataset) == 6 and len(dataset.skipped) == 2
+    assert "skipped 2 unreadable" in capsys.readouterr().err
+    assert dataset[0].shape[0] == 3
+
+
+def test_glas_instance_ids_become_binary(tmp_path):
+    for prefix, count in (("train", 10), ("testA", 3), ("testB", 2)):
+        for i in range(1, count + 1):
+            write_rgb(tmp_path / f"{prefix}_{i}.bmp", fmt="BMP")
+            write_label(tmp_path / f"{prefix}_{i}_anno.bmp", label_map([0, 1, 2, 7]))
+    sizes = {s: len(build_dataset("glas", tmp_path, s)[0]) for s in ("train", "val", "trainval", "testA", "testB", "test")}
+    assert sizes == {"train": 9, "val": 1, "trainval": 10, "testA": 3, "testB": 2, "test": 5}
+    dataset, info = build_dataset("glas", tmp_path, "testA")
+    assert info.binary and set(np.unique(raw(dataset)).tolist()) == {0, 1}
+
+
+def write_polyps(root, stems):
+    """Kvasir-SEG layout: images/<id>.jpg and RGB masks/<id>.jpg with values near 0 / 255."""
+    for stem in stems:
+        write_rgb(root / "images" / f"{stem}.jpg")
+        noisy = np.where(label_map([0, 1]) == 1, 240, 12).astype(np.uint8)
+        write_label(root / "masks" / f"{stem}.jpg", np.stack([noisy] * 3, -1), mode="RGB")
+
+
+def test_kvasir_thresholds_jpeg_masks_and_splits(tmp_path):
+    stems = [f"cju{i:04d}" for i in range(20)]
+    write_polyps(tmp_path, stems)
+    splits = {s: build_dataset("kvasir", tmp_path, s)[0] for s in ("train", "val", "test", "trainval")}
+    assert [len(splits[s]) for s in ("train", "val", "test", "trainval")] == [16, 2, 2, 18]
+    assert sorted(splits["train"].names + splits["val"].names + splits["test"].names) == stems
+    assert set(np.unique(raw(splits["train"])).tolist()) == {0, 1}
+    (tmp_path / "train.txt").write_text("\n".join(stems[:15]))
+    (tmp_path / "val.txt").write_text("\n".join(stems[15:]))
+    listed, _ = build_dataset("kvasir", tmp_path, "val")
+    assert listed.names == stems[15:]
+
+
+def test_cvc_reads_tiff_and_splits_by_video_sequence(tmp_path):
+    frames = list(range(1, 31)) + list(range(68, 79))  # sequence 1 (frames 1-25), 2 (26-30), 4 (68-78)
+    for frame in frames:
+        write_rgb(tmp_path / "Original" / f"{frame}.tif", fmt="TIFF")
+        write_label(tmp_path / "Ground Truth" / f"{frame}.tif", np.where(label_map([0, 1]) == 1, 255, 0))
+    dataset, info = build_dataset("cvc", tmp_path, "all")
+    assert len(dataset) == len(frames) and info.binary
+    assert set(np.unique(raw(dataset)).tolist()) == {0, 1}
+    parts = {s: set(build_dataset("cvc", tmp_path, s)[0].names) for s in ("train", "val", "test")
+             if _split_non_empty("cvc", tmp_path, s)}
+    sequence = {str(f): 1 if f <= 25 else 2 if f <= 50 else 4 for f in frames}
+    for part, names in parts.items():  # no sequence is shared between two splits
+        for other, other_names in parts.items():
+            if part != other:
+                assert not {sequence[n] for n in names} & {sequence[n] for n in other_names}
+    assert set().union(*parts.values()) == {str(f) for f in frames}
+
+
+def _split_non_empty(name, root, split):
+    try:
+        build_dataset(name, root, split)
+        return True
+    except DatasetError:
+        return False
+
+
+def test_tiff_strip_reader_matches_pillow_on_an_rgb_tiff(tmp_path):
+    array = RNG.integers(0, 255, (7, 9, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "x.tif")
+    assert np.array_equal(common._read_tiff_strips(str(tmp_path / "x.tif")), array)
+
+
+@pytest.mark.parametrize("label_base, stored, expected", [(0, [0, 39, 255], {0, 39, 255}), (1, [0, 1, 40], {255, 0, 39})])
+def test_nyudv2_label_bases(tmp_path, label_base, stored, expected):
+    for part, count in (("train", 10), ("val", 4)):
+        for i in range(count):
+            write_rgb(tmp_path / f"{part}_images" / f"{i}.png")
+            write_label(tmp_path / f"{part}_labels" / f"{i}.png", label_map(stored))
+    sizes = {s: len(build_dataset("nyudv2", tmp_path, s, label_base=label_base)[0]) for s in ("train", "val", "test")}
+    assert sizes == {"train": 9, "val": 1, "test": 4}
+    dataset, info = build_dataset("nyudv2", tmp_path, "test", label_base=label_base)
+    assert info.num_classes == 40 and set(np.unique(raw(dataset)).tolist()) == expected
+
+
+def test_nassar_reads_ids_or_colours_and_unlabeled_tiles(tmp_path):
+    colours = np.array([[0, 0, 0], [0, 255, 0], [255, 0, 0]], dtype=np.uint8)[label_map([0, 1, 2])]
+    for part in ("train", "val", "test"):
+        write_rgb(tmp_path / "tiled_dataset" / part / "images" / "t0.png")
+        write_label(tmp_path / "tiled_dataset" / part / "masks" / "t0.png", colours, mode="RGB")
+        write_rgb(tmp_path / "tiled_dataset" / part / "images" / "t1.png")
+        write_label(tmp_path / "tiled_dataset" / part / "masks" / "t1.png", label_map([2, 1, 0]))
+    for i in range(5):
+        write_rgb(tmp_path / "ortho_tiles" / f"tile_{i}.png")
+    dataset, info = build_dataset("nassar", tmp_path, "train")
+    assert info.class_names == ("soil", "crop", "weed")
+    assert np.array_equal(raw(dataset, 0), label_map([0, 1, 2])) and np.array_equal(raw(dataset, 1), label_map([2, 1, 0]))
+    assert len(build_dataset("nassar", tmp_path, "unlabeled")[0]) == 5
+
+
+def test_sugarbeets_colour_masks_and_7_1_2_split(tmp_path):
+    colours = np.array([[0, 0, 0], [0, 255, 0], [255, 0, 0]], dtype=np.uint8)[label_map([0, 1, 2])]
+    session = tmp_path / "CKA_160523"
+    for i in range(10):
+        write_rgb(session / "images" / "rgb" / f"frame{i}.png")
+        write_label(session / "annotations" / "dlp" / "colorCleaned" / f"frame{i}.png", colours, mode="RGB")
+    write_rgb(session / "images" / "rgb" / "unlabelled.png")
+    sizes = {s: len(build_dataset("sugarbeets", tmp_path, s)[0]) for s in ("train", "val", "test", "unlabeled")}
+    assert sizes == {"train": 7, "val": 1, "test": 2, "unlabeled": 11}
+    dataset, _ = build_dataset("sugarbeets", tmp_path, "test")
+    assert np.array_equal(raw(dataset), label_map([0, 1, 2]))
+
+
+def test_camvid_void_is_ignored(tmp_path):
+    for part in ("train", "val", "test"):
+        write_rgb(tmp_path / part / "0001TP_006690.png")
+        write_label(tmp_path / f"{part}annot" / "0001TP_006690.png", label_map([0, 10, 11]))
+    dataset, info = build_dataset("camvid", tmp_path, "val")
+    assert info.num_classes == 11 and set(np.unique(raw(dataset)).tolist()) == {0, 10, 255}
+
+
+def test_folder_scans_class_count_and_accepts_split_folders(tmp_path):
+    for i in range(10):
+        write_rgb(tmp_path / "flat" / "images" / f"img{i}.jpg")
+        write_label(tmp_path / "flat" / "masks" / f"img{i}.png", label_map([0, 3, 255]))
+    dataset, info = build_dataset("folder", tmp_path / "flat", "train")
+    assert info.num_classes == 4 and len(dataset) == 8
+    for part in ("train", "val"):
+        write_rgb(tmp_path / "split" / part / "images" / "a.png")
+        write_label(tmp_path / "split" / part / "masks" / "a.png", np.where(label_map([0, 1]) == 1, 255, 0))
+    binary, info = build_dataset("folder", tmp_path / "split", "trainval", mask_mode="binary")
+    assert len(binary) == 2 and info.num_classes == 2 and set(np.unique(raw(binary)).tolist()) == {0, 1}
+
+
+# --- the synthetic set ---
+
+def test_shapes_is_deterministic_multiclass_and_has_a_binary_and_image_only_view():
+    train, info = build_dataset("shapes", split="train", image_size=(40, 56), num_images=16)
+    again, _ = build_dataset("shapes", split="train", image_size=(40, 56), num_images=16)
+    image, label = train[5]
+    assert image.shape == (3, 40, 56) and label.shape == (40, 56) and info.num_classes == 5
+    assert torch.equal(image, again[5][0]) and torch.equal(label, again[5][1])
+    assert not torch.equal(image, build_dataset("shapes", split="val", image_size=(40, 56))[0][5][0])
+    seen = set()
+    for i in range(16):
+        seen |= set(train[i][1].unique().tolist())
+    assert seen == {0, 1, 2, 3, 4}
+    binary, binfo = build_dataset("shapes", split="train", image_size=32, binary=True)
+    assert binfo.binary and binfo.num_classes == 2 and set(binary[0][1].unique().tolist()) <= {0, 1}
+    pretrain, _ = build_dataset("shapes", split="unlabeled", image_size=32, limit=7)
+    assert len(pretrain) == 7 and pretrain[0].shape == (3, 32, 32)
+
+
+# --- transforms ---
+
+def test_joint_transform_keeps_image_and_label_aligned():
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    image[:, :, 15:] = 255  # right half white
+    label = torch.zeros(20, 30, dtype=torch.uint8)
+    label[:, 15:] = 1  # right half class 1
+    crop_and_flip = joint_transform(crop=(24, 36), hflip=True, normalize="unit")
+    flipped = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        out_image, out_label = crop_and_flip(common.tv_tensors.Image(image), common.tv_tensors.Mask(label))
+        assert out_image.shape == (3, 24, 36) and out_label.dtype == torch.int64
+        assert torch.all(out_image[0][out_label == 1] == 1) and torch.all(out_image[0][out_label == 0] == 0)
+        assert torch.all(out_image[0][out_label == 255] == 0) and (out_label == 255).sum() == 24 * 36 - 20 * 30
+        flipped += int(out_label[out_label != 255].view(20, 30)[0, 0] == 1)
+    assert 0 < flipped < 10  # the flip happens sometimes, to both
+    resized = joint_transform((10, 14), crop_scale=(0.5, 1.0), color_jitter=0.4)
+    out_image, out_label = resized(common.tv_tensors.Image(image), common.tv_tensors.Mask(label))
+    assert out_image.shape == (3, 10, 14) and set(out_label.unique().tolist()) <= {0, 1}  # nearest: no new ids
+
+
+def test_normalisations_round_trip():
+    image = torch.rand(2, 3, 4, 5)
+    for name, (mean, std) in common.NORMALIZATION.items():
+        normalised = (image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        assert torch.allclose(denormalize(normalised, name), image, atol=1e-6)
+    symmetric = joint_transform(normalize="symmetric")(common.tv_tensors.Image(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 2).repeat(3, 1, 1)))
+    assert symmetric.min() == -1 and symmetric.max() == 1
+
+
+# --- metrics ---
+
+def test_confusion_matrix_against_hand_counts():
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 1]]])
+    preds = torch.tensor([[[0, 1, 1, 1], [2, 0, 2, 1]]])
+    cm = ConfusionMatrix(3).update(preds, labels)
+    assert cm.matrix.tolist() == [[1, 1, 0], [0, 3, 0], [1, 0, 1]]
+    result = cm.compute()
+    # IoU class 0: 1 / (2 + 2 - 1) = 1/3; class 1: 3 / (3 + 4 - 3) = 3/4; class 2: 1 / (2 + 1 - 1) = 1/2
+    assert result["per_class_iou"] == pytest.approx([1 / 3, 3 / 4, 1 / 2])
+    assert result["miou"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert result["pixel_acc"] == pytest.approx(5 / 7)
+    region = torch.tensor([[[True, True, False, False], [False, False, False, False]]])
+    pa = ConfusionMatrix(3).update(preds, labels, region=region).compute()  # only the two class-0 pixels count
+    assert pa["per_class_iou"][0] == pytest.approx(0.5) and np.isnan(pa["per_class_iou"][2])
+    assert pa["miou"] == pytest.approx(0.25)  # class 0: 1/2, class 1: 0/1, class 2 absent
+
+
+def test_confusion_matrix_matches_a_slow_loop():
+    generator = torch.Generator().manual_seed(3)
+    k = 5
+    labels = torch.randint(0, k, (3, 9, 11), generator=generator)
+    labels[0, :2] = 255
+    preds = torch.randint(0, k, (3, 9, 11), generator=generator)
+    region = torch.rand(3, 9, 11, generator=generator) > 0.3
+    fast = ConfusionMatrix(k).update(preds, labels, region).compute()
+    slow = np.zeros((k, k))
+    for b, y, x in np.ndindex(*labels.shape):
+        if labels[b, y, x] != 255 and region[b, y, x]:
+            slow[labels[b, y, x], preds[b, y, x]] += 1
+    ious = [slow[c, c] / (slow[c].sum() + slow[:, c].sum() - slow[c, c]) for c in range(k)]
+    assert fast["per_class_iou"] == pytest.approx(ious)
+    assert fast["miou"] == pytest.approx(np.mean(ious))
+    assert fast["pixel_acc"] == pytest.approx(np.trace(slow) / slow.sum())
+
+
+def test_binary_stats_against_hand_counts():
+    targets = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 255]]])  # (B=2, H=1, W=4)
+    logits = torch.tensor([[[3.0, -3.0, 3.0, -3.0]], [[-3.0, -3.0, -3.0, 3.0]]])
+    stats = BinaryStats().update(logits, targets).compute()
+    # tp 1, fn 1, fp 1, tn 4 (the ignored pixel does not count)
+    assert stats["iou"] == pytest.approx(1 / 3) and stats["f1"] == pytest.approx(0.5)
+    assert stats["precision"] == pytest.approx(0.5) and stats["recall"] == pytest.approx(0.5)
+    assert stats["accuracy"] == pytest.approx(5 / 7)
+    valid = targets != 255
+    flat_logits, flat_targets = logits[valid], targets[valid].float()
+    assert stats["bce"] == pytest.approx(bce_loss(flat_logits, flat_targets).item(), rel=1e-5)
+    assert stats["focal_loss"] == pytest.approx(focal_loss(flat_logits, flat_targets).item(), rel=1e-5)
+    assert stats["dice_loss"] == pytest.approx(dice_loss(flat_logits, flat_targets).item(), rel=1e-5)
+    # per image: image 0 IoU 1/3; image 1 has an empty union -> 0 (sklearn's convention)
+    assert stats["per_image_iou"] == pytest.approx((1 / 3 + 0) / 2)
+
+
+def test_losses_on_hand_made_values():
+    logits, targets = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
+    p = torch.sigmoid(logits)
+    expected_bce = -(np.log(0.5) + np.log(1 - p[1].item())) / 2
+    assert bce_loss(logits, targets).item() == pytest.approx(expected_bce, rel=1e-6)
+    expected_focal = (-np.log(0.5) * 0.5 ** 2 - np.log(1 - p[1].item()) * p[1].item() ** 2) / 2
+    assert focal_loss(logits, targets).item() == pytest.approx(expected_focal, rel=1e-6)
+    assert dice_loss(logits, targets).item() == pytest.approx(1 - (2 * 0.5 + 1) / (p.sum().item() + 1 + 1), rel=1e-6)
+    assert dice_loss(torch.full((4,), 50.0), torch.ones(4)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_per_image_protocols():
+    labels = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[1, 0, 1, 255]]])
+    preds = torch.tensor([[[1, 0, 0, 0]], [[0, 0, 0, 0]], [[1, 1, 1, 1]]])
+    assert per_image_foreground_iou(preds, labels).tolist() == pytest.approx([0.5, 0.0, 2 / 3])
+    multi_labels = torch.tensor([[[0, 1, 2, 2]], [[3, 3, 255, 255]]])
+    multi_preds = torch.tensor([[[0, 1, 2, 0]], [[3, 0, 1, 1]]])
+    accuracy = torch.tensor([3 / 4, 1 / 2])
+    assert per_image_micro_jaccard(multi_preds, multi_labels).tolist() == pytest.approx((accuracy / (2 - accuracy)).tolist())
+
+
+# --- bad input: one clear message each ---
+
+def test_missing_root_names_the_path_and_download():
+    with pytest.raises(DatasetError, match=r"nowhere.*--data-root.*--download"):
+        build_dataset("voc", "/nowhere/voc")
+    with pytest.raises(DatasetError, match=r"images.*Kvasir-SEG"):
+        build_dataset("kvasir", "/tmp")
+
+
+def test_unknown_dataset_split_and_option():
+    with pytest.raises(DatasetError, match="unknown dataset 'vocc'"):
+        build_dataset("vocc")
+    with pytest.raises(DatasetError, match="no split 'validation'.*train, val"):
+        build_dataset("shapes", split="validation")
+    with pytest.raises(DatasetError, match="does not take the option"):
+        build_dataset("shapes", colour="red")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    write_polyps(tmp_path, ["a", "b"])
+    (tmp_path / "images" / "a.jpg").write_bytes(b"\xff\xd8 truncated")
+    dataset = common.SegmentationFiles([str(tmp_path / "images" / "a.jpg")], [str(tmp_path / "masks" / "a.jpg")],
+                                       common._threshold, 2, joint_transform())
+    with pytest.raises(DatasetError, match=r"cannot read image file .*a\.jpg.*replace or remove"):
+        dataset[0]
+
+
+def test_label_of_the_wrong_size_and_out_of_range_ids(tmp_path):
+    write_rgb(tmp_path / "images" / "a.png", size=(12, 10))
+    write_label(tmp_path / "masks" / "a.png", np.zeros((5, 6)))
+    wrong_size = common.SegmentationFiles([str(tmp_path / "images" / "a.png")], [str(tmp_path / "masks" / "a.png")],
+                                          common._grey, 3, joint_transform())
+    with pytest.raises(DatasetError, match=r"label .*a\.png is 6x5 but its image .* is 12x10"):
+        wrong_size[0]
+    write_label(tmp_path / "masks" / "a.png", label_map([0, 1, 7, 255]))
+    out_of_range = common.SegmentationFiles([str(tmp_path / "images" / "a.png")], [str(tmp_path / "masks" / "a.png")],
+                                            common._grey, 3, joint_transform())
+    with pytest.raises(DatasetError, match=r"class ids \[7\] outside 0..2"):
+        out_of_range[0]
+
+
+def test_empty_split(tmp_path):
+    write_pets(tmp_path, [f"Bengal_{i}" for i in range(4)])
+    (tmp_path / "oxford-iiit-pet" / "annotations" / "test.txt").write_text("")
+    with pytest.raises(DatasetError, match="split 'test' .* is empty"):
+        build_dataset("pets", tmp_path, "test")
+
+
+def test_dataset_error_from_a_worker_keeps_only_our_sentence(tmp_path):
+    write_rgb(tmp_path / "images" / "a.png", size=(12, 10))
+    write_label(tmp_path / "masks" / "a.png", np.zeros((5, 6)))
+    dataset = common.SegmentationFiles([str(tmp_path / "images" / "a.png")], [str(tmp_path / "masks" / "a.png")],
+                                       common._grey, 3, joint_transform())
+    with pytest.raises(DatasetError) as caught:
+        next(iter(DataLoader(dataset, num_workers=1)))
+    message = str(caught.value)
+    assert message.startswith("label ") and "Traceback" not in message and "\n" not in message
+
+
+# --- the real samples in ../shared/data ---
+
+@needs_shared
+def test_real_kvasir_sample():
+    dataset, info = build_dataset("kvasir", SHARED_DATA / "Kvasir-SEG", "trainval", transform=joint_transform(32))
+    test, _ = build_dataset("kvasir", SHARED_DATA / "Kvasir-SEG", "test")
+    assert len(dataset) + len(test) == 300 and not set(dataset.names) & set(test.names)
+    image, label = dataset[0]
+    assert image.shape == (3, 32, 32) and set(label.unique().tolist()) <= {0, 1}
+    assert 0 < (raw(dataset) == 1).mean() < 1
+
+
+@needs_shared
+def test_real_cvc_sample_reads_the_tiffs_pillow_refuses():
+    path = SHARED_DATA / "CVC-ClinicDB" / "Original" / "467.tif"
+    with pytest.raises(Exception):
+        Image.open(path).load()
+    dataset, _ = build_dataset("cvc", SHARED_DATA / "CVC-ClinicDB", "all")
+    assert len(dataset) == 23
+    image, label = dataset.load(0)
+    assert image.shape == (288, 384, 3) and label.shape == (288, 384) and set(np.unique(label).tolist()) == {0, 1}
+    assert image.std() > 10  # real content, not a mis-parsed buffer
+
+
+@needs_shared
+def test_real_pets_sample():
+    dataset, info = build_dataset("pets", SHARED_DATA / "oxford-iiit-pet", "trainval")
+    assert len(dataset) == 150 and info.binary
+    assert set(np.unique(raw(dataset)).tolist()) == {0, 1, 255}
+    with pytest.raises(DatasetError, match="empty"):  # the shipped test.txt is empty
+        build_dataset("pets", SHARED_DATA, "test")
+
+
+@needs_shared
+def test_real_camvid_sample():
+    train, info = build_dataset("camvid", SHARED_DATA / "CamVid", "train")
+    val, _ = build_dataset("camvid", SHARED_DATA / "CamVid", "val")
+    assert (len(train), len(val), info.num_classes) == (30, 10, 11)
+    values = set(np.unique(raw(val)).tolist())
+    assert values <= set(range(11)) | {255} and len(values) > 5
+
+
+@needs_shared
+def test_real_cityscapes_sample_matches_the_official_train_ids():
+    dataset, _ = build_dataset("cityscapes", SHARED_DATA / "cityscapes", "val")
+    assert len(dataset) == 1
+    folder = SHARED_DATA / "cityscapes" / "gtFine" / "val"
+    label_ids = np.asarray(Image.open(next(folder.rglob("*_labelIds.png")))).astype(np.int64)
+    official = np.asarray(Image.open(next(folder.rglob("*_labelTrainIds.png")))).astype(np.int64)
+    ours = raw(dataset)
+    train_id = {c.id: c.train_id if 0 <= c.train_id < 255 else 255 for c in common.tv_datasets.Cityscapes.classes}
+    assert np.array_equal(ours, np.vectorize(train_id.get)(label_ids))
+    # the fixture's two label files were downscaled separately, so a few boundary pixels disagree
+    assert (ours == official).mean() > 0.99
