@@ -505,3 +505,26 @@ def test_real_cityscapes_sample_matches_the_official_train_ids():
     assert np.array_equal(ours, np.vectorize(train_id.get)(label_ids))
     # the fixture's two label files were downscaled separately, so a few boundary pixels disagree
     assert (ours == official).mean() > 0.99
+
+
+# --- reduction across DDP ranks ---
+
+def _reduce_worker(rank, world_size, init_file, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    labels = torch.tensor([[[0, 1, 1, 2]]]) if rank == 0 else torch.tensor([[[2, 2, 0, 255]]])
+    preds = torch.tensor([[[0, 1, 0, 2]]]) if rank == 0 else torch.tensor([[[2, 1, 0, 0]]])
+    cm = ConfusionMatrix(3).update(preds, labels).all_reduce()
+    stats = BinaryStats().update(torch.tensor([[[1.0, -1.0]]]) * (rank + 1), torch.tensor([[[1, rank]]])).all_reduce()
+    results[rank] = (cm.matrix.tolist(), stats.sums.tolist())
+    dist.destroy_process_group()
+
+
+def test_all_reduce_sums_over_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    both = ConfusionMatrix(3).update(torch.tensor([[[0, 1, 0, 2, 2, 1, 0, 0]]]), torch.tensor([[[0, 1, 1, 2, 2, 2, 0, 255]]]))
+    assert results[0][0] == results[1][0] == both.matrix.tolist()
+    single = BinaryStats().update(torch.tensor([[[1.0, -1.0]], [[2.0, -2.0]]]), torch.tensor([[[1, 0]], [[1, 1]]]))
+    assert results[0][1] == pytest.approx(single.sums.tolist()) and results[1][1] == pytest.approx(single.sums.tolist())
