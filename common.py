@@ -902,8 +902,11 @@ class ConfusionMatrix:
         valid = (labels != self.ignore_index) & (labels >= 0) & (labels < k)
         if region is not None:
             valid &= region.to(torch.bool)
-        index = labels[valid].to(torch.int64) * k + preds[valid].to(torch.int64).clamp(0, k - 1)
-        self.matrix += torch.bincount(index, minlength=k * k).view(k, k)
+        # scatter_add into k*k + 1 bins (the last one collects ignored pixels): no boolean indexing, no host sync
+        index = torch.where(valid, labels.to(torch.int64) * k + preds.to(torch.int64).clamp(0, k - 1), k * k).flatten()
+        counts = torch.zeros(k * k + 1, dtype=torch.int64, device=index.device)
+        counts.scatter_add_(0, index, torch.ones_like(index))
+        self.matrix += counts[:-1].view(k, k).to(self.matrix.device)
         return self
 
     def reset(self):
