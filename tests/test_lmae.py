@@ -1,0 +1,481 @@
+"""Tests for lmae.py, in the file's order: CLI, Stack Fuse, masking, model, loss, training, resume, DDP, degrade and
+complete, real samples. Tiny CPU sizes throughout; a module-scoped run trains once and is shared."""
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lmae
+from common import DatasetError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TINY = ["--preset", "tiny", "--batch-size", "8", "--workers", "0"]
+STEPS = 60  # optimisation steps of the short learning test
+
+
+def tree_digest(folder):
+    """sha256 over every file's name and bytes: any change to a folder shows."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def read_png(path):
+    with Image.open(path) as image:
+        return np.array(image)
+
+
+# --- CLI ---
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mask-ratio", "1.5"], "--mask-ratio"),
+    (["--img-size", "60"], "--img-size"),
+    (["--img-size", "64", "--eval-size", "50x64"], "--eval-size"),
+    (["--mix", "1:2"], "--mix"),
+    (["--lr", "0"], "--lr"),
+    (["--beta-init", "0"], "--beta-init"),
+    (["--checkpoint", "x.pt"], "--checkpoint"),
+    (["--mask-ratio", "0.001"], "--mask-ratio"),
+    (["--data", "cifar10"], "--data"),
+])
+def test_bad_flags_name_the_flag(argv, words, capsys):
+    with pytest.raises(SystemExit) as error:
+        lmae.get_args(argv)
+    assert error.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_data_dependent_defaults_resolve():
+    shapes = lmae.get_args([])
+    assert (shapes.preset, shapes.patch_size, shapes.img_size, shapes.command) == ("tiny", 8, (64, 64), "train")
+    assert shapes.num_hidden == 32 and shapes.num_patches == 64
+    voc = lmae.get_args(["--data", "voc"])  # Sec. IV-A: crop 448 -> 224, batch 24, 400 epochs, Table I preset
+    assert (voc.img_size, voc.crop, voc.batch_size, voc.epochs, voc.preset) == (
+        (224, 224), (448, 448), 24, 400, "eb8-db6-ed1440-dd720")
+    city = lmae.get_args(["--data", "cityscapes"])
+    assert (city.img_size, city.crop, city.batch_size) == ((448, 448), (448, 448), 48)
+    assert lmae.get_args(["--img-size", "48x80"]).img_size == (48, 80)
+    assert lmae.get_args(["complete", "--checkpoint", __file__, "--images", ".", "--labels", ".",
+                          "--out", "/tmp/lmae-never-created"]).command == "complete"
+
+
+# --- Stack Fuse (Sec. III-A) ---
+
+def test_stack_fuse_channel_layouts():
+    K = 4
+    images = torch.arange(2 * 3 * 2 * 3, dtype=torch.float).view(2, 3, 2, 3)
+    labels = torch.tensor([[[0, 1, 2], [3, 255, 1]], [[2, 2, 0], [255, 3, 3]]])
+    layer = lmae.stack_fuse(images, labels, K, "layer")
+    assert layer.shape == (2, K + 3, 2, 3)
+    for b in range(2):
+        for y in range(2):
+            for x in range(3):
+                expected = [0.0] * K
+                if labels[b, y, x] != 255:
+                    expected[labels[b, y, x]] = 1.0
+                assert layer[b, :K, y, x].tolist() == expected  # one-hot; void all-zero (C1)
+    assert torch.equal(layer[:, K:], images)  # Eq. (1): Concat(l_1..l_N, image)
+    direct = lmae.stack_fuse(images, labels, K, "direct")
+    level = torch.where(labels == 255, 0.0, (labels.float() + 1) / K)
+    assert direct.shape == (2, 4, 2, 3) and torch.equal(direct[:, :3], images) and torch.equal(direct[:, 3], level)
+    insert = lmae.stack_fuse(images, labels, K, "insert")
+    assert insert.shape == (2, 6, 2, 3)
+    for channel, source in enumerate([images[:, 0], level, images[:, 1], level, images[:, 2], level]):
+        assert torch.equal(insert[:, channel], source)  # R, label, G, label, B, label
+
+
+# --- masking (Sec. III-B) ---
+
+@pytest.mark.parametrize("strategy", lmae.STRATEGIES + ("mixed",))
+def test_mask_hides_exact_count_on_non_square_grid(strategy):
+    labels = torch.randint(0, 5, (3, 48, 80))
+    labels[0, :16] = 255
+    mask, ids_keep = lmae.training_mask(labels, strategy, (1, 2, 2), 0.3, 8, 0)
+    L = 6 * 10
+    assert mask.shape == (3, L) and ids_keep.shape == (3, L - 18)
+    assert mask.sum(1).tolist() == [18, 18, 18]  # round(0.3 * 60)
+    for b in range(3):
+        assert sorted(ids_keep[b].tolist()) == (~mask[b]).nonzero().flatten().tolist()
+
+
+def test_label_first_and_background_first_pick_the_right_patches():
+    P = 4
+    fractions = torch.tensor([0, 3, 16, 8, 1, 12, 5, 14, 2])  # object pixels per 4x4 patch, 3 x 3 grid
+    label = torch.zeros(12, 12, dtype=torch.long)
+    for j, count in enumerate(fractions.tolist()):
+        patch = torch.zeros(P * P, dtype=torch.long)
+        patch[:count] = 2  # class 2 = object, 0 = background
+        label[(j // 3) * P:(j // 3 + 1) * P, (j % 3) * P:(j % 3 + 1) * P] = patch.view(P, P)
+    labels = label[None].repeat(2, 1, 1)
+    mask, _ = lmae.training_mask(labels, "label-first", None, 4 / 9, P, 0)
+    assert set(mask[0].nonzero().flatten().tolist()) == {2, 7, 5, 3}  # the four with most object pixels
+    mask, _ = lmae.training_mask(labels, "background-first", None, 4 / 9, P, 0)
+    assert set(mask[1].nonzero().flatten().tolist()) == {0, 4, 8, 1}  # the four with most background
+
+
+def test_rank_patches_equals_loop_reference():
+    B, H, W, P = 3, 24, 32, 4
+    labels = torch.randint(0, 3, (B, H, W))
+    labels[:, :8, :8] = 0
+    labels[1, 8:] = 255
+    objects, background = lmae.patch_fractions(labels, P, 0)
+    ranked = lmae.rank_patches([objects, background], torch.Generator().manual_seed(5))
+    noise = torch.rand(B, (H // P) * (W // P), generator=torch.Generator().manual_seed(5))  # the same draw
+    for b in range(B):
+        scores = []
+        for row in range(H // P):
+            for column in range(W // P):
+                patch = labels[b, row * P:(row + 1) * P, column * P:(column + 1) * P].flatten().tolist()
+                scores.append((sum(v not in (0, 255) for v in patch) / P ** 2, sum(v == 0 for v in patch) / P ** 2))
+        reference = sorted(range(len(scores)), key=lambda j: (-scores[j][0], -scores[j][1], noise[b, j].item()))
+        assert ranked[b].tolist() == reference
+
+
+def test_masks_are_seeded_and_ties_random():
+    labels = torch.zeros(4, 32, 32, dtype=torch.long)  # every patch ties
+    first = lmae.training_mask(labels, "random", None, 0.5, 8, 0, torch.Generator().manual_seed(1))[0]
+    again = lmae.training_mask(labels, "random", None, 0.5, 8, 0, torch.Generator().manual_seed(1))[0]
+    other = lmae.training_mask(labels, "background-first", None, 0.5, 8, 0, torch.Generator().manual_seed(2))[0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    ids = lmae.draw_strategies(20000, "mixed", (1, 2, 2), "cpu", torch.Generator().manual_seed(0))
+    shares = torch.bincount(ids, minlength=3).float() / 20000
+    assert torch.allclose(shares, torch.tensor([0.2, 0.4, 0.4]), atol=0.015)  # 1:2:2 per sample
+
+
+def test_pixel_mask_matches_loop():
+    mask = torch.rand(2, 12) > 0.5
+    pixels = lmae.pixel_mask(mask, 4, (3, 4))
+    for b in range(2):
+        for y in range(12):
+            for x in range(16):
+                assert pixels[b, y, x] == mask[b, (y // 4) * 4 + x // 4]
+
+
+# --- model (Sec. III-C) ---
+
+def test_sincos_positions():
+    pe = lmae.sincos_pos_embed(8, (2, 3), "1d")
+    pos, i = 4, 1
+    assert math.isclose(pe[pos, 2 * i].item(), math.sin(pos / 10000 ** (2 * i / 8)), rel_tol=1e-6)  # Eq. (2)
+    assert math.isclose(pe[pos, 2 * i + 1].item(), math.cos(pos / 10000 ** (2 * i / 8)), rel_tol=1e-6)  # Eq. (3)
+    pe2 = lmae.sincos_pos_embed(16, (3, 5), "2d")
+    assert pe2.shape == (15, 16) and len({tuple(r) for r in pe2.tolist()}) == 15
+    assert torch.equal(pe2[0, :8], pe2[4, :8]) and not torch.equal(pe2[0, 8:], pe2[4, 8:])  # same row, other column
+
+
+@pytest.mark.parametrize("preset", list(lmae.PRESETS))
+def test_output_shapes_every_preset_non_square(preset):
+    B, K, H, W, P = 2, 7, 48, 80, 16
+    labels = torch.randint(0, K, (B, H, W))
+    _, ids_keep = lmae.training_mask(labels, "mixed", (1, 2, 2), 0.5, P, 0)  # (B, 7) of 3 x 5 patches
+    device = "meta" if preset not in ("tiny", "small") else "cpu"  # paper presets: shapes on the meta device
+    with torch.device(device):
+        model = lmae.LMAE(K, P, **lmae.PRESETS[preset])
+        logits = model(torch.randn(B, 3, H, W), labels.to(device), ids_keep.to(device))
+    assert logits.shape == (B, K, H, W) and logits.device.type == device
+
+
+@pytest.mark.parametrize("preset, paper_millions", [
+    ("eb12-db8-ed1024-dd512", 186), ("eb12-db8-ed1440-dd720", 362), ("eb8-db6-ed1024-dd512", 129),
+    ("eb8-db6-ed1440-dd720", 250), ("eb6-db4-ed1024-dd512", 98), ("eb6-db4-ed1440-dd720", 188)])
+def test_parameter_counts_match_table_iv(preset, paper_millions):
+    count = lmae.count_parameters(preset, num_classes=21, patch_size=16)  # VOC: 21 classes, 24 fuse channels
+    assert abs(count / 1e6 - paper_millions) / paper_millions < 0.01
+
+
+def test_image_patch_supplement_fills_exactly_hidden_positions():
+    torch.manual_seed(0)
+    model = lmae.LMAE(5, 8, **lmae.PRESETS["tiny"]).eval()
+    images, labels = torch.randn(2, 3, 24, 40), torch.randint(0, 5, (2, 24, 40))
+    mask, ids_keep = lmae.training_mask(labels, "random", None, 0.4, 8, 0)
+    latent = model.encode(lmae.stack_fuse(images, labels, 5), ids_keep)
+    tokens = model.decoder_input(latent, images, ids_keep)  # (B, L, D_d)
+    supplement = model.image_patch_embed(images).flatten(2).transpose(1, 2)
+    projected = model.decoder_embed(latent)
+    for b in range(2):
+        hidden = mask[b].nonzero().flatten()
+        assert torch.equal(tokens[b, hidden], supplement[b, hidden])  # image patches at hidden positions
+        assert torch.equal(tokens[b, ids_keep[b]], projected[b])  # encoder output at visible positions
+    no_ips = lmae.LMAE(5, 8, **lmae.PRESETS["tiny"], ips=False)
+    tokens = no_ips.decoder_input(no_ips.encode(lmae.stack_fuse(images, labels, 5), ids_keep), images, ids_keep)
+    assert torch.equal(tokens[0, mask[0].nonzero()[0, 0]], no_ips.mask_token[0, 0])
+
+
+def test_hidden_labels_are_never_seen():
+    torch.manual_seed(0)
+    model = lmae.LMAE(5, 8, **lmae.PRESETS["tiny"]).eval()
+    images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
+    mask, ids_keep = lmae.training_mask(labels, "random", None, 0.5, 8, 0)
+    hidden = lmae.pixel_mask(mask, 8, (4, 6))
+    with torch.no_grad():
+        logits = model(images, labels, ids_keep)
+        changed_hidden = model(images, torch.where(hidden, (labels + 1) % 5, labels), ids_keep)
+        changed_visible = model(images, torch.where(hidden, labels, (labels + 1) % 5), ids_keep)
+    assert torch.equal(logits, changed_hidden)
+    assert not torch.allclose(logits, changed_visible)
+
+
+# --- loss (Sec. III-E) ---
+
+def test_class_weights_follow_eq_10():
+    weighting = lmae.ClassWeighting(beta=1.5, gamma=0.7)
+    x = [0.5, 0.3, 0.2]
+    mean = sum(x) / 3
+    var = sum((v - mean) ** 2 for v in x) / 3
+    expected = [1 - 1 / (1 + 1.5 * math.exp(-(v - mean) / (var + 1e-6)) ** 0.7) for v in x]  # Eq. (10) literally
+    assert torch.allclose(weighting(torch.tensor(x)), torch.tensor(expected), atol=1e-6)
+
+
+def test_loss_on_hand_made_inputs():
+    # one image, 2 classes, 1 x 3 pixels; log-softmax of (a, b) for class c computed by hand
+    logits = torch.tensor([[[[2.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]]])  # (1, 2, 1, 3)
+    labels = torch.tensor([[[0, 1, 255]]])
+    hidden = torch.tensor([[[True, False, True]]])
+    ce0 = math.log(1 + math.exp(-2.0))  # pixel 0, true class 0
+    ce1 = math.log(1 + math.exp(-1.0))  # pixel 1, true class 1
+    plain = lmae.lmae_loss(logits, labels, hidden, None)
+    assert math.isclose(plain.item(), (ce0 + ce1) / 2, rel_tol=1e-6)  # void pixel left out
+    assert math.isclose(lmae.lmae_loss(logits, labels, hidden, None, "masked").item(), ce0, rel_tol=1e-6)
+    assert math.isclose(lmae.lmae_loss(logits, labels, hidden, None, ignore_background=True).item(), ce1,
+                        rel_tol=1e-6)
+    weighting = lmae.ClassWeighting(beta=2.0, gamma=1.0)
+    w = weighting(torch.tensor([0.5, 0.5]))  # equal proportions -> equal weights -> plain mean
+    assert torch.allclose(w, torch.full((2,), 2 / 3))
+    labels3 = torch.tensor([[[0, 0, 1]]])
+    x = torch.tensor([2 / 3, 1 / 3])
+    w = weighting(x)
+    ce = [math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(1.0)), math.log(2)]
+    expected = (w[0] * ce[0] + w[0] * ce[1] + w[1] * ce[2]) / (2 * w[0] + w[1])  # Eq. (12)
+    assert math.isclose(lmae.lmae_loss(logits, labels3, hidden, weighting).item(), expected.item(), rel_tol=1e-5)
+
+
+def test_loss_trains_beta_and_gamma():
+    weighting = lmae.ClassWeighting()
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 8, 8))
+    lmae.lmae_loss(logits, labels, torch.ones(2, 8, 8, dtype=torch.bool), weighting).backward()
+    assert weighting.log_beta.grad is not None and weighting.gamma.grad is not None
+    frozen = lmae.ClassWeighting(learnable=False)
+    assert not frozen.log_beta.requires_grad and not frozen.gamma.requires_grad
+
+
+def test_most_frequent_visible_class_baseline():
+    labels = torch.tensor([[[1, 1, 2, 255], [2, 2, 2, 0]]])
+    hidden = torch.tensor([[[False, False, False, False], [True, True, False, False]]])
+    assert lmae.most_frequent_visible_class(labels, hidden, 3).tolist() == [1]  # visible: 1,1,2,2,0 -> tie: lowest
+
+
+# --- training, resume, eval-only (shared run) ---
+
+def test_short_training_beats_most_frequent_class_baseline():
+    """Loss falls and PA-mIoU beats filling the hidden pixels with each image's most frequent visible class.
+
+    Completion works on the images the model was trained on (Sec. IV-C completes the training set itself), so
+    the model trains on 16 fixed shapes images and is scored on them with fresh validation masks.
+    """
+    from common import build_dataset, joint_transform
+    seed_args = ["--img-size", "32x48", "--lr", "2e-3", "--preset", "tiny"]
+    args = lmae.get_args(seed_args)
+    dataset, info = build_dataset("shapes", split="train", transform=joint_transform(), image_size=(32, 48), limit=16)
+    images = torch.stack([dataset[i][0] for i in range(16)])
+    labels = torch.stack([dataset[i][1] for i in range(16)])
+    torch.manual_seed(0)
+    model = lmae.build_model(args, info.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model.train()
+    losses = [lmae.train_step(model, optimizer, images, labels, args).item() for _ in range(STEPS)]
+    metrics = lmae.evaluate(model, [(images, labels)], args, torch.device("cpu"), info.num_classes)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert metrics["pa_miou"] > metrics["baseline_pa_miou"] + 0.1, metrics
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch synthetic run at 48 x 64 (non-square): a checkpoint for the tests below."""
+    out = tmp_path_factory.mktemp("run") / "shapes"
+    lmae.main(lmae.get_args(["--out", str(out), "--img-size", "48x64", "--epochs", "1", "--limit", "8", *TINY]))
+    return out
+
+
+def test_run_directory_and_no_overwrite(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and {"pa_miou", "miou", "baseline_pa_miou", "train_loss", "lr"} <= set(records[0])
+    for name in ("config.json", "last.pt", "best.pt", "results.json"):
+        assert (trained / name).is_file()
+    assert list((trained / "samples").glob("*.png"))
+    with pytest.raises(SystemExit, match="--resume"):  # an existing run is never overwritten
+        lmae.main(lmae.get_args(["--out", str(trained), "--img-size", "48x64", "--limit", "8", *TINY]))
+
+
+def test_eval_only_reproduces_best_epoch(trained, tmp_path):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    metrics = lmae.main(lmae.get_args(["--eval-only", "--checkpoint", str(trained / "best.pt"), "--out",
+                                       str(tmp_path), "--img-size", "48x64", "--limit", "8", *TINY]))
+    assert metrics["pa_miou"] == max(r["pa_miou"] for r in records)  # same masks, same weights
+    assert (tmp_path / "eval.json").is_file()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--preset", "tiny", "--workers", "0"]
+    lmae.main(lmae.get_args(["--out", str(tmp_path / "straight"), "--epochs", "2", *common]))
+    lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "1", *common]))
+    lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", *common]))
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"] == 1
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+         str(ROOT / "lmae.py"), "--out", str(out), "--epochs", "1", "--img-size", "32", "--limit", "8",
+         "--batch-size", "2", "--preset", "tiny", "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch=0 ") == 1  # only rank 0 prints
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["val_images"] == 8
+    assert (out / "last.pt").is_file()
+
+
+def test_cli_subprocess_smoke_and_bad_data(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "lmae.py"), "--out", str(tmp_path / "r"), "--epochs", "1",
+                             "--img-size", "32", "--limit", "4", "--batch-size", "4"],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pa_miou=" in result.stdout
+    missing = tmp_path / "no-camvid"
+    result = subprocess.run([sys.executable, str(ROOT / "lmae.py"), "--data", "camvid", "--data-root", str(missing),
+                             "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:") and str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- degrade and complete (Sec. IV-C, Sec. III-D) ---
+
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("degrade") / "shapes"
+    summary = lmae.main(lmae.get_args(["degrade", "--data", "shapes", "--split", "val", "--img-size", "48x64",
+                                       "--limit", "4", "--ratio", "0.5", "--patch-size", "8", "--out", str(out)]))
+    assert summary["images"] == 4
+    return out
+
+
+def test_degrade_hides_exact_patch_share(degraded):
+    from common import build_dataset
+    dataset, _ = build_dataset("shapes", split="val", image_size=(48, 64), limit=4)
+    for index, name in enumerate(dataset.names):
+        _, truth = dataset.load(index)
+        degraded_label = read_png(degraded / "labels" / f"{name}.png")
+        unknown = read_png(degraded / "unknown" / f"{name}.png") > 0
+        assert np.array_equal(read_png(degraded / "truth" / f"{name}.png"), truth)
+        assert unknown.sum() == 24 * 64  # round(0.5 * 6 * 8) patches of 8 x 8
+        assert np.all(degraded_label[unknown] == 255)
+        assert np.array_equal(degraded_label[~unknown], truth[~unknown])
+
+
+def test_complete_keeps_known_pixels_and_never_touches_inputs(trained, degraded, tmp_path):
+    before = tree_digest(degraded)
+    out = tmp_path / "completed"
+    summary = lmae.main(lmae.get_args([
+        "complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
+        "--labels", str(degraded / "labels"), "--unknown", str(degraded / "unknown"),
+        "--truth", str(degraded / "truth"), "--out", str(out)]))
+    assert tree_digest(degraded) == before  # inputs untouched
+    assert summary["images"] == 4 and 0.0 <= summary["pa_miou"] <= 1.0
+    for label_path in sorted((degraded / "labels").glob("*.png")):
+        given = read_png(label_path)
+        unknown = read_png(degraded / "unknown" / label_path.name) > 0
+        completed = read_png(out / label_path.name)
+        assert np.array_equal(completed[~unknown], given[~unknown])  # known pixels byte-equal
+        assert np.all(completed[unknown] < 5)  # every unknown pixel filled with a class
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert len(rows) == 4 and all(float(r["fraction_filled"]) == 1.0 for r in rows)
+
+
+def test_complete_routes_by_mask_ratio_and_fills_255(trained, degraded, tmp_path):
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["args"]["mask_ratio"] = 0.9
+    high = tmp_path / "ratio09.pt"
+    torch.save(state, high)
+    out = tmp_path / "completed"
+    lmae.main(lmae.get_args(["complete", "--checkpoint", str(high), str(trained / "best.pt"), "--images",
+                             str(degraded / "images"), "--labels", str(degraded / "labels"), "--out", str(out)]))
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert {r["checkpoint"] for r in rows} == {str(trained / "best.pt")}  # half the patches unknown -> ratio 0.5
+    for label_path in sorted((degraded / "labels").glob("*.png")):
+        given, completed = read_png(label_path), read_png(out / label_path.name)
+        assert np.array_equal(completed[given != 255], given[given != 255]) and not np.any(completed == 255)
+
+
+def test_complete_refuses_to_write_into_inputs(trained, degraded, capsys):
+    for out in (degraded / "labels", degraded / "images", degraded / "labels" / "sub"):
+        with pytest.raises(SystemExit):
+            lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images",
+                           str(degraded / "images"), "--labels", str(degraded / "labels"), "--out", str(out)])
+        assert "--out" in capsys.readouterr().err
+
+
+def test_complete_bad_labels_give_one_message(trained, degraded, tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    name = sorted((degraded / "labels").glob("*.png"))[0].name
+    bad = read_png(degraded / "labels" / name).copy()
+    bad[0, 0] = 9  # the checkpoint knows 5 classes
+    Image.fromarray(bad).save(labels / name)
+    args = ["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
+            "--labels", str(labels)]
+    with pytest.raises(DatasetError, match=r"outside 0\.\.4"):
+        lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "a")]))
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(labels / name)  # an RGB "label"
+    with pytest.raises(DatasetError, match="single-channel"):
+        lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "b")]))
+    with pytest.raises(SystemExit, match="not an lmae.py checkpoint|cannot read checkpoint"):
+        lmae.main(lmae.get_args(["complete", "--checkpoint", __file__, "--images", str(degraded / "images"),
+                                 "--labels", str(degraded / "labels"), "--out", str(tmp_path / "c")]))
+
+
+# --- real samples ---
+
+@pytest.mark.skipif(not (SHARED / "CamVid").is_dir(), reason="shared CamVid sample not present (../shared/data)")
+def test_camvid_degrade_train_complete_score(tmp_path):
+    root = SHARED / "CamVid"
+    before = tree_digest(root)
+    run = tmp_path / "run"
+    lmae.main(lmae.get_args(["--data", "camvid", "--data-root", str(root), "--out", str(run), "--epochs", "1",
+                             "--limit", "4", "--img-size", "48x64", "--batch-size", "4", "--preset", "tiny",
+                             "--workers", "0"]))
+    lmae.main(lmae.get_args(["degrade", "--data", "camvid", "--data-root", str(root), "--split", "val",
+                             "--limit", "2", "--ratio", "0.5", "--out", str(tmp_path / "deg")]))
+    summary = lmae.main(lmae.get_args([
+        "complete", "--checkpoint", str(run / "best.pt"), "--images", str(tmp_path / "deg" / "images"),
+        "--labels", str(tmp_path / "deg" / "labels"), "--unknown", str(tmp_path / "deg" / "unknown"),
+        "--truth", str(tmp_path / "deg" / "truth"), "--out", str(tmp_path / "done")]))
+    assert tree_digest(root) == before
+    assert summary["images"] == 2 and 0.0 <= summary["pa_miou"] <= 1.0 and summary["miou"] >= summary["pa_miou"] - 1
+    for path in (tmp_path / "deg" / "labels").glob("*.png"):
+        given, done = read_png(path), read_png(tmp_path / "done" / path.name)
+        unknown = read_png(tmp_path / "deg" / "unknown" / path.name) > 0
+        assert given.shape == (360, 480) and np.array_equal(done[~unknown], given[~unknown])
+        assert np.all(done[unknown] < 11)
