@@ -1,0 +1,504 @@
+"""Tests for masksup.py, in the file's order: masking, model, losses, training, resume, DDP, CLI, real samples.
+Tiny CPU sizes; LeViT-UNet parameter counts and shapes on the meta device (no memory, no compute)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import masksup
+from common import DatasetError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY = ["--img-size", "32", "--limit", "16", "--batch-size", "8", "--unet-width", "8", "--workers", "0",
+        "--device", "cpu"]
+
+
+# --- masking ---
+
+@pytest.mark.parametrize("name", ["low", "high"])
+def test_free_form_hole_area_lands_in_bin(name):
+    low, high = masksup.HOLE_AREA_BINS[name]
+    H, W = 24, 40  # non-square
+    fractions = []
+    for seed in range(30):
+        generator = torch.Generator().manual_seed(seed)
+        mask = masksup.free_form_masks(8, H, W, (low, high), generator, "cpu")
+        assert mask.shape == (8, H, W) and mask.dtype == torch.bool
+        fractions.append(mask.float().mean(dim=(1, 2)))
+    fractions = torch.cat(fractions)  # 240 masks
+    assert fractions.min() >= low - 1e-9 and fractions.max() <= high + 1e-9
+    # the area is drawn uniformly in the bin: both halves of the bin are used
+    middle = (low + high) / 2
+    assert (fractions < middle).float().mean() > 0.3 and (fractions > middle).float().mean() > 0.3
+
+
+def test_free_form_masks_deterministic_per_seed():
+    def draw(seed):
+        return masksup.free_form_masks(4, 32, 48, (0.5, 0.6), torch.Generator().manual_seed(seed), "cpu")
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+    batch = draw(5)
+    assert not torch.equal(batch[0], batch[1])  # a fresh mask per sample
+
+
+def reference_stroke_distance(vertices, H, W):
+    """Slow reference: distance of every pixel to the nearest polyline segment, in float64 Python loops."""
+    distance = np.full((H, W), np.inf)
+    for stroke in vertices.tolist():
+        for (ar, ac), (br, bc) in zip(stroke[:-1], stroke[1:]):
+            dr, dc = br - ar, bc - ac
+            for r in range(H):
+                for c in range(W):
+                    t = ((r - ar) * dr + (c - ac) * dc) / (dr * dr + dc * dc + 1e-6)
+                    t = min(max(t, 0.0), 1.0)
+                    d = math.hypot(r - ar - t * dr, c - ac - t * dc)
+                    distance[r, c] = min(distance[r, c], d)
+    return distance
+
+
+def test_free_form_vectorised_matches_loop_reference(monkeypatch):
+    """The vectorised rasteriser equals a per-pixel loop: the same distances, and the holes are exactly the
+    num_holes pixels of lowest score (distance / (0.5 + wobble))."""
+    H, W, B = 12, 16, 2
+    captured = {}
+    real_interpolate = F.interpolate
+
+    def spy(*args, **kwargs):  # capture the smooth wobble field the generator draws
+        out = real_interpolate(*args, **kwargs)
+        captured["wobble"] = out.reshape(B, H, W).double().numpy()
+        return out
+    monkeypatch.setattr(masksup.F, "interpolate", spy)
+    mask = masksup.free_form_masks(B, H, W, (0.2, 0.3), torch.Generator().manual_seed(0), "cpu")
+    # replay the same random draws to recover the polylines
+    g = torch.Generator().manual_seed(0)
+    size = torch.tensor([H, W], dtype=torch.float32)
+    start = torch.rand(B, 4, 1, 2, generator=g) * size
+    angle = torch.rand(B, 4, 5, generator=g) * (2 * math.pi)
+    length = (0.1 + 0.3 * torch.rand(B, 4, 5, generator=g)) * max(H, W)
+    steps = torch.stack([angle.sin(), angle.cos()], dim=-1) * length[..., None]
+    vertices = torch.cat([start, start + steps.cumsum(dim=2)], dim=2)
+    vertices = size - (vertices.remainder(2 * size) - size).abs()
+    for b in range(B):
+        score = reference_stroke_distance(vertices[b].double().numpy(), H, W) / (0.5 + captured["wobble"][b])
+        holes = mask[b].numpy()
+        count = holes.sum()
+        assert 0.2 * H * W - 1 <= count <= 0.3 * H * W + 1
+        # every hole scores no higher than every kept pixel (up to float32 rounding of the fast path)
+        assert score[holes].max() <= score[~holes].min() + 1e-4
+
+
+def reference_patch_mask(noise, num_hidden, h, w, P):
+    """Slow reference: per sample, hide the patches with the num_hidden smallest noise values."""
+    B, L = noise.shape
+    mask = torch.zeros(B, h * P, w * P, dtype=torch.bool)
+    for b in range(B):
+        order = sorted(range(L), key=lambda i: noise[b, i].item())
+        for i in order[:num_hidden]:
+            r, c = divmod(i, w)
+            for y in range(r * P, (r + 1) * P):
+                for x in range(c * P, (c + 1) * P):
+                    mask[b, y, x] = True
+    return mask
+
+
+def test_patch_masks_exact_count_and_loop_reference():
+    B, H, W, P, ratio = 3, 24, 40, 8, 0.4  # L = 3 * 5 = 15 patches, 6 hidden
+    mask = masksup.patch_masks(B, H, W, P, ratio, torch.Generator().manual_seed(1), "cpu")
+    assert mask.shape == (B, H, W)
+    assert (mask.sum(dim=(1, 2)) == 6 * P * P).all()
+    noise = torch.rand(B, 15, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mask, reference_patch_mask(noise, 6, H // P, W // P, P))
+
+
+def test_apply_mask_sets_holes_to_zero_only():
+    images = torch.rand(2, 3, 8, 10) * 2 - 1
+    mask = torch.zeros(2, 8, 10, dtype=torch.bool)
+    mask[0, 2:5, 3:7] = True
+    masked = masksup.apply_mask(images, mask)
+    assert (masked[0, :, 2:5, 3:7] == 0).all()
+    keep = ~mask[:, None].expand_as(images)
+    assert torch.equal(masked[keep], images[keep])
+
+
+def test_folder_masks(tmp_path):
+    for i in range(3):
+        array = np.zeros((20, 30), dtype=np.uint8)
+        array[:, : 10 * (i + 1)] = 255  # white = hole, 1/3, 2/3, 3/3 of the width
+        Image.fromarray(array).save(tmp_path / f"{i:05d}.png")
+    bank = masksup.FolderMasks(tmp_path, 24, "cpu")
+    assert bank.masks.shape == (3, 24, 24)
+    fractions = sorted(bank.masks.float().mean(dim=(1, 2)).tolist())
+    assert fractions == pytest.approx([1 / 3, 2 / 3, 1.0], abs=0.05)
+    drawn = bank(5, torch.Generator().manual_seed(0))
+    assert drawn.shape == (5, 24, 24)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no mask images"):
+        masksup.FolderMasks(tmp_path / "empty", 24, "cpu")
+
+
+# --- model ---
+
+PARAMETERS = {  # (1 class, 40 classes), 3-channel input: the reference LeViT-UNet code's counts
+    "levit-128s": (15_894_627, 15_945_210),
+    "levit-192": (19_894_150, 19_947_541),
+    "levit-384": (52_154_213, 52_216_028),
+}
+BIAS_PARAMETERS = {"levit-128s": 5_314, "levit-192": 5_333, "levit-384": 10_372}
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", list(PARAMETERS))
+def test_levit_unet_parameter_counts(preset):
+    with torch.device("meta"):
+        assert count(masksup.LeViTUNet(preset, 3, 1)) == PARAMETERS[preset][0]
+        assert count(masksup.LeViTUNet(preset, 3, 40)) == PARAMETERS[preset][1]
+
+
+@pytest.mark.parametrize("preset", list(PARAMETERS))
+def test_levit_unet_attention_bias_tables_and_shapes(preset):
+    spec = masksup.PRESETS[preset]
+    with torch.device("meta"):
+        model = masksup.LeViTUNet(preset, 3, 4)
+    biases = {name: p.shape for name, p in model.named_parameters() if "attention_biases" in name}
+    assert sum(math.prod(s) for s in biases.values()) == BIAS_PARAMETERS[preset]
+    heads, E, D = spec["heads"], spec["dims"], spec["key_dim"]
+    # stage 1 attention at 14x14 (196 offsets), shrink 14->7 (E1/D heads, 14*14 offsets |2i-j|), stage 2 at 7x7
+    # (49), shrink 7->4 (E2/D heads, 49), stage 3 at 4x4 (16)
+    assert biases["stages.0.0.block.attention_biases"] == (heads[0], 196)
+    assert biases["stages.1.0.attention_biases"] == (E[0] // D, 196)
+    assert biases["stages.1.2.block.attention_biases"] == (heads[1], 49)
+    assert biases["stages.2.0.attention_biases"] == (E[1] // D, 49)
+    assert biases["stages.2.2.block.attention_biases"] == (heads[2], 16)
+    assert model.stages[1][0].attention_bias_idxs.shape == (49, 196)
+    assert model.stages[2][0].attention_bias_idxs.shape == (16, 49)
+    # shapes through the whole network, B = 2 and K = 4, on the meta device
+    images = torch.empty(2, 3, 224, 224, device="meta")
+    logits, features = model(images, return_features=True)
+    n = E[0]
+    assert logits.shape == (2, 4, 224, 224)
+    assert [tuple(f.shape) for f in features["stem"]] == [(2, n // 8, 112, 112), (2, n // 4, 56, 56),
+                                                         (2, n // 2, 28, 28), (2, n, 14, 14)]
+    assert [tuple(t.shape) for t in features["tokens"]] == [(2, 196, E[0]), (2, 49, E[1]), (2, 16, E[2])]
+
+
+def test_attention_bias_index_groups_equal_offsets():
+    index, num_offsets = masksup.attention_bias_index(7, 14, stride=2)
+    assert index.shape == (49, 196) and num_offsets == 14 * 14
+    for q in (0, 10, 48):
+        for k in (0, 33, 195):
+            for q2, k2 in ((5, 100), (q, k)):
+                same = (abs(2 * (q // 7) - k // 14), abs(2 * (q % 7) - k % 14)) == \
+                       (abs(2 * (q2 // 7) - k2 // 14), abs(2 * (q2 % 7) - k2 % 14))
+                assert (index[q, k] == index[q2, k2]).item() == same
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attention = masksup.Attention(dim=16, key_dim=4, num_heads=2, resolution=3).eval()
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+    x = torch.randn(3, 9, 16)
+    qkv = attention.qkv(x).view(3, 9, 2, -1)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([4, 4, 8], dim=3))
+    bias = torch.zeros(2, 9, 9)
+    for i in range(9):
+        for j in range(9):
+            offset = (abs(i // 3 - j // 3), abs(i % 3 - j % 3))
+            bias[:, i, j] = attention.attention_biases[:, attention.attention_bias_idxs[i, j]]
+            assert attention.attention_bias_idxs[i, j] == attention.attention_bias_idxs[
+                offset[0] * 3 + offset[1], 0]  # one table entry per |offset|
+    weights = (q @ k.transpose(-2, -1) * 4 ** -0.5 + bias).softmax(-1)
+    expected = attention.proj((weights @ v).transpose(1, 2).reshape(3, 9, 16))
+    assert torch.allclose(attention(x), expected, atol=1e-5)
+
+
+def test_levit_unet_rejects_other_sizes():
+    model = masksup.LeViTUNet("levit-128s", 3, 1)
+    with pytest.raises(ValueError, match="224x224"):
+        model(torch.zeros(1, 3, 64, 64))
+
+
+def test_unet_shapes_and_size():
+    model = masksup.UNet(3, 4, width=8)
+    assert model(torch.randn(2, 3, 48, 80)).shape == (2, 4, 48, 80)
+    with torch.device("meta"):
+        assert count(masksup.UNet(3, 1, width=20)) == 3_067_841  # the slides' "3 M" U-Net
+
+
+def levit_128s_state_dict():
+    """A LeViT-128S ImageNet checkpoint's key names and shapes (facebookresearch/LeViT), random values."""
+    state, C, D = {}, (128, 256, 384), 16
+
+    def linear_bn(prefix, a, b):
+        state[f"{prefix}.c.weight"] = torch.randn(b, a)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            state[f"{prefix}.bn.{name}"] = torch.randn(b)
+        state[f"{prefix}.bn.num_batches_tracked"] = torch.tensor(7)
+
+    for i, (a, b) in enumerate([(3, 16), (16, 32), (32, 64), (64, 128)]):
+        state[f"patch_embed.{2 * i}.c.weight"] = torch.randn(b, a, 3, 3)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            state[f"patch_embed.{2 * i}.bn.{name}"] = torch.randn(b)
+        state[f"patch_embed.{2 * i}.bn.num_batches_tracked"] = torch.tensor(7)
+    index = 0
+    for stage, (heads, depth, offsets) in enumerate(zip((4, 6, 8), (2, 3, 4), (196, 49, 16))):
+        dim = C[stage]
+        if stage > 0:
+            shrink_heads = C[stage - 1] // D
+            linear_bn(f"blocks.{index}.kv", C[stage - 1], shrink_heads * 5 * D)
+            linear_bn(f"blocks.{index}.q.1", C[stage - 1], shrink_heads * D)
+            linear_bn(f"blocks.{index}.proj.1", shrink_heads * 4 * D, dim)
+            state[f"blocks.{index}.attention_biases"] = torch.randn(shrink_heads, 196 if stage == 1 else 49)
+            state[f"blocks.{index}.attention_bias_idxs"] = torch.zeros(1, dtype=torch.long)
+            linear_bn(f"blocks.{index + 1}.m.0", dim, 2 * dim)
+            linear_bn(f"blocks.{index + 1}.m.2", 2 * dim, dim)
+            index += 2
+        for _ in range(depth):
+            linear_bn(f"blocks.{index}.m.qkv", dim, heads * 4 * D)
+            linear_bn(f"blocks.{index}.m.proj.1", heads * 2 * D, dim)
+            state[f"blocks.{index}.m.attention_biases"] = torch.randn(heads, offsets)
+            state[f"blocks.{index}.m.attention_bias_idxs"] = torch.zeros(1, dtype=torch.long)
+            linear_bn(f"blocks.{index + 1}.m.0", dim, 2 * dim)
+            linear_bn(f"blocks.{index + 1}.m.2", 2 * dim, dim)
+            index += 2
+    state["head.bn.weight"], state["head.l.weight"] = torch.randn(384), torch.randn(1000, 384)
+    state["head_dist.l.weight"] = torch.randn(1000, 384)
+    return state
+
+
+def test_load_levit_weights_maps_every_encoder_tensor(tmp_path):
+    levit = levit_128s_state_dict()
+    torch.save({"model": levit}, tmp_path / "levit.pth")
+    model = masksup.LeViTUNet("levit-128s", 3, 1)
+    loaded, skipped = masksup.load_levit_weights(model, tmp_path / "levit.pth")
+    encoder = [k for k in model.state_dict() if k.startswith(("stem.", "stages."))]
+    assert loaded == len(encoder)  # every encoder tensor, the first conv included
+    assert all(k.startswith("head") or k.endswith("attention_bias_idxs") for k in skipped)
+    ours = model.state_dict()
+    assert torch.equal(ours["stem.0.conv.weight"], levit["patch_embed.0.c.weight"])
+    assert torch.equal(ours["stages.1.0.q.linear.weight"], levit["blocks.4.q.1.c.weight"])
+    assert torch.equal(ours["stages.2.4.block.proj.1.linear.weight"], levit["blocks.16.m.proj.1.c.weight"])
+    assert torch.equal(ours["stages.2.4.block.attention_biases"], levit["blocks.16.m.attention_biases"])
+    assert torch.equal(ours["stages.0.1.block.2.bn.running_var"], levit["blocks.1.m.2.bn.running_var"])
+
+
+# --- losses ---
+
+def test_segmentation_loss_hand_values():
+    labels = torch.tensor([[[0, 1], [1, 255]]])  # (1, 2, 2), one ignore pixel
+    # binary: logits 0 -> BCE ln 2 everywhere; a huge logit on the ignore pixel must not count
+    logits = torch.tensor([[[[0.0, 0.0], [0.0, 50.0]]]])
+    assert masksup.segmentation_loss(logits, torch.tensor([[[0, 1], [1, 0]]]).masked_fill(
+        torch.tensor([[[False, False], [False, True]]]), 255), binary=True).item() == pytest.approx(math.log(2))
+    # binary, logit ln 3 on a foreground pixel: -ln(3/4); on a background pixel: -ln(1/4)
+    logits = torch.full((1, 1, 2, 2), math.log(3))
+    expected = (-math.log(0.25) - math.log(0.75) - math.log(0.75)) / 3
+    assert masksup.segmentation_loss(logits, labels, binary=True).item() == pytest.approx(expected, rel=1e-6)
+    # multi-class, uniform logits over K = 4: ln 4
+    assert masksup.segmentation_loss(torch.zeros(1, 4, 2, 2), labels, binary=False).item() == pytest.approx(
+        math.log(4))
+
+
+def test_task_similarity_loss_hand_values():
+    a = torch.randn(2, 3, 4, 5)
+    assert masksup.task_similarity_loss(a, a.clone(), binary=False).item() == 0.0
+    assert masksup.task_similarity_loss(a[:, :1], a[:, :1].clone(), binary=True).item() == 0.0
+    # binary: sigmoid(0) = 0.5 vs sigmoid(40) = 1 -> 0.25 per pixel
+    assert masksup.task_similarity_loss(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 40.0), True).item() == \
+        pytest.approx(0.25)
+    # multi-class K = 2: softmax (0.5, 0.5) vs (1, 0) -> squared errors 0.25, 0.25 -> mean 0.25
+    clean = torch.zeros(1, 2, 1, 1)
+    masked = torch.tensor([40.0, 0.0]).view(1, 2, 1, 1)
+    assert masksup.task_similarity_loss(clean, masked, False).item() == pytest.approx(0.25)
+    # the authors' argmax variant: class maps 0 vs 2 -> MSE 4, and no gradient
+    clean = torch.tensor([5.0, 0.0, 0.0]).view(1, 3, 1, 1).requires_grad_()
+    masked = torch.tensor([0.0, 0.0, 5.0]).view(1, 3, 1, 1).requires_grad_()
+    loss = masksup.task_similarity_loss(clean, masked, False, mode="argmax")
+    assert loss.item() == 4.0 and not loss.requires_grad
+
+
+def test_masksup_loss_weights_exactly():
+    torch.manual_seed(0)
+    clean, masked = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 4, 6)
+    labels = torch.randint(0, 3, (2, 4, 6))
+    total, terms = masksup.masksup_loss(clean, masked, labels, False, alphas=(0.3, 0.5, 2.0))
+    seg = masksup.segmentation_loss(clean, labels, False)
+    context = masksup.segmentation_loss(masked, labels, False)
+    tasksim = masksup.task_similarity_loss(clean, masked, False)
+    assert torch.allclose(terms, torch.stack([seg, context, tasksim]))
+    assert total.item() == pytest.approx(0.3 * seg.item() + 0.5 * context.item() + 2.0 * tasksim.item(), rel=1e-6)
+    base, base_terms = masksup.masksup_loss(clean, None, labels, False, alphas=(0.3, 0.0, 0.0))
+    assert base.item() == pytest.approx(0.3 * seg.item()) and base_terms[1:].abs().sum() == 0
+
+
+def test_gradient_flows_through_both_passes():
+    """L_tasksim alone (a1 = a2 = 0) sends gradient into both predictions; in train_step the masked pass changes
+    the weight gradient (it is not detached or skipped)."""
+    clean = torch.randn(2, 1, 4, 4, requires_grad=True)
+    masked = torch.randn(2, 1, 4, 4, requires_grad=True)
+    total, _ = masksup.masksup_loss(clean, masked, torch.randint(0, 2, (2, 4, 4)), True, alphas=(0.0, 0.0, 1.0))
+    total.backward()
+    assert clean.grad.abs().sum() > 0 and masked.grad.abs().sum() > 0
+
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    labels = torch.randint(0, 3, (2, 32, 48))
+    mask = masksup.patch_masks(2, 32, 48, 8, 0.5, torch.Generator().manual_seed(0), "cpu")
+
+    def head_gradient(alphas):
+        torch.manual_seed(0)
+        model = masksup.UNet(3, 3, width=4)
+        args = masksup.get_args(["--device", "cpu", "--alpha1", str(alphas[0]), "--alpha2", str(alphas[1]),
+                                 "--alpha3", str(alphas[2])])
+        args.binary_task = False
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the gradient
+        losses = masksup.train_step(model, optimizer, images, labels, mask, args)
+        assert losses.shape == (4,) and torch.isfinite(losses).all()
+        return model.head.weight.grad.clone(), losses
+
+    baseline, baseline_losses = head_gradient((1.0, 0.0, 0.0))
+    context, context_losses = head_gradient((1.0, 1.0, 0.0))
+    tasksim, _ = head_gradient((0.0, 0.0, 1.0))
+    assert baseline_losses[2] == 0 and context_losses[2] > 0  # the masked pass ran only when asked
+    assert not torch.allclose(baseline, context) and tasksim.abs().sum() > 0
+
+
+def test_attention_biases_receive_gradient():
+    """The learned relative-position biases are trained through the fused attention kernel (both kinds)."""
+    attention = masksup.Attention(dim=16, key_dim=4, num_heads=2, resolution=4)
+    shrink = masksup.ShrinkAttention(in_dim=16, out_dim=24, key_dim=4, resolution=4)
+    torch.nn.init.ones_(attention.proj[1].bn.weight)  # LeViT starts this branch at 0; open it for the test
+    (attention(torch.randn(2, 16, 16)).sum() + shrink(torch.randn(2, 16, 16)).pow(2).sum()).backward()
+    assert shrink(torch.randn(2, 16, 16)).shape == (2, 4, 24)
+    assert attention.attention_biases.grad.abs().sum() > 0 and shrink.attention_biases.grad.abs().sum() > 0
+
+
+# --- training, resume, DDP ---
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_learns_and_beats_chance(tmp_path):
+    out = tmp_path / "run"
+    args = masksup.get_args(["--out", str(out), "--epochs", "4", "--img-size", "32", "--limit", "96",
+                             "--batch-size", "8", "--unet-width", "8", "--lr", "3e-3", "--eval-masked",
+                             "--device", "cpu"])
+    results = masksup.main(args)
+    records = read_metrics(out)
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    # chance: predicting background everywhere gives mIoU = (background share) / 5 < 0.2
+    assert results["val"]["miou"] > 0.25 and results["test"]["miou"] > 0.25
+    for split in ("val", "test"):
+        for key in ("miou", "paper_iou", "pixel_acc", "masked_miou", "masked_paper_iou"):
+            assert 0.0 <= results[split][key] <= 1.0
+    for name in ("config.json", "last.pt", "best.pt", "results.json"):
+        assert (out / name).is_file()
+    assert len(list((out / "samples").glob("*.png"))) == 4
+    assert json.loads((out / "config.json").read_text())["arch"] == "unet"
+
+
+def test_baseline_and_binary_paths(tmp_path):
+    out = tmp_path / "baseline"
+    results = masksup.main(masksup.get_args(TINY + ["--out", str(out), "--epochs", "1", "--binary",
+                                                    "--alpha2", "0", "--alpha3", "0"]))
+    record = read_metrics(out)[0]
+    assert record["context"] == 0.0 and record["tasksim"] == 0.0 and record["loss"] == record["seg"]
+    assert {"paper_iou", "fg_iou", "dice", "miou"} <= set(results["test"])
+    # --eval-only reloads best.pt and scores it the same
+    again = masksup.main(masksup.get_args(TINY + ["--out", str(out), "--binary", "--eval-only"]))
+    assert again["test"]["paper_iou"] == pytest.approx(results["test"]["paper_iou"])
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    flags = TINY + ["--masking", "patch", "--patch-size", "8"]
+    masksup.main(masksup.get_args(flags + ["--epochs", "2", "--out", str(tmp_path / "straight")]))
+    masksup.main(masksup.get_args(flags + ["--epochs", "1", "--out", str(tmp_path / "split")]))
+    masksup.main(masksup.get_args(flags + ["--epochs", "2", "--out", str(tmp_path / "split"), "--resume"]))
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    split = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    assert straight["epoch"] == split["epoch"] == 2
+    for key, value in straight["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run)] for run in ("straight", "split")]
+    assert losses[0] == losses[1]
+
+
+def test_two_process_gloo_torchrun(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               str(ROOT / "masksup.py")] + TINY + ["--epochs", "1", "--eval-masked", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["effective_batch_size"] == 16
+    assert result.stdout.count("epoch=1 ") == 1  # only rank 0 prints
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["test"]["masked_miou"] <= 1.0
+
+
+# --- CLI ---
+
+def run_cli(*flags, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "masksup.py"), *flags], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_cli_smoke_and_existing_run_directory(tmp_path):
+    result = run_cli(*TINY, "--epochs", "1", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch=1 " in result.stdout and "final=test" in result.stdout
+    again = run_cli(*TINY, "--epochs", "1", "--out", "run", cwd=tmp_path)
+    assert again.returncode != 0 and "--resume" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--arch", "levit-192", "--img-size", "64"], "--img-size 224"),
+    (["--masking", "folder"], "--mask-dir"),
+    (["--mask-ratio", "1.5", "--masking", "patch"], "--mask-ratio"),
+    (["--img-size", "40"], "multiple of 16"),
+    (["--alpha1", "0", "--alpha2", "0", "--alpha3", "0"], "nothing to train"),
+    (["--alpha3", "-1"], "--alpha3"),
+    (["--levit-weights", "missing.pth", "--arch", "levit-128s"], "--levit-weights"),
+])
+def test_bad_flags_name_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        masksup.get_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_gives_one_clear_line(tmp_path):
+    result = run_cli("--data", "kvasir", "--data-root", str(tmp_path / "nowhere"), "--arch", "unet", "--img-size",
+                     "32", "--out", "run", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "nowhere" in result.stderr
+    (tmp_path / "masks").mkdir()
+    result = run_cli(*TINY, "--masking", "folder", "--mask-dir", str(tmp_path / "masks"), "--out", "run2",
+                     cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "no mask images" in result.stderr
+
+
+# --- real samples ---
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG").is_dir(), reason="shared data folder ../shared/data is absent")
+def test_real_kvasir_samples(tmp_path):
+    out = tmp_path / "kvasir"
+    args = masksup.get_args(["--data", "kvasir", "--data-root", str(SHARED_DATA / "Kvasir-SEG"), "--arch", "unet",
+                             "--img-size", "32", "--limit", "12", "--batch-size", "6", "--unet-width", "8",
+                             "--epochs", "1", "--workers", "0", "--eval-masked", "--out", str(out)])
+    results = masksup.main(args)
+    assert args.binary_task and args.num_classes == 2
+    for key in ("miou", "paper_iou", "fg_iou", "dice", "masked_paper_iou"):
+        assert 0.0 <= results["test"][key] <= 1.0
