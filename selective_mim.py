@@ -84,6 +84,7 @@ Shapes: B batch, S copies per image (--samples), C channels, H W height width, L
 Masks are (B, L) bool, True = hidden; pixel masks (B, H, W) the same.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -91,6 +92,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -666,10 +668,11 @@ def train_step(model, optimizer, inputs, targets, loss_fn, amp):
     return loss.detach()
 
 
-def train_one_epoch(stage, model, loader, optimizer, step_fn, args, device, grid=None, random_masking=False,
+def train_one_epoch(stage, model, loader, optimizer, step_fn, loss_fn, args, device, grid=None, random_masking=False,
                     generator=None):
     """One epoch of either stage. pretrain: batches (images, hidden) -> reconstruct the masked images (Eq. 2);
-    with random_masking the masks are drawn on the device here. finetune: batches (images, labels), Jaccard loss."""
+    with random_masking the masks are drawn on the device here. finetune: batches (images, labels), Jaccard loss.
+    loss_fn(outputs, targets) is created once per run, so that a compiled train_step is not recompiled."""
     model.train()
     amp = args.amp and device.type == "cuda"
     loss_sum, seen = torch.zeros((), device=device), 0
@@ -682,9 +685,8 @@ def train_one_epoch(stage, model, loader, optimizer, step_fn, args, device, grid
                 mask = random_masks(images.shape[0], grid.num_patches, args.mask_ratio, generator, device)
                 hidden = grid.to_pixels(mask)
             inputs, targets = apply_mask(images, hidden), images
-            loss_fn = lambda outputs, images: reconstruction_loss(outputs, images, args.msssim_window)  # noqa: E731
         else:
-            inputs, loss_fn = images, jaccard_loss
+            inputs = images
         if args.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         loss = step_fn(model, optimizer, inputs, targets, loss_fn, amp)
@@ -852,7 +854,7 @@ def score_partition(model, base, indices, grid, args, partition, rank, world, de
     count = len(indices)
     shard = list(range(rank, count + (-count % world), world))  # padded so that every rank scores the same number
     dataset = PretrainImages(base, [indices[i % count] for i in shard], args.img_size, grid)
-    loader = DataLoader(dataset, batch_size=max(1, args.batch_size // args.samples), num_workers=args.workers,
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,  # x samples per forward pass
                         pin_memory=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "score", partition, rank))
     model.eval()
@@ -888,6 +890,7 @@ def pretrain(args, state, rank, world, device, log, step_fn):
         if start_epoch >= args.epochs:  # that partition had finished: go on with the next one
             start_partition, start_epoch, masks = start_partition + 1, 0, None
     ddp_model = DistributedDataParallel(model) if world > 1 else model
+    loss_fn = functools.partial(reconstruction_loss, window_size=args.msssim_window)  # Eq. (2)
     summary = {}
     if rank == 0:
         print(f"pre-training on {args.pretrain_data}/{args.pretrain_split}: {len(base)} images, {args.partitions} "
@@ -927,8 +930,8 @@ def pretrain(args, state, rank, world, device, log, step_fn):
             generator.manual_seed(epoch_seed)
             set_loader_epoch(train_loader, derive_seed(args.seed, "order", partition, epoch))
             start = time.time()
-            loss, seen = train_one_epoch("pretrain", ddp_model, train_loader, optimizer, step_fn, args, device, device_grid,
-                                         random_masking=not selective, generator=generator)
+            loss, seen = train_one_epoch("pretrain", ddp_model, train_loader, optimizer, step_fn, loss_fn, args, device,
+                                         device_grid, random_masking=not selective, generator=generator)
             seconds = time.time() - start
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -1018,7 +1021,8 @@ def finetune(args, state, rank, world, device, log, step_fn):
             torch.manual_seed(epoch_seed)
             set_loader_epoch(train_loader, derive_seed(seed, "order", epoch))
             start = time.time()
-            loss, seen = train_one_epoch("finetune", ddp_model, train_loader, optimizer, step_fn, args, device)
+            loss, seen = train_one_epoch("finetune", ddp_model, train_loader, optimizer, step_fn, jaccard_loss, args,
+                                         device)
             seconds = time.time() - start
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -1053,14 +1057,17 @@ def summarize_seeds(runs, class_names, lowest_k):
     """Mean and spread over the seeds of the test mIoU and class IoUs; the lowest-k classes (Tables 2-6)."""
     mious = np.array([r["miou"] for r in runs])
     per_class = np.array([r["per_class_iou"] for r in runs], dtype=float)  # (seeds, K)
-    class_mean = np.nanmean(per_class, axis=0) if len(runs) else per_class
+    with warnings.catch_warnings():  # a class absent from the test split is nan in every seed
+        warnings.simplefilter("ignore", RuntimeWarning)
+        class_mean = np.nanmean(per_class, axis=0)
+        class_std = np.nanstd(per_class, axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(class_mean)
     order = [int(i) for i in np.argsort(np.nan_to_num(class_mean, nan=np.inf))][:lowest_k]
     return {
         "seeds": [r["seed"] for r in runs], "runs": runs,
         "test_miou_mean": float(mious.mean()), "test_miou_std": float(mious.std(ddof=1)) if len(runs) > 1 else 0.0,
         "per_class_iou_mean": {name: float(v) for name, v in zip(class_names, class_mean)},
         "lowest_classes": [{"class": class_names[i], "iou_mean": float(class_mean[i]),
-                            "iou_std": float(np.nanstd(per_class[:, i], ddof=1)) if len(runs) > 1 else 0.0}
+                            "iou_std": float(class_std[i])}
                            for i in order],
         "chance_miou": runs[0]["chance_miou"],
     }
