@@ -622,6 +622,9 @@ def load_levit_weights(model, path):
             renamed[name] = value
         else:
             skipped.append(key)
+    if not renamed:
+        raise DatasetError(f"--levit-weights {path}: no tensor matches a LeViT encoder of this size; pass the "
+                           f"facebookresearch/LeViT checkpoint of the same variant as --arch")
     model.load_state_dict(renamed, strict=False)
     return len(renamed), skipped
 
@@ -746,7 +749,7 @@ def train_one_epoch(model, step_fn, optimizer, loader, args, device, mask_genera
 
 
 @torch.no_grad()
-def evaluate(model, loader, info, args, device):
+def evaluate(model, loader, info, args, device, folder_masks=None):
     """Standard and paper-protocol metrics on `loader`; with --eval-masked the same on masked inputs.
 
     Standard: dataset-level confusion matrix -> miou (class mean, 255 ignored), per_class_iou, pixel_acc.
@@ -764,7 +767,6 @@ def evaluate(model, loader, info, args, device):
     confusion = {p: ConfusionMatrix(num_classes, device=device) for p in prefixes}
     binary_stats = {p: BinaryStats(device=device) for p in prefixes}
     jaccard = {p: torch.zeros(2, dtype=torch.float64, device=device) for p in prefixes}  # sum, images
-    folder_masks = getattr(loader, "folder_masks", None)
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -874,7 +876,7 @@ def build_loaders(args, rank, world_size, device):
     train_set, info = build_split(args, train_split)
     loaders = {}
     for split in dict.fromkeys([args.select_on, "test"]):
-        if split in info.splits or args.data == "polyps":
+        if split in info.splits:
             loaders[split] = make_loader(build_split(args, split)[0], args, False, rank, world_size, device)
     return make_loader(train_set, args, True, rank, world_size, device), loaders, info
 
@@ -978,8 +980,6 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     folder_masks = FolderMasks(args.mask_dir, args.img_size, device) if args.masking == "folder" else None
-    for loader in eval_loaders.values():
-        loader.folder_masks = folder_masks
     parameters = sum(p.numel() for p in model.parameters())
 
     if args.optimizer == "adam":
@@ -995,7 +995,8 @@ def main(args):
         if not checkpoint.is_file():
             raise SystemExit(f"error: --eval-only: no checkpoint {checkpoint}; pass --checkpoint PATH")
         load_checkpoint(checkpoint, model)
-        results = {split: evaluate(model, loader, info, args, device) for split, loader in eval_loaders.items()}
+        results = {split: evaluate(model, loader, info, args, device, folder_masks)
+                   for split, loader in eval_loaders.items()}
         if is_main:
             for split, metrics in results.items():
                 print(format_line({"split": split, **metrics}))
@@ -1035,10 +1036,12 @@ def main(args):
                                  folder_masks)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        metrics = evaluate(model, select_loader, info, args, device)
-        improved = metrics[args.select_metric] > best["score"]
+        metrics = evaluate(model, select_loader, info, args, device, folder_masks)
+        score = metrics[args.select_metric]
+        score = -math.inf if math.isnan(score) else score  # e.g. no foreground anywhere yet
+        improved = score > best["score"] or best["epoch"] == 0  # so that best.pt always exists
         if improved:
-            best = {"score": metrics[args.select_metric], "epoch": epoch}
+            best = {"score": score, "epoch": epoch}
         record = {"epoch": epoch, **losses, "lr": lr,
                   **{f"{args.select_on}_{k}": v for k, v in metrics.items()}, "time": time.time() - started}
         if is_main:
@@ -1058,7 +1061,7 @@ def main(args):
     results = {"best_epoch": best["epoch"], f"best_{args.select_on}_{args.select_metric}": best["score"],
                "parameters": parameters}
     for split, loader in eval_loaders.items():
-        results[split] = evaluate(model, loader, info, args, device)
+        results[split] = evaluate(model, loader, info, args, device, folder_masks)
     if is_main:
         for split in eval_loaders:
             print(format_line({"final": split, **results[split]}))

@@ -302,6 +302,9 @@ def test_load_levit_weights_maps_every_encoder_tensor(tmp_path):
     assert torch.equal(ours["stages.2.4.block.proj.1.linear.weight"], levit["blocks.16.m.proj.1.c.weight"])
     assert torch.equal(ours["stages.2.4.block.attention_biases"], levit["blocks.16.m.attention_biases"])
     assert torch.equal(ours["stages.0.1.block.2.bn.running_var"], levit["blocks.1.m.2.bn.running_var"])
+    torch.save({"model": {"fc.weight": torch.zeros(3)}}, tmp_path / "other.pth")
+    with pytest.raises(DatasetError, match="no tensor matches"):
+        masksup.load_levit_weights(model, tmp_path / "other.pth")
 
 
 # --- losses ---
@@ -436,6 +439,22 @@ def test_baseline_and_binary_paths(tmp_path):
     assert again["test"]["paper_iou"] == pytest.approx(results["test"]["paper_iou"])
 
 
+def test_folder_masking_and_select_on_test(tmp_path):
+    """--masking folder trains and evaluates with the user's masks; --select-on test (the authors' protocol)
+    trains on trainval and scores only test."""
+    for i in range(2):
+        array = np.zeros((16, 16), dtype=np.uint8)
+        array[i * 8:(i + 1) * 8] = 255
+        Image.fromarray(array).save(tmp_path / f"mask{i}.png")
+    out = tmp_path / "run"
+    args = masksup.get_args(TINY + ["--epochs", "1", "--masking", "folder", "--mask-dir", str(tmp_path),
+                                    "--select-on", "test", "--eval-masked", "--out", str(out)])
+    results = masksup.main(args)
+    assert set(results) >= {"test", "best_epoch"} and "val" not in results
+    assert 0.0 <= results["test"]["masked_paper_iou"] <= 1.0
+    assert "test_miou" in read_metrics(out)[0]
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     flags = TINY + ["--masking", "patch", "--patch-size", "8", "--no-binary"]  # multi-class path
     masksup.main(masksup.get_args(flags + ["--epochs", "2", "--out", str(tmp_path / "straight")]))
@@ -517,3 +536,12 @@ def test_real_kvasir_samples(tmp_path):
     assert args.binary_task and args.num_classes == 2
     for key in ("miou", "paper_iou", "fg_iou", "dice", "masked_paper_iou"):
         assert 0.0 <= results["test"][key] <= 1.0
+    # the polyp setting: Kvasir-SEG + CVC-ClinicDB training images from one --data-root
+    polyps = masksup.get_args(["--data", "polyps", "--data-root", str(SHARED_DATA), "--arch", "unet",
+                               "--img-size", "32"])
+    train_set, info = masksup.build_split(polyps, "train")
+    kvasir, _ = masksup.build_split(masksup.get_args(["--data", "kvasir", "--data-root",
+                                                      str(SHARED_DATA / "Kvasir-SEG"), "--arch", "unet"]), "train")
+    assert info.binary and len(train_set) > len(kvasir)
+    image, label = train_set[len(train_set) - 1]  # a CVC-ClinicDB frame (numpy TIFF reader), resized
+    assert image.shape == (3, 32, 32) and set(label.unique().tolist()) <= {0, 1}
