@@ -40,8 +40,9 @@ Choices (the paper is silent; grep "CHOICE C")
         its own and its running statistics are updated by both passes.
     C6  No learning-rate schedule (the supplement names none); --lr-schedule step reproduces the authors' NYUDv2
         code (StepLR 60, 0.1). No data augmentation besides the masking (the authors' code has none).
-    C7  Best weights are chosen by --select-metric (default paper_iou, the paper's "mIoU") on a validation split
-        carved from train; --select-on test is the authors' protocol (train on all of train, select on test).
+    C7  Best weights are chosen by the standard mIoU on a validation split carved from train (--select-metric
+        paper_iou picks by the paper's per-image score, the authors' criterion); --select-on test is the authors'
+        protocol (train on all of train, select on test: optimistic).
     C8  --eval-masked draws its masks from a generator reseeded at every evaluation, so every epoch and every
         checkpoint is scored on the same masked images.
     C9  The U-Net (--arch unet) is a plain 5-level U-Net (two conv-BN-ReLU per level, bilinear upsampling); base
@@ -174,8 +175,9 @@ def get_args(argv=None):
     evaluation.add_argument("--select-on", default="val", choices=("val", "test"),
                             help="split that picks best.pt; val (default) or test (the authors' protocol: train on "
                                  "all of train and select on test; optimistic)")
-    evaluation.add_argument("--select-metric", default="paper_iou", choices=("paper_iou", "miou"),
-                            help="paper_iou: the paper's per-image protocol (its 'mIoU'); miou: dataset-level mIoU")
+    evaluation.add_argument("--select-metric", default="miou", choices=("miou", "paper_iou"),
+                            help="metric that picks best.pt: miou (standard dataset-level mIoU, default) or "
+                                 "paper_iou (the paper's per-image protocol, which the authors selected by)")
     evaluation.add_argument("--num-samples", type=int, default=6, help="images in each samples/ PNG grid")
 
     run = parser.add_argument_group("run")
@@ -718,6 +720,7 @@ def train_step(model, optimizer, images, labels, mask, args):
     L_total, one optimizer step. images (B, 3, H, W) in [-1, 1], labels (B, H, W), mask (B, H, W) bool.
     Returns a (4,) tensor [L_total, L_seg, L_context, L_tasksim] (detached, no host sync)."""
     two_passes = args.alpha2 > 0 or args.alpha3 > 0  # a2 = a3 = 0: the plain supervised baseline, one pass
+    # bf16 autocast: tensor-core convolutions and matmuls, half the activation memory; losses in fp32
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
         logits_clean = model(images)  # M_p (B, K, H, W)
         logits_masked = model(apply_mask(images, mask)) if two_passes else None  # M_pm (B, K, H, W)
@@ -936,7 +939,7 @@ def save_samples(model, images, labels, args, info, path, folder_masks=None):
     device = images.device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     masked = apply_mask(images, make_masks(args, images.shape[0], generator, device, folder_masks))
-    rows = [denormalize(images, "symmetric").cpu(), denormalize(masked, "symmetric").cpu()]
+    rows = [denormalize(images, "symmetric").cpu(), denormalize(masked, "symmetric").cpu()]  # sync point
     palette = info.palette[:2] if args.binary_task else info.palette
     for batch in (images, masked):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -978,7 +981,7 @@ def main(args):
                   f"(classifier heads, shape mismatches)")
     model = model.to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # NHWC: the layout fast GPU conv kernels use
     folder_masks = FolderMasks(args.mask_dir, args.img_size, device) if args.masking == "folder" else None
     parameters = sum(p.numel() for p in model.parameters())
 

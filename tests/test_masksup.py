@@ -3,6 +3,7 @@ Tiny CPU sizes; LeViT-UNet parameter counts and shapes on the meta device (no me
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -473,11 +474,19 @@ def test_two_process_gloo_torchrun(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "masksup.py"), *TINY, "--epochs", "1", "--eval-masked", "--no-binary", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=SINGLE_THREAD)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # own process group: a hang is killed with both workers, never left behind
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=SINGLE_THREAD, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("2-process torchrun run did not finish in 240 s")
+    assert process.returncode == 0, stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["effective_batch_size"] == 16
-    assert result.stdout.count("epoch=1 ") == 1  # only rank 0 prints
+    assert stdout.count("epoch=1 ") == 1  # only rank 0 prints
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["test"]["masked_miou"] <= 1.0
 
