@@ -128,7 +128,7 @@ IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
 GAMMA_INIT = 1.0  # Eq. (10) gamma at the start (CHOICE C7)
 
 # Table IV. Parameter counts measured by tests/test_lmae.py (count_parameters: K = 21 VOC classes, 24 fuse
-# channels, patch 16, 224 x 224) next to the paper's figure. CHOICE C5: heads of width 64 (1024/512) or 72 (1440/720).
+# channels, patch 16) next to the paper's figure. CHOICE C5: heads of width 64 (1024/512) or 72 (1440/720).
 PRESETS = {
     "eb12-db8-ed1024-dd512": dict(encoder_depth=12, decoder_depth=8, encoder_dim=1024, decoder_dim=512,
                                   encoder_heads=16, decoder_heads=8),  # 186.3 M (paper 186 M)
@@ -145,7 +145,7 @@ PRESETS = {
     "small": dict(encoder_depth=6, decoder_depth=4, encoder_dim=384, decoder_dim=256,
                   encoder_heads=6, decoder_heads=8),  # 17.8 M, not in the paper
     "tiny": dict(encoder_depth=4, decoder_depth=2, encoder_dim=128, decoder_dim=96,
-                 encoder_heads=2, decoder_heads=2),  # 4.2 M (2.4 M at K = 5, patch 8), not in the paper; shapes default (C14)
+                 encoder_heads=2, decoder_heads=2),  # 2.4 M (1.1 M at K = 5, patch 8); shapes default (C14)
 }
 PAPER_PRESET = "eb8-db6-ed1440-dd720"  # Table I, Sec. IV-E1: "we choose EB=8, DB=6, ED=1440, DD=720"
 
@@ -303,7 +303,7 @@ def get_args(argv=None):
         size = getattr(args, name)
         if size[0] % args.patch_size or size[1] % args.patch_size:
             parser.error(f"--{name.replace('_', '-')} {size[0]}x{size[1]} must be a multiple of --patch-size "
-                         f"{args.patch_size} in both sides (e.g. {args.patch_size * max(1, size[0] // args.patch_size)})")
+                         f"{args.patch_size} in both sides")
     if not 0.0 < args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
     patches = (args.img_size[0] // args.patch_size) * (args.img_size[1] // args.patch_size)
@@ -757,8 +757,8 @@ def most_frequent_visible_class(labels, hidden_pixels, num_classes):
     B = labels.shape[0]
     visible = (labels != IGNORE) & ~hidden_pixels
     ids = torch.where(visible, labels, num_classes).flatten(1)  # (B, H*W), num_classes = not counted
-    counts = torch.zeros(B, num_classes + 1, device=labels.device).scatter_add_(1, ids, torch.ones_like(ids,
-                                                                                                         dtype=torch.float))
+    counts = torch.zeros(B, num_classes + 1, device=labels.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))  # (B, K + 1) pixels per class
     return counts[:, :num_classes].argmax(dim=1)
 
 
@@ -1005,8 +1005,9 @@ def build_loaders(args, rank, world_size):
 
 
 def metrics_line(record):
+    """`key=value` fields of the scalar entries of a record (lists and dicts are left to the JSON files)."""
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                    if not isinstance(v, list))
+                    if not isinstance(v, (list, dict)))
 
 
 # --- main: training ---
@@ -1299,6 +1300,8 @@ def pixel_mask_fraction(pixels, patch_size):
 
 def complete(args):
     """`lmae.py complete`: write completed palette PNGs, report.csv and summary.json to --out (Sec. III-D)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     models, info = load_completion_models(args.checkpoint, device)
@@ -1319,7 +1322,8 @@ def complete(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    scores = ConfusionMatrix(K, device=device), ConfusionMatrix(K, device=device)  # filled pixels, all pixels
+    # with --truth: filled pixels, all pixels, and the filled pixels of the most-frequent-known-class baseline
+    scores = [ConfusionMatrix(K, device=device) for _ in range(3)]
     rows = []
     for stem in sorted(labels):
         image = read_image_file(images[stem])
@@ -1347,6 +1351,9 @@ def complete(args):
             unknown_t = torch.from_numpy(unknown).to(device)[None]
             scores[0].update(completed_t, truth_t, region=unknown_t)
             scores[1].update(completed_t, truth_t)
+            given_t = torch.where(unknown_t, IGNORE, torch.from_numpy(label).long().to(device)[None])
+            baseline = most_frequent_visible_class(given_t, unknown_t, K)[:, None, None].expand_as(truth_t)
+            scores[2].update(baseline, truth_t, region=unknown_t)
             filled = unknown & (truth != IGNORE)
             report["filled_accuracy"] = (round(float((completed[filled] == truth[filled]).mean()), 6)
                                          if filled.any() else "")
@@ -1362,7 +1369,7 @@ def complete(args):
         filled_scores, all_scores = scores[0].compute(), scores[1].compute()
         summary.update(pa_miou=filled_scores["miou"], pa_pixel_acc=filled_scores["pixel_acc"],
                        miou=all_scores["miou"], pixel_acc=all_scores["pixel_acc"],
-                       pa_per_class_iou=filled_scores["per_class_iou"])
+                       baseline_pa_miou=scores[2].compute()["miou"], pa_per_class_iou=filled_scores["per_class_iou"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if without_label:
         print(f"note: {len(without_label)} images in --images have no label and were skipped "

@@ -279,6 +279,24 @@ def test_most_frequent_visible_class_baseline():
     assert lmae.most_frequent_visible_class(labels, hidden, 3).tolist() == [1]  # visible: 1,1,2,2,0 -> tie: lowest
 
 
+@pytest.mark.parametrize("flags", [["--fuse", "direct"], ["--fuse", "insert"], ["--no-ips"], ["--pos-embed", "1d"],
+                                   ["--class-weighting", "paper"], ["--class-weighting", "paper", "--freeze-weights"],
+                                   ["--loss-region", "all", "--ignore-background-in-loss"],
+                                   ["--mask-strategy", "label-first", "--drop-path", "0.2"]])
+def test_every_ablation_switch_trains(flags):
+    args = lmae.get_args(["--img-size", "32x48", *flags])
+    torch.manual_seed(0)
+    model = lmae.build_model(args, 5).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = lmae.train_step(model, optimizer, images, labels, args)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    learned = args.class_weighting == "paper" and not args.freeze_weights
+    assert model.class_weighting.gamma.requires_grad == learned
+
+
 # --- training, resume, eval-only (shared run) ---
 
 def test_short_training_beats_most_frequent_class_baseline():
@@ -402,7 +420,7 @@ def test_complete_keeps_known_pixels_and_never_touches_inputs(trained, degraded,
         "--labels", str(degraded / "labels"), "--unknown", str(degraded / "unknown"),
         "--truth", str(degraded / "truth"), "--out", str(out)]))
     assert tree_digest(degraded) == before  # inputs untouched
-    assert summary["images"] == 4 and 0.0 <= summary["pa_miou"] <= 1.0
+    assert summary["images"] == 4 and 0.0 <= summary["pa_miou"] <= 1.0 and 0.0 <= summary["baseline_pa_miou"] <= 1.0
     for label_path in sorted((degraded / "labels").glob("*.png")):
         given = read_png(label_path)
         unknown = read_png(degraded / "unknown" / label_path.name) > 0
