@@ -1092,8 +1092,9 @@ def main(args):
         print("config " + json.dumps(config))
         if not args.resume:
             (out / "config.json").write_text(json.dumps(config, indent=2))
-    sample_images, sample_labels = next(iter(val_loader))
-    sample_images, sample_labels = sample_images[:6].to(device), sample_labels[:6].to(device)
+    if rank == 0:  # the same six validation images in every samples/ PNG
+        sample_images, sample_labels = next(iter(val_loader))
+        sample_images, sample_labels = sample_images[:6].to(device), sample_labels[:6].to(device)
 
     metrics = {}
     for epoch in range(start_epoch, args.epochs):
