@@ -52,6 +52,14 @@ def test_free_form_hole_area_lands_in_bin(name):
     assert (fractions < middle).float().mean() > 0.3 and (fractions > middle).float().mean() > 0.3
 
 
+def test_free_form_holes_are_strokes_not_noise():
+    """Holes form connected strokes/blobs: far fewer hole/kept changes between neighbouring pixels than scattered
+    pixels of the same area would give (2 p (1 - p) ~ 0.5 of all neighbour pairs at p = 0.55)."""
+    mask = masksup.free_form_masks(16, 64, 64, (0.5, 0.6), torch.Generator().manual_seed(0), "cpu")
+    changes = torch.cat([(mask[:, 1:] != mask[:, :-1]).flatten(1), (mask[:, :, 1:] != mask[:, :, :-1]).flatten(1)], 1)
+    assert changes.float().mean() < 0.1
+
+
 def test_free_form_masks_deterministic_per_seed():
     def draw(seed):
         return masksup.free_form_masks(4, 32, 48, (0.5, 0.6), torch.Generator().manual_seed(seed), "cpu")
