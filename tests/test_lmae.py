@@ -24,6 +24,16 @@ TINY = ["--preset", "tiny", "--batch-size", "8", "--workers", "0"]
 STEPS = 100  # optimisation steps of the short learning test
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for this module: the tiny models gain little from a second one, and on cores shared
+    with other jobs two spinning threads made steps about 10x slower (measured). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tree_digest(folder):
     """sha256 over every file's name and bytes: any change to a folder shows."""
     digest = hashlib.sha256()
@@ -377,7 +387,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 def test_cli_subprocess_smoke_and_bad_data(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "lmae.py"), "--out", str(tmp_path / "r"), "--epochs", "1",
                              "--img-size", "32", "--limit", "4", "--batch-size", "4"],
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pa_miou=" in result.stdout
     missing = tmp_path / "no-camvid"
