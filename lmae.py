@@ -463,7 +463,7 @@ def patch_fractions(labels, patch_size, background_class):
     """
     B, H, W = labels.shape
     P = patch_size
-    patches = labels.view(B, H // P, P, W // P, P)
+    patches = labels.reshape(B, H // P, P, W // P, P)
     background = (patches == background_class).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
     objects = ((patches != background_class) & (patches != IGNORE)).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
     return objects, background
@@ -1296,7 +1296,7 @@ def pixel_mask_fraction(pixels, patch_size):
     """(B, H, W) bool -> (B, L) fraction of True pixels per patch."""
     B, H, W = pixels.shape
     P = patch_size
-    return pixels.view(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
+    return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
 
 
 def complete(args):
