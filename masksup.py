@@ -1020,7 +1020,10 @@ def main(args):
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_model = model
     step_fn = torch.compile(train_step) if args.compile else train_step  # fuses the step's kernels on GPU
     mask_generator = torch.Generator(device=device)
     select_loader = eval_loaders[args.select_on]
