@@ -456,6 +456,19 @@ def test_complete_routes_by_mask_ratio_and_fills_255(trained, degraded, tmp_path
         assert np.array_equal(completed[given != 255], given[given != 255]) and not np.any(completed == 255)
 
 
+def test_complete_route_background_and_size(trained, degraded, tmp_path):
+    common = ["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
+              "--labels", str(degraded / "labels")]
+    lmae.main(lmae.get_args([*common, "--route", "background", "--size", "32x32", "--out", str(tmp_path / "a")]))
+    for row in csv.DictReader(open(tmp_path / "a" / "report.csv")):
+        given = read_png(degraded / "labels" / f"{row['name']}.png")
+        small = torch.nn.functional.interpolate(torch.from_numpy(given)[None, None].float(), size=(32, 32))[0, 0]
+        expected = ((small == 0) | (small == 255)).float().mean().item()  # background + unknown share at 32 x 32
+        assert abs(float(row["share"]) - expected) < 1e-3 and int(row["patches"]) == 16
+    with pytest.raises(SystemExit, match="multiple of the checkpoint's patch size"):
+        lmae.main(lmae.get_args([*common, "--size", "30x32", "--out", str(tmp_path / "b")]))
+
+
 def test_complete_refuses_to_write_into_inputs(trained, degraded, capsys):
     for out in (degraded / "labels", degraded / "images", degraded / "labels" / "sub"):
         with pytest.raises(SystemExit):
