@@ -212,6 +212,20 @@ def test_levit_unet_attention_bias_tables_and_shapes(preset):
     assert [tuple(t.shape) for t in features["tokens"]] == [(2, 196, E[0]), (2, 49, E[1]), (2, 16, E[2])]
 
 
+@torch.no_grad()
+def test_levit_unet_real_forward_keeps_samples_apart():
+    """A real forward (B = 2, K = 3): finite logits, and in eval mode changing image 1 leaves image 0's logits
+    unchanged, so no reshape mixes the batch (tokens <-> maps, heads, shrink-attention subsampling)."""
+    torch.manual_seed(0)
+    model = masksup.LeViTUNet("levit-128s", 3, 3).eval()
+    images = torch.randn(2, 3, 224, 224)
+    logits = model(images)
+    assert logits.shape == (2, 3, 224, 224) and torch.isfinite(logits).all()
+    images[1] = torch.randn(3, 224, 224)
+    changed = model(images)
+    assert torch.allclose(changed[0], logits[0], atol=1e-5) and not torch.allclose(changed[1], logits[1])
+
+
 def test_attention_bias_index_groups_equal_offsets():
     index, num_offsets = masksup.attention_bias_index(7, 14, stride=2)
     assert index.shape == (49, 196) and num_offsets == 14 * 14
