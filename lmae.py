@@ -116,8 +116,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from common import (DATASET_NAMES, IMAGE_EXTENSIONS, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset,
-                    denormalize, joint_transform)
+from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, denormalize,
+                    joint_transform)
 
 # --- configuration ---
 
@@ -125,6 +125,7 @@ IGNORE = 255  # void in the given labels, unknown in labels to complete
 STRATEGIES = ("random", "label-first", "background-first")  # Sec. III-B; index = strategy id
 FUSES = ("layer", "direct", "insert")  # Table III: Layer Concat (ours), Directly Concat, Insert Concat
 IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")  # files `complete` reads
 GAMMA_INIT = 1.0  # Eq. (10) gamma at the start (CHOICE C7)
 
 # Table IV. Parameter counts measured by tests/test_lmae.py (count_parameters: K = 21 VOC classes, 24 fuse
@@ -1154,11 +1155,16 @@ def save_label_png(path, label, palette):
     image.save(path)
 
 
+def keep_pixels(image, label):
+    """Identity transform: the dataset's own uint8 image (3, H, W) and label (H, W), untouched."""
+    return image, label
+
+
 def degrade(args):
     """Write <out>/images, labels (degraded), unknown (255 = hidden), truth, degrade.json (Sec. IV-C)."""
     options = {"image_size": args.img_size} if args.data == "shapes" else {}
-    dataset, info = build_dataset(args.data, args.data_root, args.split, download=args.download, limit=args.limit,
-                                  seed=args.seed, **options)
+    dataset, info = build_dataset(args.data, args.data_root, args.split, transform=keep_pixels,
+                                  download=args.download, limit=args.limit, seed=args.seed, **options)
     out = Path(args.out)
     folders = {name: out / name for name in ("images", "labels", "unknown", "truth")}
     for folder in folders.values():
@@ -1166,13 +1172,14 @@ def degrade(args):
     generator = torch.Generator().manual_seed(args.seed)
     hidden_pixels = total_pixels = 0
     for index in range(len(dataset)):
-        image, label = dataset.load(index)  # uint8 (H, W, 3), int64 (H, W)
-        degraded, hidden = degrade_label(torch.from_numpy(label), args.ratio, args.patch_size, args.strategy,
-                                         args.mix, args.background_class, generator)
+        image, label = dataset[index]  # uint8 (3, H, W), (H, W) class ids with 255 = void
+        image, label = image.permute(1, 2, 0).numpy(), label.long()  # (H, W, 3), (H, W) int64
+        degraded, hidden = degrade_label(label, args.ratio, args.patch_size, args.strategy, args.mix,
+                                         args.background_class, generator)
         name = dataset.names[index].replace("/", "__")
         Image.fromarray(image).save(folders["images"] / f"{name}.png")
         save_label_png(folders["labels"] / f"{name}.png", degraded.numpy(), info.palette)
-        save_label_png(folders["truth"] / f"{name}.png", label, info.palette)
+        save_label_png(folders["truth"] / f"{name}.png", label.numpy(), info.palette)
         Image.fromarray(hidden.numpy().astype(np.uint8) * 255).save(folders["unknown"] / f"{name}.png")
         hidden_pixels += int(hidden.sum())
         total_pixels += hidden.numel()
@@ -1189,7 +1196,7 @@ def degrade(args):
 # --- inference phase: completing a dataset (Sec. III-D, Fig. 4) ---
 
 def files_by_stem(folder):
-    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
 def read_label_file(path, num_classes, what="label"):
