@@ -32,8 +32,9 @@ def get_args(argv=None):
                         help="default levit-192 levit-384 on CUDA, unet on CPU")
     parser.add_argument("--img-size", type=int, default=None, help="224 for LeViT; default 224 CUDA, 64 CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    parser.add_argument("--no-amp", dest="amp", action="store_false")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="keep NCHW (channels_last is on by default on CUDA)")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 (bf16 autocast is on by default on CUDA)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
