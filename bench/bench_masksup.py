@@ -34,7 +34,8 @@ def get_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="keep NCHW (channels_last is on by default on CUDA)")
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 (bf16 autocast is on by default on CUDA)")
+    parser.add_argument("--no-amp", dest="amp", action="store_false",
+                        help="fp32 (bf16 autocast is on by default on CUDA)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
