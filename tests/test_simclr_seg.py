@@ -309,7 +309,9 @@ def test_table41_grid_small(tmp_path):
     assert (out / "table4.1.csv").read_text().splitlines()[0] == ",".join(simclr_seg.TABLE_COLUMNS)
     assert (out / "table4.1.md").read_text().count("\n| ") == 7
     cifar = json.loads((out / "pretrain-CIFAR" / "config.json").read_text())
-    assert cifar["pretrain_source_size"] == 32 and cifar["pretrain_data"] == "shapes"
+    assert cifar["pretrain_source_size"] == 16 and cifar["pretrain_data"] == "shapes"
+    pet = json.loads((out / "pretrain-Pet" / "config.json").read_text())
+    assert pet["pretrain_source_size"] == 32
     test_sets = {json.dumps(json.loads((d / "results.json").read_text())["split_sizes"]["test"])
                  for d in out.glob("finetune-*")}
     assert len(test_sets) == 1  # the same test size everywhere (the indices are the tested pet_splits)
