@@ -31,9 +31,10 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         hidden-mean): the paper wants "the average patch loss ... the desired masked reconstruction loss". A sum
         over hidden copies (hidden-sum) or over all copies (all-sum: Eq. (1) read literally, and the authors' code)
         mostly ranks patches by how often the random draw hid them. A patch no copy hid scores 0.
-    C3  Losses and scores are computed in [0, 1] pixel space (images denormalised), data range 1, SSIM constants
-        K1 = 0.01, K2 = 0.03, Gaussian windows with sigma 1.5. The authors apply pytorch-msssim with data_range 1 to
-        mean/std-normalised tensors.
+    C3  Images are normalised with ImageNet statistics, so hidden pixels take the ImageNet mean colour (the authors
+        use Pascal VOC statistics for all four sets). Losses and scores are computed in [0, 1] pixel space (images
+        denormalised), data range 1, SSIM constants K1 = 0.01, K2 = 0.03, Gaussian windows with sigma 1.5; the
+        authors apply pytorch-msssim with data_range 1 to the normalised tensors.
     C4  MS-SSIM follows pytorch-msssim: valid Gaussian filtering, 2x2 average pooling between the 5 scales, weights
         (0.0448, 0.2856, 0.3001, 0.2363, 0.1333); negative contrast-structure values are floored at 1e-6 (their
         relu) so that the fractional powers keep a finite gradient.
@@ -134,6 +135,9 @@ def get_args(argv=None):
     data.add_argument("--pretrain-split", default=None,
                       help="split used for pre-training; default 'unlabeled' where the reader has it, else 'train' "
                            "(CHOICE C12)")
+    data.add_argument("--test-split", default=None,
+                      help="downstream split reported as the test result (default 'test' where the reader has it, "
+                           "else 'val'); model selection always uses 'val'")
     data.add_argument("--img-size", type=int, default=None, help="square side in px (paper 256; shapes 64)")
     data.add_argument("--limit", type=int, default=None, help="first N images of every split (quick runs)")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = main process)")
@@ -298,10 +302,6 @@ class PatchGrid:
 
     def to(self, device):
         return PatchGrid(self.row_bands.to(device), self.col_bands.to(device), self.rows, self.cols)
-
-    def patch_ids(self):
-        """(H, W) int64: the patch index (row-major) of every pixel."""
-        return self.row_bands[:, None] * self.cols + self.col_bands[None, :]
 
     def to_pixels(self, mask):
         """(B, L) bool patch mask -> (B, H, W) bool pixel mask, by gathering (no loop)."""
@@ -620,13 +620,13 @@ def build_pretrain_base(args):
 def build_finetune_loaders(args, rank, world):
     """Labelled train (augmented), val and test loaders of --data at --img-size (CHOICE C12)."""
     size = args.img_size
-    common = dict(download=args.download, limit=args.limit, seed=args.seed, image_size=size)
+    options = dict(download=args.download, limit=args.limit, seed=args.seed, image_size=size)
     train_transform = joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2)  # Sec. 2.4
-    train_set, info = build_dataset(args.data, args.data_root, "train", transform=train_transform, **common)
+    train_set, info = build_dataset(args.data, args.data_root, "train", transform=train_transform, **options)
     eval_transform = joint_transform(size)
-    val_set, _ = build_dataset(args.data, args.data_root, "val", transform=eval_transform, **common)
-    test_split = "test" if "test" in info.splits else "val"
-    test_set, _ = build_dataset(args.data, args.data_root, test_split, transform=eval_transform, **common)
+    val_set, _ = build_dataset(args.data, args.data_root, "val", transform=eval_transform, **options)
+    test_split = args.test_split or ("test" if "test" in info.splits else "val")
+    test_set, _ = build_dataset(args.data, args.data_root, test_split, transform=eval_transform, **options)
     train_loader = make_loader(train_set, args.finetune_batch_size, args, world, train=True)
     val_loader = make_loader(Subset(val_set, range(rank, len(val_set), world)), args.finetune_batch_size, args, world)
     test_loader = make_loader(Subset(test_set, range(rank, len(test_set), world)), args.finetune_batch_size, args,
@@ -700,7 +700,8 @@ def train_one_epoch(stage, model, loader, optimizer, step_fn, loss_fn, args, dev
 @torch.no_grad()
 def evaluate(stage, model, loader, device, args, num_classes=None):
     """pretrain: mean reconstruction loss (Eq. 2) and MS-SSIM of the masked validation images (Table 8).
-    finetune: ConfusionMatrix metrics (mIoU, per-class IoU, pixel accuracy) over the loader, all ranks."""
+    finetune: ConfusionMatrix metrics (mIoU, per-class IoU, pixel accuracy). Pass the unwrapped model: each rank
+    evaluates its own shard without DDP collectives, and the totals are summed over the ranks."""
     model.eval()
     amp = args.amp and device.type == "cuda"
     if stage == "pretrain":
@@ -935,7 +936,7 @@ def pretrain(args, state, rank, world, device, log, step_fn):
             seconds = time.time() - start
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            val = evaluate("pretrain", ddp_model, val_loader, device, args) if val_loader else \
+            val = evaluate("pretrain", model, val_loader, device, args) if val_loader is not None else \
                 {"rec_loss": float("nan"), "ms_ssim": float("nan")}
             log({"stage": "pretrain", "partition": partition, "masking": "selective" if selective else "random",
                  "epoch": epoch + 1, "rec_loss": loss, "val_rec_loss": val["rec_loss"], "val_ms_ssim": val["ms_ssim"],
@@ -1026,7 +1027,7 @@ def finetune(args, state, rank, world, device, log, step_fn):
             seconds = time.time() - start
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            val = evaluate("finetune", ddp_model, val_loader, device, args, num_classes)
+            val = evaluate("finetune", model, val_loader, device, args, num_classes)
             log({"stage": "finetune", "seed": seed, "epoch": epoch + 1, "loss": loss, "val_miou": val["miou"],
                  "val_pixel_acc": val["pixel_acc"], "lr": lr, "images_per_s": seen / seconds, "time_s": seconds})
             if rank == 0:
@@ -1042,7 +1043,7 @@ def finetune(args, state, rank, world, device, log, step_fn):
         if world > 1:
             dist.barrier()
         model.load_state_dict(load_checkpoint(best_path)["model"])  # the best epoch by val mIoU
-        test = evaluate("finetune", ddp_model, test_loader, device, args, num_classes)
+        test = evaluate("finetune", model, test_loader, device, args, num_classes)
         finished = finished + [{"seed": seed, "best_val_miou": best, **test}]
         log({"stage": "test", "seed": seed, "miou": test["miou"], "pixel_acc": test["pixel_acc"],
              "chance_miou": test["chance_miou"]})
@@ -1103,6 +1104,8 @@ def main(args):
         state = load_checkpoint(last)
     elif os.path.isdir(args.out) and os.listdir(args.out):
         sys.exit(f"error: run directory {args.out} exists; pass --resume to continue it or choose another --out")
+    if world > 1:
+        dist.barrier()  # every rank has checked the run directory before rank 0 creates it
     if rank == 0:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         config = {k: v for k, v in vars(args).items()}

@@ -97,7 +97,7 @@ def main(args):
             per_step = batch
         elif config == "finetune_step":
             batch_ft = args.finetune_batch_size
-            images = images[:batch_ft].contiguous(memory_format=memory_format)
+            images = torch.randn(batch_ft, 3, size, size, device=device).contiguous(memory_format=memory_format)
             labels = torch.randint(0, args.num_classes, (batch_ft, size, size), device=device)
             optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
