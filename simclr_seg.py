@@ -112,10 +112,10 @@ from torchvision.utils import make_grid, save_image
 from common import NORMALIZATION, BinaryStats, DatasetError, build_dataset, denormalize, joint_transform
 
 METHOD = "simclr_seg"
-ENCODER_CHANNELS = {  # feature widths of the stem (/2) and layers 1-4 (/4 ... /32)
-    "resnet18": (64, 64, 128, 256, 512),
-    "resnet34": (64, 64, 128, 256, 512),
-    "resnet50": (64, 256, 512, 1024, 2048),
+ENCODER_CHANNELS = {  # widths of the stem (/2) and layers 1-4 (/4 ... /32); parameters our code measures:
+    "resnet18": (64, 64, 128, 256, 512),  # SimCLR 11.5 M, U-Net 14.3 M (the synthetic preset, a CPU choice)
+    "resnet34": (64, 64, 128, 256, 512),  # SimCLR 21.6 M, U-Net 24.4 M
+    "resnet50": (64, 256, 512, 1024, 2048),  # SimCLR 24.6 M, U-Net 32.5 M = smp Unet("resnet50") (authors' model)
 }
 TABLE_COLUMNS = ("ID", "Model", "Loss Func", "Dev Split", "IOU", "F1", "Dice", "Focal", "BCE", "Recall", "Accuracy")
 PAPER_TABLE41 = {  # Table 4.1 of the report: (model, dev split %) -> test IoU, printed beside the grid's rows
@@ -459,7 +459,7 @@ def build_pool(args, transform, image_only=False):
 
 
 def build_pretrain_images(args):
-    """The unlabelled pre-training images (uint8 tv_tensors.Image items); never the fine-tuning test set (C13)."""
+    """The unlabelled pre-training images (uint8 tv_tensors.Image items); never the fine-tuning test set."""
     name, root = args.pretrain_data, args.pretrain_root
     if name == "shapes":  # the synthetic set's own unlabelled split: other images than the labelled pool
         return build_dataset("shapes", split="unlabeled", transform=keep_image, image_only=True,
@@ -503,7 +503,8 @@ def build_loaders(args, stage, ctx):
     splits = pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
     train = Subset(pool, splits["train"])
     sampler = DistributedSampler(train, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
-    loaders = {"train": DataLoader(train, args.batch_size, sampler=sampler, drop_last=False, **loader_options)}
+    lone_last = len(sampler) % args.batch_size == 1  # BatchNorm cannot train on a last batch of one image
+    loaders = {"train": DataLoader(train, args.batch_size, sampler=sampler, drop_last=lone_last, **loader_options)}
     for name in ("val", "test"):  # every rank scores its own share, no padding duplicates; sums are all-reduced
         shard = Subset(pool, splits[name][ctx.rank::ctx.world_size])
         loaders[name] = DataLoader(shard, args.batch_size, shuffle=False, **loader_options)
@@ -609,8 +610,6 @@ class SimCLRUNet(nn.Module):
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
-# Parameter counts our code measures (torchvision's ResNet-50 without fc: 23.5 M; smp's Unet(resnet50): 32.5 M):
-#   SimCLR resnet50 + head 2048->512->128: 24.6 M;  SimCLRUNet resnet50: 32.5 M;  SimCLRUNet resnet18: 14.3 M.
 
 
 # --- weights: ImageNet init and the strict transfer (Sec. 2.2 step 1) ---
@@ -820,7 +819,7 @@ def train_step(model, batch, stage, loss="bce", temperature=0.1, amp=False):
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
         if stage == "pretrain":
             view1, view2 = batch
-            projections = model(torch.cat([view1, view2]))  # (2B, d): one BatchNorm batch for both views (C3)
+            projections = model(torch.cat([view1, view2]))  # (2B, d): one BatchNorm batch for both views (SimCLR)
             z1, z2 = projections.float().chunk(2)  # (B, d) each
             return nt_xent_loss(z1, z2, temperature)
         images, labels = batch
