@@ -217,7 +217,7 @@ def get_args(argv=None):
                       help="label in the table row's Model column (default baseline / imagenet / SimCLR-<set>)")
     fine.add_argument("--encoder", default=None, choices=sorted(ENCODER_CHANNELS),
                       help="torchvision ResNet (paper: resnet50; shapes preset: resnet18, a CPU choice)")
-    fine.add_argument("--decoder-channels", type=int, nargs=5, default=(256, 128, 64, 32, 16),
+    fine.add_argument("--decoder-channels", type=int, nargs=5, default=(256, 128, 64, 32, 16), metavar="C",
                       help="U-Net decoder widths, deepest first (smp Unet, the authors' code)")
     fine.add_argument("--loss", default="bce", choices=("bce", "dice", "focal"),
                       help="fine-tuning loss (paper: BCE; the authors' code also offers Dice and Focal)")

@@ -68,6 +68,21 @@ def test_blur_kernel_is_odd_ten_percent():
     assert tuple(blur.transforms[0].kernel_size) == (23, 23) and blur.p == 0.5
 
 
+def test_pretrain_folder_reads_every_image_and_names_a_corrupt_one(tmp_path):
+    from PIL import Image
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for i, folder in enumerate((tmp_path / "a", tmp_path / "a" / "b", tmp_path)):
+        Image.new("RGB", (40 + i, 36), (10 * i, 20, 30)).save(folder / f"img{i}.png")
+    args = simclr_seg.get_args(["--pretrain-data", "folder", "--pretrain-root", str(tmp_path)])
+    images = simclr_seg.build_pretrain_images(args)
+    assert sorted(tuple(images[i].shape) for i in range(3)) == [(3, 36, 40), (3, 36, 41), (3, 36, 42)]
+    assert len(images) == 3 and images[0].dtype == torch.uint8
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    images = simclr_seg.build_pretrain_images(args)
+    with pytest.raises(simclr_seg.DatasetError, match="broken.jpg"):
+        [images[i] for i in range(len(images))]
+
+
 # --- Pet splits (Sec. 3.1) ---
 
 def test_pet_splits_test_fixed_no_overlap_sizes():
