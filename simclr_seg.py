@@ -18,7 +18,7 @@ Implemented (component -> function -> paper place)
     negatives from every DDP rank, with gradients        -> gather_with_grad          -> (SimCLR's global batch)
     load the pre-trained encoder, strict by name         -> transfer_encoder_weights  -> Sec. 2.2 step (1)
     U-Net decoder on the ResNet feature maps, 1 logit    -> UNetDecoder, SimCLRUNet   -> Sec. 2.2 step (2)
-    BCE (Dice, Focal: the authors' code) + Adam 1e-4     -> segmentation_loss, finetune -> Sec. 2.2 step (3)
+    BCE (Dice, Focal: the authors' code) + Adam 1e-4     -> segmentation_loss, build_optimizer -> Sec. 2.2 step (3)
     keep the weights of the lowest validation loss       -> fit (--select-by)         -> Sec. 2.2 step (4)
     test IoU, F1, Dice, Focal, BCE, recall, accuracy     -> evaluate, table_row       -> Sec. 2.2 step (5), Table 4.1
     fixed 20 % test, dev 80/50/20 %, train/val 90/10     -> pet_splits                -> Sec. 3.1
@@ -64,17 +64,17 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         1e-3, batch 16, 10 epochs on a pool of 384 labelled images (276 train / 31 val / 77 test). ResNet-50, SimCLR's
         views and the paper's settings stay the defaults for real data.
     C15 The table4.1 grid on shapes runs in minutes (32 px, 192 images, 4 pre-training and 6 fine-tuning epochs,
-        fine-tuning batch 8).
-        "CIFAR" pre-trains on the synthetic scenes drawn at half the size and enlarged by the crop (as CIFAR-10's
+        fine-tuning batch 8). "CIFAR" pre-trains on the synthetic scenes drawn at half the size and enlarged by the crop (as CIFAR-10's
         32 px images are at 224), "Pet" on the same scenes at full size. The small grid exercises the protocol; it
         cannot answer the paper's question about data similarity.
 
 Usage
     python simclr_seg.py                                   # synthetic: pre-train, then fine-tune (a few minutes, CPU)
     python simclr_seg.py --data pets --data-root data --pretrain-data cifar10 --pretrain-root data/cifar10
-    python simclr_seg.py --data pets --stage finetune --init none --dev-split 0.5      # baseline, 50 % dev
-    python simclr_seg.py --data pets --stage finetune --init simclr:runs/x/pretrain/last.pt
-    python simclr_seg.py --data pets --experiment table4.1 --cifar10-root data/cifar10 --catsdogs-root data/catsdogs
+    python simclr_seg.py --data pets --data-root data --stage finetune --init none --dev-split 0.5   # baseline
+    python simclr_seg.py --data pets --data-root data --stage finetune --init simclr:runs/x/pretrain/last.pt
+    python simclr_seg.py --data pets --data-root data --experiment table4.1 --cifar10-root data/cifar10 \
+        --catsdogs-root data/catsdogs --limit 23402      # the authors' CIFAR-10 subset; all 7,390 Pet images
     python simclr_seg.py --experiment table4.1             # the same grid in small form on synthetic data
     torchrun --nproc_per_node=4 simclr_seg.py --data pets --data-root data --compile
     python simclr_seg.py --resume --out runs/simclr_seg-shapes          # continue at the next epoch
