@@ -757,23 +757,27 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # torch._foreach_* runs each line for all tensors of the group in a few kernel launches (the per-tensor
+        # loop costs ~1,300 small launches per ResNet-50 step)
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                if group["lars"]:
-                    grad = grad.add(param, alpha=group["weight_decay"])
-                    param_norm, grad_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(grad)
-                    trust = torch.where((param_norm > 0) & (grad_norm > 0),
-                                        group["trust_coefficient"] * param_norm / grad_norm, 1.0)
-                    grad = grad * trust
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = grad.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                param.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                param_norms = torch.stack(torch._foreach_norm(params))
+                grad_norms = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((param_norms > 0) & (grad_norms > 0),
+                                    group["trust_coefficient"] * param_norms / grad_norms, 1.0)
+                grads = torch._foreach_mul(grads, list(trust.unbind()))
+            for param in params:
+                if "momentum_buffer" not in self.state[param]:
+                    self.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
