@@ -406,7 +406,7 @@ def distributed_worker(out):
               "grad_error": max((z1.grad - world * full1.grad[rank * 3:(rank + 1) * 3]).abs().max().item(),
                                 (z2.grad - world * full2.grad[rank * 3:(rank + 1) * 3]).abs().max().item()),
               "local_loss": nt_xent_loop(z1.detach(), z2.detach(), 0.2).item()}
-    args = simclr_seg.get_args([*TINY, "--stage", "pretrain", "--pretrain-epochs", "1", "--out", str(out / "run")])
+    args = simclr_seg.get_args([*TINY, "--pretrain-epochs", "1", "--epochs", "1", "--out", str(out / "run")])
     simclr_seg.main(args)  # reuses this process group (a second init_process_group under torchrun can hang)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -427,6 +427,12 @@ def test_torchrun_gloo_uses_all_ranks_negatives(tmp_path):
     assert len(metrics) == 1 and metrics[0]["negatives"] == 2 * 8 * 2 - 2 and math.isfinite(metrics[0]["loss"])
     config = json.loads((tmp_path / "run" / "pretrain" / "config.json").read_text())
     assert config["world_size"] == 2 and (tmp_path / "run" / "pretrain" / "last.pt").exists()
+    # the fine-tuning metrics summed over the two ranks' shards equal one process scoring the whole test split
+    results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
+    args = simclr_seg.get_args([*TINY, "--eval-only", "--out", str(tmp_path / "run")])
+    single = simclr_seg.main(args)
+    for key in ("iou", "bce", "dice_loss", "accuracy"):
+        assert single[key] == pytest.approx(results["test"][key], rel=1e-5), key
 
 
 # --- real samples (../shared/data) ---
