@@ -63,6 +63,21 @@ def test_two_views_differ_keep_shape_and_are_seeded():
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
 
 
+def test_views_are_the_same_for_any_worker_count():
+    args = simclr_seg.get_args([*TINY, "--limit", "16"])  # 2 batches of 8 images per epoch
+    ctx = simclr_seg.Context(torch.device("cpu"))
+    seen = {}
+    for workers in (0, 2):
+        args.workers = workers
+        loader = simclr_seg.build_loaders(args, "pretrain", ctx)["train"]  # persistent workers when > 0
+        seen[workers] = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            seen[workers] += [torch.cat(views) for views in loader]
+    assert len(seen[0]) == 4 and all(torch.equal(a, b) for a, b in zip(seen[0], seen[2]))
+    assert not torch.equal(seen[0][0], seen[0][2])  # a new epoch draws new views
+
+
 def test_blur_kernel_is_odd_ten_percent():
     blur = [t for t in simclr_seg.simclr_augmentation(224).transforms if "RandomApply" in type(t).__name__][-1]
     assert tuple(blur.transforms[0].kernel_size) == (23, 23) and blur.p == 0.5
