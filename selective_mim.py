@@ -1,7 +1,7 @@
 """Selective Masking Image Reconstruction: self-supervised pre-training for semantic segmentation.
 
-Wang & Stavness, "Selective Masking based Self-Supervised Learning for Image Semantic Segmentation" (Frontiers in
-Computer Science 2025, arXiv 2407.xxxx; code yuw422/Selective_Masking_Image_Reconstruction).
+Wang & Stavness (University of Saskatchewan), "Selective Masking based Self-Supervised Learning for Image Semantic
+Segmentation"; the authors' code: https://github.com/yuw422/Selective_Masking_Image_Reconstruction.
 
 A ResNet-34 U-Net learns to reconstruct images whose patches are partly hidden. The pre-training set is cut into
 equal partitions that are trained one after another: partition 0 with random masks, every later partition with
@@ -55,9 +55,10 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         resolution and upsamples.
     C11 Jaccard loss as pytorch-toolbelt's JaccardLoss (authors' code): softmax, soft IoU per class over the batch,
         smooth 1e-3, classes absent from the batch contribute 0, mean over all K; ignore pixels left out.
-    C12 Pre-training split: "unlabeled" where the reader has it (VOC: all VOC2012 JPEGs; Cityscapes: train_extra
-        + trainvaltest; Nassar, Sugarbeets, shapes), else "train" (--pretrain-split overrides). Downstream: train,
-        val (model selection), test (reported); evaluation at --img-size x --img-size.
+    C12 Pre-training split: "unlabeled" where the reader has it, as in Sec. 2.3 (VOC: all VOC2012 JPEGs;
+        Cityscapes: train_extra + trainvaltest, which holds the downstream test images, as in the paper; Nassar,
+        Sugarbeets, shapes), else "train", never "test" (--pretrain-split overrides). Downstream: train, val (model
+        selection), test (reported; --test-split); evaluation at --img-size x --img-size.
     C13 Pre-training batch sizes of Table 1 (VOC 128, Cityscapes 128, Nassar 256, Sugarbeets 64), 64 elsewhere,
         capped at the partition's training size. Downstream: 500 epochs, batch 8, Adam 3e-3 (authors' configs).
     C14 Synthetic default (--data shapes): 64 x 64, 3 partitions of the 512 unlabeled shapes, 3 epochs each,
@@ -69,8 +70,6 @@ Choices (the paper is silent or vague; grep "CHOICE C")
 Deviations (grep "DEVIATION")
     - Selective masks are kept exactly in memory and in the checkpoint; the authors write the masked images as
       JPEGs (which blurs the hidden patches' edges).
-    - Pre-training never reads the downstream test split unless asked (--pretrain-split); the paper includes all
-      images, test images of Cityscapes too.
 
 Usage
     python selective_mim.py                                   # synthetic shapes, both stages, a few CPU minutes
@@ -116,8 +115,10 @@ from common import ConfusionMatrix, DatasetError, NORMALIZATION, build_dataset, 
 PAPER_PRETRAIN_BATCH = {"voc": 128, "cityscapes": 128, "nassar": 256, "sugarbeets": 64}
 # Readers that have an image-only "unlabeled" split (common.py).
 UNLABELED_SPLIT_DATASETS = ("shapes", "voc", "cityscapes", "nassar", "sugarbeets")
+# Readers without labels: pre-training data only.
+IMAGE_ONLY_DATASETS = ("cifar10", "catsdogs")
 PAPER_SEEDS = [0, 1234, 3741]
-IMAGENET_FILE = "resnet34-b627a593.pth"  # torchvision's ResNet34_Weights.IMAGENET1K_V1
+IMAGENET_FILE = "resnet34-b627a593.pth"  # CHOICE C15: torchvision's ResNet34_Weights.IMAGENET1K_V1
 
 
 def get_args(argv=None):
@@ -218,7 +219,7 @@ def get_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.batch_size is None:
+    if args.batch_size is None:  # CHOICE C13: Table 1, 64 for the datasets it does not list
         args.batch_size = 8 if synthetic else PAPER_PRETRAIN_BATCH.get(args.pretrain_data, 64)
     if args.seeds is None:
         args.seeds = [args.seed] if synthetic else list(PAPER_SEEDS)
@@ -227,6 +228,7 @@ def get_args(argv=None):
     if args.init is None:  # --stage finetune without --pretrained: no pre-training (Table 2 "None")
         args.init = args.masking if args.stage != "finetune" or args.pretrained else "none"
     args.out = args.out or f"runs/selective_mim-{args.data}"
+    # CHOICE C12: the "unlabeled" split where there is one (as the paper, Sec. 2.3), else "train" (never "test").
     args.pretrain_split = args.pretrain_split or (
         "unlabeled" if args.pretrain_data in UNLABELED_SPLIT_DATASETS else "train")
 
@@ -258,6 +260,9 @@ def get_args(argv=None):
                      f"patches, smaller than --ssim-window {args.ssim_window}; use fewer patches or larger images")
     if int(grid.num_patches * args.mask_ratio) < 1:
         parser.error(f"--mask-ratio {args.mask_ratio} hides no patch of the {grid.num_patches}-patch grid")
+    if args.data in IMAGE_ONLY_DATASETS and args.stage != "pretrain":
+        parser.error(f"--data {args.data} has no segmentation labels; use it as --pretrain-data (cross-pre-training) "
+                     f"or with --stage pretrain")
     if args.stage == "all" and args.init in ("imagenet", "none"):
         parser.error(f"--init {args.init} skips pre-training: use --stage finetune --init {args.init}")
     if args.stage == "all" and args.init != args.masking:
@@ -909,6 +914,8 @@ def pretrain(args, state, rank, world, device, log, step_fn):
                 start = time.time()
                 partition_masks, mean_score = score_partition(unwrap(model), base, indices, grid, args, partition,
                                                               rank, world, device)
+                # DEVIATION: the masks stay exact bool tensors (memory + checkpoint) because the authors' JPEG copies
+                # of the masked images blur the hidden patches' edges.
                 masks = {"train": partition_masks[:len(train_ids)], "val": partition_masks[len(train_ids):]}
                 seconds = time.time() - start
                 log({"stage": "score", "partition": partition, "images": len(indices), "copies": args.samples,

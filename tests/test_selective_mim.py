@@ -458,6 +458,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     (["--stage", "finetune", "--init", "selective"], "--pretrained"),
     (["--stage", "finetune", "--init", "imagenet", "--imagenet-weights", "/nonexistent/r34.pth"], "--imagenet-weights"),
     (["--partitions", "0"], "--partitions"),
+    (["--data", "cifar10"], "--pretrain-data"),
 ])
 def test_bad_flags_name_the_flag(argv, words, capsys):
     with pytest.raises(SystemExit):
