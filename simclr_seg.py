@@ -64,9 +64,9 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         1e-3, batch 16, 10 epochs on a pool of 384 labelled images (276 train / 31 val / 77 test). ResNet-50, SimCLR's
         views and the paper's settings stay the defaults for real data.
     C15 The table4.1 grid on shapes runs in minutes (32 px, 192 images, 4 pre-training and 6 fine-tuning epochs,
-        fine-tuning batch 8). "CIFAR" pre-trains on the synthetic scenes drawn at half the size and enlarged by the crop (as CIFAR-10's
-        32 px images are at 224), "Pet" on the same scenes at full size. The small grid exercises the protocol; it
-        cannot answer the paper's question about data similarity.
+        fine-tuning batch 8). "CIFAR" pre-trains on the synthetic scenes drawn at half the size and enlarged by the
+        crop (as CIFAR-10's 32 px images are at 224), "Pet" on the same scenes at full size. The small grid exercises
+        the protocol; it cannot answer the paper's question about data similarity.
 
 Usage
     python simclr_seg.py                                   # synthetic: pre-train, then fine-tune (a few minutes, CPU)
@@ -84,7 +84,6 @@ Images (B, 3, H, W) float normalised; labels (B, H, W) int64 in {0, 1, 255 = ign
 """
 
 import argparse
-import copy
 import csv
 import functools
 import json
@@ -184,7 +183,8 @@ def get_args(argv=None):
     pre.add_argument("--pretrain-epochs", type=int, default=None, help="SimCLR epochs (Sec. 3.1: 20; shapes: 6)")
     pre.add_argument("--pretrain-batch-size", type=int, default=None,
                      help="images per process and step, each seen as two views (authors' code: 120; shapes: 32)")
-    pre.add_argument("--pretrain-lr", type=float, default=None, help="peak lr (LARS 0.3, authors' code; shapes Adam 1e-3)")
+    pre.add_argument("--pretrain-lr", type=float, default=None,
+                     help="peak lr (LARS 0.3, authors' code; shapes preset: Adam 1e-3)")
     pre.add_argument("--pretrain-optimizer", default=None, choices=("lars", "adam"),
                      help="LARS (authors' code, SimCLR) or Adam (default lars; shapes preset adam)")
     pre.add_argument("--weight-decay", type=float, default=1e-6, help="pre-training weight decay (authors' code)")
@@ -320,7 +320,8 @@ def get_args(argv=None):
         kind = getattr(args, flag).split(":", 1)[0]
         allowed = ("none", "imagenet", "simclr") if flag == "init" else ("none", "imagenet")
         if kind not in allowed or (kind == "simclr" and ":" not in getattr(args, flag)):
-            forms = "none | imagenet | imagenet:PATH" + (" | simclr:PATH (a pre-training checkpoint)" * (flag == "init"))
+            forms = "none | imagenet | imagenet:PATH" + (" | simclr:PATH (a pre-training checkpoint)"
+                                                         if flag == "init" else "")
             parser.error(f"--{flag.replace('_', '-')} must be {forms}, got {getattr(args, flag)!r}")
     if args.pretrain_data == "folder" and args.pretrain_root is None and args.stage != "finetune":
         parser.error("--pretrain-data folder needs --pretrain-root DIR (every image under DIR is used)")
@@ -1127,9 +1128,9 @@ def fit(stage, args, ctx, run_dir):
     else:
         load_checkpoint(best_path, model)  # Sec. 2.2 (5): the selected weights meet the unseen test set
         test = evaluate(unwrap(model), loaders["test"], args, ctx)
-        results = {"stage": stage, "model": finetune_model_name(args), "dev_split": args.dev_split,
-                   "split_sizes": loaders["sizes"], "test": test,
-                   "row": table_row(finetune_model_name(args), args.loss, args.dev_split, test)}
+        model_name = finetune_model_name(args)
+        results = {"stage": stage, "model": model_name, "dev_split": args.dev_split, "split_sizes": loaders["sizes"],
+                   "test": test, "row": table_row(model_name, args.loss, args.dev_split, test)}
         log(ctx, markdown_table([results["row"]]))
     if ctx.main:
         write_json(run_dir / "results.json", results)
@@ -1188,7 +1189,7 @@ def run_table41(args, ctx):
     check_run_dir(out, args)
     checkpoints, rows, start = {}, [], time.perf_counter()
     for name, overrides in sources.items():
-        run = argparse.Namespace(**{**vars(copy.deepcopy(args)), **overrides})
+        run = argparse.Namespace(**{**vars(args), **overrides})
         run_dir = out / f"pretrain-{name}"
         log(ctx, f"== table4.1: pre-training '{name}' on {run.pretrain_data} -> {run_dir}")
         fit("pretrain", run, ctx, prepared(run_dir, ctx))
@@ -1196,8 +1197,7 @@ def run_table41(args, ctx):
     models = [("baseline", "none")] + [(name, f"simclr:{path}") for name, path in checkpoints.items()]
     for model_name, init in models:
         for dev_split in args.dev_splits:
-            run = argparse.Namespace(**{**vars(copy.deepcopy(args)), "init": init, "dev_split": dev_split,
-                                        "model_name": model_name})
+            run = argparse.Namespace(**{**vars(args), "init": init, "dev_split": dev_split, "model_name": model_name})
             run_dir = out / f"finetune-{model_name}-dev{round(100 * dev_split)}"
             log(ctx, f"== table4.1: fine-tuning {model_name}, dev split {dev_split:g} -> {run_dir}")
             results = fit("finetune", run, ctx, prepared(run_dir, ctx))

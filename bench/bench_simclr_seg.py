@@ -1,4 +1,4 @@
-"""Training-step throughput of simclr_seg.py (not a test): images/s and peak GPU memory, one JSON line per configuration.
+"""Training-step throughput of simclr_seg.py (not a test): images/s and peak GPU memory, one JSON line per config.
 
     python bench/bench_simclr_seg.py --device cuda --steps 200                # ResNet-50, bf16, channels-last
     python bench/bench_simclr_seg.py --device cuda --steps 200 --compile
