@@ -180,7 +180,7 @@ def _read_tiff_strips(path):
     pixels = b"".join(data[o:o + n] for o, n in zip(tags[273], tags[279]))
     if len(pixels) < width * height * samples:
         return None
-    array = np.frombuffer(pixels[:width * height * samples], dtype=np.uint8)
+    array = np.frombuffer(pixels[:width * height * samples], dtype=np.uint8).copy()  # writable for torch
     return array.reshape(height, width, samples) if samples > 1 else array.reshape(height, width)
 
 
@@ -224,21 +224,42 @@ def _grey(label):
     return label if label.ndim == 2 else label[:, :, 0]
 
 
-def _colour_decoder(colours, default=0):
+# Label decoders are module-level functions or small classes (not lambdas) so that datasets pickle into
+# DataLoader workers under the "spawn" start method too (macOS, Windows).
+
+class LookupDecoder:
+    """Label decoder through a 256-entry table: raw grey/palette value -> class id."""
+
+    def __init__(self, lookup):
+        self.lookup = lookup
+
+    def __call__(self, label):
+        return self.lookup[_grey(label)]
+
+
+class ColourDecoder:
     """Label decoder for colour-coded masks: {(r, g, b): class id}; other colours -> `default`."""
-    def decode(label):
+
+    def __init__(self, colours, default=0):
+        self.colours, self.default = colours, default
+
+    def __call__(self, label):
         if label.ndim == 2:
             return label
-        out = np.full(label.shape[:2], default, dtype=np.int64)
-        for colour, class_id in colours.items():
+        out = np.full(label.shape[:2], self.default, dtype=np.int64)
+        for colour, class_id in self.colours.items():
             out[np.all(label[:, :, :3] == np.array(colour, dtype=label.dtype), axis=2)] = class_id
         return out
-    return decode
 
 
 def _threshold(label):
     """Binary masks stored as 0/255 (often JPEG with noise): foreground = grey value > 127."""
     return (_grey(label) > 127).astype(np.int64)
+
+
+def _nonzero(label):
+    """Instance-id masks (GLaS): any instance -> foreground."""
+    return (_grey(label) > 0).astype(np.int64)
 
 
 def _to_tv(image, label=None):
@@ -420,7 +441,7 @@ def _read_cityscapes(root, split, download, seed, options):
         if c.id >= 0:
             lookup[c.id] = c.train_id if 0 <= c.train_id < 255 else IGNORE_INDEX
     pairs = sorted(zip(city.images, (t[0] for t in city.targets)))  # torchvision lists folders unsorted
-    return {"images": [p[0] for p in pairs], "labels": [p[1] for p in pairs], "decode": lambda lab: lookup[_grey(lab)]}
+    return {"images": [p[0] for p in pairs], "labels": [p[1] for p in pairs], "decode": LookupDecoder(lookup)}
 
 
 CITYSCAPES_CLASSES = tuple(c.name for c in tv_datasets.Cityscapes.classes if 0 <= c.train_id < 255)
@@ -433,7 +454,7 @@ def _pets_border(border):
     border_value = {"ignore": IGNORE_INDEX, "foreground": 1, "background": 0}[border]
     lookup = np.full(256, IGNORE_INDEX, dtype=np.int64)
     lookup[1], lookup[2], lookup[3] = 1, 0, border_value  # trimap: 1 pet, 2 background, 3 border
-    return lambda label: lookup[_grey(label)]
+    return LookupDecoder(lookup)
 
 
 def _read_pets(root, split, download, seed, options):
@@ -500,7 +521,7 @@ def _read_glas(root, split, download, seed, options):
         images = _carve_val(images, split, seed, options.pop("val_fraction", 0.1))
     labels = [p[:-4] + "_anno.bmp" for p in images]
     # GLaS annotations are gland instance ids (0 = background): any instance -> gland
-    return {"images": images, "labels": labels, "decode": lambda lab: (_grey(lab) > 0).astype(np.int64)}
+    return {"images": images, "labels": labels, "decode": _nonzero}
 
 
 def _read_kvasir(root, split, download, seed, options):
@@ -579,12 +600,12 @@ def _read_nyudv2(root, split, download, seed, options):
         lookup = lookup - 1
         lookup[0] = lookup[255] = IGNORE_INDEX
     return {"images": images, "labels": _match_by_stem(images, os.path.join(root, f"{part}_labels"), "nyudv2"),
-            "decode": lambda lab: lookup[_grey(lab)]}
+            "decode": LookupDecoder(lookup)}
 
 
 WEED_CLASSES = ("soil", "crop", "weed")
 WEED_PALETTE = [(0, 0, 0), (0, 255, 0), (255, 0, 0)]
-_weed_colours = _colour_decoder({(0, 255, 0): 1, (255, 0, 0): 2})  # green crop, red weed, anything else soil
+_weed_colours = ColourDecoder({(0, 255, 0): 1, (255, 0, 0): 2})  # green crop, red weed, anything else soil
 
 
 def _read_nassar(root, split, download, seed, options):
@@ -647,12 +668,15 @@ def _read_camvid(root, split, download, seed, options):
         labels += _match_by_stem(part_images, os.path.join(root, part + "annot"), "camvid")
     lookup = np.arange(256, dtype=np.int64)
     lookup[11] = IGNORE_INDEX  # "Unlabelled"
-    return {"images": images, "labels": labels, "decode": lambda lab: lookup[_grey(lab)]}
+    return {"images": images, "labels": labels, "decode": LookupDecoder(lookup)}
 
 
 def _read_folder(root, split, download, seed, options):
     layout = ("images/<name>.<ext> + masks/<name>.png (class ids, 255 = ignore), or "
               "{train,val,test}/{images,masks}/ for your own splits")
+    if split == "unlabeled":  # any folder of images (images/ if present, else the folder itself), for pre-training
+        folder = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
+        return {"images": _images_in(folder, recursive=True)}
     mask_mode = options.pop("mask_mode", "ids")
     if mask_mode not in ("ids", "binary"):
         raise DatasetError(f"folder: mask_mode must be 'ids' or 'binary', got {mask_mode!r}")
@@ -785,7 +809,7 @@ READERS = {
     "nassar": (_read_nassar, ("train", "val", "trainval", "test", "unlabeled"), WEED_CLASSES, WEED_PALETTE, False),
     "sugarbeets": (_read_sugarbeets, ("train", "val", "trainval", "test", "unlabeled"), WEED_CLASSES, WEED_PALETTE, False),
     "camvid": (_read_camvid, ("train", "val", "trainval", "test"), CAMVID_CLASSES, CAMVID_PALETTE, False),
-    "folder": (_read_folder, ("train", "val", "trainval", "test"), None, None, False),
+    "folder": (_read_folder, ("train", "val", "trainval", "test", "unlabeled"), None, None, False),
 }
 IMAGE_ONLY_DATASETS = ("cifar10", "catsdogs")
 

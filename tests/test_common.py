@@ -266,6 +266,20 @@ def test_folder_scans_class_count_and_accepts_split_folders(tmp_path):
         write_label(tmp_path / "split" / part / "masks" / "a.png", np.where(label_map([0, 1]) == 1, 255, 0))
     binary, info = build_dataset("folder", tmp_path / "split", "trainval", mask_mode="binary")
     assert len(binary) == 2 and info.num_classes == 2 and set(np.unique(raw(binary)).tolist()) == {0, 1}
+    unlabeled, _ = build_dataset("folder", tmp_path / "flat", "unlabeled", transform=joint_transform(8))
+    assert len(unlabeled) == 10 and unlabeled[0].shape == (3, 8, 8)  # images only: no masks needed
+
+
+def test_datasets_pickle_for_spawned_workers(tmp_path):
+    """DataLoader workers started with "spawn" (macOS, Windows) receive the dataset by pickle."""
+    write_pets(tmp_path, [f"Bengal_{i}" for i in range(4)])
+    for part in ("train", "val", "test"):
+        write_rgb(tmp_path / "camvid" / part / "a.png")
+        write_label(tmp_path / "camvid" / f"{part}annot" / "a.png", label_map([0, 11]))
+    for dataset in (build_dataset("pets", tmp_path, "all")[0], build_dataset("camvid", tmp_path / "camvid", "val")[0],
+                    build_dataset("shapes", split="val", image_size=16)[0]):
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert torch.equal(copy[0][1], dataset[0][1])
 
 
 # --- the synthetic set ---
