@@ -63,7 +63,7 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         capped at the partition's training size. Downstream: 500 epochs, batch 8, Adam 3e-3 (authors' configs).
     C14 Synthetic default (--data shapes): 64 x 64, 3 partitions of the 512 unlabeled shapes, 3 epochs each,
         nominal 64 patches (8 x 8 grid of 8 px), MS-SSIM window 3 (an 11 x 11 window over 5 scales needs sides
-        > 160 px), downstream 20 epochs batch 16, one seed, no warm-up.
+        > 160 px), batch 8 in both stages, downstream 20 epochs at Adam 1e-3, one seed, no warm-up.
     C15 --init imagenet loads torchvision's ResNet-34 ImageNet weights (resnet34-b627a593.pth) from
         --imagenet-weights or the torch hub cache; the paper used pytorch-toolbelt's copy. Nothing is downloaded.
 
@@ -213,7 +213,7 @@ def get_args(argv=None):
         args.pretrain_data_root = args.data_root
     # CHOICE C14: the synthetic preset; real data gets the paper's settings.
     defaults = dict(img_size=64, partitions=3, epochs=3, lr=3e-3, num_patches=64, msssim_window=3, finetune_epochs=20,
-                    finetune_batch_size=8, finetune_lr=3e-3, warmup_epochs=0) if synthetic else \
+                    finetune_batch_size=8, finetune_lr=1e-3, warmup_epochs=0) if synthetic else \
         dict(img_size=256, partitions=10, epochs=1000, lr=3e-3, num_patches=512, msssim_window=11,
              finetune_epochs=500, finetune_batch_size=8, finetune_lr=3e-3, warmup_epochs=10)
     for key, value in defaults.items():
