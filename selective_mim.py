@@ -103,7 +103,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
@@ -639,25 +639,58 @@ def build_finetune_loaders(args, rank, world):
     return train_loader, val_loader, test_loader, info
 
 
+class SeededSampler(Sampler):
+    """Yields (index, seed) pairs: each training sample's augmentation is seeded by (epoch seed, index).
+
+    So the crops, flips and jitter do not depend on which worker loads a sample, and a resumed run repeats them
+    exactly, persistent workers included. `sampler` (RandomSampler with a generator, or DistributedSampler) sets
+    the order; set_epoch reseeds both.
+    """
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch_seed = sampler, 0
+
+    def set_epoch(self, epoch_seed):
+        self.epoch_seed = epoch_seed
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch_seed % 2 ** 31)
+        else:
+            self.sampler.generator.manual_seed(epoch_seed)
+
+    def __iter__(self):
+        for index in self.sampler:
+            yield index, derive_seed(self.epoch_seed, index)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class SeededItems(Dataset):
+    """dataset[index] with torch's CPU generator (the one torchvision's transforms draw from) seeded first."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
 def make_loader(dataset, batch_size, args, world, train=False):
-    """DataLoader; training loaders shuffle from a generator reseeded by set_loader_epoch (exact resume)."""
+    """DataLoader. Training loaders shuffle and seed every sample through SeededSampler (call set_epoch)."""
     sampler = None
     if train:
-        sampler = DistributedSampler(dataset, shuffle=True) if world > 1 else \
+        order = DistributedSampler(dataset, shuffle=True) if world > 1 else \
             RandomSampler(dataset, generator=torch.Generator())
-    cuda = args.device == "cuda"
+        dataset, sampler = SeededItems(dataset), SeededSampler(order)
     return DataLoader(dataset, batch_size=min(batch_size, len(dataset)) if train else batch_size, sampler=sampler,
-                      num_workers=args.workers, pin_memory=cuda,  # pinned memory: asynchronous copies to the GPU
+                      num_workers=args.workers, pin_memory=args.device == "cuda",  # asynchronous copies to the GPU
                       persistent_workers=args.workers > 0,  # workers survive between epochs
-                      drop_last=train and len(dataset) > batch_size * world,
-                      generator=sampler.generator if isinstance(sampler, RandomSampler) else None)
-
-
-def set_loader_epoch(loader, epoch_seed):
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch_seed % 2 ** 31)
-    elif isinstance(loader.sampler, RandomSampler):
-        loader.sampler.generator.manual_seed(epoch_seed)
+                      drop_last=train and len(dataset) > batch_size * world)
 
 
 # --- loops ---
@@ -933,10 +966,8 @@ def pretrain(args, state, rank, world, device, log, step_fn):
             set_rng_states(state["rng"])
         generator = torch.Generator(device=device)
         for epoch in range(start_epoch, args.epochs):
-            epoch_seed = derive_seed(args.seed, "pretrain", partition, epoch, rank)
-            torch.manual_seed(epoch_seed)  # augmentations in the main process; exact resume
-            generator.manual_seed(epoch_seed)
-            set_loader_epoch(train_loader, derive_seed(args.seed, "order", partition, epoch))
+            generator.manual_seed(derive_seed(args.seed, "masks", partition, epoch, rank))  # a mask seed per rank
+            train_loader.sampler.set_epoch(derive_seed(args.seed, "data", partition, epoch))
             start = time.time()
             loss, seen = train_one_epoch("pretrain", ddp_model, train_loader, optimizer, step_fn, loss_fn, args, device,
                                          device_grid, random_masking=not selective, generator=generator)
@@ -1025,9 +1056,7 @@ def finetune(args, state, rank, world, device, log, step_fn):
             start_epoch, best = state["epoch"], state["best"]
         best_path = os.path.join(args.out, f"best-seed{seed}.pt")
         for epoch in range(start_epoch, args.finetune_epochs):
-            epoch_seed = derive_seed(seed, "finetune", epoch, rank)
-            torch.manual_seed(epoch_seed)
-            set_loader_epoch(train_loader, derive_seed(seed, "order", epoch))
+            train_loader.sampler.set_epoch(derive_seed(seed, "data", epoch))
             start = time.time()
             loss, seen = train_one_epoch("finetune", ddp_model, train_loader, optimizer, step_fn, jaccard_loss, args,
                                          device)

@@ -397,10 +397,14 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_after", [1, 2, 3, 5], ids=["in-partition0", "between-partitions",
-                                                           "in-selective-partition", "in-finetune"])
-def test_resume_is_exact(straight_run, tmp_path, monkeypatch, crash_after):
+@pytest.mark.parametrize("crash_after, workers", [(1, "0"), (2, "0"), (3, "0"), (5, "0"), (3, "1")],
+                         ids=["in-partition0", "between-partitions", "in-selective-partition", "in-finetune",
+                              "worker-process"])
+def test_resume_is_exact(straight_run, tmp_path, monkeypatch, crash_after, workers):
+    """Crash after `crash_after` epochs, resume: the weights equal the straight run's bit for bit. With a worker
+    process (persistent) against the straight run's main-process loading: augmentations are seeded per sample."""
     out = str(tmp_path / "run")
+    argv = RESUME + ["--out", out, "--workers", workers]
     original, calls = sm.train_one_epoch, []
 
     def crashing(*args, **kwargs):
@@ -411,20 +415,19 @@ def test_resume_is_exact(straight_run, tmp_path, monkeypatch, crash_after):
 
     monkeypatch.setattr(sm, "train_one_epoch", crashing)
     with pytest.raises(Crash):
-        sm.main(sm.get_args(RESUME + ["--out", out]))
+        sm.main(sm.get_args(argv))
     monkeypatch.setattr(sm, "train_one_epoch", original)
     state = sm.load_checkpoint(os.path.join(out, "last.pt"))
     if crash_after == 3:  # inside the selective partition: its exact masks travel with the checkpoint
         assert (state["stage"], state["partition"], state["epoch"]) == ("pretrain", 1, 1)
         assert state["masks"]["train"].dtype == torch.bool and torch.all(state["masks"]["train"].sum(1) == 8)
-    sm.main(sm.get_args(RESUME + ["--out", out, "--resume"]))
+    sm.main(sm.get_args(argv + ["--resume"]))
     for name in ("pretrained.pt", "last.pt", "best-seed0.pt"):
         expected, got = (sm.load_checkpoint(os.path.join(d, name))["model"] for d in (straight_run, out))
         assert expected.keys() == got.keys()
         for key in expected:
             assert torch.equal(expected[key], got[key]), (name, key)
-    straight, resumed = records(straight_run), records(out)
-    assert [r["stage"] for r in resumed][-1] == "test"
+    assert records(out)[-1]["stage"] == "test"
     assert json.load(open(os.path.join(out, "results.json")))["finetune"]["test_miou_mean"] == \
         json.load(open(os.path.join(straight_run, "results.json")))["finetune"]["test_miou_mean"]
 
