@@ -13,7 +13,8 @@ Implemented (component -> function -> paper place)
     random masking, 50 % of patches, mean-colour fill  -> random_masks, apply_mask -> Sec. 2, Fig. 3
     per-patch loss (1 - SSIM 3x3) + L1, batched       -> score_patches           -> Sec. 2.1, Eq. (1)
     5 masked copies, aggregate, hide the top 50 %      -> selective_masks, top_patches -> Sec. 2.1, Fig. 2
-    partitions, train one after another                -> partition_indices, pretrain -> Sec. 2, Fig. 1
+    partitions, train one after another, scored by the previous model -> partition_indices, pretrain,
+                                                          score_partition -> Sec. 2, Fig. 1
     U-Net on a ResNet-34 encoder, 3 or K outputs       -> ResNetUNet, PRESETS     -> Sec. 2.2
     copy every pre-trained tensor but the last layer   -> transfer_weights        -> Sec. 2.2
     reconstruction loss (1 - MS-SSIM 11x11) + L1       -> reconstruction_loss, ms_ssim, ssim_maps -> Sec. 2.4, Eq. (2)
@@ -22,7 +23,7 @@ Implemented (component -> function -> paper place)
     baselines: random masking / ImageNet / none        -> --masking random, --init imagenet|none -> Table 2
     self- vs cross-pre-training                        -> --pretrain-data          -> Table 7
     three downstream seeds 0, 1234, 3741               -> --seeds                  -> Sec. 2.4
-    augmentations: flip, colour jitter, random crop    -> pretrain_transform, build_finetune_loaders -> Sec. 2.4
+    augmentations: flip, colour jitter, random crop    -> PretrainImages, build_finetune_loaders -> Sec. 2.4
 
 Choices (the paper is silent or vague; grep "CHOICE C")
     C1  Patch grid: step = ceil(side / sqrt(--num-patches)) per axis; a last band shorter than half a step is
