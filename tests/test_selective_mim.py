@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torchvision import tv_tensors
 
 import selective_mim as sm
 
@@ -109,7 +111,6 @@ class Canvas(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, index):
-        from torchvision import tv_tensors
         return tv_tensors.Image(self.image)
 
 
@@ -164,7 +165,6 @@ def test_transfer_weights_copies_everything_but_the_head():
 
 
 def test_imagenet_encoder_loads_from_a_local_file(tmp_path):
-    import torchvision
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
