@@ -881,7 +881,7 @@ def save_samples(path, rows):
                                  padding=2, pad_value=1.0)
 
 
-def colourize(labels, palette):
+def colorize(labels, palette):
     """(N, H, W) int64 class ids (255 = ignore, white) -> (N, 3, H, W) in [0, 1]."""
     table = torch.tensor(list(palette) + [(255, 255, 255)] * (256 - len(palette)), dtype=torch.float32) / 255
     return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
@@ -1118,7 +1118,7 @@ def save_finetune_samples(path, model, loader, info, device, count=8):
     images, labels = images[:count].to(device), labels[:count]
     model.eval()
     predictions = model(images).argmax(1).cpu()
-    save_samples(path, [to_unit(images), colourize(predictions, info.palette), colourize(labels, info.palette)])
+    save_samples(path, [to_unit(images), colorize(predictions, info.palette), colorize(labels, info.palette)])
 
 
 def main(args):
