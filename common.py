@@ -10,6 +10,7 @@ Datasets
     the transformed image. `info` carries the class count, names, palette and ignore index.
     `joint_transform(...)` builds the geometric + photometric pipeline applied to image and label together
     (torchvision.transforms.v2 with tv_tensors.Mask, so labels are resized with nearest and padded with 255).
+    `check_labels(dataset)` reads every pair of a split once before training, so a bad file stops the run at once.
 
 Metrics
     `ConfusionMatrix` (mIoU, per-class IoU, pixel accuracy; an optional pixel region makes it PA-mIoU),
@@ -292,8 +293,9 @@ class SegmentationFiles(Dataset):
                                f"{self.image_paths[index]} is {image.shape[1]}x{image.shape[0]}; labels must have "
                                f"their image's size (re-export the label at the image's resolution)")
         bad = (label >= self.num_classes) & (label != IGNORE_INDEX) | (label < 0)
-        if bad.any():
-            values = sorted(set(np.unique(label[bad]).tolist()))[:5]
+        if bad.any():  # report the values as stored in the file (a lookup decoder marks unknown values -1)
+            raw = _grey(load_label(self.label_paths[index]))
+            values = sorted(set(np.unique(raw[bad] if raw.shape == label.shape else label[bad]).tolist()))[:5]
             raise DatasetError(f"label {self.label_paths[index]} has class ids {values} outside 0..{self.num_classes - 1}"
                                f" (255 = ignore); fix the label or the dataset's class count")
         if self.binary:
@@ -452,7 +454,7 @@ def _pets_border(border):
     if border not in ("ignore", "foreground", "background"):
         raise DatasetError(f"pets: border must be ignore, foreground or background, got {border!r}")
     border_value = {"ignore": IGNORE_INDEX, "foreground": 1, "background": 0}[border]
-    lookup = np.full(256, IGNORE_INDEX, dtype=np.int64)
+    lookup = np.full(256, -1, dtype=np.int64)  # any other value is not a trimap value: SegmentationFiles refuses it
     lookup[1], lookup[2], lookup[3] = 1, 0, border_value  # trimap: 1 pet, 2 background, 3 border
     return LookupDecoder(lookup)
 
@@ -873,6 +875,36 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
     else:
         dataset = SegmentationFiles(found["images"], found["labels"], found["decode"], num_classes, transform, binary)
     return _limited(dataset, limit, name, split, root), info
+
+
+def check_labels(dataset, desc="checking labels", threads=4):
+    """Read every (image, label) pair of a split once, before training: a corrupt image, a label of another size or a
+    class id out of range raises its DatasetError now, not hours later. Subset/ConcatDataset are followed; synthetic
+    and image-only sets have no label files to check. Shows a tqdm bar on a terminal. -> number of pairs read."""
+    from concurrent.futures import ThreadPoolExecutor  # image decoding releases the GIL: a few threads read faster
+
+    from tqdm import tqdm
+    jobs = []
+
+    def collect(part, indices):
+        if isinstance(part, torch.utils.data.Subset):
+            collect(part.dataset, [part.indices[i] for i in indices])
+        elif isinstance(part, torch.utils.data.ConcatDataset):
+            start = 0
+            for child, stop in zip(part.datasets, part.cumulative_sizes):
+                collect(child, [i - start for i in indices if start <= i < stop])
+                start = stop
+        elif isinstance(part, SegmentationFiles):
+            jobs.extend((part, i) for i in indices)
+        elif hasattr(part, "dataset"):  # wrappers that keep the dataset as .dataset
+            collect(part.dataset, indices)
+
+    collect(dataset, list(range(len(dataset))))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in tqdm(pool.map(lambda job: job[0].load(job[1]), jobs), total=len(jobs), desc=desc, leave=False,
+                      disable=None if jobs else True, mininterval=1.0):
+            pass
+    return len(jobs)
 
 
 def _no_options_left(name, options):
