@@ -98,6 +98,30 @@ def write_pets(root, stems, trimap_values=(1, 2, 3)):
     (base / "annotations" / "test.txt").write_text("".join(f"{s} 1 1 1\n" for s in stems[-2:]))
 
 
+def test_pets_trimap_value_outside_1_to_3_is_an_error(tmp_path):
+    write_pets(tmp_path, [f"Abyssinian_{i}" for i in range(4)], trimap_values=(1, 2, 77))
+    dataset, _ = build_dataset("pets", tmp_path, "all")
+    with pytest.raises(DatasetError, match=r"\[77\]"):
+        dataset[0]
+
+
+def test_check_labels_reads_every_pair_through_wrappers(tmp_path):
+    """A wrong-size label in the last item of the second part of a ConcatDataset of Subsets is found, and every
+    pair is read exactly once."""
+    write_pets(tmp_path, [f"Abyssinian_{i}" for i in range(6)])
+    dataset, _ = build_dataset("pets", tmp_path, "all")
+    calls = []
+    load = dataset.load
+    dataset.load = lambda index: calls.append(index) or load(index)
+    wrapped = torch.utils.data.ConcatDataset([torch.utils.data.Subset(dataset, [0, 1, 2]),
+                                              torch.utils.data.Subset(dataset, [3, 4, 5])])
+    assert common.check_labels(wrapped) == 6 and sorted(calls) == [0, 1, 2, 3, 4, 5]
+    bad = tmp_path / "oxford-iiit-pet" / "annotations" / "trimaps" / "Abyssinian_5.png"
+    write_label(bad, label_map((1, 2, 3), size=(7, 5)))
+    with pytest.raises(DatasetError, match="Abyssinian_5.png"):
+        common.check_labels(wrapped)
+
+
 @pytest.mark.parametrize("border, expected", [("ignore", {0, 1, 255}), ("foreground", {0, 1}), ("background", {0, 1})])
 def test_pets_trimap_border_rule(tmp_path, border, expected):
     write_pets(tmp_path, [f"Abyssinian_{i}" for i in range(12)])
