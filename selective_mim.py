@@ -9,29 +9,30 @@ masks chosen by the model trained so far, which hides the patches it reconstruct
 pre-trained weights then initialise a segmentation U-Net trained with a Jaccard loss (Sec. 2.4).
 
 Implemented (component -> function -> paper place)
-    patch grid, "512 patches" (authors' step rule)     -> patch_grid              -> Sec. 2
+    patch grid, "512 patches" (authors' step rule), any aspect -> patch_grid        -> Sec. 2
     random masking, 50 % of patches, mean-colour fill  -> random_masks, apply_mask -> Sec. 2, Fig. 3
     per-patch loss (1 - SSIM 3x3) + L1, batched       -> score_patches           -> Sec. 2.1, Eq. (1)
-    5 masked copies, aggregate, hide the top 50 %      -> selective_masks, top_patches -> Sec. 2.1, Fig. 2
-    partitions, train one after another, scored by the previous model -> partition_indices, pretrain,
-                                                          score_partition -> Sec. 2, Fig. 1
+    5 masked copies, mean over all copies, top 50 %    -> copy_masks, selective_masks, top_patches -> Eq. (1), Fig. 2
+    partitions, train one after another, scored by the previous model -> partition_indices, score_partition,
+                                                          train (the one epoch loop of both stages) -> Sec. 2, Fig. 1
     U-Net on a ResNet-34 encoder, 3 or K outputs       -> ResNetUNet, PRESETS     -> Sec. 2.2
     copy every pre-trained tensor but the last layer   -> transfer_weights        -> Sec. 2.2
     reconstruction loss (1 - MS-SSIM 11x11) + L1       -> reconstruction_loss, ms_ssim, ssim_maps -> Sec. 2.4, Eq. (2)
-    downstream Jaccard loss, mIoU, class IoU, lowest-k -> jaccard_loss, evaluate, summarize_seeds -> Sec. 2.4,
-                                                                                   Tables 2-6
+    downstream Jaccard loss, mIoU, class IoU           -> jaccard_loss, evaluate_segmentation -> Sec. 2.4, Tables 2-6
     baselines: random masking / ImageNet / none        -> --masking random, --init imagenet|none -> Table 2
     self- vs cross-pre-training                        -> --pretrain-data          -> Table 7
-    three downstream seeds 0, 1234, 3741               -> --seeds                  -> Sec. 2.4
-    augmentations: flip, colour jitter, random crop    -> PretrainImages, build_finetune_loaders -> Sec. 2.4
+    downstream protocols per dataset                   -> build_splits, --split-protocol, --train-fraction -> Sec. 2.3
+    augmentations: flip, colour jitter, random crop    -> PretrainImages, build_splits -> Sec. 2.4
 
 Choices (the paper is silent or vague; grep "CHOICE C")
     C1  Patch grid: step = ceil(side / sqrt(--num-patches)) per axis; a last band shorter than half a step is
-        merged into the one before it (authors' get_patch_loc). 256 x 256 -> 21 x 21 = 441 patches, not 512.
-    C2  Patch scores are aggregated over the copies in which the patch was hidden, as a mean (--score-aggregation
-        hidden-mean): the paper wants "the average patch loss ... the desired masked reconstruction loss". A sum
-        over hidden copies (hidden-sum) or over all copies (all-sum: Eq. (1) read literally, and the authors' code)
-        mostly ranks patches by how often the random draw hid them. A patch no copy hid scores 0.
+        merged into the one before it (authors' get_patch_loc). 256 x 256 -> 21 x 21 = 441 patches, not 512;
+        256 x 512 -> 21 x 22 (the grid follows the image's aspect).
+    C2  A patch's score is the mean of its Eq. (1) losses over all S copies (--score-aggregation all-mean, Eq. (1)
+        and the authors' code), visible or hidden in each copy. hidden-mean (only the copies that hid the patch),
+        hidden-sum and all-sum are options. With independent 50 % draws 0.5^5 = 3 % of patches are hidden in no copy;
+        --cover-all draws the copies so that every patch is hidden in at least one. Every scoring step logs how far
+        the selection follows the hide count (hide_count_overlap, hide_count_spearman) instead of the model's errors.
     C3  Images are normalised with ImageNet statistics, so hidden pixels take the ImageNet mean colour (the authors
         use Pascal VOC statistics for all four sets). Losses and scores are computed in [0, 1] pixel space (images
         denormalised), data range 1, SSIM constants K1 = 0.01, K2 = 0.03, Gaussian windows with sigma 1.5; the
@@ -40,16 +41,19 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         (0.0448, 0.2856, 0.3001, 0.2363, 0.1333); negative contrast-structure values are floored at 1e-6 (their
         relu) so that the fractional powers keep a finite gradient.
     C5  The reconstruction loss covers the whole image, hidden and visible pixels alike (authors' code).
-    C6  Scoring and the selective masks use each image resized to --img-size x --img-size (the "canvas"); training
-        applies the random crop, flip and jitter to the canvas and its mask together, so the hidden share of a crop
-        varies (paper Fig. 4 caption). Colour jitter changes input and target alike.
+    C6  Geometry: every image is resized so that its shortest side is --img-size, the aspect kept (authors'
+        SmallestMaxSize): scoring and the selective masks use that canvas and its own patch grid; training applies
+        the random crop (--img-size square, scale 0.25-1), flip and jitter to the canvas and its mask together, so
+        the hidden share of a crop varies (paper Fig. 4 caption); with --no-augment a centre square is taken.
+        Colour jitter changes input and target alike. Validation and test images are scored at their canvas
+        (aspect kept) one image per batch, as the authors' batch-1 test loader.
     C7  Partitions are strided, partition i = items i, i+P, i+2P ... in dataset order (authors' data_list[i::10]);
-        the last --val-fraction (10 %) of each partition is its reconstruction validation set (authors' 90/10).
+        the last --pretrain-val-fraction (10 %) of each partition is its reconstruction validation set (90/10).
     C8  Each partition starts a fresh Adam and learning-rate schedule from the previous partition's weights
         (authors: one trainer per partition). Schedule: linear warm-up from 1 % to 100 % over --warmup-epochs,
-        then cosine to 1 %, stepped per epoch (authors' LambdaLR).
-    C9  The random-masking baseline trains once on the whole pre-training set for --epochs epochs (authors' config),
-        the same number of image passes as selective masking.
+        then cosine to 1 %, stepped per epoch (authors' LambdaLR). The same for the downstream stage.
+    C9  The random-masking baseline trains once on the whole pre-training set for --pretrain-epochs epochs (authors'
+        config), the same number of image passes as selective masking.
     C10 Decoder: ours, U-Net style (nearest x2 upsampling, concatenated skip, 2 x conv3x3-BN-ReLU), widths
         256-128-64-32-16 with skips from layer3, layer2, layer1 and the stem, full-resolution output; inputs are
         reflect-padded to a multiple of 32 and cropped back. The authors' pytorch-toolbelt model predicts at 1/4
@@ -58,15 +62,21 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         smooth 1e-3, classes absent from the batch contribute 0, mean over all K; ignore pixels left out.
     C12 Pre-training split: "unlabeled" where the reader has it, as in Sec. 2.3 (VOC: all VOC2012 JPEGs;
         Cityscapes: train_extra + trainvaltest, which holds the downstream test images, as in the paper; Nassar,
-        Sugarbeets, shapes), else "train", never "test" (--pretrain-split overrides). Downstream: train, val (model
-        selection), test (reported; --test-split); evaluation at --img-size x --img-size.
-    C13 Pre-training batch sizes of Table 1 (VOC 128, Cityscapes 128, Nassar 256, Sugarbeets 64), 64 elsewhere,
-        capped at the partition's training size. Downstream: 500 epochs, batch 8, Adam 3e-3 (authors' configs).
-    C14 Synthetic default (--data shapes): 64 x 64, 3 partitions of the 512 unlabeled shapes, 3 epochs each,
+        Sugarbeets, shapes), else "train", never "test" (--pretrain-split overrides). Downstream (--split-protocol
+        paper, the authors' lists): Cityscapes trains on the first 80 % of official train, selects on the last 20 %
+        and tests on official val; Nassar keeps the first fifth of train and val (--train-fraction 0.2), all of test;
+        Sugarbeets 70/10/20 in the order of sugarbeets_weeds.txt; VOC trains on VOC2012 train (1,464 images; the
+        paper's "2,913" is train + val, and val is only used to pick the checkpoint), selects on VOC2012 val, tests
+        on VOC2007 test. Other sets: the reader's train / val / test ("val" when there is no test).
+    C13 Pre-training batch sizes of Table 1 (VOC 128, Cityscapes 128, Nassar 256, Sugarbeets 64), 64 elsewhere.
+        Downstream: 500 epochs, batch 8, Adam 3e-3 (authors' configs), best epoch by validation mIoU.
+    C14 Synthetic default (--data shapes): 64 px, 3 partitions of the 512 unlabeled shapes, 3 epochs each,
         nominal 64 patches (8 x 8 grid of 8 px), MS-SSIM window 3 (an 11 x 11 window over 5 scales needs sides
-        > 160 px), batch 8 in both stages, downstream 20 epochs at Adam 1e-3, one seed, no warm-up.
+        > 160 px), batch 8 in both stages, downstream 20 epochs at Adam 1e-3, no warm-up.
     C15 --init imagenet loads torchvision's ResNet-34 ImageNet weights (resnet34-b627a593.pth) from
         --imagenet-weights or the torch hub cache; the paper used pytorch-toolbelt's copy. Nothing is downloaded.
+    C16 One downstream run per invocation (--seed); the paper's three seeds 0, 1234, 3741 are three runs, e.g.
+        sharing one pre-training through --stage finetune --pretrained (experiments/selective/run.py).
 
 Deviations (grep "DEVIATION")
     - Selective masks are kept exactly in memory and in the checkpoint; the authors write the masked images as
@@ -77,9 +87,11 @@ Usage
     python selective_mim.py --data voc --data-root data/voc   # paper settings: 10 partitions x 1000 epochs, ...
     python selective_mim.py --data voc --masking random       # the random-masking baseline (Table 2)
     python selective_mim.py --data voc --stage finetune --init imagenet      # ImageNet baseline
+    python selective_mim.py --data voc --stage finetune --pretrained runs/x/pretrained.pt --seed 1234
     python selective_mim.py --data nassar --pretrain-data sugarbeets ...     # cross-pre-training (Table 7)
     torchrun --nproc_per_node=4 selective_mim.py --data cityscapes --data-root data/cityscapes
     python selective_mim.py --resume --out runs/selective_mim-shapes         # continue where it stopped
+    python selective_mim.py --eval-only --out runs/selective_mim-shapes      # best.pt on the test split
 
 Shapes: B batch, S copies per image (--samples), C channels, H W height width, L patches, K classes.
 Masks are (B, L) bool, True = hidden; pixel masks (B, H, W) the same.
@@ -91,9 +103,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,32 +116,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
-from common import ConfusionMatrix, DatasetError, NORMALIZATION, build_dataset, joint_transform
+from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
+                    joint_transform)
 
 # --- command line ---
 
+SCRIPT = "selective_mim.py"
 # Table 1: pre-training batch sizes ("smaller than the partition size").
 PAPER_PRETRAIN_BATCH = {"voc": 128, "cityscapes": 128, "nassar": 256, "sugarbeets": 64}
 # Readers that have an image-only "unlabeled" split (common.py).
-UNLABELED_SPLIT_DATASETS = ("shapes", "voc", "cityscapes", "nassar", "sugarbeets")
+UNLABELED_SPLIT_DATASETS = ("shapes", "voc", "cityscapes", "nassar", "sugarbeets", "folder")
 # Readers without labels: pre-training data only.
 IMAGE_ONLY_DATASETS = ("cifar10", "catsdogs")
-PAPER_SEEDS = [0, 1234, 3741]
 IMAGENET_FILE = "resnet34-b627a593.pth"  # CHOICE C15: torchvision's ResNet34_Weights.IMAGENET1K_V1
+# CHOICE C12: the authors' downstream fractions of train and val (Nassar: data_list[:len / 5]).
+PAPER_TRAIN_FRACTION = {"nassar": 0.2}
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Selective Masking Image Reconstruction pre-training + downstream "
-                                                 "segmentation (Wang & Stavness)")
+    parser = ArgumentParser(description="Selective Masking Image Reconstruction pre-training + downstream "
+                                        "segmentation (Wang & Stavness)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="shapes", help="downstream dataset (common.py name); default: synthetic shapes")
+    data.add_argument("--data", default="shapes", choices=DATASET_NAMES,
+                      help="downstream dataset (common.py reader); default shapes (synthetic)")
     data.add_argument("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
     data.add_argument("--download", action="store_true", help="let torchvision download the datasets it can")
-    data.add_argument("--pretrain-data", default=None,
+    data.add_argument("--pretrain-data", default=None, choices=DATASET_NAMES,
                       help="pre-training dataset; default --data (self-pre-training; another name = cross-pre-training,"
                            " Table 7)")
     data.add_argument("--pretrain-data-root", default=None, help="root of --pretrain-data (default --data-root when "
@@ -137,29 +155,40 @@ def get_args(argv=None):
     data.add_argument("--pretrain-split", default=None,
                       help="split used for pre-training; default 'unlabeled' where the reader has it, else 'train' "
                            "(CHOICE C12)")
+    data.add_argument("--split-protocol", choices=("paper", "reader"), default="paper",
+                      help="paper: the authors' downstream splits (cityscapes: train = first 80 %% of official train, "
+                           "val = last 20 %%, test = official val; nassar: --train-fraction 0.2); reader: the "
+                           "reader's own train/val/test (CHOICE C12); default paper")
     data.add_argument("--test-split", default=None,
-                      help="downstream split reported as the test result (default 'test' where the reader has it, "
-                           "else 'val'); model selection always uses 'val'")
-    data.add_argument("--img-size", type=int, default=None, help="square side in px (paper 256; shapes 64)")
-    data.add_argument("--limit", type=int, default=None, help="first N images of every split (quick runs)")
-    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = main process)")
+                      help="split reported as the test result (default: the protocol's test, or 'val' where the "
+                           "reader has no test); model selection always uses 'val'")
+    data.add_argument("--train-fraction", type=float, default=None,
+                      help="keep the first fraction of the downstream train and val splits in list order, all of "
+                           "test (paper: nassar 0.2 = 389 images, the default there; 1.0 elsewhere)")
+    data.add_argument("--img-size", type=int, default=None,
+                      help="shortest image side in px, the aspect kept; training crops are squares of this side "
+                           "(paper 256; shapes 64; CHOICE C6)")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                      help="random crop, flip and colour jitter in both stages (Sec. 2.4); --no-augment takes the "
+                           "centre square (for checks)")
 
     stages = parser.add_argument_group("stages")
-    stages.add_argument("--stage", choices=["pretrain", "finetune", "all"], default="all",
-                        help="pretrain: reconstruction only; finetune: downstream only; all: both (default)")
-    stages.add_argument("--init", choices=["selective", "random", "imagenet", "none"], default=None,
+    stages.add_argument("--stage", choices=("pretrain", "finetune", "both"), default="both",
+                        help="pretrain: reconstruction only; finetune: downstream only; both (default)")
+    stages.add_argument("--init", choices=("selective", "random", "imagenet", "none"), default=None,
                         help="downstream initialisation (Table 2): selective/random = a pre-trained reconstruction "
-                             "model (--stage all: the one just trained, the default; --stage finetune: --pretrained), "
-                             "imagenet = torchvision ImageNet ResNet-34 encoder, none = random init")
-    stages.add_argument("--pretrained", default=None,
+                             "model (--stage both: the one just trained, the default; --stage finetune: "
+                             "--pretrained), imagenet = torchvision ImageNet ResNet-34 encoder, none = random init")
+    stages.add_argument("--pretrained", default=None, metavar="PATH",
                         help="pretrained.pt of an earlier pre-training run (for --stage finetune --init selective|random)")
-    stages.add_argument("--imagenet-weights", default=None,
+    stages.add_argument("--imagenet-weights", default=None, metavar="PATH",
                         help=f"ImageNet ResNet-34 state dict for --init imagenet (default: the torch hub cache, "
                              f"<TORCH_HOME>/hub/checkpoints/{IMAGENET_FILE}); never downloaded")
 
     masking = parser.add_argument_group("masking (Sec. 2, 2.1)")
-    masking.add_argument("--masking", choices=["selective", "random"], default="selective",
-                         help="selective: the method; random: the random-masking baseline (Table 2)")
+    masking.add_argument("--masking", choices=("selective", "random"), default="selective",
+                         help="selective: the method; random: the random-masking baseline, one partition (Table 2, "
+                              "CHOICE C9)")
     masking.add_argument("--partitions", type=int, default=None,
                          help="equal partitions of the pre-training set (paper 10; shapes 3)")
     masking.add_argument("--samples", type=int, default=5,
@@ -168,44 +197,36 @@ def get_args(argv=None):
                          help="fraction of patches hidden, random and selective (paper 0.5, Sec. 2)")
     masking.add_argument("--num-patches", type=int, default=None,
                          help="nominal patches per image (paper 512 -> 441 at 256 px, CHOICE C1; shapes 64)")
-    masking.add_argument("--score-aggregation", choices=["hidden-mean", "hidden-sum", "all-sum"],
-                         default="hidden-mean",
-                         help="how a patch's Eq. (1) losses over the copies are combined (CHOICE C2)")
+    masking.add_argument("--score-aggregation", choices=("all-mean", "hidden-mean", "hidden-sum", "all-sum"),
+                         default="all-mean",
+                         help="how a patch's Eq. (1) losses over the copies are combined (CHOICE C2); default "
+                              "all-mean (Eq. (1), the authors' code)")
+    masking.add_argument("--cover-all", action="store_true",
+                         help="draw the copies so that every patch is hidden in at least one (CHOICE C2)")
     masking.add_argument("--ssim-window", type=int, default=3, help="SSIM window of the patch score (paper 3, Eq. 1)")
     masking.add_argument("--msssim-window", type=int, default=None,
                          help="MS-SSIM window of the reconstruction loss (paper 11, Eq. 2; shapes 3, CHOICE C14)")
-    masking.add_argument("--val-fraction", type=float, default=0.1,
+    masking.add_argument("--pretrain-val-fraction", type=float, default=0.1,
                          help="share of each partition kept for reconstruction validation (authors 0.1, CHOICE C7)")
 
-    train = parser.add_argument_group("training")
-    train.add_argument("--model", choices=sorted(PRESETS), default="resnet34-unet", help="network preset (Sec. 2.2)")
-    train.add_argument("--epochs", type=int, default=None, help="pre-training epochs per partition (paper 1000)")
-    train.add_argument("--batch-size", type=int, default=None, help="pre-training batch per process (Table 1)")
-    train.add_argument("--lr", type=float, default=None, help="pre-training Adam learning rate (authors 3e-3)")
-    train.add_argument("--finetune-epochs", type=int, default=None, help="downstream epochs (paper 500)")
-    train.add_argument("--finetune-batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
-    train.add_argument("--finetune-lr", type=float, default=None, help="downstream Adam learning rate (authors 3e-3)")
-    train.add_argument("--warmup-epochs", type=int, default=None,
-                       help="linear warm-up epochs of both stages (authors 10; shapes 0, CHOICE C8)")
-    train.add_argument("--seed", type=int, default=0, help="seed of pre-training (and of the downstream run when "
-                                                           "--seeds is not given for shapes)")
-    train.add_argument("--seeds", type=int, nargs="+", default=None,
-                       help="downstream seeds, mean and spread reported (paper 0 1234 3741; shapes: --seed)")
-    train.add_argument("--lowest-k", type=int, default=6, help="report the k lowest class IoUs (Tables 3-6: 6)")
+    pretrain = parser.add_argument_group("pre-training")
+    pretrain.add_argument("--pretrain-epochs", type=int, default=None,
+                          help="pre-training epochs per partition (paper 1000; shapes 3)")
+    pretrain.add_argument("--pretrain-batch-size", type=int, default=None,
+                          help="pre-training batch per process (Table 1; shapes 8; CHOICE C13)")
+    pretrain.add_argument("--pretrain-lr", type=float, default=None, help="pre-training Adam learning rate "
+                                                                          "(authors 3e-3)")
+    pretrain.add_argument("--warmup-epochs", type=int, default=None,
+                          help="linear warm-up epochs of every partition and of the downstream stage (authors 10; "
+                               "shapes 0; CHOICE C8)")
 
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    system.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast (CUDA only; off on CPU)")
-    system.add_argument("--compile", action="store_true", help="torch.compile the train_step")
-    system.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
-    system.add_argument("--deterministic", action="store_true",
-                        help="deterministic kernels (slower); bitwise-repeatable runs on one device")
-    system.add_argument("--out", default=None, help="run directory (default runs/selective_mim-<data>)")
-    system.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    system.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
-    system.add_argument("--checkpoint", default=None,
-                        help="downstream checkpoint for --eval-only (default <out>/best-seed<first seed>.pt)")
+    train = parser.add_argument_group("downstream segmentation")
+    train.add_argument("--model", choices=sorted(PRESETS), default="resnet34-unet", help="network preset (Sec. 2.2)")
+    train.add_argument("--epochs", type=int, default=None, help="downstream epochs (paper 500; shapes 20)")
+    train.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
+    train.add_argument("--lr", type=float, default=None, help="downstream Adam learning rate (authors 3e-3; "
+                                                              "shapes 1e-3)")
+    add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
 
     synthetic = args.data == "shapes"
@@ -213,42 +234,42 @@ def get_args(argv=None):
     if args.pretrain_data_root is None and args.pretrain_data == args.data:
         args.pretrain_data_root = args.data_root
     # CHOICE C14: the synthetic preset; real data gets the paper's settings.
-    defaults = dict(img_size=64, partitions=3, epochs=3, lr=3e-3, num_patches=64, msssim_window=3, finetune_epochs=20,
-                    finetune_batch_size=8, finetune_lr=1e-3, warmup_epochs=0) if synthetic else \
-        dict(img_size=256, partitions=10, epochs=1000, lr=3e-3, num_patches=512, msssim_window=11,
-             finetune_epochs=500, finetune_batch_size=8, finetune_lr=3e-3, warmup_epochs=10)
+    defaults = dict(img_size=64, partitions=3, pretrain_epochs=3, pretrain_lr=3e-3, num_patches=64, msssim_window=3,
+                    epochs=20, batch_size=8, lr=1e-3, warmup_epochs=0, pretrain_batch_size=8) if synthetic else \
+        dict(img_size=256, partitions=10, pretrain_epochs=1000, pretrain_lr=3e-3, num_patches=512, msssim_window=11,
+             epochs=500, batch_size=8, lr=3e-3, warmup_epochs=10,
+             pretrain_batch_size=PAPER_PRETRAIN_BATCH.get(args.pretrain_data, 64))  # CHOICE C13
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.batch_size is None:  # CHOICE C13: Table 1, 64 for the datasets it does not list
-        args.batch_size = 8 if synthetic else PAPER_PRETRAIN_BATCH.get(args.pretrain_data, 64)
-    if args.seeds is None:
-        args.seeds = [args.seed] if synthetic else list(PAPER_SEEDS)
+    if args.train_fraction is None:
+        args.train_fraction = PAPER_TRAIN_FRACTION.get(args.data, 1.0) if args.split_protocol == "paper" else 1.0
     if args.masking == "random":
         args.partitions = 1  # CHOICE C9
     if args.init is None:  # --stage finetune without --pretrained: no pre-training (Table 2 "None")
         args.init = args.masking if args.stage != "finetune" or args.pretrained else "none"
-    args.out = args.out or f"runs/selective_mim-{args.data}"
     # CHOICE C12: the "unlabeled" split where there is one (as the paper, Sec. 2.3), else "train" (never "test").
     args.pretrain_split = args.pretrain_split or (
         "unlabeled" if args.pretrain_data in UNLABELED_SPLIT_DATASETS else "train")
 
-    for flag in ("img_size", "partitions", "epochs", "batch_size", "finetune_epochs", "finetune_batch_size",
-                 "samples", "num_patches", "lowest_k"):
+    for flag in ("img_size", "partitions", "pretrain_epochs", "pretrain_batch_size", "epochs", "batch_size",
+                 "samples", "num_patches"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if args.workers < 0:
-        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.img_size <= 32:
+        parser.error(f"--img-size must be more than 32 px (the encoder halves it 5 times; a 1 x 1 map cannot be "
+                     f"batch-normalised), got {args.img_size}")
     if args.warmup_epochs < 0:
         parser.error(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be a positive number of images, got {args.limit}")
     if not 0.0 < args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
-    if not 0.0 <= args.val_fraction < 0.5:
-        parser.error(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
-    if args.lr <= 0 or args.finetune_lr <= 0:
-        parser.error("--lr and --finetune-lr must be positive")
+    if not 0.0 <= args.pretrain_val_fraction < 0.5:
+        parser.error(f"--pretrain-val-fraction must be in [0, 0.5), got {args.pretrain_val_fraction}")
+    if not 0.0 < args.train_fraction <= 1.0:
+        parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    for flag in ("lr", "pretrain_lr"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("ssim_window", "msssim_window"):
         if getattr(args, flag) < 1 or getattr(args, flag) % 2 == 0:
             parser.error(f"--{flag.replace('_', '-')} must be an odd positive integer, got {getattr(args, flag)}")
@@ -261,18 +282,26 @@ def get_args(argv=None):
                      f"patches, smaller than --ssim-window {args.ssim_window}; use fewer patches or larger images")
     if int(grid.num_patches * args.mask_ratio) < 1:
         parser.error(f"--mask-ratio {args.mask_ratio} hides no patch of the {grid.num_patches}-patch grid")
+    if args.cover_all and args.samples * args.mask_ratio < 1:
+        parser.error(f"--cover-all needs --samples x --mask-ratio >= 1 (every patch hidden once), got "
+                     f"{args.samples} x {args.mask_ratio}")
     if args.data in IMAGE_ONLY_DATASETS and args.stage != "pretrain":
         parser.error(f"--data {args.data} has no segmentation labels; use it as --pretrain-data (cross-pre-training) "
                      f"or with --stage pretrain")
-    if args.stage == "all" and args.init in ("imagenet", "none"):
+    if args.data == "cityscapes" and args.test_split == "test":
+        parser.error("--test-split test: the public Cityscapes test labels are all 'ignore', so no mIoU can be "
+                     "computed; the paper's protocol tests on official val (the default)")
+    if args.stage == "both" and args.init in ("imagenet", "none"):
         parser.error(f"--init {args.init} skips pre-training: use --stage finetune --init {args.init}")
-    if args.stage == "all" and args.init != args.masking:
-        parser.error(f"--stage all initialises from the model it pre-trains with --masking {args.masking}; "
+    if args.stage == "both" and args.init != args.masking:
+        parser.error(f"--stage both initialises from the model it pre-trains with --masking {args.masking}; "
                      f"drop --init or use --init {args.masking}")
     if args.stage == "finetune" and args.init in ("selective", "random") and not args.eval_only:
         if args.pretrained is None or not os.path.isfile(args.pretrained):
             parser.error(f"--stage finetune --init {args.init} needs --pretrained PATH, the pretrained.pt of a "
                          f"pre-training run (got {args.pretrained})")
+    if args.pretrained is not None and args.stage != "finetune":
+        parser.error("--pretrained is only read with --stage finetune")
     if args.init == "imagenet" and not args.eval_only:
         args.imagenet_weights = args.imagenet_weights or os.path.join(torch.hub.get_dir(), "checkpoints",
                                                                       IMAGENET_FILE)
@@ -280,11 +309,10 @@ def get_args(argv=None):
             parser.error(f"--init imagenet: no ImageNet weights at {args.imagenet_weights}; pass --imagenet-weights "
                          f"PATH, or fetch them once with: python -c \"import torchvision; "
                          f"torchvision.models.resnet34(weights='IMAGENET1K_V1')\"")
-    if args.eval_only:
-        args.checkpoint = args.checkpoint or os.path.join(args.out, f"best-seed{args.seeds[0]}.pt")
-        if not os.path.isfile(args.checkpoint):
-            parser.error(f"--eval-only: checkpoint {args.checkpoint} does not exist; pass --checkpoint PATH")
-    args.patch_grid = f"{grid.rows}x{grid.cols}={grid.num_patches}"  # derived, printed and saved with the run
+    if args.eval_only and args.stage == "pretrain":
+        parser.error("--eval-only scores a segmentation checkpoint; drop --stage pretrain")
+    check_run_arguments(parser, args, SCRIPT)
+    args.patch_grid = f"{grid.rows}x{grid.cols}={grid.num_patches}"  # derived (square crops), printed and saved
     return args
 
 
@@ -353,6 +381,27 @@ def apply_mask(images, hidden_pixels):
     images (B, 3, H, W) normalised float, hidden_pixels (B, H, W) bool -> (B, 3, H, W).
     """
     return images.masked_fill(hidden_pixels[:, None], 0.0)
+
+
+def copy_masks(batch_size, samples, num_patches, mask_ratio, generator=None, device=None, cover_all=False):
+    """The S randomly masked copies of each image that are scored (Fig. 2): (B, S, L) bool, int(L * ratio) hidden.
+
+    cover_all (CHOICE C2): a random permutation of the L patches is dealt to the S copies in turn, and patch
+    number j of it is hidden in copy j mod S before the rest of each copy is drawn at random, so every patch is
+    hidden in at least one copy (needs ceil(L / S) <= int(L * ratio)).
+    """
+    num_hidden = int(num_patches * mask_ratio)
+    noise = torch.rand(batch_size, samples, num_patches, generator=generator, device=device)  # (B, S, L)
+    if cover_all:
+        if -(-num_patches // samples) > num_hidden:
+            raise UsageError(f"--cover-all: {samples} copies hiding {num_hidden} of {num_patches} patches each cannot "
+                             f"hide every patch once; raise --samples or --mask-ratio")
+        deal = torch.rand(batch_size, num_patches, generator=generator, device=device).argsort(1).argsort(1)  # (B, L)
+        forced = (deal[:, None, :] % samples) == torch.arange(samples, device=device)[None, :, None]  # (B, S, L)
+        noise = noise.masked_fill(forced, -1.0)  # below every uniform draw: taken first by the argsort
+    hidden_ids = noise.argsort(dim=2)[..., :num_hidden]  # (B, S, L * ratio)
+    mask = torch.zeros(batch_size, samples, num_patches, dtype=torch.bool, device=device)
+    return mask.scatter_(2, hidden_ids, True)
 
 
 def partition_indices(num_items, partitions):
@@ -426,14 +475,14 @@ def build_model(out_channels, preset):
 def transfer_weights(pretrained_state, model):
     """Copy every pre-trained tensor whose name and shape match, except the last layer (Sec. 2.2).
 
-    Returns (copied, total): tensor counts. Raises if anything other than the head failed to match.
+    Returns (copied, total): tensor counts. UsageError if anything other than the head failed to match.
     """
     target = model.state_dict()
     copied = {k: v for k, v in pretrained_state.items() if not k.startswith("head.") and k in target
               and v.shape == target[k].shape}
     missing = [k for k in target if not k.startswith("head.") and k not in copied]
     if missing:
-        raise ValueError(f"pre-trained weights lack {len(missing)} tensors of the model, e.g. {missing[:3]}; "
+        raise UsageError(f"pre-trained weights lack {len(missing)} tensors of the model, e.g. {missing[:3]}; "
                          f"was it pre-trained with the same --model?")
     model.load_state_dict(copied, strict=False)
     return len(copied), len(target)
@@ -441,11 +490,15 @@ def transfer_weights(pretrained_state, model):
 
 def load_imagenet_encoder(model, path):
     """torchvision ImageNet ResNet weights into model.encoder (the fc layer is dropped). Returns the tensor count."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"--imagenet-weights: {path} is not a readable state dict ({type(error).__name__}); pass "
+                         f"torchvision's {IMAGENET_FILE}") from None
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the {type(model.encoder).__name__} encoder (missing "
+        raise UsageError(f"{path} does not match the {type(model.encoder).__name__} encoder (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}); pass the ResNet's own ImageNet weights")
     return len(state)
 
@@ -556,149 +609,163 @@ def jaccard_loss(logits, labels, ignore_index=255, smooth=1e-3):
     return (loss * (targets.sum((0, 2)) > 0)).mean()  # classes absent from the batch contribute 0
 
 
+
+
 # --- selective masking (Sec. 2.1, Fig. 2) ---
 
 @torch.no_grad()
-def selective_masks(model, images, grid, samples=5, mask_ratio=0.5, generator=None, aggregation="hidden-mean",
-                    ssim_window=3, amp=False):
+def selective_masks(model, images, grid, samples=5, mask_ratio=0.5, generator=None, aggregation="all-mean",
+                    ssim_window=3, amp=False, cover_all=False, hidden=None):
     """Score every patch with the current model and hide the hardest ones (Fig. 2).
 
-    images (B, 3, H, W) normalised canvas images; the model is used as it is (call model.eval() first). All S
-    copies of the batch go through the model in one forward pass. Returns scores (B, L) float and mask (B, L).
+    images (B, 3, H, W) normalised canvases of one size, grid their PatchGrid; the model is used as it is (call
+    model.eval() first). All S copies of the batch go through the model in one forward pass. hidden (B, S, L) bool:
+    the copies' masks when the caller drew them (score_partition: one generator per image), else copy_masks.
+    Returns scores (B, L) float, mask (B, L) bool (the selection) and hide_count (B, L) int (copies hiding a patch).
     """
     batch, num_patches = images.shape[0], grid.num_patches
     copies = images.repeat_interleave(samples, dim=0)  # (B*S, 3, H, W), copies of an image are adjacent
-    copy_masks = random_masks(batch * samples, num_patches, mask_ratio, generator, images.device)  # (B*S, L)
+    if hidden is None:
+        hidden = copy_masks(batch, samples, num_patches, mask_ratio, generator, images.device, cover_all)  # (B, S, L)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-        reconstructions = model(apply_mask(copies, grid.to_pixels(copy_masks)))
-    losses = score_patches(to_unit(reconstructions.float()), to_unit(copies), grid, ssim_window)
-    losses, copy_masks = losses.view(batch, samples, num_patches), copy_masks.view(batch, samples, num_patches)
-    # CHOICE C2: L(n) aggregated over the copies i, sum_i L_i(n) restricted to / averaged over the hidden copies.
-    if aggregation == "all-sum":
-        scores = losses.sum(1)
+        reconstructions = model(apply_mask(copies, grid.to_pixels(hidden.flatten(0, 1))))  # (B*S, 3, H, W)
+    losses = score_patches(to_unit(reconstructions.float()), to_unit(copies), grid, ssim_window)  # (B*S, L)
+    losses = losses.view(batch, samples, num_patches)
+    # Eq. (1) summed over the copies i: L(n) = sum_i L_i(n); CHOICE C2: all-mean divides by S (the authors' mean).
+    if aggregation in ("all-mean", "all-sum"):
+        scores = losses.mean(1) if aggregation == "all-mean" else losses.sum(1)  # (B, L)
     else:
-        scores = (losses * copy_masks).sum(1)  # (B, L)
+        scores = (losses * hidden).sum(1)  # (B, L): only the copies that hid the patch
         if aggregation == "hidden-mean":
-            scores = scores / copy_masks.sum(1).clamp_min(1)
-    return scores, top_patches(scores, mask_ratio)
+            scores = scores / hidden.sum(1).clamp_min(1)
+    return scores, top_patches(scores, mask_ratio), hidden.sum(1)
+
+
+def hide_count_agreement(scores, mask, hide_count):
+    """How far a selection follows the random hide count instead of the model's errors (CHOICE C2).
+
+    scores (B, L) float, mask (B, L) bool, hide_count (B, L) int -> three (B,) tensors: overlap = share of the
+    selected patches among the same number of most often hidden ones (chance = --mask-ratio; ties by patch index),
+    spearman = rank correlation of score and hide count, never = share of patches that no copy hid.
+    """
+    num_patches = scores.shape[1]
+    tie_break = torch.arange(num_patches, device=scores.device) / (2 * num_patches)  # < 1: only orders equal counts
+    count_order = hide_count.double() - tie_break  # (B, L)
+    num_hidden = int(mask[0].sum())  # sync point
+    most_hidden = torch.zeros_like(mask).scatter_(1, count_order.topk(num_hidden, dim=1).indices, True)
+    overlap = (mask & most_hidden).sum(1).double() / num_hidden
+    a, b = (x.argsort(1).argsort(1).double() for x in (scores.double(), count_order))  # ranks (B, L)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    spearman = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+    return overlap, spearman, (hide_count == 0).double().mean(1)
 
 
 # --- data ---
+
+def shortest_side(size):
+    """CHOICE C6: resize so that the shortest side is `size` px, the aspect kept (authors' SmallestMaxSize)."""
+    return v2.Resize(size, antialias=True)
+
+
+def eval_transform(size):
+    """Validation/test items at their canvas: shortest side `size`, aspect kept, labels resized with nearest."""
+    return v2.Compose([shortest_side(size), joint_transform()])
+
+
+def train_transform(size, augment):
+    """Sec. 2.4: random resized crop (scale 0.25-1, a `size` square), flip, colour jitter 0.2 (authors' values);
+    without augment the centre square of the canvas."""
+    if augment:
+        return joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2)
+    return v2.Compose([shortest_side(size), v2.CenterCrop(size), joint_transform()])
+
+
+class PretrainImages(Dataset):
+    """Pre-training view of image-only `base` items `indices`, each on its canvas (CHOICE C6).
+
+    mode "train": (image (3, S, S), hidden (S, S) bool), the canvas and its mask cropped/flipped together (or the
+    centre square without augment); `masks` is a list of (L_i,) bool per item (selective partitions) or None (the
+    training loop draws random masks on the device). mode "canvas": (image (3, H, W) at the canvas, hidden (H, W)
+    bool) for scoring (masks None: nothing hidden) and validation (masks: the item's fixed masks on its grid).
+    """
+
+    def __init__(self, base, indices, size, num_patches, masks=None, mode="train", augment=True):
+        self.base, self.indices, self.size, self.masks = base, list(map(int, indices)), size, masks
+        self.num_patches, self.mode = num_patches, mode
+        self.transform = joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2) if augment \
+            else v2.Compose([v2.CenterCrop(size), joint_transform()])
+        if mode == "canvas":
+            self.transform = joint_transform()
+
+    def __len__(self):
+        return len(self.indices)
+
+    def canvas(self, index):
+        return TF.resize(self.base[self.indices[index]], self.size, antialias=True)  # (3, H, W) uint8, aspect kept
+
+    def __getitem__(self, index):
+        image = self.canvas(index)
+        height, width = image.shape[-2:]
+        if self.masks is None:
+            hidden = torch.zeros(height, width, dtype=torch.uint8)
+        else:
+            hidden = patch_grid(height, width, self.num_patches).to_pixels(self.masks[index][None])[0].to(torch.uint8)
+        image, hidden = self.transform(image, tv_tensors.Mask(hidden))
+        return image, hidden.bool()
+
 
 def identity(image):
     return image
 
 
-class PretrainImages(Dataset):
-    """Pre-training view of image-only `base` items `indices`: each image resized to the canvas (CHOICE C6).
+def first_fraction(dataset, fraction):
+    """The first max(1, int(N * fraction)) items in list order (authors' data_list[:len / 5] for Nassar)."""
+    if fraction >= 1.0:
+        return dataset
+    return Subset(dataset, range(max(1, int(len(dataset) * fraction))))
 
-    Items: (image (3, H, W) ImageNet-normalised, hidden (H, W) bool). `masks` (N, L) bool are the partition's
-    selective masks (or fixed validation masks), rendered on the canvas and cropped/flipped with the image when
-    `augment`; without masks `hidden` is all False and the training loop draws random masks on the device.
+
+def build_splits(args, runtime):
+    """Every dataset split the run uses, labels checked before any step (run contract) -> dict.
+
+    Keys: "pretrain" (image-only base), "train", "val", "test" (labelled, CHOICE C12), "info", "test_split".
     """
-
-    def __init__(self, base, indices, size, grid, masks=None, augment=False):
-        self.base, self.indices, self.size, self.grid, self.masks = base, list(map(int, indices)), size, grid, masks
-        # Sec. 2.4: horizontal flip, colour jitter, random crop; jitter 0.2 and crop scale 0.25-1 as the authors.
-        self.transform = joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2) if augment \
-            else joint_transform()
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, index):
-        image = TF.resize(self.base[self.indices[index]], [self.size, self.size], antialias=True)
-        if self.masks is None:
-            hidden = torch.zeros(self.size, self.size, dtype=torch.uint8)
-        else:
-            hidden = self.grid.to_pixels(self.masks[index][None])[0].to(torch.uint8)
-        image, hidden = self.transform(image, tv_tensors.Mask(hidden))
-        return image, hidden.bool()
-
-
-def build_pretrain_base(args):
-    base, _ = build_dataset(args.pretrain_data, args.pretrain_data_root, args.pretrain_split, transform=identity,
-                            image_only=True, download=args.download, limit=args.limit, seed=args.seed,
-                            image_size=args.img_size)
-    return base
-
-
-def build_finetune_loaders(args, rank, world):
-    """Labelled train (augmented), val and test loaders of --data at --img-size (CHOICE C12)."""
-    size = args.img_size
-    options = dict(download=args.download, limit=args.limit, seed=args.seed, image_size=size)
-    train_transform = joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2)  # Sec. 2.4
-    train_set, info = build_dataset(args.data, args.data_root, "train", transform=train_transform, **options)
-    eval_transform = joint_transform(size)
-    val_set, _ = build_dataset(args.data, args.data_root, "val", transform=eval_transform, **options)
-    test_split = args.test_split or ("test" if "test" in info.splits else "val")
-    test_set, _ = build_dataset(args.data, args.data_root, test_split, transform=eval_transform, **options)
-    train_loader = make_loader(train_set, args.finetune_batch_size, args, world, train=True)
-    val_loader = make_loader(Subset(val_set, range(rank, len(val_set), world)), args.finetune_batch_size, args, world)
-    test_loader = make_loader(Subset(test_set, range(rank, len(test_set), world)), args.finetune_batch_size, args,
-                              world)
-    return train_loader, val_loader, test_loader, info
-
-
-class SeededSampler(Sampler):
-    """Yields (index, seed) pairs: each training sample's augmentation is seeded by (epoch seed, index).
-
-    So the crops, flips and jitter do not depend on which worker loads a sample, and a resumed run repeats them
-    exactly, persistent workers included. `sampler` (RandomSampler with a generator, or DistributedSampler) sets
-    the order; set_epoch reseeds both.
-    """
-
-    def __init__(self, sampler):
-        self.sampler, self.epoch_seed = sampler, 0
-
-    def set_epoch(self, epoch_seed):
-        self.epoch_seed = epoch_seed
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch_seed % 2 ** 31)
-        else:
-            self.sampler.generator.manual_seed(epoch_seed)
-
-    def __iter__(self):
-        for index in self.sampler:
-            yield index, derive_seed(self.epoch_seed, index)
-
-    def __len__(self):
-        return len(self.sampler)
-
-
-class SeededItems(Dataset):
-    """dataset[index] with torch's CPU generator (the one torchvision's transforms draw from) seeded first."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item
-        torch.default_generator.manual_seed(seed)
-        return self.dataset[index]
-
-
-def make_loader(dataset, batch_size, args, world, train=False):
-    """DataLoader. Training loaders shuffle and seed every sample through SeededSampler (call set_epoch)."""
-    sampler = None
-    if train:
-        order = DistributedSampler(dataset, shuffle=True) if world > 1 else \
-            RandomSampler(dataset, generator=torch.Generator())
-        dataset, sampler = SeededItems(dataset), SeededSampler(order)
-    return DataLoader(dataset, batch_size=min(batch_size, len(dataset)) if train else batch_size, sampler=sampler,
-                      num_workers=args.workers, pin_memory=args.device == "cuda",  # asynchronous copies to the GPU
-                      persistent_workers=args.workers > 0,  # workers survive between epochs
-                      drop_last=train and len(dataset) > batch_size * world)
+    splits = {}
+    if args.stage in ("pretrain", "both") and not args.eval_only:
+        splits["pretrain"], _ = build_dataset(args.pretrain_data, args.pretrain_data_root, args.pretrain_split,
+                                              transform=identity, image_only=True, download=args.download,
+                                              limit=args.limit, seed=args.seed, image_size=args.img_size)
+        if len(splits["pretrain"]) < args.partitions:
+            raise UsageError(f"--partitions {args.partitions}: the pre-training split has only "
+                             f"{len(splits['pretrain'])} images; pass --partitions {len(splits['pretrain'])} or "
+                             f"fewer (or a larger --limit)")
+    if args.stage in ("finetune", "both") or args.eval_only:
+        options = dict(download=args.download, limit=args.limit, seed=args.seed, image_size=args.img_size)
+        if args.data == "cityscapes" and args.split_protocol == "paper":
+            options["train_holdout"] = 0.2  # CHOICE C12: train 80 % / val 20 % of official train, test = official val
+        info = None
+        for name in ("test",) if args.eval_only else ("train", "val", "test"):
+            if name == "test":
+                if info is None:  # --eval-only: the reader's split names come with any split it builds
+                    _, info = build_dataset(args.data, args.data_root, "val", transform=eval_transform(args.img_size),
+                                            **options)
+                test_split = args.test_split or ("test" if "test" in info.splits else "val")
+            split = test_split if name == "test" else name
+            transform = train_transform(args.img_size, args.augment) if name == "train" else \
+                eval_transform(args.img_size)
+            dataset, info = build_dataset(args.data, args.data_root, split, transform=transform, **options)
+            splits[name] = first_fraction(dataset, args.train_fraction) if name != "test" else dataset
+            say(runtime, f"{args.data}/{split} as {name}: {len(splits[name])} images")
+            check_labels(splits[name], desc=f"checking {args.data}/{split} labels")
+        splits["info"], splits["test_split"] = info, test_split
+    return splits
 
 
 # --- loops ---
 
-def train_step(model, optimizer, inputs, targets, loss_fn, amp):
-    """One optimisation step: forward under bf16 autocast (CUDA), loss in float32, backward, Adam."""
-    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+def train_step(model, optimizer, inputs, targets, loss_fn, runtime):
+    """One optimisation step: forward under autocast (--amp), loss in float32, backward, Adam."""
+    with autocast(runtime):
         outputs = model(inputs)
     loss = loss_fn(outputs.float(), targets)
     optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of zero-filling them
@@ -707,66 +774,78 @@ def train_step(model, optimizer, inputs, targets, loss_fn, amp):
     return loss.detach()
 
 
-def train_one_epoch(stage, model, loader, optimizer, step_fn, loss_fn, args, device, grid=None, random_masking=False,
+def train_one_epoch(stage, model, loader, optimizer, step_fn, loss_fn, args, runtime, guard, random_grid=None,
                     generator=None):
     """One epoch of either stage. pretrain: batches (images, hidden) -> reconstruct the masked images (Eq. 2);
-    with random_masking the masks are drawn on the device here. finetune: batches (images, labels), Jaccard loss.
-    loss_fn(outputs, targets) is created once per run, so that a compiled train_step is not recompiled."""
+    with random_grid the masks are drawn on the device here (random partitions). finetune: batches (images,
+    labels), Jaccard loss. loss_fn is created once per run, so that a compiled train_step is not recompiled.
+    Returns (mean loss over the ranks, images seen)."""
     model.train()
-    amp = args.amp and device.type == "cuda"
+    device = runtime.device
     loss_sum, seen = torch.zeros((), device=device), 0
-    for images, targets in loader:
+    for images, targets in progress(loader, runtime, f"{stage} batches"):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if stage == "pretrain":
-            hidden = targets  # (B, H, W): the selective masks of the partition, cropped with the image
-            if random_masking:
-                mask = random_masks(images.shape[0], grid.num_patches, args.mask_ratio, generator, device)
-                hidden = grid.to_pixels(mask)
+            hidden = targets  # (B, S, S): the partition's selective masks, cropped with the image
+            if random_grid is not None:
+                mask = random_masks(images.shape[0], random_grid.num_patches, args.mask_ratio, generator, device)
+                hidden = random_grid.to_pixels(mask)  # (B, S, S)
             inputs, targets = apply_mask(images, hidden), images
         else:
             inputs = images
         if args.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        loss = step_fn(model, optimizer, inputs, targets, loss_fn, amp)
+        loss = step_fn(model, optimizer, inputs, targets, loss_fn, runtime)
+        guard.observe(loss)
         loss_sum += loss * images.shape[0]
         seen += images.shape[0]
-    totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
-    all_reduce_sum(totals)
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=device)]))
     return (totals[0] / totals[1].clamp_min(1)).item(), int(totals[1].item())  # sync point
 
 
 @torch.no_grad()
-def evaluate(stage, model, loader, device, args, num_classes=None):
-    """pretrain: mean reconstruction loss (Eq. 2) and MS-SSIM of the masked validation images (Table 8).
-    finetune: ConfusionMatrix metrics (mIoU, per-class IoU, pixel accuracy). Pass the unwrapped model: each rank
-    evaluates its own shard without DDP collectives, and the totals are summed over the ranks."""
+def evaluate_reconstruction(model, loader, args, runtime):
+    """Mean reconstruction loss (Eq. 2) and MS-SSIM of masked validation canvases (Table 8), summed over ranks.
+    Pass the unwrapped model: each rank evaluates its own shard without DDP collectives."""
     model.eval()
-    amp = args.amp and device.type == "cuda"
-    if stage == "pretrain":
-        totals = torch.zeros(3, device=device)
-        for images, hidden in loader:
-            images, hidden = images.to(device, non_blocking=True), hidden.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = model(apply_mask(images, hidden)).float()
-            loss = reconstruction_loss(outputs, images, args.msssim_window)
-            similarity = ms_ssim(to_unit(outputs), to_unit(images), args.msssim_window).mean()
-            totals += torch.stack([loss * len(images), similarity * len(images), loss.new_tensor(float(len(images)))])
-        all_reduce_sum(totals)
-        totals = totals.tolist()  # sync point
-        return {"rec_loss": totals[0] / max(totals[2], 1), "ms_ssim": totals[1] / max(totals[2], 1)}
+    device = runtime.device
+    totals = torch.zeros(3, device=device)
+    for images, hidden in progress(loader, runtime, "reconstruction val"):
+        images, hidden = images.to(device, non_blocking=True), hidden.to(device, non_blocking=True)
+        with autocast(runtime):
+            outputs = model(apply_mask(images, hidden)).float()
+        loss = reconstruction_loss(outputs, images, args.msssim_window)
+        similarity = ms_ssim(to_unit(outputs), to_unit(images), args.msssim_window).mean()
+        totals += torch.stack([loss * len(images), similarity * len(images), loss.new_tensor(float(len(images)))])
+    totals = all_reduce_sum(totals).tolist()  # sync point
+    if totals[2] == 0:
+        return {"rec_loss": None, "ms_ssim": None}
+    return {"rec_loss": totals[0] / totals[2], "ms_ssim": totals[1] / totals[2]}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, loader, num_classes, args, runtime, split):
+    """ConfusionMatrix metrics (mIoU, per-class IoU, pixel and mean accuracy) and chance_miou, summed over ranks.
+    A split without one labelled pixel (empty, or all 'ignore') is an error, never a nan result."""
+    model.eval()
+    device = runtime.device
     confusion = ConfusionMatrix(num_classes, device=device)
-    for images, labels in loader:
+    for images, labels in progress(loader, runtime, f"evaluating {split}"):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(runtime):
             logits = model(images)
         confusion.update(logits.argmax(1), labels)
-    metrics = confusion.all_reduce().compute()  # sync point
-    truth = confusion.matrix.sum(1).double()
+    confusion.all_reduce()
+    truth = confusion.matrix.sum(1).double()  # sync point (below)
+    if truth.sum() == 0:
+        raise DatasetError(f"{args.data}: the {split} split has no labelled pixel (all are 'ignore' or the split is "
+                           f"empty), so its mIoU is undefined; check the labels or pass another --test-split")
+    metrics = confusion.compute()
     # Chance: predicting the most frequent class everywhere gives IoU = its pixel share for it, 0 for the others.
-    metrics["chance_miou"] = float(truth.max() / truth.sum() / (truth > 0).sum()) if truth.sum() > 0 else float("nan")
+    metrics["chance_miou"] = float(truth.max() / truth.sum() / (truth > 0).sum())
     return metrics
 
 
@@ -786,93 +865,71 @@ def make_optimizer(model, lr, epochs, args):
     return optimizer, scheduler
 
 
-# --- plumbing ---
+# --- stages: partitions of pre-training, then the downstream task, in one epoch loop ---
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def derive_seed(*parts):
-    """A stable 60-bit seed from any tuple (e.g. (seed, "pretrain", partition, epoch, rank))."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-
-
-def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def setup_distributed(args):
-    """-> (rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; nccl on CUDA, gloo on CPU."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is available; use --device cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, device = 0, torch.device(args.device)
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank = dist.get_rank()
-        if args.device == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fastest conv algorithms for the fixed input size
-    return rank, world, device
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def score_partition(model, base, indices, args, runtime, partition):
+    """Selective masks of the images `indices` with `model` (Sec. 2.1): a list of (L_i,) bool masks in the order
+    of `indices`, plus the scoring record. Each image's copies draw from a generator of (seed, partition, image),
+    so the masks do not depend on the batch, the worker or the rank; ranks score every world-th image and gather."""
+    device, start = runtime.device, time.time()
+    dataset = PretrainImages(base, indices, args.img_size, args.num_patches, mode="canvas")
+    mine = list(range(runtime.rank, len(indices), runtime.world_size))
+    loader = DataLoader(Subset(dataset, mine), batch_size=args.pretrain_batch_size, num_workers=args.workers,
+                        collate_fn=list, pin_memory=device.type == "cuda")
+    model.eval()
+    found, position = [], iter(mine)
+    for items in progress(loader, runtime, f"scoring partition {partition}"):
+        positions = [next(position) for _ in items]
+        by_shape = {}
+        for item_position, (image, _) in zip(positions, items):  # canvases of one size go through together
+            by_shape.setdefault(tuple(image.shape[-2:]), []).append((item_position, image))
+        for (height, width), group in by_shape.items():
+            grid = patch_grid(height, width, args.num_patches)
+            hidden = torch.cat([copy_masks(1, args.samples, grid.num_patches, args.mask_ratio,
+                                           make_generator(args.seed, "score", partition, indices[p]),
+                                           cover_all=args.cover_all) for p, _ in group]).to(device)  # (B, S, L)
+            images = torch.stack([image for _, image in group]).to(device, non_blocking=True)
+            scores, mask, hide_count = selective_masks(model, images, grid.to(device), args.samples, args.mask_ratio,
+                                                       aggregation=args.score_aggregation,
+                                                       ssim_window=args.ssim_window, amp=runtime.amp, hidden=hidden)
+            overlap, spearman, never = hide_count_agreement(scores, mask, hide_count)
+            for row, (p, _) in enumerate(group):
+                found.append((p, mask[row].cpu(), float(scores[row].mean()), float(overlap[row]),
+                              float(spearman[row]), float(never[row])))  # sync point
+    if runtime.world_size > 1:
+        gathered = [None] * runtime.world_size
+        dist.all_gather_object(gathered, found)
+        found = [entry for part in gathered for entry in part]
+    found.sort(key=lambda entry: entry[0])
+    masks = [entry[1] for entry in found]
+    seconds = time.time() - start
+    mean = lambda column: float(np.mean([entry[column] for entry in found]))  # noqa: E731
+    record = {"stage": "score", "partition": partition, "images": len(found), "copies": args.samples,
+              "aggregation": args.score_aggregation, "hidden_per_image": float(np.mean([m.sum().item() for m in masks])),
+              "mean_score": mean(2), "hide_count_overlap": mean(3), "hide_count_spearman": mean(4),
+              "never_hidden": mean(5), "time": seconds}
+    return masks, record
 
 
-def rng_states():
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then os.replace: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    # weights_only=False: our checkpoints hold RNG states and args; only load checkpoints you wrote.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-class RunLog:
-    """Prints `key=value` lines and appends the same records to metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, out, rank):
-        self.path, self.rank = os.path.join(out, "metrics.jsonl"), rank
-
-    def __call__(self, record):
-        if self.rank != 0:
-            return
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+@torch.no_grad()
+def save_pretrain_samples(path, model, base, indices, train_masks, args, runtime, partition):
+    """Rows (paper Fig. 3-5): the centre square of each canvas, random mask, selective mask (selective partitions),
+    reconstruction of the last masked row."""
+    device = runtime.device
+    plain = PretrainImages(base, indices, args.img_size, args.num_patches, train_masks, augment=False)
+    items = [plain[i] for i in range(len(indices))]
+    images = torch.stack([image for image, _ in items]).to(device)
+    grid = patch_grid(args.img_size, args.img_size, args.num_patches).to(device)
+    random_hidden = grid.to_pixels(random_masks(len(images), grid.num_patches, args.mask_ratio,
+                                                make_generator(args.seed, "samples", partition, device=device), device))
+    rows, hidden = [images, apply_mask(images, random_hidden)], random_hidden
+    if train_masks is not None:
+        hidden = torch.stack([h for _, h in items]).to(device)
+        rows.append(apply_mask(images, hidden))
+    model.eval()
+    with autocast(runtime):
+        rows.append(model(apply_mask(images, hidden)).float())
+    save_samples(path, [to_unit(r) for r in rows])
 
 
 def save_samples(path, rows):
@@ -881,300 +938,699 @@ def save_samples(path, rows):
                                  padding=2, pad_value=1.0)
 
 
+def load_pretrained(path, args, flag="--pretrained"):
+    """The reconstruction weights of a pretrained.pt, checked: this script, this --model, the --init masking."""
+    state = load_checkpoint(path, SCRIPT, args.model, flag=flag)
+    if state.get("kind") != "pretrained":
+        raise UsageError(f"{flag}: {path} is not a pretrained.pt (it holds a {state.get('stage', 'other')} state); "
+                         f"pass the pretrained.pt of a pre-training run")
+    if state["masking"] != args.init:
+        raise UsageError(f"{flag}: {path} was pre-trained with --masking {state['masking']}, not {args.init}; pass "
+                         f"--init {state['masking']} or another --pretrained")
+    return state
+
+
+def build_segmentation_model(args, num_classes, pretrained_model=None):
+    """The downstream U-Net: its own seeded initialisation, then every pre-trained tensor but the head (Sec. 2.2),
+    or the ImageNet encoder."""
+    torch.manual_seed(derive_seed(args.seed, "init", "finetune"))
+    model = build_model(num_classes, args.model)
+    if pretrained_model is not None:
+        transfer_weights(pretrained_model, model)
+    elif args.init == "imagenet":
+        load_imagenet_encoder(model, args.imagenet_weights)
+    return model
+
+
+def phases_of(args):
+    """The run as phases (stage, partition): the pre-training partitions in turn, then the downstream stage."""
+    phases = [("pretrain", p) for p in range(args.partitions)] if args.stage in ("pretrain", "both") else []
+    return phases + ([("finetune", None)] if args.stage in ("finetune", "both") else [])
+
+
+def train(args, runtime, splits, models, state, log, out):
+    """Every epoch of every phase, one loop (Fig. 1): partition p is scored by the model after partition p-1,
+    trained on its masks, checkpointed; then the downstream U-Net starts from those weights. Per epoch: train ->
+    FiniteGuard.check -> evaluate -> log record -> last.pt -> best.pt (downstream, when val mIoU improves)."""
+    step_fn = torch.compile(train_step) if args.compile else train_step
+    phases, guard = phases_of(args), FiniteGuard()
+    wrapped = {name: distribute(model, runtime) for name, model in models.items()}
+    reconstruction_fn = functools.partial(reconstruction_loss, window_size=args.msssim_window)  # Eq. (2)
+    base = splits.get("pretrain")
+    partitions = partition_indices(len(base), args.partitions) if base is not None else []
+    summary = state.get("pretrain_summary") if state else None
+    best, best_epoch = (state.get("best"), state.get("best_epoch")) if state else (None, None)
+    for index in range(state["phase"] if state else 0, len(phases)):
+        stage, partition = phases[index]
+        resumed = state if state is not None and state["phase"] == index else None
+        epochs = args.pretrain_epochs if stage == "pretrain" else args.epochs
+        name = "reconstruction" if stage == "pretrain" else "segmentation"
+        if stage == "finetune" and resumed is None and "reconstruction" in models:  # straight after pre-training
+            transfer_weights(models["reconstruction"].state_dict(), models["segmentation"])
+        model, ddp_model = models[name], wrapped[name]
+        if resumed is not None:
+            load_state(model, resumed["model"], "--resume")
+        masks = resumed.get("masks") if resumed is not None else None
+        if stage == "pretrain":
+            indices = partitions[partition].tolist()
+            num_val = min(int(round(len(indices) * args.pretrain_val_fraction)), len(indices) - 1)
+            train_ids, val_ids = indices[:len(indices) - num_val], indices[len(indices) - num_val:]
+            selective = args.masking == "selective" and partition > 0
+        if resumed is None or resumed["epoch"] < epochs:  # (a finished phase of a resumed run is not repeated)
+            if stage == "pretrain":
+                if selective and masks is None:  # scored by the model of partition - 1 (Sec. 2.1)
+                    scored, record = score_partition(model, base, indices, args, runtime, partition)
+                    # DEVIATION: the masks stay exact bool tensors (memory + checkpoint) because the authors' JPEG
+                    # copies of the masked images blur the hidden patches' edges.
+                    masks = {"train": scored[:len(train_ids)], "val": scored[len(train_ids):]}
+                    log.write(record)
+                train_set = PretrainImages(base, train_ids, args.img_size, args.num_patches,
+                                           masks["train"] if selective else None, augment=args.augment)
+                random_val = PretrainImages(base, val_ids, args.img_size, args.num_patches, mode="canvas",
+                                            masks=fixed_random_masks(base, val_ids, args))
+                val_sets = {"val_random": random_val}  # the partition's own masks are these in random partitions
+                if selective:
+                    val_sets["val"] = PretrainImages(base, val_ids, args.img_size, args.num_patches, mode="canvas",
+                                                     masks=masks["val"])
+                val_loaders = {key: make_loader(value, 1, args, runtime, train=False) for key, value in
+                               val_sets.items() if len(value)}
+                random_grid = None if selective else patch_grid(args.img_size, args.img_size,
+                                                                args.num_patches).to(runtime.device)
+                batch_size, lr, lr_flag, loss_fn = args.pretrain_batch_size, args.pretrain_lr, "--pretrain-lr", \
+                    reconstruction_fn
+                sampler_stage = f"pretrain{partition}"
+            else:
+                train_set, masks, random_grid, selective = splits["train"], None, None, False
+                val_loader = make_loader(splits["val"], 1, args, runtime, train=False)  # CHOICE C6: batch 1
+                batch_size, lr, lr_flag, loss_fn, sampler_stage = args.batch_size, args.lr, "--lr", jaccard_loss, \
+                    "finetune"
+            train_loader = make_loader(train_set, batch_size, args, runtime, train=True)
+            optimizer, scheduler = make_optimizer(ddp_model, lr, epochs, args)  # CHOICE C8: fresh per phase
+            if resumed is not None:
+                optimizer.load_state_dict(resumed["optimizer"])
+                scheduler.load_state_dict(resumed["scheduler"])
+                set_rng_states(resumed["rng"])
+            say(runtime, f"{stage}" + (f" partition {partition}: {len(train_ids)} train / {len(val_ids)} val images, "
+                                       f"{'selective' if selective else 'random'} masks" if stage == "pretrain" else
+                                       f": {len(train_set)} train / {len(splits['val'])} val images, init {args.init}"))
+            for epoch in range((resumed["epoch"] if resumed else 0) + 1, epochs + 1):
+                train_loader.sampler.set_epoch(sampler_stage, epoch)
+                generator = make_generator(args.seed, "masks", partition, epoch, runtime.rank, device=runtime.device)
+                start = time.time()
+                loss, seen = train_one_epoch(stage, ddp_model, train_loader, optimizer, step_fn, loss_fn, args,
+                                             runtime, guard, random_grid, generator)
+                guard.check(stage, epoch, lr_flag)
+                lr_now = scheduler.get_last_lr()[0]
+                scheduler.step()
+                if stage == "pretrain":
+                    val = {key: evaluate_reconstruction(model, loader, args, runtime) for key, loader in
+                           val_loaders.items()}
+                    chance = val.get("val_random", {})
+                    own = val.get("val", chance)
+                    record = {"stage": "pretrain", "partition": partition, "epoch": epoch,
+                              "masking": "selective" if selective else "random", "rec_loss": loss,
+                              "val_rec_loss": own.get("rec_loss"), "val_ms_ssim": own.get("ms_ssim"),
+                              "val_rec_loss_random": chance.get("rec_loss"), "lr": lr_now}
+                    summary = {key: value for key, value in record.items() if key not in ("stage", "epoch", "lr")}
+                else:
+                    val = evaluate_segmentation(model, val_loader, splits["info"].num_classes, args, runtime, "val")
+                    record = {"stage": "finetune", "epoch": epoch, "loss": loss, "val_miou": val["miou"],
+                              "val_pixel_acc": val["pixel_acc"], "lr": lr_now}
+                record.update(images=seen, time=time.time() - start)
+                log.write(record)
+                improved = stage == "finetune" and (best is None or val["miou"] > best)
+                if improved:
+                    best, best_epoch = val["miou"], epoch
+                if runtime.main:
+                    save_checkpoint(out / "last.pt", {
+                        "phase": index, "stage": stage, "partition": partition, "epoch": epoch,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "masks": masks, "best": best, "best_epoch": best_epoch,
+                        "pretrain_summary": summary}, SCRIPT, args.model, log)
+                    if improved:
+                        link_checkpoint(out / "last.pt", out / "best.pt")
+                barrier()
+        if stage == "pretrain" and runtime.main:
+            save_pretrain_samples(out / "samples" / f"pretrain-partition{partition}.png", model, base, train_ids[:8],
+                                  masks["train"] if masks else None, args, runtime, partition)
+            if partition == args.partitions - 1:
+                save_checkpoint(out / "pretrained.pt", {"kind": "pretrained", "model": model.state_dict(),
+                                                        "masking": args.masking, "summary": summary},
+                                SCRIPT, args.model)
+        barrier()
+    return summary, best, best_epoch
+
+
+def fixed_random_masks(base, indices, args):
+    """A fixed random mask per validation image on its own canvas grid, drawn from (seed, image): the same in
+    every partition that holds the image and after any --resume (the Table 8 reference condition)."""
+    masks = []
+    for index in indices:
+        height, width = TF.get_size(TF.resize(base[index], args.img_size, antialias=True))
+        grid = patch_grid(height, width, args.num_patches)
+        masks.append(random_masks(1, grid.num_patches, args.mask_ratio, make_generator(args.seed, "val", index))[0])
+    return masks
+
+
+@torch.no_grad()
+def save_finetune_samples(path, model, dataset, info, runtime, count=4):
+    """Rows: input, prediction, ground truth (palette colours; ignore = white), the first test canvases."""
+    model.eval()
+    rows = []
+    for index in range(min(count, len(dataset))):
+        image, label = dataset[index]
+        with autocast(runtime):
+            prediction = model(image[None].to(runtime.device)).argmax(1).cpu()
+        rows.append(torch.cat([to_unit(image[None]).clamp(0, 1), colorize(prediction, info.palette),
+                               colorize(label[None], info.palette)], dim=3))  # side by side, aspect kept
+    torchvision.utils.save_image(torch.cat([F.interpolate(r, size=rows[0].shape[-2:]) for r in rows]), path, nrow=1,
+                                 padding=2, pad_value=1.0)
+
+
+# --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
+# Seeding and replayable generators, device/AMP/DDP, RNG states, checkpoints, the run directory, the metrics log,
+# the non-finite-loss guard, progress bars, data loaders and the one error style. Nothing here knows the method:
+# the script name, the architecture, the stages and what picks best.pt are passed in. A reader learns this block
+# once; tests/test_contract.py checks that the four copies are byte-identical. It uses argparse, hashlib, json, math,
+# os, random, shutil, sys, dataclass, Path, np, torch, dist, DistributedDataParallel, DataLoader, Dataset, Sampler,
+# tqdm and common's DatasetError, all imported at the top of each file.
+
+class UsageError(Exception):
+    """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one error style: `error: <message>` on one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_run_arguments(parser, script):
+    """The run flags, with one meaning in all four scripts (README 'Conventions')."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
+    run.add_argument("--out", default=None,
+                     help=f"run directory (default runs/{script.removesuffix('.py')}-<data>; with --eval-only and "
+                          f"--checkpoint, the checkpoint's folder)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    run.add_argument("--eval-only", action="store_true",
+                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_<split>.json")
+    run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
+    run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast (default: on with CUDA, off on a CPU; --amp on a CPU needs AVX512-BF16/AMX)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="NHWC memory format for convolutions (default: on with CUDA)")
+    run.add_argument("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
+    return run
+
+
+def check_run_arguments(parser, args, script):
+    """Refuse run-flag combinations that would be ignored or cannot work; resolve --out."""
+    if args.checkpoint and not args.eval_only:
+        parser.error("--checkpoint is only read with --eval-only; to continue a run pass --resume and its --out")
+    if args.eval_only and args.resume:
+        parser.error("--eval-only and --resume exclude each other; pass one of them")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of images, got {args.limit}")
+    if args.out is None:
+        if args.eval_only and args.checkpoint:
+            args.out = str(Path(args.checkpoint).parent)
+        else:
+            args.out = os.path.join("runs", f"{script.removesuffix('.py')}-{args.data}")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts):
+    """A stable 62-bit seed from any tuple, e.g. (seed, "masks", stage, epoch, rank): the same parts, the same seed,
+    in any process and after any --resume."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:16], 16) >> 2
+
+
+def make_generator(*parts, device="cpu"):
+    """A torch.Generator seeded with derive_seed(*parts)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(*parts))
+    return generator
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp: bool = False
+    owns_process_group: bool = False  # shutdown() ends the process group only if setup_runtime started it
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def cpu_supports_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def setup_runtime(args):
+    """-> Runtime. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (nccl) or per CPU slot (gloo).
+    Resolves args.device, args.amp and args.channels_last in place, so config.json records what ran."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.device = "cuda" if use_cuda else "cpu"
+    if args.amp is None:
+        args.amp = use_cuda
+    elif args.amp and not use_cuda and not cpu_supports_bf16():
+        raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
+    if args.channels_last is None:
+        args.channels_last = use_cuda
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns_process_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if owns_process_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a few backward kernels have no such variant
+    else:
+        torch.backends.cudnn.benchmark = use_cuda  # fixed input sizes: cuDNN picks its fastest kernels once
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Runtime(device, rank, world_size, bool(args.amp), owns_process_group)
+
+
+def autocast(runtime):
+    """bf16 autocast on the run's device with --amp; a no-op context otherwise."""
+    return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
+
+
+def distribute(model, runtime):
+    """DistributedDataParallel under torchrun (gradients averaged over ranks), the model itself otherwise."""
+    if runtime.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The bare module inside DDP and torch.compile wrappers (what checkpoints hold)."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(runtime):
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def say(runtime, message):
+    """Print on rank 0 only."""
+    if runtime.main:
+        print(message, flush=True)
+
+
+def progress(iterable, runtime, desc, total=None):
+    """A tqdm bar on rank 0 when stderr is a terminal (tqdm's disable=None), nothing in logs or on other ranks."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=None if runtime.main else True)
+
+
+# Data order and augmentation: a pure function of (seed, stage, epoch, index), whatever the worker count, so that a
+# resumed epoch replays the interrupted one exactly.
+
+class EpochSampler(Sampler):
+    """Yields (index, item_seed) pairs of this rank's share of one epoch.
+
+    Training (shuffle=True): a permutation drawn from (seed, stage, epoch), padded by wrapping so every rank gets
+    the same number of items, split rank::world; a lone last item is dropped when there is more than one batch,
+    so BatchNorm never sees a batch of one. Evaluation (shuffle=False): exactly the items rank, rank+world, ... in
+    order (no padding: summed metrics count every item once; a rank may get none).
+    """
+
+    def __init__(self, num_items, seed, runtime, shuffle, batch_size):
+        self.num_items, self.seed, self.shuffle, self.batch_size = num_items, seed, shuffle, batch_size
+        self.rank, self.world_size = runtime.rank, runtime.world_size
+        self.stage, self.epoch = "", 0
+
+    def set_epoch(self, stage, epoch):
+        self.stage, self.epoch = stage, epoch
+
+    def indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.num_items, self.world_size))
+        generator = make_generator(self.seed, "order", self.stage, self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        per_rank = -(-self.num_items // self.world_size)
+        order = (order * (per_rank * self.world_size // max(len(order), 1) + 1))[:per_rank * self.world_size]
+        mine = order[self.rank::self.world_size]
+        if len(mine) > self.batch_size and len(mine) % self.batch_size == 1:
+            mine = mine[:-1]
+        return mine
+
+    def __iter__(self):
+        for index in self.indices():
+            yield index, derive_seed(self.seed, "item", self.stage, self.epoch, index)
+
+    def __len__(self):
+        return len(self.indices())
+
+
+class SeededItems(Dataset):
+    """dataset[(index, item_seed)] = dataset[index] with Python, NumPy and torch seeded by item_seed for the
+    random transforms; the caller's RNG states are restored afterwards (workers=0 shares them with training)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, item_seed = key
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(item_seed)
+            item = self.dataset[index]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        return item
+
+
+def make_loader(dataset, batch_size, args, runtime, train):
+    """DataLoader over this rank's share (EpochSampler); call loader.sampler.set_epoch(stage, epoch) each epoch."""
+    sampler = EpochSampler(len(dataset), args.seed, runtime, shuffle=train, batch_size=batch_size)
+    return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=args.workers,
+                      pin_memory=runtime.device.type == "cuda",  # page-locked memory: asynchronous host-to-GPU copies
+                      persistent_workers=args.workers > 0)  # workers (and their open files) live across epochs
+
+
+# RNG states, checkpoints and files
+
+def rng_states():
+    """Python, NumPy, torch (and CUDA) RNG states, as tensors and ints only (torch.load(weights_only=True))."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def json_safe(value):
+    """JSON-ready copy: non-finite floats -> None, tensors -> numbers/lists, paths -> str, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.generic,)):
+        return json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def write_json(path, record):
+    """Atomic JSON write (temporary file, then os.replace); non-finite numbers become null."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(json_safe(record), handle, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(path, state, script, arch, log=None):
+    """Atomically write `state` (state dicts, epoch, best, ...) plus what load_checkpoint checks: the script, the
+    architecture string, the RNG states and how many metrics.jsonl records the run had (a resume drops later ones)."""
+    payload = {**state, "script": script, "arch": arch, "rng": rng_states(),
+               "log_records": None if log is None else log.count}
+    temporary = f"{path}.tmp"
+    torch.save(payload, temporary)
+    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+
+
+def link_checkpoint(source, target):
+    """target = the same bytes as source (best.pt from last.pt): a hard link, a copy where links are refused."""
+    temporary = f"{target}.tmp"
+    if os.path.exists(temporary):
+        os.remove(temporary)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
+    """-> the dict save_checkpoint wrote; one UsageError naming the file for a missing, truncated or foreign file,
+    or one of another architecture (arch=None skips that check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag}: no checkpoint {path}; pass the path of a {script} checkpoint (last.pt or best.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:100]
+        raise UsageError(f"{flag}: {path} is not a readable checkpoint, perhaps truncated ({reason}); pass a complete "
+                         f"{script} checkpoint") from None
+    if not isinstance(state, dict) or state.get("script") != script:
+        writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
+        raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
+    if arch is not None and state.get("arch") != arch:
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
+                         f"flags it was trained with or another checkpoint")
+    return state
+
+
+def load_state(module, state_dict, path):
+    """module.load_state_dict with a mismatch reported as one error line naming the checkpoint."""
+    try:
+        unwrap(module).load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
+
+
+def run_of(out):
+    """The script that made run directory `out` (its config.json's "script"), or None."""
+    try:
+        return json.loads((Path(out) / "config.json").read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_run_dir(args, script, resume_files=("last.pt",)):
+    """Validate --out before anything is written -> the checkpoint to resume from (None for a fresh run).
+    Refuses a file, a non-empty folder that is not a run of this script, an existing run without --resume, and
+    --resume without a checkpoint. --eval-only may write into an empty folder or a run of this script."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    ours = run_of(out) == script
+    if args.eval_only:
+        if out.is_dir() and any(out.iterdir()) and not ours:
+            raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
+        return None
+    if args.resume:
+        if not ours:
+            raise UsageError(f"--resume: {out} is not a {script} run (no config.json of {script}); check --out")
+        for name in resume_files:
+            if (out / name).is_file():
+                return out / name
+        raise UsageError(f"--resume: {out} has no checkpoint yet ({', '.join(resume_files)}); remove the folder or "
+                         f"pass another --out to start afresh")
+    if out.is_dir() and any(out.iterdir()):
+        what = "already holds a run" if ours else f"is not empty and not a {script} run"
+        raise UsageError(f"--out {out} {what}; pass --resume to continue a run, or another --out")
+    return None
+
+
+def create_run_dir(args, script, config, runtime):
+    """After flags and data are validated: make --out and write config.json (fresh runs; a resume keeps the first
+    one). Prints the resolved config. Rank 0 writes; every rank waits until it has."""
+    out = Path(args.out)
+    say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
+    if runtime.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (args.resume and (out / "config.json").is_file()):
+            write_json(out / "config.json", {"script": script, **config})
+    barrier()
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per epoch (non-finite numbers as null), echoed as a `key=value` line.
+    `resume_state` (a checkpoint) truncates the file to the records that checkpoint had seen."""
+
+    def __init__(self, out, runtime, resume_state=None):
+        self.path, self.main = Path(out) / "metrics.jsonl", runtime.main
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.is_file() else []
+        keep = resume_state.get("log_records") if resume_state is not None else None
+        if keep is not None and len(lines) > keep and self.main:
+            temporary = f"{self.path}.tmp"
+            Path(temporary).write_text("".join(lines[:keep]))
+            os.replace(temporary, self.path)
+        self.count = len(lines) if keep is None else min(keep, len(lines))
+
+    def write(self, record):
+        record = json_safe(record)
+        if self.main:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                           if not isinstance(v, (list, dict))), flush=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.count += 1
+
+
+class FiniteGuard:
+    """Notes the first step whose loss is not finite without a host sync per step; check() (at the epoch's end,
+    before anything is saved) stops the run, so no checkpoint ever holds the diverged weights."""
+
+    def __init__(self):
+        self.steps, self.first_bad = 0, None
+
+    def observe(self, loss):
+        self.steps += 1
+        bad = ~torch.isfinite(loss.detach().float())
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+
+    def check(self, stage, epoch, lr_flag="--lr"):
+        """Raise UsageError naming stage, epoch and step if a loss was not finite (on any rank); sync point."""
+        first_bad = 0 if self.first_bad is None else int(all_reduce_sum(self.first_bad.clone()))
+        self.steps, self.first_bad = 0, None
+        if first_bad:
+            raise UsageError(f"{stage} epoch {epoch} step {first_bad}: the loss is not finite; the run stopped without "
+                             f"saving this epoch (last.pt keeps the last good one); lower {lr_flag} for a new run or check the data")
+
+
 def colorize(labels, palette):
-    """(N, H, W) int64 class ids (255 = ignore, white) -> (N, 3, H, W) in [0, 1]."""
-    table = torch.tensor(list(palette) + [(255, 255, 255)] * (256 - len(palette)), dtype=torch.float32) / 255
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
     return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
 
 
-# --- stages ---
+def main_guard(main, get_args):
+    """Entry point: a user's mistake (UsageError, DatasetError) -> one `error: ...` line on stderr, exit code 2."""
+    try:
+        main(get_args())
+    except (UsageError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
-def score_partition(model, base, indices, grid, args, partition, rank, world, device):
-    """Selective masks (N, L) of the images `indices` with `model`, sharded over ranks and gathered (Sec. 2.1)."""
-    count = len(indices)
-    shard = list(range(rank, count + (-count % world), world))  # padded so that every rank scores the same number
-    dataset = PretrainImages(base, [indices[i % count] for i in shard], args.img_size, grid)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,  # x samples per forward pass
-                        pin_memory=device.type == "cuda")
-    generator = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "score", partition, rank))
-    model.eval()
-    masks, scores = [], []
-    for images, _ in loader:
-        batch_scores, batch_masks = selective_masks(model, images.to(device, non_blocking=True), grid, args.samples,
-                                                    args.mask_ratio, generator, args.score_aggregation,
-                                                    args.ssim_window, args.amp and device.type == "cuda")
-        masks.append(batch_masks)
-        scores.append(batch_scores)
-    masks, scores = torch.cat(masks), torch.cat(scores)  # (shard, L)
-    if world > 1:
-        gathered = [torch.zeros_like(masks, dtype=torch.uint8) for _ in range(world)]
-        dist.all_gather(gathered, masks.to(torch.uint8))
-        masks = torch.stack(gathered, dim=1).flatten(0, 1).bool()  # back to item order: item k*world + r
-    return masks[:count].cpu(), scores.mean().item()  # sync point (mean score of this rank's shard)
+# --- end of plumbing ---
 
 
-def pretrain(args, state, rank, world, device, log, step_fn):
-    """Reconstruction pre-training over the partitions (Fig. 1). Writes <out>/pretrained.pt; returns its summary."""
-    base = build_pretrain_base(args)
-    grid = patch_grid(args.img_size, args.img_size, args.num_patches)
-    device_grid = grid.to(device)
-    partitions = partition_indices(len(base), args.partitions)
-    seed_everything(args.seed)  # identical initial weights on every rank
-    model = build_model(3, args.model).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    start_partition, start_epoch, masks = 0, 0, None
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        start_partition, start_epoch, masks = state["partition"], state["epoch"], state["masks"]
-        if start_epoch >= args.epochs:  # that partition had finished: go on with the next one
-            start_partition, start_epoch, masks = start_partition + 1, 0, None
-    ddp_model = DistributedDataParallel(model) if world > 1 else model
-    loss_fn = functools.partial(reconstruction_loss, window_size=args.msssim_window)  # Eq. (2)
-    summary = {}
-    if rank == 0:
-        print(f"pre-training on {args.pretrain_data}/{args.pretrain_split}: {len(base)} images, {args.partitions} "
-              f"partition(s) of ~{len(partitions[0])}, patch grid {args.patch_grid} (nominal {args.num_patches})")
-    for partition in range(start_partition, args.partitions):
-        indices = partitions[partition].tolist()
-        num_val = int(round(len(indices) * args.val_fraction))
-        train_ids, val_ids = indices[:len(indices) - num_val], indices[len(indices) - num_val:]
-        selective = args.masking == "selective" and partition > 0
-        if masks is None:  # a new partition: its masks (selective: scored by the model of partition - 1)
-            masks = {"train": None, "val": random_masks(len(val_ids), grid.num_patches, args.mask_ratio,
-                                                        torch.Generator().manual_seed(derive_seed(args.seed, "val",
-                                                                                                  partition)))}
-            if selective:
-                start = time.time()
-                partition_masks, mean_score = score_partition(unwrap(model), base, indices, grid, args, partition,
-                                                              rank, world, device)
-                # DEVIATION: the masks stay exact bool tensors (memory + checkpoint) because the authors' JPEG copies
-                # of the masked images blur the hidden patches' edges.
-                masks = {"train": partition_masks[:len(train_ids)], "val": partition_masks[len(train_ids):]}
-                seconds = time.time() - start
-                log({"stage": "score", "partition": partition, "images": len(indices), "copies": args.samples,
-                     "hidden_per_image": int(partition_masks.sum(1).float().mean()), "mean_score": mean_score,
-                     "images_per_s": len(indices) / seconds, "time_s": seconds})
-        train_set = PretrainImages(base, train_ids, args.img_size, grid, masks["train"], augment=True)
-        val_set = PretrainImages(base, val_ids, args.img_size, grid, masks["val"])
-        train_loader = make_loader(train_set, args.batch_size, args, world, train=True)
-        val_loader = make_loader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, args, world) \
-            if len(val_set) else None
-        optimizer, scheduler = make_optimizer(ddp_model, args.lr, args.epochs, args)  # CHOICE C8: fresh per partition
-        if state is not None and partition == state["partition"] and start_epoch > 0:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_states(state["rng"])
-        generator = torch.Generator(device=device)
-        for epoch in range(start_epoch, args.epochs):
-            generator.manual_seed(derive_seed(args.seed, "masks", partition, epoch, rank))  # a mask seed per rank
-            train_loader.sampler.set_epoch(derive_seed(args.seed, "data", partition, epoch))
-            start = time.time()
-            loss, seen = train_one_epoch("pretrain", ddp_model, train_loader, optimizer, step_fn, loss_fn, args, device,
-                                         device_grid, random_masking=not selective, generator=generator)
-            seconds = time.time() - start
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            val = evaluate("pretrain", model, val_loader, device, args) if val_loader is not None else \
-                {"rec_loss": float("nan"), "ms_ssim": float("nan")}
-            log({"stage": "pretrain", "partition": partition, "masking": "selective" if selective else "random",
-                 "epoch": epoch + 1, "rec_loss": loss, "val_rec_loss": val["rec_loss"], "val_ms_ssim": val["ms_ssim"],
-                 "lr": lr, "images_per_s": seen / seconds, "time_s": seconds})
-            summary = {"partition": partition, "rec_loss": loss, "val_rec_loss": val["rec_loss"],
-                       "val_ms_ssim": val["ms_ssim"]}
-            if rank == 0:
-                save_checkpoint(os.path.join(args.out, "last.pt"), {
-                    "stage": "pretrain", "partition": partition, "epoch": epoch + 1, "masks": masks,
-                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "args": vars(args), "rng": rng_states()})
-        if rank == 0:
-            save_pretrain_samples(os.path.join(args.out, "samples", f"pretrain-partition{partition}.png"),
-                                  unwrap(model), base, train_ids[:8], grid, masks["train"], args, partition, device)
-        start_epoch, masks, state = 0, None, None
-    summary.update(masking=args.masking, partitions=args.partitions, patch_grid=args.patch_grid)
-    if rank == 0:
-        save_checkpoint(os.path.join(args.out, "pretrained.pt"), {
-            "model": unwrap(model).state_dict(), "masking": args.masking, "preset": args.model, "summary": summary,
-            "args": vars(args)})
-    if world > 1:
-        dist.barrier()
-    return summary
-
-
-@torch.no_grad()
-def save_pretrain_samples(path, model, base, indices, grid, train_masks, args, partition, device):
-    """Rows (paper Fig. 3-5): original, random mask, selective mask (selective partitions), reconstruction."""
-    images = torch.stack([PretrainImages(base, [i], args.img_size, grid)[0][0] for i in indices]).to(device)
-    generator = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "samples", partition))
-    grid = grid.to(device)
-    random_hidden = grid.to_pixels(random_masks(len(images), grid.num_patches, args.mask_ratio, generator, device))
-    rows = [images, apply_mask(images, random_hidden)]
-    hidden = random_hidden
-    if train_masks is not None:  # the first images of the partition are its first training images
-        hidden = grid.to_pixels(train_masks[:len(images)].to(device))
-        rows.append(apply_mask(images, hidden))
-    model.eval()
-    rows.append(model(apply_mask(images, hidden)).float())
-    save_samples(path, [to_unit(r) for r in rows])
-
-
-def finetune(args, state, rank, world, device, log, step_fn):
-    """Downstream segmentation for every seed in --seeds (Sec. 2.4); returns the per-seed test results."""
-    train_loader, val_loader, test_loader, info = build_finetune_loaders(args, rank, world)
-    num_classes = info.num_classes
-    pretrained = None
-    if args.init in ("selective", "random"):
-        path = args.pretrained or os.path.join(args.out, "pretrained.pt")
-        pretrained = load_checkpoint(path)
-        if pretrained["masking"] != args.init:
-            sys.exit(f"error: {path} was pre-trained with --masking {pretrained['masking']}, not {args.init}; "
-                     f"pass --init {pretrained['masking']} or another --pretrained")
-    finished = state["finished"] if state else []
-    for seed_index in range(len(finished), len(args.seeds)):
-        seed = args.seeds[seed_index]
-        seed_everything(seed)  # identical initial weights on every rank; the head's init depends on the seed
-        model = build_model(num_classes, args.model)
-        if pretrained is not None:
-            copied, total = transfer_weights(pretrained["model"], model)
-            if rank == 0:
-                print(f"seed {seed}: copied {copied} of {total} pre-trained tensors ({args.init} masking); only the "
-                      f"last layer (head) starts fresh")
-        elif args.init == "imagenet":
-            copied = load_imagenet_encoder(model, args.imagenet_weights)
-            if rank == 0:
-                print(f"seed {seed}: ImageNet encoder, {copied} tensors from {args.imagenet_weights}")
-        model = model.to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        ddp_model = DistributedDataParallel(model) if world > 1 else model
-        optimizer, scheduler = make_optimizer(ddp_model, args.finetune_lr, args.finetune_epochs, args)
-        start_epoch, best = 0, -1.0
-        if state is not None and state["seed_index"] == seed_index:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_states(state["rng"])
-            start_epoch, best = state["epoch"], state["best"]
-        best_path = os.path.join(args.out, f"best-seed{seed}.pt")
-        for epoch in range(start_epoch, args.finetune_epochs):
-            train_loader.sampler.set_epoch(derive_seed(seed, "data", epoch))
-            start = time.time()
-            loss, seen = train_one_epoch("finetune", ddp_model, train_loader, optimizer, step_fn, jaccard_loss, args,
-                                         device)
-            seconds = time.time() - start
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            val = evaluate("finetune", model, val_loader, device, args, num_classes)
-            log({"stage": "finetune", "seed": seed, "epoch": epoch + 1, "loss": loss, "val_miou": val["miou"],
-                 "val_pixel_acc": val["pixel_acc"], "lr": lr, "images_per_s": seen / seconds, "time_s": seconds})
-            if rank == 0:
-                if val["miou"] > best:
-                    best = val["miou"]
-                    save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch + 1, "val_miou": best,
-                                                "num_classes": num_classes, "preset": args.model, "seed": seed,
-                                                "args": vars(args)})
-                save_checkpoint(os.path.join(args.out, "last.pt"), {
-                    "stage": "finetune", "seed_index": seed_index, "epoch": epoch + 1, "best": best,
-                    "finished": finished, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "args": vars(args), "rng": rng_states()})
-        if world > 1:
-            dist.barrier()
-        model.load_state_dict(load_checkpoint(best_path)["model"])  # the best epoch by val mIoU
-        test = evaluate("finetune", model, test_loader, device, args, num_classes)
-        finished = finished + [{"seed": seed, "best_val_miou": best, **test}]
-        log({"stage": "test", "seed": seed, "miou": test["miou"], "pixel_acc": test["pixel_acc"],
-             "chance_miou": test["chance_miou"]})
-        if rank == 0:
-            save_finetune_samples(os.path.join(args.out, "samples", f"finetune-seed{seed}.png"), model, test_loader,
-                                  info, device)
-        state = None
-    return summarize_seeds(finished, info.class_names, args.lowest_k)
-
-
-def summarize_seeds(runs, class_names, lowest_k):
-    """Mean and spread over the seeds of the test mIoU and class IoUs; the lowest-k classes (Tables 2-6)."""
-    mious = np.array([r["miou"] for r in runs])
-    per_class = np.array([r["per_class_iou"] for r in runs], dtype=float)  # (seeds, K)
-    with warnings.catch_warnings():  # a class absent from the test split is nan in every seed
-        warnings.simplefilter("ignore", RuntimeWarning)
-        class_mean = np.nanmean(per_class, axis=0)
-        class_std = np.nanstd(per_class, axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(class_mean)
-    order = [int(i) for i in np.argsort(np.nan_to_num(class_mean, nan=np.inf))][:lowest_k]
-    return {
-        "seeds": [r["seed"] for r in runs], "runs": runs,
-        "test_miou_mean": float(mious.mean()), "test_miou_std": float(mious.std(ddof=1)) if len(runs) > 1 else 0.0,
-        "per_class_iou_mean": {name: float(v) for name, v in zip(class_names, class_mean)},
-        "lowest_classes": [{"class": class_names[i], "iou_mean": float(class_mean[i]),
-                            "iou_std": float(class_std[i])}
-                           for i in order],
-        "chance_miou": runs[0]["chance_miou"],
-    }
-
-
-@torch.no_grad()
-def save_finetune_samples(path, model, loader, info, device, count=8):
-    """Rows: input, prediction, ground truth (palette colours; ignore = white)."""
-    images, labels = next(iter(loader))
-    images, labels = images[:count].to(device), labels[:count]
-    model.eval()
-    predictions = model(images).argmax(1).cpu()
-    save_samples(path, [to_unit(images), colorize(predictions, info.palette), colorize(labels, info.palette)])
+def evaluate_checkpoint(args, runtime, splits):
+    """--eval-only: score --checkpoint (default --out's best.pt) on the test split -> eval_test.json."""
+    path = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt"
+    state = load_checkpoint(path, SCRIPT, args.model)
+    if state.get("stage") != "finetune":
+        raise UsageError(f"--checkpoint {path} holds a reconstruction model, not a segmentation one; pass the best.pt "
+                         f"or last.pt of a downstream run")
+    info = splits["info"]
+    model = build_model(info.num_classes, args.model)
+    load_state(model, state["model"], path)
+    model = model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    test = evaluate_segmentation(model, make_loader(splits["test"], 1, args, runtime, train=False), info.num_classes,
+                                 args, runtime, splits["test_split"])
+    result = {"checkpoint": str(path), "test": test}
+    if runtime.main:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / f"eval_test.json", result)
+    say(runtime, f"test mIoU {test['miou']:.4f} (chance {test['chance_miou']:.4f}) of {path}")
+    return result
 
 
 def main(args):
-    rank, world, device = setup_distributed(args)
-    log = RunLog(args.out, rank)
-    if args.eval_only:
-        checkpoint = load_checkpoint(args.checkpoint)
-        _, _, test_loader, info = build_finetune_loaders(args, rank, world)
-        model = build_model(info.num_classes, checkpoint.get("preset", args.model))
-        model.load_state_dict(checkpoint["model"])
-        metrics = evaluate("finetune", model.to(device), test_loader, device, args, info.num_classes)
-        if rank == 0:
-            print(json.dumps({"checkpoint": args.checkpoint, **metrics}))
-        return metrics
-    last = os.path.join(args.out, "last.pt")
-    state = None
-    if args.resume:
-        if not os.path.isfile(last):
-            sys.exit(f"error: --resume but {last} does not exist; start a new run without --resume or fix --out")
-        state = load_checkpoint(last)
-    elif os.path.isdir(args.out) and os.listdir(args.out):
-        sys.exit(f"error: run directory {args.out} exists; pass --resume to continue it or choose another --out")
-    if world > 1:
-        dist.barrier()  # every rank has checked the run directory before rank 0 creates it
-    if rank == 0:
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        config = {k: v for k, v in vars(args).items()}
-        print("config: " + json.dumps(config))
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-    step_fn = torch.compile(train_step) if args.compile else train_step
-    results = {}
-    if args.stage in ("pretrain", "all"):
-        if state is None or state["stage"] == "pretrain":
-            results["pretrain"] = pretrain(args, state, rank, world, device, log, step_fn)
-            state = None
-        else:  # resuming in the downstream stage: pre-training had finished
-            results["pretrain"] = load_checkpoint(os.path.join(args.out, "pretrained.pt"))["summary"]
-    if args.stage in ("finetune", "all"):
-        results["finetune"] = finetune(args, state if state and state["stage"] == "finetune" else None, rank, world,
-                                       device, log, step_fn)
-    if rank == 0:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        if "finetune" in results:
-            r = results["finetune"]
-            print(f"test mIoU {r['test_miou_mean']:.4f} +- {r['test_miou_std']:.4f} over seeds {r['seeds']} "
-                  f"(chance {r['chance_miou']:.4f}); lowest classes: " +
-                  ", ".join(f"{c['class']} {c['iou_mean']:.3f}" for c in r["lowest_classes"]))
-    if world > 1:
-        dist.destroy_process_group()
-    return results
+    resume_path = check_run_dir(args, SCRIPT)  # nothing written yet
+    runtime = setup_runtime(args)
+    try:
+        seed_everything(args.seed)
+        splits = build_splits(args, runtime)  # every split the run uses, labels checked
+        if args.eval_only:
+            return evaluate_checkpoint(args, runtime, splits)
+        state = load_checkpoint(resume_path, SCRIPT, args.model, flag="--resume") if resume_path else None
+        models = {}
+        if args.stage in ("pretrain", "both"):
+            torch.manual_seed(derive_seed(args.seed, "init", "pretrain"))  # identical initial weights on every rank
+            models["reconstruction"] = build_model(3, args.model)
+        if args.stage in ("finetune", "both"):
+            pretrained = load_pretrained(args.pretrained, args)["model"] if args.stage == "finetune" and \
+                args.init in ("selective", "random") else None
+            models["segmentation"] = build_segmentation_model(args, splits["info"].num_classes, pretrained)
+        for name, model in models.items():
+            model = model.to(runtime.device)
+            models[name] = model.to(memory_format=torch.channels_last) if args.channels_last else model
+        config = {key: value for key, value in vars(args).items()}
+        out = create_run_dir(args, SCRIPT, config, runtime)
+        if runtime.main:
+            (out / "samples").mkdir(exist_ok=True)
+        log = MetricsLog(out, runtime, resume_state=state)
+        summary, best, best_epoch = train(args, runtime, splits, models, state, log, out)
+        results = {"pretrain": summary, "init": args.init, "masking": args.masking, "patch_grid": args.patch_grid}
+        if "segmentation" in models:
+            model = models["segmentation"]
+            load_state(model, load_checkpoint(out / "best.pt", SCRIPT, args.model)["model"], out / "best.pt")
+            info = splits["info"]
+            test = evaluate_segmentation(model, make_loader(splits["test"], 1, args, runtime, train=False),
+                                         info.num_classes, args, runtime, splits["test_split"])
+            results.update(test=test, test_split=splits["test_split"], best_epoch=best_epoch, best_val_miou=best,
+                           class_names=list(info.class_names),
+                           per_class_iou={n: v for n, v in zip(info.class_names, test["per_class_iou"])})
+            log.write({"stage": "test", "miou": test["miou"], "pixel_acc": test["pixel_acc"],
+                       "chance_miou": test["chance_miou"]})
+            if runtime.main:
+                save_finetune_samples(out / "samples" / "finetune-test.png", model, splits["test"], info, runtime)
+            say(runtime, f"test mIoU {test['miou']:.4f} (chance {test['chance_miou']:.4f}) on {args.data}/"
+                         f"{splits['test_split']}, best val mIoU {best:.4f} at epoch {best_epoch}")
+        if runtime.main:
+            write_json(out / "results.json", results)
+        return results
+    finally:
+        shutdown(runtime)
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    main_guard(main, get_args)

@@ -2,6 +2,7 @@
 
 Slow, obvious loop versions of the vectorised code live here as references. Sizes are tiny (CPU, 2 cores).
 """
+import hashlib
 import json
 import math
 import os
@@ -23,7 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # A run small enough for a loaded 2-core CPU: 40 px, 4 x 4 patch grid, ResNet-18 U-Net.
 TINY = ["--img-size", "40", "--num-patches", "16", "--msssim-window", "3", "--model", "resnet18-unet", "--workers", "0",
-        "--batch-size", "4", "--finetune-batch-size", "4"]
+        "--pretrain-batch-size", "4", "--batch-size", "4"]
+# The run contract (tests/test_contract.py): both stages, 2 + 2 pre-training epochs, 2 downstream epochs, seconds.
+CONTRACT_TINY = TINY + ["--limit", "12", "--partitions", "2", "--pretrain-epochs", "2", "--epochs", "2"]
+# Reads --data folder from the --data-root the contract test supplies (pre-training on its images folder).
+CONTRACT_FOLDER = TINY + ["--data", "folder", "--partitions", "1", "--pretrain-epochs", "1", "--epochs", "1"]
 
 
 # --- masking ---
@@ -117,7 +122,7 @@ class Canvas(torch.utils.data.Dataset):
 def test_pretrain_images_crop_and_flip_the_mask_with_the_image():
     grid = sm.patch_grid(48, 48, 16)
     mask = sm.random_masks(1, 16, 0.5, torch.Generator().manual_seed(1))
-    dataset = sm.PretrainImages(Canvas(grid, mask), [0], 48, grid, mask, augment=True)
+    dataset = sm.PretrainImages(Canvas(grid, mask), [0], 48, 16, list(mask), augment=True)
     torch.manual_seed(0)
     for _ in range(10):  # random crops, flips and jitter
         image, hidden = dataset[0]
@@ -127,8 +132,53 @@ def test_pretrain_images_crop_and_flip_the_mask_with_the_image():
         interior = (F.max_pool2d(flat, 5, 1, 2) == -F.max_pool2d(-flat, 5, 1, 2))[0, 0]
         assert interior.float().mean() > 0.5
         assert torch.equal(hidden[interior], white[interior])
-    image, hidden = sm.PretrainImages(Canvas(grid, mask), [0], 48, grid, mask)[0]  # no augmentation: exact
+    image, hidden = sm.PretrainImages(Canvas(grid, mask), [0], 48, 16, list(mask), augment=False)[0]  # exact
     assert torch.equal(hidden, grid.to_pixels(mask)[0])
+
+
+class Picture(torch.utils.data.Dataset):
+    """One random uint8 image of a given size (an image-only base)."""
+
+    def __init__(self, height, width, count=1):
+        self.images = [tv_tensors.Image(torch.randint(0, 256, (3, height, width), dtype=torch.uint8,
+                                                      generator=torch.Generator().manual_seed(i))) for i in range(count)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def test_canvas_keeps_the_aspect_and_its_grid_is_not_square():
+    """CHOICE C6: shortest side 40, a 60 x 120 image becomes a 40 x 80 canvas with its own grid: sqrt(16) = 4 bands
+    per axis (authors' rule), steps ceil(40 / 4) = 10 and ceil(80 / 4) = 20, so 10 x 20 patches."""
+    grid = sm.patch_grid(40, 80, 16)
+    assert (grid.rows, grid.cols) == (4, 4) and torch.bincount(grid.col_bands).tolist() == [20] * 4
+    mask = sm.random_masks(1, grid.num_patches, 0.5, torch.Generator().manual_seed(0))
+    image, hidden = sm.PretrainImages(Picture(60, 120), [0], 40, 16, list(mask), mode="canvas")[0]
+    assert image.shape == (3, 40, 80) and torch.equal(hidden, grid.to_pixels(mask)[0])
+    crop, crop_hidden = sm.PretrainImages(Picture(60, 120), [0], 40, 16, list(mask), augment=True)[0]
+    assert crop.shape == (3, 40, 40) and crop_hidden.shape == (40, 40)  # training crops are squares
+    # Evaluation keeps the aspect too: a 64 x 128 image and its label come back 40 x 80, not squashed.
+    image = tv_tensors.Image(torch.zeros(3, 64, 128, dtype=torch.uint8))
+    label = tv_tensors.Mask(torch.zeros(64, 128, dtype=torch.uint8))
+    image, label = sm.eval_transform(40)(image, label)
+    assert image.shape == (3, 40, 80) and label.shape == (40, 80)
+
+
+def test_copy_masks_count_seed_and_cover_all():
+    masks = sm.copy_masks(64, 5, 441, 0.5, torch.Generator().manual_seed(3))
+    assert masks.shape == (64, 5, 441) and torch.all(masks.sum(2) == 220)
+    # The same draws as random_masks on the flattened copies (one noise tensor, argsort per copy).
+    assert torch.equal(masks.flatten(0, 1), sm.random_masks(320, 441, 0.5, torch.Generator().manual_seed(3)))
+    assert (masks.sum(1) == 0).any()  # independent draws leave some patches never hidden (~3 %)
+    covered = sm.copy_masks(64, 5, 441, 0.5, torch.Generator().manual_seed(3), cover_all=True)
+    assert torch.all(covered.sum(2) == 220) and torch.all(covered.sum(1) >= 1)
+    again = sm.copy_masks(64, 5, 441, 0.5, torch.Generator().manual_seed(3), cover_all=True)
+    assert torch.equal(covered, again)
+    with pytest.raises(sm.UsageError, match="--cover-all"):
+        sm.copy_masks(1, 2, 16, 0.25, cover_all=True)  # 2 copies x 4 hidden cannot cover 16 patches
 
 
 # --- model ---
@@ -160,7 +210,7 @@ def test_transfer_weights_copies_everything_but_the_head():
             continue
         assert torch.equal(target[name], tensor), name
     assert torch.equal(downstream.head.weight, head_before) and downstream.head.weight.shape[0] == 5
-    with pytest.raises(ValueError, match="same --model"):
+    with pytest.raises(sm.UsageError, match="same --model"):
         sm.transfer_weights(pretrained.state_dict(), sm.build_model(5, "resnet34-unet"))
 
 
@@ -314,17 +364,18 @@ def test_batched_selective_scoring_equals_a_per_image_loop():
                 reconstruction = model(sm.apply_mask(images[b:b + 1], grid.to_pixels(copy_masks[b * samples + s][None])))
             losses[b, s] = loop_patch_scores(sm.to_unit(reconstruction)[0].double(),
                                              sm.to_unit(images[b:b + 1])[0].double(), grid).float()
-    for aggregation in ("hidden-mean", "hidden-sum", "all-sum"):
-        scores, mask = sm.selective_masks(model, images, grid, samples, ratio, torch.Generator().manual_seed(7),
+    for aggregation in ("all-mean", "hidden-mean", "hidden-sum", "all-sum"):
+        scores, mask, hide_count = sm.selective_masks(model, images, grid, samples, ratio, torch.Generator().manual_seed(7),
                                           aggregation)
         for b in range(2):
             total, count = torch.zeros(grid.num_patches), torch.zeros(grid.num_patches)
             for s in range(samples):
                 for n in range(grid.num_patches):
-                    if aggregation == "all-sum" or copy_masks[b * samples + s, n]:
+                    if aggregation.startswith("all") or copy_masks[b * samples + s, n]:
                         total[n] += losses[b, s, n]
                         count[n] += 1
-            expected = total / count.clamp(min=1) if aggregation == "hidden-mean" else total
+            expected = total / count.clamp(min=1) if aggregation.endswith("mean") else total
+            assert torch.equal(hide_count[b], copy_masks[b * samples:(b + 1) * samples].sum(0))
             assert torch.allclose(scores[b], expected, atol=1e-4), aggregation
             hardest = expected.argsort(descending=True)[:8]  # the selective mask hides the highest scores
             assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(hardest.tolist()), aggregation
@@ -335,7 +386,7 @@ def test_scoring_runs_all_copies_in_one_forward_pass_without_gradients():
     calls = []
     model.register_forward_hook(lambda module, inputs, output: calls.append((inputs[0].shape, torch.is_grad_enabled())))
     grid = sm.patch_grid(40, 40, 16)
-    scores, mask = sm.selective_masks(model, torch.randn(4, 3, 40, 40), grid, samples=5)
+    scores, mask, _ = sm.selective_masks(model, torch.randn(4, 3, 40, 40), grid, samples=5)
     assert calls == [(torch.Size([20, 3, 40, 40]), False)]
     assert mask.shape == (4, 16) and torch.all(mask.sum(1) == 8) and scores.shape == (4, 16)
 
@@ -346,15 +397,52 @@ def test_warmup_cosine_schedule():
     assert factor(10) == pytest.approx(1.0) and factor(15) == pytest.approx(0.505) and factor(20) == pytest.approx(0.01)
 
 
-def test_summarize_seeds_mean_spread_and_lowest_classes():
-    runs = [{"seed": 0, "miou": 0.4, "per_class_iou": [0.5, 0.2, float("nan")], "chance_miou": 0.1},
-            {"seed": 1, "miou": 0.6, "per_class_iou": [0.7, 0.4, float("nan")], "chance_miou": 0.1}]
-    summary = sm.summarize_seeds(runs, ("a", "b", "c"), 2)
-    assert summary["test_miou_mean"] == pytest.approx(0.5)
-    assert summary["test_miou_std"] == pytest.approx(0.1414214, abs=1e-6)  # sample std of 0.4, 0.6
-    assert [c["class"] for c in summary["lowest_classes"]] == ["b", "a"]  # c never appears: left out
-    assert summary["lowest_classes"][0]["iou_mean"] == pytest.approx(0.3)
-    assert summary["lowest_classes"][0]["iou_std"] == pytest.approx(0.1414214, abs=1e-6)
+class BadRegion(torch.nn.Module):
+    """A stub reconstruction model: returns the true image, except a noisy block in one region."""
+
+    def __init__(self, image, region):
+        super().__init__()
+        self.image, self.region = image, region
+
+    def forward(self, inputs):
+        out = self.image.expand(len(inputs), -1, -1, -1).clone()
+        rows, cols = self.region
+        out[:, :, rows, cols] = torch.randn(out[:, :, rows, cols].shape, generator=torch.Generator().manual_seed(0))
+        return out
+
+
+@pytest.mark.parametrize("aggregation", ["all-mean", "hidden-mean", "hidden-sum", "all-sum"])
+def test_a_region_reconstructed_badly_gets_hidden(aggregation):
+    grid = sm.patch_grid(40, 80, 16)  # 4 x 4 patches of 10 x 20
+    image = torch.randn(1, 3, 40, 80)
+    bad = (slice(0, 20), slice(0, 40))  # the top-left 2 x 2 = 4 patches of 16; hiding half = 8 patches
+    scores, mask, _ = sm.selective_masks(BadRegion(image, bad), image, grid, 5, 0.5,
+                                         torch.Generator().manual_seed(1), aggregation, cover_all=True)
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[:2, :2] = True
+    assert mask.sum() == 8 and torch.all(mask[0][region.flatten()])  # every bad patch is among the hidden ones
+
+
+def test_hide_count_agreement_by_hand():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    hide_count = torch.tensor([[5, 4, 0, 1]])
+    mask = sm.top_patches(scores, 0.5)  # patches 0 and 1
+    overlap, spearman, never = sm.hide_count_agreement(scores, mask, hide_count)
+    assert overlap.item() == 1.0 and never.item() == 0.25
+    # ranks of scores 3 2 1 0, of counts 3 2 0 1: Spearman = 1 - 6 * 2 / (4 * 15) = 0.8
+    assert spearman.item() == pytest.approx(0.8)
+    overlap, _, _ = sm.hide_count_agreement(-scores, sm.top_patches(-scores, 0.5), hide_count)
+    assert overlap.item() == 0.0
+
+
+def test_all_ignore_split_is_an_error_not_nan():
+    runtime = sm.Runtime(torch.device("cpu"))
+    args = sm.get_args(TINY + ["--out", "unused"])
+    loader = [(torch.randn(1, 3, 40, 40), torch.full((1, 40, 40), 255))]
+    with pytest.raises(sm.DatasetError, match="no labelled pixel"):
+        sm.evaluate_segmentation(sm.build_model(5, "resnet18-unet"), loader, 5, args, runtime, "test")
+    with pytest.raises(sm.DatasetError, match="no labelled pixel"):  # an empty split too
+        sm.evaluate_segmentation(sm.build_model(5, "resnet18-unet"), [], 5, args, runtime, "test")
 
 
 # --- runs ---
@@ -363,27 +451,99 @@ def records(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_two_stage_run_learns(tmp_path):
+def tensor_hash(state):
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_two_stage_run_scores_with_the_previous_model_and_transfers_it(tmp_path, monkeypatch):
+    """One run, three spies: (1) the model that scores partition 1 hashes equal to the model saved after partition
+    0's last epoch (not a fresh one, not a later one); (2) the downstream model at its first step equals
+    pretrained.pt in every tensor but the head; (3) the run learns (loss falls) and writes its files."""
     out = str(tmp_path / "run")
-    results = sm.main(sm.get_args(TINY + ["--out", out, "--img-size", "48", "--limit", "64", "--partitions", "2",
-                                          "--epochs", "2", "--finetune-epochs", "8", "--batch-size", "8",
-                                          "--finetune-batch-size", "8", "--finetune-lr", "1e-3"]))
+    saved, scored, first_step = [], [], []
+    original_save, original_score, original_step = sm.save_checkpoint, sm.score_partition, sm.train_step
+
+    def save(path, state, *args, **kwargs):
+        if "partition" in state:
+            saved.append(((state["stage"], state["partition"], state["epoch"]), tensor_hash(state["model"])))
+        return original_save(path, state, *args, **kwargs)
+
+    def score(model, *args, **kwargs):
+        scored.append((args[-1], tensor_hash(model.state_dict())))
+        return original_score(model, *args, **kwargs)
+
+    def step(model, optimizer, inputs, targets, loss_fn, runtime):
+        if loss_fn is sm.jaccard_loss and not first_step:
+            first_step.append({k: v.clone() for k, v in sm.unwrap(model).state_dict().items()})
+        return original_step(model, optimizer, inputs, targets, loss_fn, runtime)
+
+    monkeypatch.setattr(sm, "save_checkpoint", save)
+    monkeypatch.setattr(sm, "score_partition", score)
+    monkeypatch.setattr(sm, "train_step", step)
+    results = sm.main(sm.get_args(CONTRACT_TINY + ["--out", out, "--pretrain-epochs", "3", "--epochs", "3"]))
+    after_partition0 = dict(saved)[("pretrain", 0, 3)]
+    assert scored == [(1, after_partition0)]
+    assert after_partition0 != dict(saved)[("pretrain", 0, 2)]  # the hash tells the epochs apart
+    pretrained = sm.load_checkpoint(os.path.join(out, "pretrained.pt"), sm.SCRIPT)["model"]
+    assert tensor_hash(pretrained) == dict(saved)[("pretrain", 1, 3)]
+    start = first_step[0]
+    for key, value in pretrained.items():
+        if key.startswith("head."):
+            assert value.shape != start[key].shape  # 3 reconstruction channels vs K classes
+        else:
+            assert torch.equal(value, start[key]), key
     log = records(out)
     first = [r for r in log if r["stage"] == "pretrain" and r["partition"] == 0]
-    assert first[-1]["rec_loss"] < first[0]["rec_loss"]  # the reconstruction loss falls
-    score = [r for r in log if r["stage"] == "score"]
-    assert len(score) == 1 and score[0]["partition"] == 1 and score[0]["hidden_per_image"] == 8
-    assert score[0]["images"] == 32
-    finetune = results["finetune"]
-    # Chance = predicting the majority class (background) everywhere, where an untrained network starts.
-    assert finetune["test_miou_mean"] > finetune["chance_miou"] + 0.02
-    for name in ("config.json", "metrics.jsonl", "last.pt", "pretrained.pt", "best-seed0.pt", "results.json",
-                 "samples/pretrain-partition0.png", "samples/pretrain-partition1.png", "samples/finetune-seed0.png"):
+    assert first[-1]["rec_loss"] < first[0]["rec_loss"]
+    score_record = [r for r in log if r["stage"] == "score"]
+    assert len(score_record) == 1 and score_record[0]["hidden_per_image"] == 8 and score_record[0]["images"] == 6
+    for key in ("hide_count_overlap", "hide_count_spearman", "never_hidden"):
+        assert 0 <= abs(score_record[0][key]) <= 1
+    assert set(results["test"]) >= {"miou", "per_class_iou", "pixel_acc", "chance_miou"}
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "pretrained.pt", "results.json",
+                 "samples/pretrain-partition0.png", "samples/pretrain-partition1.png", "samples/finetune-test.png"):
         assert os.path.exists(os.path.join(out, name)), name
-    assert len(finetune["lowest_classes"]) == 5 and json.load(open(os.path.join(out, "results.json")))["pretrain"]
+    # --eval-only scores best.pt on the test split with the same metric names as results.json.
+    evaluated = sm.main(sm.get_args(CONTRACT_TINY + ["--out", out, "--eval-only"]))
+    stored = json.load(open(os.path.join(out, "eval_test.json")))
+    assert stored["checkpoint"] == os.path.join(out, "best.pt") and set(stored["test"]) == set(results["test"])
+    assert evaluated["test"]["miou"] == pytest.approx(results["test"]["miou"])
 
 
-RESUME = TINY + ["--limit", "12", "--partitions", "2", "--epochs", "2", "--finetune-epochs", "2"]
+def test_selective_partition_trains_on_its_stored_masks_and_images(tmp_path, monkeypatch):
+    """With augmentation off, every input of partition 1 is its own image (one of partition 1's training images)
+    with exactly the pixels of its stored selective mask filled with the mean colour (0)."""
+    out = str(tmp_path / "run")
+    argv = TINY + ["--limit", "12", "--partitions", "2", "--pretrain-epochs", "1", "--stage", "pretrain",
+                   "--no-augment", "--out", out]
+    batches, original = [], sm.train_step
+    monkeypatch.setattr(sm, "train_step", lambda model, optimizer, inputs, targets, *rest: (
+        batches.append((inputs.clone(), targets.clone())), original(model, optimizer, inputs, targets, *rest))[1])
+    args = sm.get_args(argv)
+    sm.main(args)
+    state = sm.load_checkpoint(os.path.join(out, "last.pt"), sm.SCRIPT)
+    assert (state["stage"], state["partition"]) == ("pretrain", 1)
+    base = sm.build_dataset("shapes", None, "unlabeled", transform=sm.identity, image_only=True, limit=12,
+                            image_size=40)[0]
+    train_ids = sm.partition_indices(12, 2)[1].tolist()[:5]  # 6 images, 10 % (one) held out for validation
+    plain = sm.PretrainImages(base, train_ids, 40, 16, augment=False)
+    canvases = [plain[i][0] for i in range(len(train_ids))]
+    grid = sm.patch_grid(40, 40, 16)
+    inputs, targets = batches[-1]  # the last batch belongs to partition 1
+    assert len(inputs) == 4
+    for image, target in zip(inputs, targets):
+        owner = [i for i, canvas in enumerate(canvases) if torch.equal(canvas, target)]
+        assert len(owner) == 1  # the target is one of partition 1's own training images
+        hidden = grid.to_pixels(state["masks"]["train"][owner[0]][None])[0]
+        assert torch.all(image[:, hidden] == 0) and torch.equal(image[:, ~hidden], target[:, ~hidden])
+        assert 0 < hidden.float().mean() < 1
+
+
+RESUME = CONTRACT_TINY
 
 
 @pytest.fixture(scope="module")
@@ -397,39 +557,50 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_after, workers", [(1, "0"), (2, "0"), (3, "0"), (5, "0"), (3, "1")],
-                         ids=["in-partition0", "between-partitions", "in-selective-partition", "in-finetune",
-                              "worker-process"])
-def test_resume_is_exact(straight_run, tmp_path, monkeypatch, crash_after, workers):
-    """Crash after `crash_after` epochs, resume: the weights equal the straight run's bit for bit. With a worker
-    process (persistent) against the straight run's main-process loading: augmentations are seeded per sample."""
+def without_time(log):
+    return [{k: v for k, v in r.items() if k != "time"} for r in log]
+
+
+@pytest.mark.parametrize("crash_at, workers", [("epoch-3", "0"), ("score", "0"), ("epoch-4", "0"), ("epoch-5", "1")],
+                         ids=["end-of-partition0", "while-scoring", "in-selective-partition", "in-finetune-worker"])
+def test_resume_is_exact(straight_run, tmp_path, monkeypatch, crash_at, workers):
+    """Crash, then --resume: the weights, best.pt and the metrics records equal the straight run's. With a worker
+    process against the straight run's main-process loading: augmentations are seeded per item."""
     out = str(tmp_path / "run")
     argv = RESUME + ["--out", out, "--workers", workers]
-    original, calls = sm.train_one_epoch, []
+    epochs, score = sm.train_one_epoch, sm.score_partition
+    calls = []
 
-    def crashing(*args, **kwargs):
-        if len(calls) == crash_after:
-            raise Crash
+    def crashing_epoch(*args, **kwargs):
         calls.append(1)
-        return original(*args, **kwargs)
+        if crash_at == f"epoch-{len(calls)}":
+            raise Crash
+        return epochs(*args, **kwargs)
 
-    monkeypatch.setattr(sm, "train_one_epoch", crashing)
+    def crashing_score(*args, **kwargs):
+        if crash_at == "score":
+            raise Crash
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(sm, "train_one_epoch", crashing_epoch)
+    monkeypatch.setattr(sm, "score_partition", crashing_score)
     with pytest.raises(Crash):
         sm.main(sm.get_args(argv))
-    monkeypatch.setattr(sm, "train_one_epoch", original)
-    state = sm.load_checkpoint(os.path.join(out, "last.pt"))
-    if crash_after == 3:  # inside the selective partition: its exact masks travel with the checkpoint
+    monkeypatch.setattr(sm, "train_one_epoch", epochs)
+    monkeypatch.setattr(sm, "score_partition", score)
+    if crash_at == "epoch-4":  # inside the selective partition: its exact masks travel with the checkpoint
+        state = sm.load_checkpoint(os.path.join(out, "last.pt"), sm.SCRIPT)
         assert (state["stage"], state["partition"], state["epoch"]) == ("pretrain", 1, 1)
-        assert state["masks"]["train"].dtype == torch.bool and torch.all(state["masks"]["train"].sum(1) == 8)
+        assert all(m.dtype == torch.bool and m.sum() == 8 for m in state["masks"]["train"])
     sm.main(sm.get_args(argv + ["--resume"]))
-    for name in ("pretrained.pt", "last.pt", "best-seed0.pt"):
-        expected, got = (sm.load_checkpoint(os.path.join(d, name))["model"] for d in (straight_run, out))
+    for name in ("pretrained.pt", "last.pt", "best.pt"):
+        expected, got = (sm.load_checkpoint(os.path.join(d, name), sm.SCRIPT)["model"] for d in (straight_run, out))
         assert expected.keys() == got.keys()
         for key in expected:
             assert torch.equal(expected[key], got[key]), (name, key)
-    assert records(out)[-1]["stage"] == "test"
-    assert json.load(open(os.path.join(out, "results.json")))["finetune"]["test_miou_mean"] == \
-        json.load(open(os.path.join(straight_run, "results.json")))["finetune"]["test_miou_mean"]
+    assert without_time(records(out)) == without_time(records(straight_run))
+    assert json.load(open(os.path.join(out, "results.json")))["test"] == \
+        json.load(open(os.path.join(straight_run, "results.json")))["test"]
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
@@ -438,17 +609,32 @@ def test_torchrun_two_processes_gloo(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               str(ROOT / "selective_mim.py"), *TINY, "--limit", "12", "--partitions", "2", "--epochs", "1",
-               "--finetune-epochs", "1", "--device", "cpu", "--out", out]
+               str(ROOT / "selective_mim.py"), *TINY, "--limit", "11", "--partitions", "2", "--pretrain-epochs", "1",
+               "--epochs", "1", "--device", "cpu", "--out", out]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     log = records(out)
     score = [r for r in log if r["stage"] == "score"]
-    assert score and score[0]["images"] == 6  # partition 1 of 12 images, scored by both ranks together
+    assert score and score[0]["images"] == 5  # partition 1 of 11 images, scored by both ranks together
     assert result.stdout.count("stage=test") == 1  # only rank 0 prints
-    results = json.load(open(os.path.join(out, "results.json")))
-    assert math.isfinite(results["finetune"]["test_miou_mean"])
+    assert math.isfinite(json.load(open(os.path.join(out, "results.json")))["test"]["miou"])
+
+
+def test_scoring_does_not_depend_on_batch_or_rank(monkeypatch):
+    """Each image's copies come from its own generator: the masks of a partition are the same scored in one batch
+    or one image at a time (so 1 process and torchrun agree)."""
+    base = sm.build_dataset("shapes", None, "unlabeled", transform=sm.identity, image_only=True, limit=6,
+                            image_size=40)[0]
+    torch.manual_seed(0)
+    model = sm.build_model(3, "resnet18-unet")
+    args = sm.get_args(TINY + ["--out", "unused"])
+    runtime = sm.Runtime(torch.device("cpu"))
+    together, _ = sm.score_partition(model, base, list(range(6)), args, runtime, 1)
+    args.pretrain_batch_size = 1
+    alone, record = sm.score_partition(model, base, list(range(6)), args, runtime, 1)
+    assert all(torch.equal(a, b) for a, b in zip(together, alone)) and len(alone) == 6
+    assert record["aggregation"] == "all-mean"
 
 
 # --- command line and bad input ---
@@ -457,43 +643,65 @@ def test_torchrun_two_processes_gloo(tmp_path):
     (["--mask-ratio", "1.5"], "--mask-ratio"),
     (["--num-patches", "2000"], "--num-patches"),
     (["--img-size", "64", "--msssim-window", "11"], "--msssim-window"),
+    (["--img-size", "32"], "--img-size"),
     (["--init", "imagenet"], "--stage finetune"),
     (["--stage", "finetune", "--init", "selective"], "--pretrained"),
     (["--stage", "finetune", "--init", "imagenet", "--imagenet-weights", "/nonexistent/r34.pth"], "--imagenet-weights"),
     (["--partitions", "0"], "--partitions"),
     (["--data", "cifar10"], "--pretrain-data"),
+    (["--train-fraction", "0"], "--train-fraction"),
+    (["--samples", "1", "--cover-all"], "--cover-all"),
+    (["--data", "cityscapes", "--test-split", "test"], "official val"),
 ])
 def test_bad_flags_name_the_flag(argv, words, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as error:
         sm.get_args(argv)
-    assert words in capsys.readouterr().err
+    assert error.value.code == 2 and words in capsys.readouterr().err
 
 
-def test_existing_run_directory_needs_resume(tmp_path):
+def test_defaults_per_dataset():
+    assert sm.get_args(["--data", "nassar"]).train_fraction == 0.2  # the authors' first fifth of train and val
+    assert sm.get_args(["--data", "nassar", "--split-protocol", "reader"]).train_fraction == 1.0
+    assert sm.get_args(["--data", "camvid"]).train_fraction == 1.0
+    paper = sm.get_args(["--data", "voc"])
+    assert (paper.img_size, paper.partitions, paper.pretrain_epochs, paper.pretrain_batch_size, paper.epochs,
+            paper.batch_size, paper.score_aggregation, paper.patch_grid) == (256, 10, 1000, 128, 500, 8, "all-mean",
+                                                                             "21x21=441")
+    assert sm.get_args(["--masking", "random"]).partitions == 1
+
+
+def test_more_partitions_than_images_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="--resume"):
-        sm.main(sm.get_args(TINY + ["--out", str(out)]))
+    with pytest.raises(sm.UsageError, match="--partitions 10"):
+        sm.main(sm.get_args(TINY + ["--partitions", "10", "--limit", "8", "--out", str(out)]))
+    assert not out.exists()
+
+
+def test_train_fraction_keeps_the_first_items_of_train_and_val(tmp_path):
+    args = sm.get_args(TINY + ["--stage", "finetune", "--train-fraction", "0.25", "--limit", "12", "--out", "unused"])
+    splits = sm.build_splits(args, sm.Runtime(torch.device("cpu")))
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (3, 3, 12)
+    assert list(splits["train"].indices) == [0, 1, 2]
 
 
 def test_cli_bad_data_gives_one_clear_line(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "selective_mim.py"), "--data", "camvid", "--data-root",
                              str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--workers", "0"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: camvid") and "--data-root" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # --- real samples ---
 
 @pytest.mark.skipif(not (SHARED_DATA / "CamVid").is_dir(), reason="shared CamVid samples not present")
-def test_real_camvid_samples_both_stages(tmp_path):
+def test_real_camvid_samples_both_stages_at_their_aspect(tmp_path):
     out = str(tmp_path / "camvid")
     results = sm.main(sm.get_args(TINY + ["--data", "camvid", "--data-root", str(SHARED_DATA / "CamVid"),
-                                          "--limit", "8", "--partitions", "2", "--epochs", "1",
-                                          "--finetune-epochs", "1", "--seeds", "0", "--test-split", "val",
-                                          "--out", out]))  # the shared sample has no test folder
-    assert len(results["finetune"]["per_class_iou_mean"]) == 11
-    assert results["pretrain"]["patch_grid"] == "4x4=16"
+                                          "--limit", "6", "--partitions", "2", "--pretrain-epochs", "1",
+                                          "--epochs", "1", "--test-split", "val", "--out", out]))  # no test folder here
+    assert results["test_split"] == "val" and len(results["per_class_iou"]) == 11
+    score = [r for r in records(out) if r["stage"] == "score"][0]
+    grid = sm.patch_grid(40, 53, 16)  # 480 x 360 -> 53 x 40 canvas, aspect kept
+    assert score["hidden_per_image"] == int(grid.num_patches * 0.5)
