@@ -42,7 +42,7 @@ from torchvision.transforms import v2
 
 IGNORE_INDEX = 255
 
-DATASET_NAMES = ("shapes", "voc", "cityscapes", "pets", "cifar10", "catsdogs", "glas", "kvasir", "cvc",
+DATASET_NAMES = ("shapes", "voc", "cityscapes", "pets", "cifar10", "catsdogs", "glas", "kvasir", "cvc", "pranet",
                  "nyudv2", "nassar", "sugarbeets", "camvid", "folder")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm", ".webp")
@@ -424,7 +424,11 @@ def _read_voc(root, split, download, seed, options):
 
 
 def _read_cityscapes(root, split, download, seed, options):
+    """options: train_holdout=h (the selective-masking paper's protocol): "train" = the first 1 - h of official
+    train, "val" = its last h, "test" = official val (the public test labels are all 'ignore'). Order: the
+    authors' leftImg8bit/train/train.txt when present ("<city>/<frame>" per line), else sorted by path."""
     layout = "leftImg8bit/{train,val,test,train_extra}/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_gtFine_labelIds.png"
+    holdout = options.pop("train_holdout", None)
     if download:
         raise DatasetError("cityscapes cannot be downloaded automatically (it needs a login at cityscapes-dataset.com);"
                            " download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip and pass --data-root")
@@ -435,14 +439,26 @@ def _read_cityscapes(root, split, download, seed, options):
         if not images:
             _require(os.path.join(root, "leftImg8bit", "train_extra"), "cityscapes", layout)
         return {"images": images}
-    _require(os.path.join(root, "leftImg8bit", split), "cityscapes", layout)
-    _require(os.path.join(root, "gtFine", split), "cityscapes", layout)
-    city = tv_datasets.Cityscapes(root, split=split, mode="fine", target_type="semantic")
+    if holdout is not None and not 0.0 < holdout < 1.0:
+        raise DatasetError(f"cityscapes: train_holdout must be between 0 and 1, got {holdout}")
+    official = split if holdout is None else {"train": "train", "val": "train", "test": "val"}[split]
+    _require(os.path.join(root, "leftImg8bit", official), "cityscapes", layout)
+    _require(os.path.join(root, "gtFine", official), "cityscapes", layout)
+    city = tv_datasets.Cityscapes(root, split=official, mode="fine", target_type="semantic")
     lookup = np.full(256, IGNORE_INDEX, dtype=np.int64)  # labelIds -> the 19 train ids, rest 255
     for c in tv_datasets.Cityscapes.classes:
         if c.id >= 0:
             lookup[c.id] = c.train_id if 0 <= c.train_id < 255 else IGNORE_INDEX
     pairs = sorted(zip(city.images, (t[0] for t in city.targets)))  # torchvision lists folders unsorted
+    if holdout is not None and official == "train":
+        order_list = os.path.join(root, "leftImg8bit", "train", "train.txt")
+        if os.path.exists(order_list):  # the authors' list order
+            position = {name: i for i, name in enumerate(_read_list(order_list))}
+            key = lambda pair: position.get(os.path.relpath(pair[0], os.path.join(root, "leftImg8bit", "train"))  # noqa: E731
+                                            .removesuffix("_leftImg8bit.png"), len(position))
+            pairs = sorted(pairs, key=key)
+        cut = int((1.0 - holdout) * len(pairs))  # authors: data_list[:int(0.8 * count)] / [int(0.8 * count):]
+        pairs = pairs[:cut] if split == "train" else pairs[cut:]
     return {"images": [p[0] for p in pairs], "labels": [p[1] for p in pairs], "decode": LookupDecoder(lookup)}
 
 
@@ -487,23 +503,82 @@ def _read_cifar10(root, split, download, seed, options):
     return {"array": cifar.data, "names": [f"cifar10_{split}_{i}" for i in range(len(cifar.data))]}
 
 
-def _read_catsdogs(root, split, download, seed, options):
-    """Kaggle PetImages/{Cat,Dog}/*.jpg. The set contains unreadable files: they are skipped, counted and reported."""
-    layout = "PetImages/Cat/*.jpg and PetImages/Dog/*.jpg (Kaggle 'Dogs vs. Cats' PetImages release)"
-    if download:
-        raise DatasetError("catsdogs cannot be downloaded automatically; get kagglecatsanddogs PetImages from the "
-                           "Microsoft download page and pass --data-root")
-    base = os.path.join(root, "PetImages") if os.path.isdir(os.path.join(root, "PetImages")) else root
-    _require(os.path.join(base, "Cat"), "catsdogs", layout)
-    _require(os.path.join(base, "Dog"), "catsdogs", layout)
-    readable, skipped = [], []
-    for path in _images_in(os.path.join(base, "Cat")) + _images_in(os.path.join(base, "Dog")):
+def readable_images(paths, threads=4, desc="decoding images"):
+    """Fully decode every image file once -> (readable paths, skipped paths), both in the order given.
+
+    `Image.verify()` only checks a file's header and chunk CRCs: a truncated JPEG passes it and then fails when a
+    DataLoader worker decodes it mid-epoch. `Image.load()` decodes every pixel, so such a file is skipped here.
+    """
+    from concurrent.futures import ThreadPoolExecutor  # JPEG decoding releases the GIL: a few threads read faster
+
+    from tqdm import tqdm
+
+    def decodes(path):
         try:
             with Image.open(path) as image:
-                image.verify()
-            readable.append(path)
-        except Exception:
-            skipped.append(path)
+                image.load()
+            return True
+        except Exception:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...)
+            return False
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        ok = list(tqdm(pool.map(decodes, paths), total=len(paths), desc=desc, leave=False, mininterval=1.0,
+                       disable=None if paths else True))
+    return [p for p, good in zip(paths, ok) if good], [p for p, good in zip(paths, ok) if not good]
+
+
+def _class_folders(root, names):
+    """{name: folder} for class folders spelled in any case (Cat/Dog in PetImages, cat/dog in an export)."""
+    if not os.path.isdir(root):
+        return {}
+    entries = {entry.lower(): os.path.join(root, entry) for entry in sorted(os.listdir(root))
+               if os.path.isdir(os.path.join(root, entry))}
+    return {name: entries[name.lower()] for name in names if name.lower() in entries}
+
+
+def _read_catsdogs(root, split, download, seed, options):
+    """Cat and dog images in two class folders -> image-only set; unreadable files are skipped, counted, reported.
+
+    Layouts: the Kaggle/Microsoft release `PetImages/{Cat,Dog}/*.jpg` (25,000 files, a few of them broken), or any
+    export with one folder per class, `{cat,dog}/*` in any case, e.g. the HuggingFace copy `microsoft/cats_vs_dogs`
+    (23,410 images, the authors' pre-training set) exported as README 'Datasets' shows. Every file is fully
+    decoded when the set is scanned. Option `balanced_limit=N`: a seeded draw of N//2 cats and N - N//2 dogs (a
+    class with too few files gives all it has, the other fills the rest), instead of the first N files.
+    """
+    layout = ("PetImages/{Cat,Dog}/*.jpg (Kaggle/Microsoft release) or {cat,dog}/* (one folder per class, e.g. the "
+              "HuggingFace microsoft/cats_vs_dogs copy exported as in README 'Datasets')")
+    if download:
+        raise DatasetError("catsdogs cannot be downloaded automatically; get kagglecatsanddogs PetImages from the "
+                           "Microsoft download page (or export the HuggingFace copy) and pass --data-root")
+    base = os.path.join(root, "PetImages") if os.path.isdir(os.path.join(root, "PetImages")) else root
+    folders = _class_folders(base, ("Cat", "Dog"))
+    for name in ("Cat", "Dog"):
+        if name not in folders:
+            raise DatasetError(f"catsdogs: no {name} folder under {base}; expected {layout}")
+    files = {name: _images_in(folder, recursive=True) for name, folder in folders.items()}
+    limit = options.pop("balanced_limit", None)
+    if limit is None:
+        readable, skipped = readable_images(files["Cat"] + files["Dog"], desc="catsdogs: decoding")
+    else:
+        if limit < 1:
+            raise DatasetError(f"catsdogs: balanced_limit must be a positive number of images, got {limit}")
+        generator = np.random.default_rng(seed)
+        order = {name: [paths[i] for i in generator.permutation(len(paths))] for name, paths in files.items()}
+        skipped = []
+
+        def take(name, count):  # the next `count` files of this class's seeded order that decode
+            kept = []
+            while len(kept) < count and order[name]:
+                batch, order[name] = order[name][:count - len(kept)], order[name][count - len(kept):]
+                good, bad = readable_images(batch, desc=f"catsdogs: decoding {name}")
+                kept += good
+                skipped.extend(bad)
+            return kept
+
+        cats = take("Cat", limit // 2)
+        dogs = take("Dog", limit - len(cats))
+        cats += take("Cat", limit - len(cats) - len(dogs))  # a class short of files: the other fills the rest
+        readable = sorted(cats) + sorted(dogs)
     if skipped:
         print(f"catsdogs: skipped {len(skipped)} unreadable image files of {len(readable) + len(skipped)} "
               f"(e.g. {skipped[0]})", file=sys.stderr)
@@ -533,14 +608,19 @@ def _read_kvasir(root, split, download, seed, options):
     images = _images_in(os.path.join(root, "images"))
     lists = {s: os.path.join(root, f"{s}.txt") for s in ("train", "val", "test")}
     if os.path.exists(lists["train"]) and (os.path.exists(lists["val"]) or os.path.exists(lists["test"])):
-        # Split lists shipped with the data (e.g. the MediaEval train/val lists) win over a seeded split.
+        # Split lists shipped with the data win over a seeded split. With train.txt + val.txt only (the widely used
+        # MediaEval 880/120 lists) val.txt is the test split and validation is carved from train.txt.
         by_stem = {_stem(p): p for p in images}
-        wanted = []
-        for part in (("train", "val") if split == "trainval" else (split,)):
-            if part == "val" and not os.path.exists(lists["val"]):
-                wanted += _carve_val(_read_list(lists["train"]), "val", seed, options.pop("val_fraction", 0.1))
-            elif os.path.exists(lists[part]):
-                wanted += _read_list(lists[part])
+        val_fraction = options.pop("val_fraction", 0.1)
+        test_list = lists["test"] if os.path.exists(lists["test"]) else lists["val"]
+        carve = not (os.path.exists(lists["test"]) and os.path.exists(lists["val"]))
+        if split == "test":
+            wanted = _read_list(test_list)
+        elif carve:  # train / val / trainval from train.txt
+            wanted = _carve_val(_read_list(lists["train"]), split, seed, val_fraction)
+        else:
+            wanted = [s for part in (("train", "val") if split == "trainval" else (split,))
+                      for s in _read_list(lists[part])]
         missing = [s for s in wanted if s not in by_stem]
         if missing:
             raise DatasetError(f"kvasir: {len(missing)} ids of the split list are not in {root}/images "
@@ -578,6 +658,32 @@ def _read_cvc(root, split, download, seed, options):
     return {"images": images, "labels": _match_by_stem(images, label_dir, "cvc"), "decode": _threshold}
 
 
+def _read_pranet(root, split, download, seed, options):
+    """PraNet's polyp release, the MaskSup authors' datasets/POLYPS: TrainDataset/{image,mask}/*.png (1,450 = Kvasir-SEG
+    + CVC-ClinicDB frames) and fixed test folders TestDataset/<set>/{images,masks}/*.png (CVC-ClinicDB: 62 images,
+    the set MaskSup reports; also Kvasir, CVC-ColonDB, ETIS-LaribPolypDB, CVC-300). "test" = TestDataset/<test_set>
+    (option, default CVC-ClinicDB); "val" = a seeded val_fraction (0.1) of TrainDataset, "train" the rest,
+    "trainval" all of it. Masks are 0/255 PNGs: foreground = grey > 127 (the authors' threshold)."""
+    layout = "TrainDataset/{image,mask}/*.png + TestDataset/<set>/{images,masks}/*.png (PraNet polyp release)"
+    test_set = options.pop("test_set", "CVC-ClinicDB")
+    val_fraction = options.pop("val_fraction", 0.1)
+    if split == "test":
+        folder = os.path.join(root, "TestDataset", test_set)
+        if not os.path.isdir(folder):
+            found = sorted(os.listdir(os.path.join(root, "TestDataset"))) if os.path.isdir(
+                os.path.join(root, "TestDataset")) else []
+            raise DatasetError(f"pranet: no test set {folder}; expected {layout} (test sets found: "
+                               f"{', '.join(found) or 'none'}); pass another test_set (--test-set)")
+        _require(os.path.join(folder, "images"), "pranet", layout)
+        images = _images_in(os.path.join(folder, "images"))
+        return {"images": images, "labels": _match_by_stem(images, os.path.join(folder, "masks"), "pranet"),
+                "decode": _threshold}
+    _require(os.path.join(root, "TrainDataset", "image"), "pranet", layout)
+    images = _carve_val(_images_in(os.path.join(root, "TrainDataset", "image")), split, seed, val_fraction)
+    return {"images": images, "labels": _match_by_stem(images, os.path.join(root, "TrainDataset", "mask"), "pranet"),
+            "decode": _threshold}
+
+
 NYU40_CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
                  "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat",
                  "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel", "shower curtain",
@@ -611,8 +717,11 @@ _weed_colours = ColourDecoder({(0, 255, 0): 1, (255, 0, 0): 2})  # green crop, r
 
 
 def _read_nassar(root, split, download, seed, options):
+    """Order: the authors' lists data_list/{train,val,test}.txt (one file stem per line, as in their repository's
+    data_list/nassar/) when present, else sorted; selective_mim.py's --train-fraction keeps the first fifth."""
     layout = ("tiled_dataset/{train,val,test}/{images,masks}/*.png (masks: ids 0 soil, 1 crop, 2 weed, or colours "
-              "green crop / red weed) and ortho_tiles/*.png (unlabeled 256x256 orthomosaic tiles)")
+              "green crop / red weed), ortho_tiles/*.png (unlabeled 256x256 orthomosaic tiles), optional "
+              "data_list/{train,val,test}.txt")
     if split == "unlabeled":
         folder = os.path.join(root, "ortho_tiles")
         _require(folder, "nassar", layout)
@@ -622,6 +731,15 @@ def _read_nassar(root, split, download, seed, options):
     for part in parts:
         _require(os.path.join(root, "tiled_dataset", part, "images"), "nassar", layout)
         part_images = _images_in(os.path.join(root, "tiled_dataset", part, "images"))
+        order_list = os.path.join(root, "data_list", f"{part}.txt")
+        if os.path.exists(order_list):
+            by_stem = {_stem(p): p for p in part_images}
+            wanted = [_stem(name) for name in _read_list(order_list)]
+            missing = [name for name in wanted if name not in by_stem]
+            if missing:
+                raise DatasetError(f"nassar: {len(missing)} names of {order_list} are not in tiled_dataset/{part}/images "
+                                   f"(first: {missing[0]}); fix the list or the folder")
+            part_images = [by_stem[name] for name in wanted]
         images += part_images
         labels += _match_by_stem(part_images, os.path.join(root, "tiled_dataset", part, "masks"), "nassar")
     return {"images": images, "labels": labels, "decode": _weed_colours}
@@ -639,10 +757,18 @@ def _read_sugarbeets(root, split, download, seed, options):
     if not labels:
         raise DatasetError(f"sugarbeets: no annotations/dlp/colorCleaned/*.png under {root}; expected {layout}")
     weeds_list = os.path.join(root, "sugarbeets_weeds.txt")
-    if os.path.exists(weeds_list):  # the images that contain weeds (757 in the paper's downstream task)
-        wanted = {_stem(s) for s in _read_list(weeds_list)}
-        labels = [p for p in labels if _stem(p) in wanted]
-    # The paper's 7:1:2 train/val/test split, by sorted order (deterministic, no seed).
+    if os.path.exists(weeds_list):
+        # The images that contain weeds (757 in the paper's downstream task), in the list's order: the authors'
+        # data_list/sugarbeets/sugarbeets_weeds.txt (github.com/yuw422/Selective_Masking_Image_Reconstruction),
+        # whose lines name annotations/dlp/iMapCleaned/<stem>.png; matched here by stem.
+        by_stem = {_stem(p): p for p in labels}
+        wanted = [_stem(s) for s in _read_list(weeds_list)]
+        missing = [s for s in wanted if s not in by_stem]
+        if missing:
+            raise DatasetError(f"sugarbeets: {len(missing)} images of {weeds_list} have no colorCleaned label under "
+                               f"{root} (first: {missing[0]}); fix the list or the annotation folders")
+        labels = [by_stem[s] for s in wanted]
+    # The paper's 7:1:2 train/val/test split, in the list's order (else sorted order; deterministic, no seed).
     n = len(labels)
     cut = {"train": (0, int(0.7 * n)), "val": (int(0.7 * n), int(0.8 * n)), "test": (int(0.8 * n), n),
            "trainval": (0, int(0.8 * n))}[split]
@@ -680,8 +806,8 @@ def _read_folder(root, split, download, seed, options):
         folder = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
         return {"images": _images_in(folder, recursive=True)}
     mask_mode = options.pop("mask_mode", "ids")
-    if mask_mode not in ("ids", "binary"):
-        raise DatasetError(f"folder: mask_mode must be 'ids' or 'binary', got {mask_mode!r}")
+    if mask_mode not in ("ids", "binary", "auto"):
+        raise DatasetError(f"folder: mask_mode must be 'ids', 'binary' or 'auto', got {mask_mode!r}")
     if os.path.isdir(os.path.join(root, "train", "images")):
         parts = ("train", "val") if split == "trainval" else (split,)
         images = []
@@ -699,6 +825,9 @@ def _read_folder(root, split, download, seed, options):
         everything = _images_in(os.path.join(root, "images"))
         images = [p for part in parts for p in _seeded_split(everything, part, seed)]
         labels = _match_by_stem(images, os.path.join(root, "masks"), "folder")
+    if mask_mode == "auto":  # masks holding only 0 and 255 (PraNet's, the MaskSup authors'): 255 is foreground
+        mask_mode = "binary" if labels and all(set(np.unique(_grey(load_label(path))).tolist()) <= {0, 255}
+                                               for path in labels) else "ids"
     if mask_mode == "binary":
         return {"images": images, "labels": labels, "decode": _threshold, "num_classes": 2}
     num_classes = options.pop("num_classes", None)
@@ -807,6 +936,7 @@ READERS = {
     "glas": (_read_glas, ("train", "val", "trainval", "testA", "testB", "test"), ("background", "gland"), None, True),
     "kvasir": (_read_kvasir, ("train", "val", "trainval", "test"), ("background", "polyp"), None, True),
     "cvc": (_read_cvc, ("train", "val", "trainval", "test", "all"), ("background", "polyp"), None, True),
+    "pranet": (_read_pranet, ("train", "val", "trainval", "test"), ("background", "polyp"), None, True),
     "nyudv2": (_read_nyudv2, ("train", "val", "trainval", "test"), NYU40_CLASSES, None, False),
     "nassar": (_read_nassar, ("train", "val", "trainval", "test", "unlabeled"), WEED_CLASSES, WEED_PALETTE, False),
     "sugarbeets": (_read_sugarbeets, ("train", "val", "trainval", "test", "unlabeled"), WEED_CLASSES, WEED_PALETTE, False),
@@ -824,7 +954,8 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
     `transform(image)` when image_only (cifar10, catsdogs and split "unlabeled" are always image-only).
     root: the dataset's folder in its original layout (None -> ./data/<name>). binary: ids > 0 -> 1.
     limit: first N items. seed: for seeded splits. image_size: only for "shapes" (the size it is drawn at).
-    options: shapes num_images, num_classes; pets border; nyudv2 label_base; folder num_classes, mask_mode;
+    options: shapes num_images, num_classes; pets border; nyudv2 label_base; folder num_classes, mask_mode
+    ("ids", "binary" or "auto"); pranet test_set;
     val_fraction for readers that carve "val" out of an official train split.
     """
     if name not in DATASET_NAMES:

@@ -16,42 +16,49 @@ Implemented (component -> function -> paper place)
     projection head Linear-ReLU-Linear, 2048->512->128   -> ProjectionHead            -> Sec. 2.1 (3)
     NT-Xent on L2-normalised projections, temperature    -> nt_xent_loss              -> Sec. 2.1 (4), Eq. (2.1)
     negatives from every DDP rank, with gradients        -> gather_with_grad          -> (SimCLR's global batch)
+    LARS, warm-up + cosine (pre-training optimiser)      -> LARS, build_optimizer     -> (authors' code, SimCLR)
     load the pre-trained encoder, strict by name         -> transfer_encoder_weights  -> Sec. 2.2 step (1)
     U-Net decoder on the ResNet feature maps, 1 logit    -> UNetDecoder, SimCLRUNet   -> Sec. 2.2 step (2)
     BCE (Dice, Focal: the authors' code) + Adam 1e-4     -> segmentation_loss, build_optimizer -> Sec. 2.2 step (3)
     keep the weights of the lowest validation loss       -> fit (--select-by)         -> Sec. 2.2 step (4)
     test IoU, F1, Dice, Focal, BCE, recall, accuracy     -> evaluate, table_row       -> Sec. 2.2 step (5), Table 4.1
     fixed 20 % test, dev 80/50/20 %, train/val 90/10     -> pet_splits                -> Sec. 3.1
-    baseline / CIFAR / Pet x dev 20/50/80 grid           -> run_table41               -> Sec. 3.1-3.2, Table 4.1
-    ImageNet-initialised backbone (report: "pre-trained ResNet-50") -> --init / --pretrain-init imagenet
+    baseline / CIFAR / Pet x dev 20/50/80 x seeds grid   -> run_table41, summarise    -> Sec. 3.1-3.2, Table 4.1
+    ImageNet-initialised backbone (report: "pre-trained ResNet-50") -> --init / --pretrain-init / --baseline-init
+
+Oxford-IIIT Pet sizes (the release's annotations/trainval.txt and test.txt, which torchvision's OxfordIIITPet reads;
+Parkhi et al., CVPR 2012, https://www.robots.ox.ac.uk/~vgg/data/pets/): trainval 3,680 + test 3,669 = 7,349 images.
+pet_splits on all 7,349 (CHOICE C9): test 1,470; dev 80 % = 5,879 (5,291 train + 588 val), 50 % = 3,674, 20 % = 1,470.
 
 Choices (the paper is silent or vague; grep "CHOICE C")
     C1  Pre-training starts from random weights, as the authors' code does (`pretrained=False`); the report's
         "pre-trained ResNet-50 model as the backbone" is available as --pretrain-init imagenet.
-    C2  Augmentation = SimCLR v1's recipe: RandomResizedCrop scale 0.08-1 (aspect 3/4-4/3), horizontal flip,
-        colour jitter (0.8 s, 0.8 s, 0.8 s, 0.2 s) with p = 0.8, grayscale p = 0.2, Gaussian blur with an odd kernel
-        of about 10 % of the image side (23 at 224) and sigma in [0.1, 2] with p = 0.5; s = 1.0 (authors' config).
-        Every item's views are drawn from a generator seeded by (seed, epoch, index).
+    C2  Augmentation = SimCLR v1's recipe: RandomResizedCrop scale 0.08-1 (aspect 3/4-4/3), horizontal flip p 0.5,
+        colour jitter (brightness 0.8 s, contrast 0.8 s, saturation 0.8 s, hue 0.2 s) with p 0.8, grayscale p 0.2,
+        Gaussian blur with an odd kernel of about 10 % of the view side (23 at 224) and sigma in [0.1, 2] with
+        p 0.5; s = 1.0 (authors' config). Each item's views are drawn from (seed, stage, epoch, index) alone.
     C3  NT-Xent on L2-normalised projections (the authors' code forgets the normalisation), temperature 0.1
-        (authors' config). Both views of the batch go through the encoder as one batch of 2B, as SimCLR does.
-    C4  Pre-training optimiser: LARS, lr 0.3, momentum 0.9, trust coefficient 0.001, weight decay 1e-6, biases and
-        BatchNorm excluded from both, batch 120, 20 epochs, 224 px (authors' code and config); schedule: linear
-        warm-up for 10 % of the epochs, then cosine decay (SimCLR).
+        (authors' config), computed in fp32 even under bf16 autocast (bf16 logits near cos = 1 at tau 0.1 put
+        about 2 % error into the gradient). Both views go through the encoder as one batch of 2B, as SimCLR does.
+    C4  Pre-training optimiser: LARS, lr 0.3, momentum 0.9, trust coefficient 0.001, weight decay 1e-6; biases and
+        BatchNorm (every tensor with one dimension) are excluded from both decay and trust ratio; batch 120,
+        20 epochs, 224 px (authors' code and config); schedule: linear warm-up for 10 % of the epochs, then cosine.
     C5  Under DDP the loss of each rank's anchors uses the projections of all ranks as negatives (gathered with
         gradients) and BatchNorm is synchronised across GPUs (SimCLR's global BN; --no-sync-bn to turn it off).
     C6  U-Net decoder as in segmentation_models_pytorch's Unet (the authors' fine-tuning model): 5 blocks of
         nearest x2 upsampling + skip concatenation + 2 x (conv3x3-BN-ReLU), widths 256-128-64-32-16, skips from the
         stem (/2) and layers 1-3 (/4, /8, /16), layer 4 (/32) as the bottleneck; a 3x3 conv gives one logit.
-    C7  The encoder of the last pre-training epoch is transferred; the projection head is dropped.
+    C7  The encoder of the last pre-training epoch (OUT/pretrain.pt) is transferred; the projection head is dropped.
     C8  Pet trimaps: 1 pet -> 1, 2 background -> 0, 3 border -> foreground (the rule of smp's Pet example, which
-        the authors' smp-based code follows); --border background|ignore switches it.
+        the authors' smp-based code follows); --border background|ignore switches it. Other values are an error.
     C9  Pet splits: one seeded permutation (--split-seed) of the whole set; its first 20 % is the test set for every
-        dev fraction; the dev set is the next dev_split * N images (so the 20 % dev set lies inside the 50 % one,
-        which lies inside the 80 % one); its first 10 % is validation, the rest training; the remainder is unused.
+        dev fraction, row and --seed; the dev set is the next dev_split * N images (so the 20 % dev set lies inside
+        the 50 % one, which lies inside the 80 % one); its first 10 % is validation, the rest training.
     C10 Fine-tuning images are resized to img_size x img_size (224), labels with nearest; no augmentation (the paper
         describes none); ImageNet normalisation.
     C11 The weights with the lowest validation loss are kept (the report); --select-by val_iou gives the authors'
-        code's rule. Validation runs every epoch (the authors' code: every 2).
+        code's rule. Validation runs every epoch (the authors' code: every 2). The test split is scored once, at
+        the end, with best.pt.
     C12 Test metrics come from dataset-level pixel counts (IoU, F1, recall, accuracy) and pixel means (BCE, Focal
         with gamma 2) or one soft Dice over all test pixels; the authors' code averaged per-batch scores.
     C13 Pre-training on `pets` while fine-tuning on Pets uses only the images outside the fixed test set, so no test
@@ -67,30 +74,42 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         fine-tuning batch 8). "CIFAR" pre-trains on the synthetic scenes drawn at half the size and enlarged by the
         crop (as CIFAR-10's 32 px images are at 224), "Pet" on the same scenes at full size. The small grid exercises
         the protocol; it cannot answer the paper's question about data similarity.
+    C16 The grid is fair by construction: every row and seed shares the split (--split-seed) and the fine-tuning
+        recipe; only the encoder's start differs, and the Model column names it (baseline: --baseline-init, default
+        none as in the report; SimCLR rows: pre-trained from --pretrain-init). --seeds runs every row (and every
+        pre-training) once per seed; the table gives mean +- sample standard deviation over the seeds.
+    C17 --pretrain-limit N is a draw seeded by --split-seed and balanced over the classes the set has as folders
+        (catsdogs: Cat/Dog, common.py; folder: its first-level subfolders) or file names (pets: breeds); CIFAR-10
+        (whose reader exposes no labels here) gets a seeded uniform draw. Unreadable pre-training images are found
+        by fully decoding every file when the set is scanned, skipped, counted and reported (results.json).
 
 Usage
     python simclr_seg.py                                   # synthetic: pre-train, then fine-tune (a few minutes, CPU)
     python simclr_seg.py --data pets --data-root data --pretrain-data cifar10 --pretrain-root data/cifar10
     python simclr_seg.py --data pets --data-root data --stage finetune --init none --dev-split 0.5   # baseline
-    python simclr_seg.py --data pets --data-root data --stage finetune --init simclr:runs/x/pretrain/last.pt
-    python simclr_seg.py --data pets --data-root data --experiment table4.1 --cifar10-root data/cifar10 \
-        --catsdogs-root data/catsdogs --limit 23402      # the authors' CIFAR-10 subset; all 7,390 Pet images
-    python simclr_seg.py --experiment table4.1             # the same grid in small form on synthetic data
+    python simclr_seg.py --data pets --data-root data --stage finetune --init simclr:runs/x/pretrain.pt
+    python simclr_seg.py --data pets --data-root data --experiment table4.1 --seeds 0 1 2 \
+        --grid-sources CIFAR=cifar10:data/cifar10 Pet=catsdogs:data/catsdogs --pretrain-limit 23410
+    python simclr_seg.py --experiment table4.1 --seeds 0 1 2     # the same grid in small form on synthetic data
     torchrun --nproc_per_node=4 simclr_seg.py --data pets --data-root data --compile
-    python simclr_seg.py --resume --out runs/simclr_seg-shapes          # continue at the next epoch
+    python simclr_seg.py --resume --out runs/simclr_seg-shapes          # continue at the next epoch (or stage)
+    python simclr_seg.py --eval-only --checkpoint runs/simclr_seg-shapes/best.pt
 
 Shapes: B batch (per rank), W ranks, C channels, H W height width, d projection width, D representation width.
 Images (B, 3, H, W) float normalised; labels (B, H, W) int64 in {0, 1, 255 = ignore}; logits (B, 1, H, W).
 """
 
 import argparse
+import copy
 import csv
 import functools
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -104,48 +123,48 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.transforms import v2
 from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
-from common import NORMALIZATION, BinaryStats, DatasetError, build_dataset, denormalize, joint_transform
+from common import (NORMALIZATION, BinaryStats, DatasetError, build_dataset, check_labels, denormalize,
+                    joint_transform, readable_images)
 
-METHOD = "simclr_seg"
+SCRIPT = "simclr_seg.py"
 ENCODER_CHANNELS = {  # widths of the stem (/2) and layers 1-4 (/4 ... /32); parameters our code measures:
     "resnet18": (64, 64, 128, 256, 512),  # SimCLR 11.5 M, U-Net 14.3 M (the synthetic preset, a CPU choice)
     "resnet34": (64, 64, 128, 256, 512),  # SimCLR 21.6 M, U-Net 24.4 M
     "resnet50": (64, 256, 512, 1024, 2048),  # SimCLR 24.6 M, U-Net 32.5 M = smp Unet("resnet50") (authors' model)
 }
 TABLE_COLUMNS = ("ID", "Model", "Loss Func", "Dev Split", "IOU", "F1", "Dice", "Focal", "BCE", "Recall", "Accuracy")
-PAPER_TABLE41 = {  # Table 4.1 of the report: (model, dev split %) -> test IoU, printed beside the grid's rows
+METRIC_COLUMNS = TABLE_COLUMNS[4:]
+PAPER_TABLE41 = {  # Table 4.1 of the report: (source, dev split %) -> test IoU, printed beside the grid's rows
     ("baseline", 20): 0.758, ("baseline", 50): 0.828, ("baseline", 80): 0.906,
     ("CIFAR", 20): 0.754, ("CIFAR", 50): 0.852, ("CIFAR", 80): 0.900,
     ("Pet", 20): 0.759, ("Pet", 50): 0.843, ("Pet", 80): 0.902,
 }
-
-
-class UsageError(ValueError):
-    """A user's mistake outside the dataset (run folder, checkpoint, weights file): one sentence with the fix."""
+# --eval-only reads these from the checkpoint, so the test split is the one the model was trained beside
+SPLIT_PROTOCOL = ("img_size", "split_seed", "test_fraction", "val_fraction", "dev_split", "border",
+                  "synthetic_images", "limit", "loss")
 
 
 # --- configuration ---
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="SimCLR pre-training + U-Net fine-tuning (foreground segmentation, Oxford-IIIT Pet)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="SimCLR pre-training + U-Net fine-tuning (foreground segmentation, "
+                                        "Oxford-IIIT Pet)")
     parser.add_argument("--data", default="shapes", choices=("shapes", "pets"),
-                        help="fine-tuning set: shapes = built-in synthetic binary set, pets = Oxford-IIIT Pet")
-    parser.add_argument("--data-root", default=None,
-                        help="folder holding oxford-iiit-pet/ (default ./data/pets)")
+                        help="fine-tuning set: shapes = built-in synthetic binary set (default), pets = Oxford-IIIT Pet")
+    parser.add_argument("--data-root", default=None, help="folder holding oxford-iiit-pet/ (default ./data/pets)")
     parser.add_argument("--download", action="store_true",
-                        help="let torchvision download Pets / CIFAR-10, and torchvision ImageNet weights for --init "
-                             "imagenet when they are not in the torch hub cache")
-    parser.add_argument("--stage", default="both", choices=("pretrain", "finetune", "both"),
-                        help="pretrain = SimCLR only (Sec. 2.1); finetune = U-Net only (Sec. 2.2); both = pretrain, "
-                             "then fine-tune from it; runs go to OUT/pretrain and OUT/finetune")
+                        help="let torchvision download Pets / CIFAR-10, and torchvision ImageNet weights for an "
+                             "imagenet init when they are not in the torch hub cache")
+    parser.add_argument("--stage", default=None, choices=("pretrain", "finetune", "both"),
+                        help="pretrain = SimCLR only (Sec. 2.1); finetune = U-Net only (Sec. 2.2); both (default) = "
+                             "pretrain, then fine-tune from it, in one run directory")
     parser.add_argument("--experiment", default=None, choices=("table4.1",),
-                        help="run the report's grid: baseline / CIFAR / Pet pre-trained x dev split 20/50/80 "
+                        help="run the report's grid: baseline / pre-trained sources x dev splits x seeds "
                              "(Table 4.1), writing OUT/table4.1.md and .csv")
     parser.add_argument("--img-size", type=int, default=None,
                         help="fine-tuning image side in px (paper code: 224; shapes preset: 48)")
@@ -153,105 +172,115 @@ def get_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None,
                         help="fine-tuning batch per process (authors' code: 32; shapes: 16)")
     parser.add_argument("--lr", type=float, default=None, help="fine-tuning Adam lr (Sec. 2.2: 1e-4; shapes: 1e-3)")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on shapes, else 6)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast on CUDA (off on a CPU whatever this says)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the train_step function")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format (default: on for CUDA, off on a CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
-    parser.add_argument("--out", default=None, help="run folder (default runs/simclr_seg-<data>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out at the epoch after its last.pt (finished stages are kept)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="evaluate the fine-tuned --checkpoint on the test split and print the table row")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint for --eval-only (default OUT/finetune/best.pt)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="first N images of every set read (pool and pre-training set); --limit 23402 gives the "
-                             "authors' CIFAR-10 subset and leaves the 7,390 Pet images whole")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="deterministic kernels where PyTorch has them (slower); CPU runs are repeatable anyway")
+    add_run_arguments(parser, SCRIPT)
 
     pre = parser.add_argument_group("pre-training (Sec. 2.1)")
     pre.add_argument("--pretrain-data", default=None, choices=("shapes", "cifar10", "catsdogs", "pets", "folder"),
-                     help="unlabelled images for SimCLR (paper: cifar10, catsdogs = CAT&DOG; pets: with --data pets "
-                          "only the images outside the fixed test set; shapes: the synthetic unlabelled split; "
-                          "folder: every image under --pretrain-root); default shapes for --data shapes, else cifar10")
+                     help="unlabelled images for SimCLR (paper: cifar10, catsdogs = CAT&DOG, also its HuggingFace "
+                          "export; pets: with --data pets only the images outside the fixed test set; shapes: the "
+                          "synthetic unlabelled split; folder: every image under --pretrain-root); default shapes "
+                          "for --data shapes, else cifar10")
     pre.add_argument("--pretrain-root", default=None, help="folder of the pre-training set (default ./data/<name>)")
+    pre.add_argument("--pretrain-limit", type=int, default=None, metavar="N",
+                     help="a seeded, class-balanced draw of N pre-training images (CHOICE C17; the authors used "
+                          "23,410 CAT&DOG images and as many CIFAR-10 ones)")
     pre.add_argument("--pretrain-epochs", type=int, default=None, help="SimCLR epochs (Sec. 3.1: 20; shapes: 6)")
     pre.add_argument("--pretrain-batch-size", type=int, default=None,
                      help="images per process and step, each seen as two views (authors' code: 120; shapes: 32)")
     pre.add_argument("--pretrain-lr", type=float, default=None,
                      help="peak lr (LARS 0.3, authors' code; shapes preset: Adam 1e-3)")
     pre.add_argument("--pretrain-optimizer", default=None, choices=("lars", "adam"),
-                     help="LARS (authors' code, SimCLR) or Adam (default lars; shapes preset adam)")
-    pre.add_argument("--weight-decay", type=float, default=1e-6, help="pre-training weight decay (authors' code)")
+                     help="LARS (authors' code, SimCLR; the default) or Adam (the shapes preset)")
+    pre.add_argument("--weight-decay", type=float, default=1e-6,
+                     help="pre-training weight decay of conv and linear weights (authors' code: 1e-6)")
     pre.add_argument("--warmup-epochs", type=float, default=None,
-                     help="linear lr warm-up before the cosine decay (default 10 %% of --pretrain-epochs)")
+                     help="linear lr warm-up before the cosine decay (default: 10 %% of --pretrain-epochs)")
     pre.add_argument("--pretrain-img-size", type=int, default=None,
-                     help="side of the views in px (authors' config: 224; default --img-size)")
+                     help="side of the views in px (authors' config: 224; default: --img-size)")
     pre.add_argument("--pretrain-source-size", type=int, default=None,
                      help="--pretrain-data shapes only: side the synthetic images are drawn at before the crop "
-                          "(default --pretrain-img-size)")
-    pre.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature tau (authors' config)")
-    pre.add_argument("--projection-hidden-dim", type=int, default=512, help="projection head hidden width (code)")
-    pre.add_argument("--projection-dim", type=int, default=128, help="projection head output width d (code)")
+                          "(default: --pretrain-img-size)")
+    pre.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature tau (authors' config: 0.1)")
+    pre.add_argument("--projection-hidden-dim", type=int, default=512, help="projection head hidden width (code: 512)")
+    pre.add_argument("--projection-dim", type=int, default=128, help="projection head output width d (code: 128)")
     pre.add_argument("--color-strength", type=float, default=None,
                      help="colour distortion strength s (authors' config: 1.0; shapes preset: 0.5)")
-    pre.add_argument("--blur-prob", type=float, default=0.5, help="probability of the Gaussian blur (SimCLR v1)")
+    pre.add_argument("--blur-prob", type=float, default=0.5, help="probability of the Gaussian blur (SimCLR v1: 0.5)")
     pre.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                      help="area range of the random resized crop (SimCLR: 0.08 1; shapes preset: 0.3 1)")
     pre.add_argument("--pretrain-init", default="none",
-                     help="encoder at the start of pre-training: none (authors' code) | imagenet | imagenet:PATH")
+                     help="encoder at the start of pre-training: none (authors' code, the default) | imagenet | "
+                          "imagenet:PATH")
     pre.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                     help="SyncBatchNorm while pre-training under DDP on CUDA (SimCLR's global BN)")
+                     help="SyncBatchNorm while pre-training under DDP on CUDA (SimCLR's global BN; on by default)")
 
     fine = parser.add_argument_group("fine-tuning (Sec. 2.2, 3.1)")
     fine.add_argument("--init", default=None,
-                      help="encoder init: none (the paper's fully supervised baseline) | imagenet | imagenet:PATH | "
-                           "simclr:PATH (a pre-training checkpoint); default simclr:OUT/pretrain/last.pt with "
-                           "--stage both, none with --stage finetune")
+                      help="--stage finetune: encoder init none (the paper's fully supervised baseline; the default) "
+                           "| imagenet | imagenet:PATH | simclr:PATH (a pre-training checkpoint, e.g. OUT/pretrain.pt)"
+                           "; --stage both always starts from its own OUT/pretrain.pt")
     fine.add_argument("--model-name", default=None,
-                      help="label in the table row's Model column (default baseline / imagenet / SimCLR-<set>)")
+                      help="label in the table row's Model column (default: baseline / imagenet / SimCLR-<set>)")
     fine.add_argument("--encoder", default=None, choices=sorted(ENCODER_CHANNELS),
                       help="torchvision ResNet (paper: resnet50; shapes preset: resnet18, a CPU choice)")
     fine.add_argument("--decoder-channels", type=int, nargs=5, default=(256, 128, 64, 32, 16), metavar="C",
-                      help="U-Net decoder widths, deepest first (smp Unet, the authors' code)")
+                      help="U-Net decoder widths, deepest first (smp Unet, the authors' code: 256 128 64 32 16)")
     fine.add_argument("--loss", default="bce", choices=("bce", "dice", "focal"),
-                      help="fine-tuning loss (paper: BCE; the authors' code also offers Dice and Focal)")
+                      help="fine-tuning loss (paper: bce, the default; the authors' code also offers dice and focal)")
     fine.add_argument("--select-by", default="val_loss", choices=("val_loss", "val_iou"),
-                      help="best.pt = lowest validation loss (report) or highest validation IoU (authors' code)")
-    fine.add_argument("--dev-split", type=float, default=0.8,
-                      help="development fraction of the whole set (Sec. 3.1: 0.8, 0.5, 0.2); the rest minus the "
-                           "test set is unused")
+                      help="best.pt = lowest validation loss (report, the default) or highest validation IoU "
+                           "(authors' code)")
+    fine.add_argument("--dev-split", type=float, default=None,
+                      help="development fraction of the whole set (Sec. 3.1: 0.8, the default, 0.5, 0.2); the rest "
+                           "minus the test set is unused")
     fine.add_argument("--test-fraction", type=float, default=0.2, help="fixed test fraction (Sec. 3.1: 0.2)")
     fine.add_argument("--val-fraction", type=float, default=0.1,
-                      help="validation fraction of the dev set (Sec. 3.1: 90/10 train/val)")
-    fine.add_argument("--split-seed", type=int, default=0, help="seed of the Pet split permutation (fixed test set)")
+                      help="validation fraction of the dev set (Sec. 3.1: 90/10 train/val, so 0.1)")
+    fine.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the split permutation (the fixed test set) and of --pretrain-limit's draw")
     fine.add_argument("--border", default="foreground", choices=("foreground", "background", "ignore"),
-                      help="Pet trimap class 3 (the border) becomes this (CHOICE C8)")
+                      help="Pet trimap class 3 (the border) becomes this (CHOICE C8; default foreground)")
     fine.add_argument("--synthetic-images", type=int, default=None,
                       help="--data shapes / --pretrain-data shapes: images in the labelled synthetic pool that "
-                           "pet_splits divides, and in the unlabelled synthetic pre-training set (default 384; 192 "
+                           "pet_splits divides, and in the unlabelled synthetic pre-training set (default: 384; 192 "
                            "for the table4.1 grid)")
 
-    grid = parser.add_argument_group("experiment grid (Table 4.1)")
-    grid.add_argument("--cifar10-root", default=None, help="CIFAR-10 folder for the grid (default ./data/cifar10)")
-    grid.add_argument("--catsdogs-root", default=None, help="Kaggle PetImages folder for the grid (./data/catsdogs)")
-    grid.add_argument("--dev-splits", type=float, nargs="+", default=(0.2, 0.5, 0.8),
-                      help="dev fractions of the grid (Sec. 3.1)")
+    grid = parser.add_argument_group("experiment grid (Table 4.1, --experiment table4.1 only)")
+    grid.add_argument("--grid-sources", nargs="+", default=None, metavar="LABEL=DATA[:ROOT]",
+                      help="the pre-trained rows: a label and a --pretrain-data (with its root), e.g. "
+                           "CIFAR=cifar10:data/cifar10 Pet=catsdogs:data/catsdogs (the default for --data pets); "
+                           "shapes: the synthetic stand-ins of CHOICE C15")
+    grid.add_argument("--dev-splits", type=float, nargs="+", default=None,
+                      help="dev fractions of the grid (Sec. 3.1: 0.2 0.5 0.8)")
+    grid.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="run every row once per seed and report mean and spread (default: --seed alone)")
+    grid.add_argument("--baseline-init", default=None,
+                      help="encoder of the baseline rows: none (the report's randomly initialised U-Net; the "
+                           "default) | imagenet | imagenet:PATH; the SimCLR rows start pre-training from "
+                           "--pretrain-init")
 
     args = parser.parse_args(argv)
     synthetic = args.data == "shapes"
+    if args.experiment:  # flags the grid sets per row itself would be silently ignored: refuse them (CHOICE C16)
+        for flag in ("stage", "init", "dev_split", "model_name", "pretrain_data", "pretrain_root"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--experiment table4.1 sets --{flag.replace('_', '-')} per row itself; drop it "
+                             f"(the grid's own flags: --grid-sources, --dev-splits, --seeds, --baseline-init)")
+        if args.eval_only or args.checkpoint:
+            parser.error("--experiment table4.1 trains its rows; --eval-only scores one fine-tuned checkpoint: "
+                         "pass one of them")
+    else:
+        for flag in ("grid_sources", "dev_splits", "seeds", "baseline_init"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag.replace('_', '-')} is only read by --experiment table4.1; add it or drop "
+                             f"the flag")
 
     # Data-dependent defaults: the paper's settings for real data, a CPU preset for the synthetic set (CHOICE C14).
     def default(name, shapes_value, paper_value):
         if getattr(args, name) is None:
             setattr(args, name, shapes_value if synthetic else paper_value)
 
-    if synthetic and args.experiment:  # the grid's 11 runs in a few minutes on a CPU (CHOICE C15)
+    if synthetic and args.experiment:  # the grid's rows in a few minutes on a CPU (CHOICE C15)
         default("img_size", 32, None)
         default("epochs", 6, None)
         default("batch_size", 8, None)
@@ -262,7 +291,6 @@ def get_args(argv=None):
     default("epochs", 10, 60)
     default("batch_size", 16, 32)
     default("lr", 1e-3, 1e-4)
-    default("workers", 0, 6)
     default("encoder", "resnet18", "resnet50")
     default("pretrain_data", "shapes", "cifar10")
     default("pretrain_epochs", 6, 20)
@@ -270,6 +298,8 @@ def get_args(argv=None):
     default("pretrain_optimizer", "adam", "lars")
     default("crop_scale", (0.3, 1.0), (0.08, 1.0))
     default("color_strength", 0.5, 1.0)
+    args.crop_scale = tuple(args.crop_scale)
+    args.decoder_channels = tuple(args.decoder_channels)
     if args.pretrain_lr is None:
         args.pretrain_lr = 0.3 if args.pretrain_optimizer == "lars" else 1e-3
     if args.pretrain_img_size is None:
@@ -278,11 +308,9 @@ def get_args(argv=None):
         args.pretrain_source_size = args.pretrain_img_size
     if args.warmup_epochs is None:
         args.warmup_epochs = 0.1 * args.pretrain_epochs
-    if args.out is None:
-        args.out = os.path.join("runs", f"{METHOD}-{args.data}")
-    if args.init is None:
-        # CHOICE C7: fine-tuning starts from the encoder of the last pre-training epoch
-        args.init = f"simclr:{os.path.join(args.out, 'pretrain', 'last.pt')}" if args.stage == "both" else "none"
+    args.dev_split = 0.8 if args.dev_split is None else args.dev_split
+    args.dev_splits = tuple(args.dev_splits or (0.2, 0.5, 0.8))
+    args.baseline_init = args.baseline_init or "none"
 
     if args.pretrain_source_size < 8:
         parser.error(f"--pretrain-source-size must be at least 8 px, got {args.pretrain_source_size}")
@@ -293,15 +321,17 @@ def get_args(argv=None):
     for flag in ("epochs", "batch_size", "pretrain_epochs", "pretrain_batch_size", "synthetic_images"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if args.pretrain_batch_size < 2:
-        parser.error("--pretrain-batch-size must be at least 2: NT-Xent needs other images as negatives")
+    if args.pretrain_limit is not None and args.pretrain_limit < 1:
+        parser.error(f"--pretrain-limit must be a positive number of images, got {args.pretrain_limit}")
+    if args.batch_size == 1 and args.img_size < 64:
+        # layer4 of the ResNet is (img_size / 32)^2 = 1 value per channel: BatchNorm cannot train on one value
+        parser.error(f"--batch-size 1 needs --img-size 64 or more (at {args.img_size} px the ResNet's last "
+                     f"BatchNorm sees one value per channel); pass --batch-size 2 or a larger --img-size")
     for flag in ("lr", "pretrain_lr", "temperature"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.weight_decay < 0 or args.warmup_epochs < 0 or args.workers < 0:
-        parser.error("--weight-decay, --warmup-epochs and --workers must not be negative")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be a positive number of images, got {args.limit}")
+    if args.weight_decay < 0 or args.warmup_epochs < 0:
+        parser.error("--weight-decay and --warmup-epochs must not be negative")
     if not 0 < args.test_fraction < 1:
         parser.error(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
     for value in (args.dev_split, *args.dev_splits):
@@ -311,27 +341,60 @@ def get_args(argv=None):
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        parser.error(f"--crop-scale needs 0 < LO <= HI <= 1, got {args.crop_scale}")
+        parser.error(f"--crop-scale needs 0 < LO <= HI <= 1, got {list(args.crop_scale)}")
     if not 0 <= args.blur_prob <= 1 or args.color_strength < 0:
         parser.error("--blur-prob must be in [0, 1] and --color-strength must not be negative")
     if min(args.decoder_channels) < 1 or min(args.projection_dim, args.projection_hidden_dim) < 1:
         parser.error("--decoder-channels, --projection-dim and --projection-hidden-dim must be positive")
-    for flag in ("init", "pretrain_init"):
-        kind = getattr(args, flag).split(":", 1)[0]
+    for flag in ("init", "pretrain_init", "baseline_init"):
+        spec = getattr(args, flag)
+        if spec is None:
+            continue
+        kind = spec.split(":", 1)[0]
         allowed = ("none", "imagenet", "simclr") if flag == "init" else ("none", "imagenet")
-        if kind not in allowed or (kind == "simclr" and ":" not in getattr(args, flag)):
+        if kind not in allowed or (kind == "simclr" and ":" not in spec) or (kind == "none" and spec != "none"):
             forms = "none | imagenet | imagenet:PATH" + (" | simclr:PATH (a pre-training checkpoint)"
                                                          if flag == "init" else "")
-            parser.error(f"--{flag.replace('_', '-')} must be {forms}, got {getattr(args, flag)!r}")
-    if args.pretrain_data == "folder" and args.pretrain_root is None and args.stage != "finetune":
-        parser.error("--pretrain-data folder needs --pretrain-root DIR (every image under DIR is used)")
-    if args.eval_only and (args.stage == "pretrain" or args.experiment):
-        parser.error("--eval-only evaluates a fine-tuned model: drop --stage pretrain / --experiment")
-    if args.eval_only and args.resume:
-        parser.error("--eval-only and --resume exclude each other")
-    if args.experiment and args.stage != "both":
-        parser.error("--experiment table4.1 runs both stages itself: drop --stage")
+            parser.error(f"--{flag.replace('_', '-')} must be {forms}, got {spec!r}")
+    args.grid = parse_grid_sources(parser, args)
+    if args.experiment is None:
+        args.stage = args.stage or "both"
+        if args.pretrain_data == "folder" and args.pretrain_root is None and args.stage != "finetune":
+            parser.error("--pretrain-data folder needs --pretrain-root DIR (every image under DIR is used)")
+        if args.init is not None and args.stage != "finetune":
+            parser.error("--init is read by --stage finetune only: --stage both fine-tunes the encoder it "
+                         "pre-trains (OUT/pretrain.pt) and --stage pretrain fine-tunes nothing; use --pretrain-init")
+        if args.eval_only and args.stage == "pretrain":
+            parser.error("--eval-only scores a fine-tuned model: drop --stage pretrain")
+    check_run_arguments(parser, args, SCRIPT)
+    if args.experiment is None and args.stage == "both":
+        args.init = f"simclr:{os.path.join(args.out, 'pretrain.pt')}"  # CHOICE C7: the last pre-training epoch
+    elif args.init is None:
+        args.init = "none"
     return args
+
+
+def parse_grid_sources(parser, args):
+    """--grid-sources LABEL=DATA[:ROOT] ... -> {label: {"pretrain_data": ..., "pretrain_root": ..., ...}}."""
+    if not args.experiment:
+        return None
+    if args.grid_sources is None:
+        if args.data == "shapes":  # CHOICE C15: small synthetic stand-ins for CIFAR-10 and CAT&DOG
+            return {"CIFAR": dict(pretrain_data="shapes", pretrain_source_size=args.pretrain_img_size // 2),
+                    "Pet": dict(pretrain_data="shapes", pretrain_source_size=args.pretrain_img_size)}
+        args.grid_sources = ["CIFAR=cifar10:data/cifar10", "Pet=catsdogs:data/catsdogs"]
+    sources = {}
+    for item in args.grid_sources:
+        label, _, spec = item.partition("=")
+        data, _, root = spec.partition(":")
+        choices = ("shapes", "cifar10", "catsdogs", "pets", "folder")
+        if not label or label == "baseline" or label in sources or data not in choices:
+            parser.error(f"--grid-sources takes LABEL=DATA[:ROOT] with a new label other than 'baseline' and DATA "
+                         f"one of {', '.join(choices)}, got {item!r}")
+        if data == "folder" and not root:
+            parser.error(f"--grid-sources {item!r}: folder needs a ROOT (folder=DIR)")
+        sources[label] = dict(pretrain_data=data, pretrain_root=root or None)
+    return sources
 
 
 # --- data: SimCLR views (Sec. 2.1) and the Pet splits (Sec. 3.1) ---
@@ -353,54 +416,39 @@ def simclr_augmentation(size, strength=1.0, blur_prob=0.5, crop_scale=(0.08, 1.0
     ])
 
 
+def pretrain_augmentation(args):
+    """The views of this run's pre-training: simclr_augmentation with the run's flags."""
+    return simclr_augmentation(args.pretrain_img_size, args.color_strength, args.blur_prob, args.crop_scale)
+
+
 def keep_image(image):
     """Identity transform for the image-only readers: the raw uint8 image goes to TwoViews (picklable for workers)."""
     return image
 
 
 class TwoViews(Dataset):
-    """Image-only dataset -> two augmented views of each item, seeded by (seed, epoch, index).
+    """Image-only dataset -> two augmented views (view1, view2) of each item.
 
-    Indexed with (epoch, index) pairs from EpochSampler: each item's views depend only on the seed, the epoch and
-    the index, whatever --workers is, so a resumed run draws exactly the views the uninterrupted run would have.
+    Wrapped in the plumbing's SeededItems by make_loader: torchvision's random transforms draw from the torch RNG
+    seeded with the item's seed, so the views are a function of (seed, stage, epoch, index) for any --workers.
     """
 
-    def __init__(self, images, augment, seed):
-        self.images, self.augment, self.seed = images, augment, seed
+    def __init__(self, images, augment):
+        self.images, self.augment = images, augment
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, key):
-        epoch, index = key
+    def __getitem__(self, index):
         image = self.images[index]
-        item_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG: keep the caller's intact
-            torch.manual_seed(item_seed)
-            return self.augment(image), self.augment(image)
-
-
-class EpochSampler(Sampler):
-    """Wraps a DistributedSampler and yields (epoch, index): persistent workers never see a set_epoch call."""
-
-    def __init__(self, sampler):
-        self.sampler, self.epoch = sampler, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((self.epoch, index) for index in self.sampler)
-
-    def __len__(self):
-        return len(self.sampler)
+        return self.augment(image), self.augment(image)
 
 
 class ImageFolderFiles(Dataset):
     """Every image file under a folder (recursively), uint8 tv_tensors.Image items, for --pretrain-data folder.
 
-    common.py's `folder` reader wants an images/ + masks/ pair; pre-training needs images only.
+    common.py's `folder` reader wants an images/ + masks/ pair; pre-training needs images only. Every file is fully
+    decoded once when the folder is scanned (common.readable_images): unreadable ones are skipped and counted.
     """
 
     EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -408,24 +456,48 @@ class ImageFolderFiles(Dataset):
     def __init__(self, root):
         if not os.path.isdir(root):
             raise DatasetError(f"folder: {root} does not exist; pass --pretrain-root pointing at a folder of images")
-        self.image_paths = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+        paths = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+        self.image_paths, self.skipped = readable_images(paths, desc="folder: decoding")
         if not self.image_paths:
-            raise DatasetError(f"folder: no image files ({', '.join(self.EXTENSIONS)}) under {root}; "
+            raise DatasetError(f"folder: no readable image files ({', '.join(self.EXTENSIONS)}) under {root}; "
                                f"point --pretrain-root at a folder of images")
-        self.names = [Path(p).stem for p in self.image_paths]
+        if self.skipped:
+            print(f"folder: skipped {len(self.skipped)} unreadable image files of {len(paths)} (e.g. "
+                  f"{self.skipped[0]})", file=sys.stderr)
+        # the class of an image = its first-level subfolder (a flat folder is one class): --pretrain-limit balances it
+        self.classes = [Path(p).relative_to(root).parts[0] if len(Path(p).relative_to(root).parts) > 1 else ""
+                        for p in self.image_paths]
 
     def __len__(self):
         return len(self.image_paths)
 
     def __getitem__(self, index):
-        path = self.image_paths[index]
         try:
-            with Image.open(path) as image:
+            with Image.open(self.image_paths[index]) as image:
                 array = np.asarray(image.convert("RGB"))
-        except Exception as error:
-            raise DatasetError(f"folder: cannot read image {path} ({type(error).__name__}); remove or replace the "
-                               f"file") from None
+        except Exception as error:  # changed on disk since the scan
+            raise DatasetError(f"folder: cannot read image {self.image_paths[index]} ({type(error).__name__}); "
+                               f"remove or replace the file") from None
         return torchvision.tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
+
+
+def balanced_draw(classes, limit, seed):
+    """CHOICE C17: a seeded draw of `limit` item indices, round-robin over the classes -> sorted index list.
+
+    classes: one class key per item. Each class is visited in a seeded order; a class that runs out leaves its turns
+    to the others, so the draw is as balanced as the classes' sizes allow.
+    """
+    generator = np.random.default_rng(seed)
+    members = {}
+    for index, key in enumerate(classes):
+        members.setdefault(key, []).append(index)
+    queues = [[members[key][i] for i in generator.permutation(len(members[key]))] for key in sorted(members)]
+    chosen = []
+    while len(chosen) < limit and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return sorted(chosen)
 
 
 def pet_splits(num_images, dev_split, test_fraction=0.2, val_fraction=0.1, seed=0):
@@ -433,6 +505,7 @@ def pet_splits(num_images, dev_split, test_fraction=0.2, val_fraction=0.1, seed=
 
     One seeded permutation: the first round(test_fraction * N) are the test set, whatever dev_split is; the next
     round(dev_split * N) are the dev set (nested across dev fractions), split 90/10 into train and validation.
+    On all 7,349 Pet images: test 1,470; dev 80 % 5,879 = 5,291 train + 588 val.
     """
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
     num_test = round(test_fraction * num_images)
@@ -444,73 +517,83 @@ def pet_splits(num_images, dev_split, test_fraction=0.2, val_fraction=0.1, seed=
     for name in ("train", "val", "test"):
         if not splits[name]:
             raise DatasetError(f"the {name} split of {num_images} images is empty (dev {dev_split}, test "
-                               f"{test_fraction}, val {val_fraction}); use more images (--limit / "
-                               f"--synthetic-images) or larger fractions")
+                               f"{test_fraction}, val {val_fraction}); use more images (--synthetic-images) or "
+                               f"larger fractions")
     return {name: sorted(indices) for name, indices in splits.items()}
 
 
 def build_pool(args, transform, image_only=False):
-    """The labelled set that pet_splits divides: all 7,390 Pet images, or the synthetic binary pool."""
+    """The labelled set that pet_splits divides: all 7,349 Pet images (trainval + test), or the synthetic pool."""
     if args.data == "pets":
         return build_dataset("pets", args.data_root, split="all", transform=transform, image_only=image_only,
-                             binary=True, border=args.border, download=args.download, limit=args.limit)[0]
+                             binary=True, border=args.border, download=args.download)[0]
     return build_dataset("shapes", split="all", transform=transform, image_only=image_only, binary=True,
-                         image_size=args.img_size, num_images=args.synthetic_images, seed=args.split_seed,
-                         limit=args.limit)[0]
+                         image_size=args.img_size, num_images=args.synthetic_images, seed=args.split_seed)[0]
+
+
+def run_splits(args, num_images):
+    """pet_splits of the pool, then --limit: the first N indices of each split."""
+    splits = pet_splits(num_images, args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
+    return {name: indices[:args.limit] if args.limit else indices for name, indices in splits.items()}
+
+
+def build_finetune_data(args, runtime, names=("train", "val", "test")):
+    """-> {"train", "val", "test": Subset of the pool, "indices": the splits' pool indices}; every label checked."""
+    pool = build_pool(args, joint_transform(args.img_size))  # CHOICE C10: resize only, ImageNet normalisation
+    splits = run_splits(args, len(pool))
+    data = {"indices": {name: splits[name] for name in names}}
+    for name in names:
+        data[name] = Subset(pool, splits[name])
+        check_labels(data[name], desc=f"checking {name} labels")  # a bad trimap stops the run before any step
+    if "train" in names and args.img_size < 64 and -(-len(splits["train"]) // runtime.world_size) == 1:
+        raise DatasetError(f"the train split holds one image per process, and at --img-size {args.img_size} the "
+                           f"ResNet's last BatchNorm would see one value per channel; use more images or "
+                           f"--img-size 64")
+    return data
 
 
 def build_pretrain_images(args):
-    """The unlabelled pre-training images (uint8 tv_tensors.Image items); never the fine-tuning test set."""
+    """The unlabelled pre-training images (uint8 tv_tensors.Image items), never the fine-tuning test set
+    -> (dataset, number of unreadable files skipped)."""
     name, root = args.pretrain_data, args.pretrain_root
+    classes = None  # one class key per image, for --pretrain-limit's balanced draw (CHOICE C17)
     if name == "shapes":  # the synthetic set's own unlabelled split: other images than the labelled pool
-        return build_dataset("shapes", split="unlabeled", transform=keep_image, image_only=True,
-                             image_size=args.pretrain_source_size, num_images=args.synthetic_images,
-                             seed=args.split_seed, limit=args.limit)[0]
-    if name == "pets":
+        images = build_dataset("shapes", split="unlabeled", transform=keep_image, image_only=True,
+                               image_size=args.pretrain_source_size, num_images=args.synthetic_images,
+                               seed=args.split_seed)[0]
+    elif name == "pets":
         if args.data == "pets":  # CHOICE C13: in-domain, the fine-tuning pool minus its fixed test set
             pool = build_pool(args, keep_image, image_only=True)
-            splits = pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
-            test = set(splits["test"])
-            return Subset(pool, [i for i in range(len(pool)) if i not in test])
-        return build_dataset("pets", root, split="all", transform=keep_image, image_only=True,
-                             download=args.download, limit=args.limit)[0]
-    if name == "folder":
+            test = set(pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction,
+                                  args.split_seed)["test"])
+            keep = [i for i in range(len(pool)) if i not in test]
+            images, classes = Subset(pool, keep), [pool.names[i].rsplit("_", 1)[0] for i in keep]
+        else:
+            images = build_dataset("pets", root, split="all", transform=keep_image, image_only=True,
+                                   download=args.download)[0]
+            classes = [stem.rsplit("_", 1)[0] for stem in images.names]
+    elif name == "folder":
         images = ImageFolderFiles(root)
-        return Subset(images, range(min(len(images), args.limit or len(images))))
-    split = "train" if name == "cifar10" else "all"  # CIFAR-10's 50,000 training images; all of CAT&DOG
-    return build_dataset(name, root, split=split, transform=keep_image, image_only=True, download=args.download,
-                         limit=args.limit)[0]
+        classes = images.classes
+    elif name == "catsdogs":  # common.py decodes every file and draws the balanced subset itself
+        options = {} if args.pretrain_limit is None else {"balanced_limit": args.pretrain_limit}
+        images = build_dataset("catsdogs", root, split="all", transform=keep_image, image_only=True,
+                               seed=args.split_seed, **options)[0]
+    else:  # CIFAR-10's 50,000 training images
+        images = build_dataset("cifar10", root, split="train", transform=keep_image, image_only=True,
+                               download=args.download)[0]
+    skipped = len(getattr(images, "skipped", []))
+    if args.pretrain_limit is not None and name != "catsdogs":
+        classes = classes if classes is not None else [""] * len(images)
+        images = Subset(images, balanced_draw(classes, args.pretrain_limit, args.split_seed))
+    if args.limit is not None:
+        images = Subset(images, range(min(len(images), args.limit)))
+    return images, skipped
 
 
-def build_loaders(args, stage, ctx):
-    """-> dict of DataLoaders: pretrain {"train"}; finetune {"train", "val", "test"} (pet_splits)."""
-    # pinned host memory lets .to(device, non_blocking=True) overlap the copy with compute; persistent workers skip
-    # the start-up of new worker processes every epoch; the generator keeps DataLoader seeds off the global RNG
-    loader_options = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
-                          persistent_workers=args.workers > 0,
-                          generator=torch.Generator().manual_seed(args.seed + ctx.rank))
-    if stage == "pretrain":
-        images = build_pretrain_images(args)
-        if len(images) < args.pretrain_batch_size * ctx.world_size:
-            raise DatasetError(f"the pre-training set has {len(images)} images, fewer than one global batch of "
-                               f"{args.pretrain_batch_size * ctx.world_size}; lower --pretrain-batch-size")
-        augment = simclr_augmentation(args.pretrain_img_size, args.color_strength, args.blur_prob, args.crop_scale)
-        dataset = TwoViews(images, augment, args.seed)
-        sampler = EpochSampler(DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed))
-        # drop_last: NT-Xent and BatchNorm want full batches, every rank the same number of steps
-        return {"train": DataLoader(dataset, args.pretrain_batch_size, sampler=sampler, drop_last=True,
-                                    **loader_options)}
-    pool = build_pool(args, joint_transform(args.img_size))  # CHOICE C10: resize only, ImageNet normalisation
-    splits = pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
-    train = Subset(pool, splits["train"])
-    sampler = DistributedSampler(train, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
-    lone_last = len(sampler) % args.batch_size == 1  # BatchNorm cannot train on a last batch of one image
-    loaders = {"train": DataLoader(train, args.batch_size, sampler=sampler, drop_last=lone_last, **loader_options)}
-    for name in ("val", "test"):  # every rank scores its own share, no padding duplicates; sums are all-reduced
-        shard = Subset(pool, splits[name][ctx.rank::ctx.world_size])
-        loaders[name] = DataLoader(shard, args.batch_size, shuffle=False, **loader_options)
-    loaders["sizes"] = {name: len(indices) for name, indices in splits.items()}
-    return loaders
+def build_pretrain_data(args):
+    images, skipped = build_pretrain_images(args)
+    return {"train": TwoViews(images, pretrain_augmentation(args)), "images": len(images), "skipped": skipped}
 
 
 # --- model: encoder, projection head (Sec. 2.1), U-Net (Sec. 2.2) ---
@@ -655,21 +738,18 @@ def transfer_encoder_weights(model, state_dict, source="checkpoint"):
     return len(target)
 
 
-def initialise_encoder(model, spec, args, ctx, stage):
-    """Apply --init / --pretrain-init `spec` to model.encoder; print what was loaded (rank 0)."""
+def initialise_encoder(model, spec, args, runtime, stage, flag):
+    """Apply an init spec (none | imagenet[:PATH] | simclr:PATH) to model.encoder; print what was loaded (rank 0)."""
     if spec == "none":
-        log(ctx, f"{stage}: encoder from random init (no pre-training)")
+        say(runtime, f"{stage}: encoder from random init (no pre-training)")
         return 0
     if spec.startswith("imagenet"):
         state_dict, source = load_imagenet_weights(args.encoder, spec, args.download), f"ImageNet weights ({spec})"
     else:
         path = spec.split(":", 1)[1]
-        if not os.path.isfile(path):
-            raise UsageError(f"pre-training checkpoint {path} not found; run --stage pretrain first or fix --init")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state_dict, source = checkpoint.get("model", checkpoint), path
+        state_dict, source = load_checkpoint(path, SCRIPT, flag=flag)["model"], path
     count = transfer_encoder_weights(model, state_dict, source)
-    log(ctx, f"{stage}: loaded {count}/{count} encoder tensors from {source}")
+    say(runtime, f"{stage}: loaded {count}/{count} encoder tensors from {source}")
     return count
 
 
@@ -712,17 +792,21 @@ def nt_xent_loss(z1, z2, temperature=0.1):
     s = cosine similarity, k running over the 2 B W projections of all ranks (the positive and 2BW - 2 negatives).
     The mean of the ranks' losses is Eq. (2.1): L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)], N = B W pairs.
     """
-    # CHOICE C3: L2-normalised projections (the authors' code skips this): dot product = cosine similarity
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, d)
-    candidates, offset = gather_with_grad(z)  # (2BW, d); this rank's rows start at `offset`
-    logits = z @ candidates.T / temperature  # (2B, 2BW)
-    n = z.shape[0]
-    rows = torch.arange(n, device=z.device)
-    self_similarity = torch.zeros_like(logits, dtype=torch.bool)
-    self_similarity[rows, offset + rows] = True  # k != i: an anchor is not its own candidate
-    logits = logits.masked_fill(self_similarity, float("-inf"))
-    positives = offset + (rows + n // 2) % n  # view 1 of image k pairs with view 2 of image k and back
-    return F.cross_entropy(logits, positives)
+    # CHOICE C3: fp32 even under bf16 autocast, which would otherwise run the similarity matmul in bf16 (8 bits of
+    # mantissa: near cos = 1 at tau 0.1 that is about 2 % error in the gradient)
+    with torch.autocast(z1.device.type, enabled=False):
+        # CHOICE C3: L2-normalised projections (the authors' code skips this): dot product = cosine similarity
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, d)
+        candidates, offset = gather_with_grad(z)  # (2BW, d); this rank's rows start at `offset`
+        # Eq. (2.1): l(i, j) = -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) )
+        logits = z @ candidates.T / temperature  # (2B, 2BW)
+        n = z.shape[0]
+        rows = torch.arange(n, device=z.device)
+        self_similarity = torch.zeros_like(logits, dtype=torch.bool)
+        self_similarity[rows, offset + rows] = True  # k != i: an anchor is not its own candidate
+        logits = logits.masked_fill(self_similarity, float("-inf"))
+        positives = offset + (rows + n // 2) % n  # view 1 of image k pairs with view 2 of image k and back
+        return F.cross_entropy(logits, positives)
 
 
 def segmentation_loss(logits, labels, loss="bce", gamma=2.0, eps=1.0):
@@ -798,8 +882,9 @@ def build_optimizer(stage, model, args, steps_per_epoch):
     if stage == "finetune":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, constant_lr)
-    adapted = [p for p in model.parameters() if p.ndim > 1]  # conv and linear weights
-    excluded = [p for p in model.parameters() if p.ndim <= 1]  # biases and BatchNorm: no decay, no trust ratio
+    # CHOICE C4: conv and linear weights get weight decay and the trust ratio; biases and BatchNorm get neither
+    adapted = [p for p in model.parameters() if p.ndim > 1]
+    excluded = [p for p in model.parameters() if p.ndim <= 1]
     if args.pretrain_optimizer == "lars":
         optimizer = LARS([{"params": adapted}, {"params": excluded, "lars": False, "weight_decay": 0.0}],
                          lr=args.pretrain_lr, weight_decay=args.weight_decay)
@@ -814,14 +899,13 @@ def build_optimizer(stage, model, args, steps_per_epoch):
 
 # --- loops (one epoch loop for both stages) ---
 
-def train_step(model, batch, stage, loss="bce", temperature=0.1, amp=False):
+def train_step(model, batch, stage, runtime, loss="bce", temperature=0.1):
     """Forward pass and loss of one batch; the function --compile wraps.
 
     pretrain: batch = (view1, view2), each (B, 3, H, W) -> NT-Xent of their projections.
     finetune: batch = (images (B, 3, H, W), labels (B, H, W)) -> segmentation loss of the logits (B, 1, H, W).
     """
-    device_type = batch[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+    with autocast(runtime):
         if stage == "pretrain":
             view1, view2 = batch
             projections = model(torch.cat([view1, view2]))  # (2B, d): one BatchNorm batch for both views (SimCLR)
@@ -831,58 +915,55 @@ def train_step(model, batch, stage, loss="bce", temperature=0.1, amp=False):
         return segmentation_loss(model(images), labels, loss)
 
 
-def to_device(batch, ctx, args):
+def to_device(batch, runtime, args):
     """Move a batch to the device (non-blocking: overlaps with compute when pinned); images channels-last."""
     moved = []
     for tensor in batch:
-        tensor = tensor.to(ctx.device, non_blocking=True)
+        tensor = tensor.to(runtime.device, non_blocking=True)
         if tensor.dim() == 4 and args.channels_last:
             tensor = tensor.contiguous(memory_format=torch.channels_last)  # faster cuDNN convolutions in bf16
         moved.append(tensor)
     return moved
 
 
-def train_one_epoch(stage, model, loader, optimizer, scheduler, step_fn, epoch, args, ctx):
+def train_one_epoch(stage, model, loader, optimizer, scheduler, step_fn, guard, epoch, args, runtime):
     """One pass over the loader -> {"loss": mean over steps (all ranks), "lr", "images_per_s"}."""
     model.train()
-    loader.sampler.set_epoch(epoch)
-    loss_sum = torch.zeros((), device=ctx.device)
+    loader.sampler.set_epoch(stage, epoch)
+    loss_sum = torch.zeros((), device=runtime.device)
     steps, images_seen, start = 0, 0, time.perf_counter()
-    amp = args.amp and ctx.device.type == "cuda"
-    for batch in loader:
-        batch = to_device(batch, ctx, args)
+    for batch in progress(loader, runtime, f"{stage} epoch {epoch}"):
+        batch = to_device(batch, runtime, args)
         optimizer.zero_grad(set_to_none=True)
-        loss = step_fn(model, batch, stage, args.loss, args.temperature, amp)
+        loss = step_fn(model, batch, stage, runtime, args.loss, args.temperature)
+        guard.observe(loss)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach()
+        loss_sum += loss.detach().float()
         steps += 1
-        images_seen += batch[0].shape[0] * ctx.world_size
-    totals = torch.stack([loss_sum, torch.tensor(float(steps), device=ctx.device)])
-    if ctx.world_size > 1:
-        dist.all_reduce(totals)
+        images_seen += batch[0].shape[0] * runtime.world_size
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps), device=runtime.device)]))
     loss_total, step_total = totals.tolist()  # sync point
     return {"loss": loss_total / max(step_total, 1), "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": images_seen / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, ctx):
+def evaluate(model, loader, args, runtime):
     """Binary metrics of the model on a loader (sums over all ranks) -> BinaryStats.compute() + "loss".
 
     "loss" is the training loss on these images (bce, dice_loss or focal_loss): the validation loss of Sec. 2.2.
     CHOICE C12: every metric comes from pixel counts and sums over the whole split, not from per-batch averages.
     """
     model.eval()
-    stats = BinaryStats(device=ctx.device)
-    amp = args.amp and ctx.device.type == "cuda"
-    for batch in loader:
-        images, labels = to_device(batch, ctx, args)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+    stats = BinaryStats(device=runtime.device)
+    for batch in progress(loader, runtime, "scoring"):
+        images, labels = to_device(batch, runtime, args)
+        with autocast(runtime):
             logits = model(images)  # (B, 1, H, W)
         stats.update(logits.float(), labels)
-    metrics = stats.all_reduce().compute()  # sync point
+    metrics = stats.all_reduce().compute()  # sync point; every rank joins, also one with an empty shard
     metrics["loss"] = metrics[{"bce": "bce", "dice": "dice_loss", "focal": "focal_loss"}[args.loss]]
     return metrics
 
@@ -895,10 +976,10 @@ def table_row(model_name, loss, dev_split, metrics, row_id=0):
             "Recall": metrics["recall"], "Accuracy": metrics["accuracy"]}
 
 
-def markdown_table(rows):
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+def markdown_table(rows, columns=TABLE_COLUMNS):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in TABLE_COLUMNS]
+        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -906,235 +987,47 @@ def markdown_table(rows):
 # --- samples ---
 
 @torch.no_grad()
-def save_samples(stage, model, batch, path, args, ctx, count=8):
-    """PNG grid. pretrain: row 1 view 1, row 2 view 2. finetune: image, prediction, truth (grey = ignore)."""
-    batch = [tensor[:count] for tensor in to_device(batch, ctx, args)]
+def save_samples(stage, model, dataset, path, args, runtime, count=8):
+    """PNG grid of the first items. pretrain: row 1 view 1, row 2 view 2. finetune: image, prediction, truth
+    (grey = ignore)."""
+    items = SeededItems(dataset)
+    batch = [items[(i, derive_seed(args.seed, "samples", i))] for i in range(min(count, len(dataset)))]
+    batch = to_device([torch.stack(column) for column in zip(*batch)], runtime, args)
     if stage == "pretrain":
         rows = [denormalize(batch[0].float(), "imagenet"), denormalize(batch[1].float(), "imagenet")]
     else:
         images, labels = batch
         model.eval()
-        prediction = (model(images).float() > 0).float().expand(-1, 3, -1, -1)  # (b, 3, H, W): logit > 0 = p > 0.5
+        with autocast(runtime):
+            prediction = (model(images).float() > 0).float().expand(-1, 3, -1, -1)  # (b, 3, H, W): p > 0.5
         truth = torch.where(labels == 255, 0.5, labels.float()).unsqueeze(1).expand(-1, 3, -1, -1)
         rows = [denormalize(images.float(), "imagenet"), prediction, truth]
     grid = make_grid(torch.cat(rows).cpu(), nrow=rows[0].shape[0], padding=2, pad_value=1.0)  # sync point
     save_image(grid, path)
 
 
-# --- plumbing: seeding, devices, DDP, checkpoints, run folders ---
-
-@dataclass
-class Context:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    owns_process_group: bool = False  # main() ends the process group only if setup_distributed started it
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def log(ctx, message):
-    if ctx.main:
-        print(message, flush=True)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def setup_distributed(args):
-    """-> Context. Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or gloo on CPUs."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    owns_process_group = world_size > 1 and not dist.is_initialized()
-    if owns_process_group:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)  # nearest-upsampling backward has no such kernel
-    else:
-        torch.backends.cudnn.benchmark = use_cuda  # picks the fastest convolution kernels for our fixed sizes
-    if args.channels_last is None:
-        args.channels_last = use_cuda
-    return Context(device, rank, world_size, owns_process_group)
-
-
-def unwrap(model):
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
-
-
-def rng_states():
-    numpy_state = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()),
-                                                      *numpy_state[2:]), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, stage):
-    """Model (unwrapped), optimizer, scheduler, epoch, best metric, args, RNG states; temp file + os.replace."""
-    checkpoint = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "stage": stage,
-                  "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
-                  "rng": rng_states()}
-    temporary = f"{path}.tmp"
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint
-
-
-def link_or_copy(source, target):
-    """target = the same bytes as source: a hard link (no second write of ~140 MB for a ResNet-18 with Adam),
-    a copy where the file system has no links. save_checkpoint's os.replace gives `source` a new file later."""
-    temporary = f"{target}.tmp"
-    if os.path.exists(temporary):
-        os.remove(temporary)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-
-
-def load_checkpoint(path, model, optimizer=None, scheduler=None):
-    """Restore what save_checkpoint wrote -> the checkpoint dict (epoch, best, args, ...)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"cannot read checkpoint {path} ({type(error).__name__}); pass another --checkpoint") from None
-    unwrap(model).load_state_dict(checkpoint["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    return checkpoint
-
-
-def check_run_dir(run_dir, args):
-    """Refuse to overwrite a run folder without --resume (all ranks check before rank 0 writes anything)."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
-        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or --out to start another")
-
-
-def write_json(path, record):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(record, handle, indent=2)
-    os.replace(temporary, path)
-
-
 # --- the two stages ---
 
-def build_model(stage, args, ctx):
+def arch_of(stage, args):
+    """The architecture string checkpoints carry (load_checkpoint refuses a checkpoint of another one)."""
+    if stage == "pretrain":
+        return f"SimCLR-{args.encoder}-head{args.projection_hidden_dim}x{args.projection_dim}"
+    return f"SimCLRUNet-{args.encoder}-decoder{'x'.join(map(str, args.decoder_channels))}"
+
+
+def build_model(stage, args, runtime):
     """SimCLR (pretrain) or SimCLRUNet (finetune), initialised from --pretrain-init / --init, on the device."""
-    seed_everything(args.seed)  # identical initial weights on every rank
+    torch.manual_seed(derive_seed(args.seed, "init", stage))  # identical initial weights on every rank and resume
     if stage == "pretrain":
         model = SimCLR(args.encoder, args.projection_hidden_dim, args.projection_dim)
-        initialise_encoder(model, args.pretrain_init, args, ctx, stage)  # CHOICE C1: "none" unless asked
+        initialise_encoder(model, args.pretrain_init, args, runtime, stage, "--pretrain-init")  # CHOICE C1
     else:
         model = SimCLRUNet(args.encoder, args.decoder_channels)
-        initialise_encoder(model, args.init, args, ctx, stage)
-    model = model.to(ctx.device)
+        initialise_encoder(model, args.init, args, runtime, stage, "--init")
+    model = model.to(runtime.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def fit(stage, args, ctx, run_dir):
-    """Train one stage in run_dir with checkpoints, resume, metrics.jsonl and samples -> the final results dict."""
-    if args.resume and (run_dir / "results.json").exists():
-        log(ctx, f"{stage}: {run_dir} is finished (results.json); kept as it is")
-        return json.loads((run_dir / "results.json").read_text())
-    loaders = build_loaders(args, stage, ctx)
-    model = build_model(stage, args, ctx)
-    seed_everything(args.seed + ctx.rank)  # from here on each rank draws its own random numbers
-    optimizer, scheduler = build_optimizer(stage, model, args, len(loaders["train"]))
-    epochs = args.pretrain_epochs if stage == "pretrain" else args.epochs
-    start_epoch, best, record = 0, None, {}
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if args.resume and last_path.exists():
-        checkpoint = load_checkpoint(last_path, model, optimizer, scheduler)
-        start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
-        set_rng_states(checkpoint["rng"])
-        log(ctx, f"{stage}: resumed {last_path} at epoch {start_epoch + 1}")
-        if ctx.main and (run_dir / "metrics.jsonl").exists():  # drop records of epochs after the checkpoint
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["epoch"] <= start_epoch]
-            (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    if ctx.main:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**vars(args), "stage": stage, "world_size": ctx.world_size,
-                                             "split_sizes": loaders.get("sizes")})
-    if stage == "pretrain" and args.sync_bn and ctx.world_size > 1 and ctx.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CHOICE C5: BN statistics over the global batch
-    if ctx.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    step_fn = torch.compile(train_step) if args.compile else train_step
-    batch_size = args.pretrain_batch_size if stage == "pretrain" else args.batch_size
-    log(ctx, f"{stage}: {count_parameters(unwrap(model)) / 1e6:.2f} M parameters, {len(loaders['train'])} steps of "
-             f"{batch_size} x {ctx.world_size} images per epoch" + (f", splits {loaders['sizes']}" if
-                                                                     "sizes" in loaders else ""))
-    sample_batch = next(iter(loaders["val" if stage == "finetune" else "train"])) if ctx.main else None
-    for epoch in range(start_epoch, epochs):
-        start = time.perf_counter()
-        train = train_one_epoch(stage, model, loaders["train"], optimizer, scheduler, step_fn, epoch, args, ctx)
-        record = {"stage": stage, "epoch": epoch + 1, "loss": train["loss"], "lr": train["lr"]}
-        if stage == "pretrain":
-            record["negatives"] = 2 * args.pretrain_batch_size * ctx.world_size - 2  # per anchor, from all ranks
-            value = train["loss"]  # best.pt: lowest pre-training loss, as the authors' code keeps
-        else:
-            val = evaluate(unwrap(model), loaders["val"], args, ctx)
-            record.update(val_loss=val["loss"], val_iou=val["iou"], val_f1=val["f1"], val_accuracy=val["accuracy"])
-            value = val["loss"] if args.select_by == "val_loss" else -val["iou"]  # CHOICE C11
-        record.update(images_per_s=train["images_per_s"], time_s=time.perf_counter() - start)
-        improved = best is None or value < best
-        best = value if improved else best
-        if ctx.main:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                  flush=True)
-            with open(run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            save_checkpoint(last_path, model, optimizer, scheduler, epoch, best, args, stage)
-            if improved:
-                link_or_copy(last_path, best_path)
-            save_samples(stage, unwrap(model), sample_batch, run_dir / "samples" / f"epoch{epoch + 1:03d}.png",
-                         args, ctx)
-        if ctx.world_size > 1:
-            dist.barrier()  # the other ranks wait for the checkpoint before they may read it
-    if stage == "pretrain":
-        results = {"stage": stage, "final_loss": record.get("loss"),
-                   "best_loss": best, "checkpoint": str(last_path)}
-    else:
-        load_checkpoint(best_path, model)  # Sec. 2.2 (5): the selected weights meet the unseen test set
-        test = evaluate(unwrap(model), loaders["test"], args, ctx)
-        model_name = finetune_model_name(args)
-        results = {"stage": stage, "model": model_name, "dev_split": args.dev_split, "split_sizes": loaders["sizes"],
-                   "test": test, "row": table_row(model_name, args.loss, args.dev_split, test)}
-        log(ctx, markdown_table([results["row"]]))
-    if ctx.main:
-        write_json(run_dir / "results.json", results)
-    return results
 
 
 def finetune_model_name(args):
@@ -1152,109 +1045,764 @@ def finetune_model_name(args):
     return f"SimCLR-{source}"
 
 
-def run_eval_only(args, ctx):
-    """--eval-only: the fine-tuned --checkpoint on the test split -> printed table row and JSON."""
-    path = args.checkpoint or os.path.join(args.out, "finetune", "best.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} not found; pass --checkpoint PATH of a fine-tuned model")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("stage") != "finetune":
-        raise UsageError(f"{path} is a {saved.get('stage')} checkpoint; --eval-only needs a fine-tuned one")
-    # the model and the split protocol come from the checkpoint, so the test set is the one it was trained beside
-    protocol = ("encoder", "decoder_channels", "img_size", "split_seed", "test_fraction", "val_fraction", "dev_split",
-                "border", "synthetic_images", "limit", "loss", "init", "model_name")
-    for name in protocol:
-        setattr(args, name, tuple(saved["args"][name]) if name == "decoder_channels" else saved["args"][name])
-    log(ctx, f"eval-only: {path}, " + ", ".join(f"{name}={getattr(args, name)}" for name in protocol[:-2]))
-    model = SimCLRUNet(args.encoder, args.decoder_channels).to(ctx.device)
+def fit(stage, args, runtime, data, out, log, resume_state=None, model=None):
+    """Train one stage in run directory `out`, one metrics.jsonl record and one last.pt per epoch.
+
+    pretrain -> summary dict (OUT/pretrain.pt = the last epoch, CHOICE C7); finetune -> test metrics of best.pt.
+    resume_state: the checkpoint of this stage to continue from (None: from epoch 1).
+    """
+    model = model if model is not None else build_model(stage, args, runtime)
+    pretrain = stage == "pretrain"
+    batch_size = args.pretrain_batch_size if pretrain else args.batch_size
+    train_loader = make_loader(data["train"], batch_size, args, runtime, train=True)
+    optimizer, scheduler = build_optimizer(stage, model, args, len(train_loader))
+    epochs, lr_flag = (args.pretrain_epochs, "--pretrain-lr") if pretrain else (args.epochs, "--lr")
+    start_epoch, best, best_epoch, last_loss = 1, None, None, None
+    if resume_state is not None:
+        load_state(model, resume_state["model"], out / "last.pt")
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch, best, best_epoch = resume_state["epoch"] + 1, resume_state["best"], resume_state["best_epoch"]
+        last_loss = resume_state["loss"]
+        say(runtime, f"{stage}: resumed at epoch {start_epoch}")
+    if pretrain and args.sync_bn and runtime.world_size > 1 and runtime.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CHOICE C5: BN statistics over the global batch
+    model = distribute(model, runtime)
+    step_fn = torch.compile(train_step) if args.compile else train_step
+    val_loader = None if pretrain else make_loader(data["val"], args.batch_size, args, runtime, train=False)
+    guard = FiniteGuard()
+    say(runtime, f"{stage}: {count_parameters(unwrap(model)) / 1e6:.2f} M parameters, {len(train_loader)} steps of "
+                 f"{batch_size} x {runtime.world_size} images per epoch" +
+        ("" if pretrain else f", splits {({k: len(v) for k, v in data['indices'].items()})}"))
+    if runtime.main:
+        (out / "samples").mkdir(exist_ok=True)
+    for epoch in range(start_epoch, epochs + 1):
+        start = time.perf_counter()
+        train = train_one_epoch(stage, model, train_loader, optimizer, scheduler, step_fn, guard, epoch, args,
+                                runtime)
+        guard.check(stage, epoch, lr_flag)  # before anything of this epoch is evaluated or saved
+        record = {"stage": stage, "epoch": epoch, "loss": train["loss"], "lr": train["lr"]}
+        improved = False
+        if pretrain:
+            record["negatives"] = 2 * args.pretrain_batch_size * runtime.world_size - 2  # per anchor, all ranks
+        else:
+            val = evaluate(unwrap(model), val_loader, args, runtime)  # CHOICE C11: selection sees validation only
+            record.update(val_loss=val["loss"], val_iou=val["iou"], val_f1=val["f1"], val_accuracy=val["accuracy"])
+            value = val["loss"] if args.select_by == "val_loss" else -val["iou"]
+            improved = best is None or value < best
+            best, best_epoch = (value, epoch) if improved else (best, best_epoch)
+        record.update(images_per_s=train["images_per_s"], time_s=time.perf_counter() - start)
+        last_loss = train["loss"]
+        log.write(record)  # before the checkpoint: a kill between the two drops this record on resume
+        state = {"stage": stage, "epoch": epoch, "model": unwrap(model).state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
+                 "best_epoch": best_epoch, "loss": last_loss, "args": json_safe(vars(args))}
+        if pretrain:
+            state.update(images=data["images"], skipped=data["skipped"])
+        if runtime.main:
+            save_checkpoint(out / "last.pt", state, SCRIPT, arch_of(stage, args), log)
+            if improved:
+                link_checkpoint(out / "last.pt", out / "best.pt")
+            save_samples(stage, unwrap(model), data["train" if pretrain else "val"],
+                         out / "samples" / f"{stage}-epoch{epoch:03d}.png", args, runtime)
+        barrier()  # the other ranks wait until the checkpoint exists
+    if pretrain:
+        if runtime.main:
+            link_checkpoint(out / "last.pt", out / "pretrain.pt")  # CHOICE C7: the encoder fine-tuning starts from
+        barrier()
+        return pretrain_summary({"loss": last_loss, "epoch": epochs, "images": data["images"],
+                                 "skipped": data["skipped"]}, out)
+    best_state = load_checkpoint(out / "best.pt", SCRIPT, arch_of(stage, args))
+    load_state(model, best_state["model"], out / "best.pt")  # Sec. 2.2 (5): the selected weights meet the test set
+    test = evaluate(unwrap(model), make_loader(data["test"], args.batch_size, args, runtime, train=False), args,
+                    runtime)
+    model_name = finetune_model_name(args)
+    results = {"model": model_name, "init": args.init, "dev_split": args.dev_split, "best_epoch": best_epoch,
+               "split_sizes": {name: len(indices) for name, indices in data["indices"].items()},
+               "split_indices": data["indices"], "test": test,
+               "row": table_row(model_name, args.loss, args.dev_split, test)}
+    say(runtime, markdown_table([results["row"]]))
+    return results
+
+
+def pretrain_summary(state, out):
+    """results.json's "pretrain" entry from a pre-training checkpoint (or the same fields)."""
+    return {"final_loss": state["loss"], "epochs": state["epoch"], "checkpoint": str(out / "pretrain.pt"),
+            "images": state["images"], "skipped_unreadable": state["skipped"]}
+
+
+def stages_of(args):
+    return ("pretrain", "finetune") if args.stage == "both" else (args.stage,)
+
+
+def prepare_run(args, runtime, data_cache=None):
+    """Everything that can fail before --out is written: the run folder, every split's labels, the first model.
+    -> (resume_state, data by stage, first model)."""
+    resume_path = check_run_dir(args, SCRIPT)
+    resume_state = load_checkpoint(resume_path, SCRIPT, flag="--resume") if resume_path else None
+    stages = stages_of(args)
+    if resume_state is not None and resume_state["stage"] == "finetune":
+        stages = ("finetune",)  # pre-training is finished; its pretrain.pt is what fine-tuning started from
+    data_cache = {} if data_cache is None else data_cache
+    data = {}
+    for stage in stages:
+        key = (stage, args.pretrain_data, args.pretrain_root, args.pretrain_source_size) if stage == "pretrain" \
+            else (stage, args.dev_split)
+        if key not in data_cache:
+            data_cache[key] = build_pretrain_data(args) if stage == "pretrain" else build_finetune_data(args, runtime)
+        data[stage] = data_cache[key]
+    if resume_state is not None and arch_of(resume_state["stage"], args) != resume_state.get("arch"):
+        raise UsageError(f"--resume: {resume_path} holds a {resume_state.get('arch')} model but these flags build "
+                         f"{arch_of(resume_state['stage'], args)}; pass the flags the run was started with")
+    model = build_model(stages[0], args, runtime)  # a bad --init or --pretrain-init file fails here
+    return resume_state, data, model
+
+
+def run(args, runtime, data_cache=None):
+    """One run (its stages) in --out -> results dict (results.json)."""
+    resume_state, data, model = prepare_run(args, runtime, data_cache)
+    out = create_run_dir(args, SCRIPT, {"args": vars(args), "world_size": runtime.world_size}, runtime)
+    log = MetricsLog(out, runtime, resume_state=resume_state)
+    if resume_state is not None:
+        set_rng_states(resume_state["rng"])
+    results = {}
+    if args.stage == "both" and "pretrain" not in data:  # resumed in fine-tuning: pre-training is in pretrain.pt
+        results["pretrain"] = pretrain_summary(load_checkpoint(out / "pretrain.pt", SCRIPT), out)
+    for stage in data:  # the first stage gets the model prepare_run built
+        state = resume_state if resume_state is not None and resume_state["stage"] == stage else None
+        results[stage] = fit(stage, args, runtime, data[stage], out, log, state, model)
+        model = None
+    if "finetune" in results:
+        results["test"] = results["finetune"]["test"]
+    if runtime.main:
+        write_json(out / "results.json", results)
+    barrier()
+    return results
+
+
+def evaluate_checkpoint(args, runtime):
+    """--eval-only: the fine-tuned --checkpoint (default OUT/best.pt) on the test split -> OUT/eval_test.json."""
+    path = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt"
+    state = load_checkpoint(path, SCRIPT, arch_of("finetune", args))
+    saved = state.get("args") or {}
+    if saved.get("data", args.data) != args.data:
+        raise UsageError(f"--checkpoint {path} was fine-tuned on --data {saved['data']}, not {args.data}; pass "
+                         f"--data {saved['data']}")
+    for name in SPLIT_PROTOCOL + ("init", "model_name"):  # the test split the model was trained beside
+        if name in saved:
+            setattr(args, name, saved[name])
+    say(runtime, f"eval-only: {path}, " + ", ".join(f"{name}={getattr(args, name)}" for name in SPLIT_PROTOCOL))
+    data = build_finetune_data(args, runtime, names=("test",))
+    model = SimCLRUNet(args.encoder, args.decoder_channels).to(runtime.device)
+    load_state(model, state["model"], path)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    load_checkpoint(path, model)
-    test = evaluate(model, build_loaders(args, "finetune", ctx)["test"], args, ctx)
-    row = table_row(finetune_model_name(args), args.loss, args.dev_split, test)
-    log(ctx, markdown_table([row]))
-    log(ctx, json.dumps(test))
-    return test
+    test = evaluate(model, make_loader(data["test"], args.batch_size, args, runtime, train=False), args, runtime)
+    say(runtime, markdown_table([table_row(finetune_model_name(args), args.loss, args.dev_split, test)]))
+    result = {"checkpoint": str(path), "test": test}
+    if runtime.main:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "eval_test.json", result)
+    barrier()
+    return result
 
 
-def run_table41(args, ctx):
-    """Table 4.1: pre-train once per source, fine-tune baseline / CIFAR / Pet x dev splits -> .md + .csv."""
-    out = Path(args.out)
-    if args.data == "shapes":  # CHOICE C15: small synthetic stand-ins for CIFAR-10 and CAT&DOG
-        sources = {"CIFAR": dict(pretrain_data="shapes", pretrain_source_size=args.pretrain_img_size // 2),
-                   "Pet": dict(pretrain_data="shapes", pretrain_source_size=args.pretrain_img_size)}
-    else:
-        sources = {"CIFAR": dict(pretrain_data="cifar10", pretrain_root=args.cifar10_root),
-                   "Pet": dict(pretrain_data="catsdogs", pretrain_root=args.catsdogs_root)}
-    check_run_dir(out, args)
-    checkpoints, rows, start = {}, [], time.perf_counter()
-    for name, overrides in sources.items():
-        run = argparse.Namespace(**{**vars(args), **overrides})
-        run_dir = out / f"pretrain-{name}"
-        log(ctx, f"== table4.1: pre-training '{name}' on {run.pretrain_data} -> {run_dir}")
-        fit("pretrain", run, ctx, prepared(run_dir, ctx))
-        checkpoints[name] = run_dir / "last.pt"
-    models = [("baseline", "none")] + [(name, f"simclr:{path}") for name, path in checkpoints.items()]
-    for model_name, init in models:
-        for dev_split in args.dev_splits:
-            run = argparse.Namespace(**{**vars(args), "init": init, "dev_split": dev_split, "model_name": model_name})
-            run_dir = out / f"finetune-{model_name}-dev{round(100 * dev_split)}"
-            log(ctx, f"== table4.1: fine-tuning {model_name}, dev split {dev_split:g} -> {run_dir}")
-            results = fit("finetune", run, ctx, prepared(run_dir, ctx))
-            rows.append({**results["row"], "ID": len(rows)})
-    if ctx.main:
-        note = (f"\n\nData: {args.data} (fine-tuning), seed {args.seed}, split seed {args.split_seed}, encoder "
-                f"{args.encoder}, {args.img_size} px, {args.pretrain_epochs} pre-training / {args.epochs} fine-tuning "
-                f"epochs, {ctx.world_size} process(es) on {ctx.device.type}, {time.perf_counter() - start:.0f} s.\n")
-        if args.data == "pets":
-            note += "\nThe report's IOU for the same rows: " + ", ".join(
-                f"{row['Model']} {row['Dev Split']}: {PAPER_TABLE41[(row['Model'], row['Dev Split'])]:.3f}"
-                for row in rows if (row["Model"], row["Dev Split"]) in PAPER_TABLE41) + ".\n"
-        (out / "table4.1.md").write_text("# Table 4.1 (our run)\n\n" + markdown_table(rows) + note)
+# --- the Table 4.1 grid ---
+
+def row_label(source, args):
+    """The Model column names the encoder's start (CHOICE C16): the baseline's init, or the SimCLR source and the
+    init its pre-training started from."""
+    if source == "baseline":
+        return f"baseline (init {args.baseline_init})"
+    return f"{source} (SimCLR from {args.pretrain_init})"
+
+
+def grid_runs(args):
+    """-> list of (seed, kind, source, dev_split, run folder name, overrides) in run order."""
+    runs = []
+    for seed in args.seeds or (args.seed,):
+        for source, overrides in args.grid.items():
+            runs.append((seed, "pretrain", source, None, f"seed{seed}/pretrain-{source}", overrides))
+        for source in ("baseline", *args.grid):
+            for dev_split in args.dev_splits:
+                runs.append((seed, "finetune", source, dev_split,
+                             f"seed{seed}/finetune-{source}-dev{round(100 * dev_split)}", {}))
+    return runs
+
+
+def grid_run_args(args, seed, kind, source, dev_split, name, overrides):
+    """The Namespace of one grid run: the grid's flags with this row's seed, stage, init and split."""
+    out = Path(args.out) / name
+    run_args = copy.copy(args)
+    vars(run_args).update(experiment=None, grid=None, seed=seed, out=str(out), stage=kind, eval_only=False,
+                          checkpoint=None, resume=(out / "last.pt").is_file(), **overrides)
+    if kind == "finetune":
+        pretrained = Path(args.out) / f"seed{seed}" / f"pretrain-{source}" / "pretrain.pt"
+        run_args.init = args.baseline_init if source == "baseline" else f"simclr:{pretrained}"
+        run_args.dev_split, run_args.model_name = dev_split, row_label(source, args)
+    return run_args
+
+
+def summarise(rows):
+    """Per (Model, Dev Split): mean and sample standard deviation over the seeds of every metric column."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["Model"], row["Dev Split"]), []).append(row)
+    summary = []
+    for (model, dev), members in groups.items():
+        entry = {"ID": len(summary), "Model": model, "Loss Func": members[0]["Loss Func"], "Dev Split": dev,
+                 "Source": members[0]["Source"], "Seeds": len(members)}
+        for column in METRIC_COLUMNS:
+            values = [m[column] for m in members]
+            entry[column] = statistics.fmean(values)
+            entry[f"{column} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def summary_markdown(summary):
+    columns = ("ID", "Model", "Loss Func", "Dev Split", "Seeds") + METRIC_COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for entry in summary:
+        cells = [str(entry[c]) for c in columns[:5]] + [f"{entry[c]:.3f} ± {entry[c + ' std']:.3f}"
+                                                         for c in METRIC_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_table41(args, runtime):
+    """Table 4.1: pre-train every source once per seed, fine-tune baseline + sources x dev splits x seeds.
+
+    Every run is a run directory of its own under OUT/seed<S>/; with --resume finished runs are read back and an
+    unfinished one continues. Writes OUT/table4.1.md (mean +- std over seeds), table4.1.csv (one row per run and
+    seed) and table4.1-summary.csv.
+    """
+    check_run_dir(args, SCRIPT, resume_files=("config.json",))
+    runs = grid_runs(args)
+    data_cache = {}
+    for run_spec in runs:  # every split's labels and every pre-training set are read before anything is written
+        run_args = grid_run_args(args, *run_spec)
+        if run_spec[1] == "pretrain":
+            key = ("pretrain", run_args.pretrain_data, run_args.pretrain_root, run_args.pretrain_source_size)
+            if key not in data_cache:
+                data_cache[key] = build_pretrain_data(run_args)
+        elif ("finetune", run_args.dev_split) not in data_cache:
+            data_cache[("finetune", run_args.dev_split)] = build_finetune_data(run_args, runtime)
+    baseline = next(spec for spec in runs if spec[2] == "baseline")
+    build_model("finetune", grid_run_args(args, *baseline), runtime)  # the model flags and --baseline-init work
+    build_model("pretrain", grid_run_args(args, *runs[0]), runtime)  # and --pretrain-init
+    out = create_run_dir(args, SCRIPT, {"args": vars(args), "world_size": runtime.world_size}, runtime)
+    rows, start = [], time.perf_counter()
+    for seed, kind, source, dev_split, name, overrides in runs:
+        run_args = grid_run_args(args, seed, kind, source, dev_split, name, overrides)
+        run_dir = Path(run_args.out)
+        say(runtime, f"== table4.1: seed {seed}, {kind} {source}" + (f", dev {dev_split:g}" if dev_split else "") +
+            f" -> {run_dir}")
+        if (run_dir / "results.json").is_file():
+            results = json.loads((run_dir / "results.json").read_text())
+        else:
+            if run_dir.is_dir() and not run_args.resume and runtime.main and run_of(run_dir) == SCRIPT:
+                shutil.rmtree(run_dir)  # our own run, stopped before its first checkpoint: nothing to keep
+            barrier()
+            results = run(run_args, runtime, data_cache)
+        if kind == "finetune":
+            rows.append({**results["finetune"]["row"], "ID": len(rows), "Seed": seed, "Source": source})
+    summary = summarise(rows)
+    seeds = list(args.seeds or (args.seed,))
+    note = (f"\n\nData: {args.data} (fine-tuning), {len(seeds)} seed(s) {seeds} (mean ± sample std over seeds), "
+            f"split seed {args.split_seed} (one test set for every row and seed), encoder {args.encoder}, "
+            f"{args.img_size} px, {args.pretrain_epochs} pre-training / {args.epochs} fine-tuning epochs, "
+            f"{runtime.world_size} process(es) on {runtime.device.type}, {time.perf_counter() - start:.0f} s.\n")
+    if args.data == "pets":
+        note += "\nThe report's IOU (one run each): " + ", ".join(
+            f"{e['Source']} {e['Dev Split']}: {PAPER_TABLE41[(e['Source'], e['Dev Split'])]:.3f}"
+            for e in summary if (e["Source"], e["Dev Split"]) in PAPER_TABLE41) + ".\n"
+    results = {"experiment": "table4.1", "seeds": seeds, "rows": rows, "summary": summary}
+    if runtime.main:
+        (out / "table4.1.md").write_text("# Table 4.1 (our run)\n\n" + summary_markdown(summary) + note)
         with open(out / "table4.1.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=("Seed", "Source") + TABLE_COLUMNS)
             writer.writeheader()
             writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-        print(markdown_table(rows) + note, flush=True)
-    return rows
+        with open(out / "table4.1-summary.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+            writer.writeheader()
+            writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in e.items()} for e in summary)
+        write_json(out / "results.json", results)
+        print(summary_markdown(summary) + note, flush=True)
+    barrier()
+    return results
 
 
-def prepared(run_dir, ctx):
-    """Create run_dir on rank 0 after every rank has checked it; -> run_dir."""
-    if ctx.world_size > 1:
+# --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
+# Seeding and replayable generators, device/AMP/DDP, RNG states, checkpoints, the run directory, the metrics log,
+# the non-finite-loss guard, progress bars, data loaders and the one error style. Nothing here knows the method:
+# the script name, the architecture, the stages and what picks best.pt are passed in. A reader learns this block
+# once; tests/test_contract.py checks that the four copies are byte-identical. It uses argparse, hashlib, json, math,
+# os, random, shutil, sys, dataclass, Path, np, torch, dist, DistributedDataParallel, DataLoader, Dataset, Sampler,
+# tqdm and common's DatasetError, all imported at the top of each file.
+
+class UsageError(Exception):
+    """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one error style: `error: <message>` on one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_run_arguments(parser, script):
+    """The run flags, with one meaning in all four scripts (README 'Conventions')."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
+    run.add_argument("--out", default=None,
+                     help=f"run directory (default runs/{script.removesuffix('.py')}-<data>; with --eval-only and "
+                          f"--checkpoint, the checkpoint's folder)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    run.add_argument("--eval-only", action="store_true",
+                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_<split>.json")
+    run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
+    run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast (default: on with CUDA, off on a CPU; --amp on a CPU needs AVX512-BF16/AMX)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="NHWC memory format for convolutions (default: on with CUDA)")
+    run.add_argument("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
+    return run
+
+
+def check_run_arguments(parser, args, script):
+    """Refuse run-flag combinations that would be ignored or cannot work; resolve --out."""
+    if args.checkpoint and not args.eval_only:
+        parser.error("--checkpoint is only read with --eval-only; to continue a run pass --resume and its --out")
+    if args.eval_only and args.resume:
+        parser.error("--eval-only and --resume exclude each other; pass one of them")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of images, got {args.limit}")
+    if args.out is None:
+        if args.eval_only and args.checkpoint:
+            args.out = str(Path(args.checkpoint).parent)
+        else:
+            args.out = os.path.join("runs", f"{script.removesuffix('.py')}-{args.data}")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts):
+    """A stable 62-bit seed from any tuple, e.g. (seed, "masks", stage, epoch, rank): the same parts, the same seed,
+    in any process and after any --resume."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:16], 16) >> 2
+
+
+def make_generator(*parts, device="cpu"):
+    """A torch.Generator seeded with derive_seed(*parts)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(*parts))
+    return generator
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp: bool = False
+    owns_process_group: bool = False  # shutdown() ends the process group only if setup_runtime started it
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def cpu_supports_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def setup_runtime(args):
+    """-> Runtime. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (nccl) or per CPU slot (gloo).
+    Resolves args.device, args.amp and args.channels_last in place, so config.json records what ran."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.device = "cuda" if use_cuda else "cpu"
+    if args.amp is None:
+        args.amp = use_cuda
+    elif args.amp and not use_cuda and not cpu_supports_bf16():
+        raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
+    if args.channels_last is None:
+        args.channels_last = use_cuda
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns_process_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if owns_process_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a few backward kernels have no such variant
+    else:
+        torch.backends.cudnn.benchmark = use_cuda  # fixed input sizes: cuDNN picks its fastest kernels once
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Runtime(device, rank, world_size, bool(args.amp), owns_process_group)
+
+
+def autocast(runtime):
+    """bf16 autocast on the run's device with --amp; a no-op context otherwise."""
+    return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
+
+
+def distribute(model, runtime):
+    """DistributedDataParallel under torchrun (gradients averaged over ranks), the model itself otherwise."""
+    if runtime.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The bare module inside DDP and torch.compile wrappers (what checkpoints hold)."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
         dist.barrier()
-    if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.world_size > 1:
-        dist.barrier()
-    return run_dir
+
+
+def shutdown(runtime):
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def say(runtime, message):
+    """Print on rank 0 only."""
+    if runtime.main:
+        print(message, flush=True)
+
+
+def progress(iterable, runtime, desc, total=None):
+    """A tqdm bar on rank 0 when stderr is a terminal (tqdm's disable=None), nothing in logs or on other ranks."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=None if runtime.main else True)
+
+
+# Data order and augmentation: a pure function of (seed, stage, epoch, index), whatever the worker count, so that a
+# resumed epoch replays the interrupted one exactly.
+
+class EpochSampler(Sampler):
+    """Yields (index, item_seed) pairs of this rank's share of one epoch.
+
+    Training (shuffle=True): a permutation drawn from (seed, stage, epoch), padded by wrapping so every rank gets
+    the same number of items, split rank::world; a lone last item is dropped when there is more than one batch,
+    so BatchNorm never sees a batch of one. Evaluation (shuffle=False): exactly the items rank, rank+world, ... in
+    order (no padding: summed metrics count every item once; a rank may get none).
+    """
+
+    def __init__(self, num_items, seed, runtime, shuffle, batch_size):
+        self.num_items, self.seed, self.shuffle, self.batch_size = num_items, seed, shuffle, batch_size
+        self.rank, self.world_size = runtime.rank, runtime.world_size
+        self.stage, self.epoch = "", 0
+
+    def set_epoch(self, stage, epoch):
+        self.stage, self.epoch = stage, epoch
+
+    def indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.num_items, self.world_size))
+        generator = make_generator(self.seed, "order", self.stage, self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        per_rank = -(-self.num_items // self.world_size)
+        order = (order * (per_rank * self.world_size // max(len(order), 1) + 1))[:per_rank * self.world_size]
+        mine = order[self.rank::self.world_size]
+        if len(mine) > self.batch_size and len(mine) % self.batch_size == 1:
+            mine = mine[:-1]
+        return mine
+
+    def __iter__(self):
+        for index in self.indices():
+            yield index, derive_seed(self.seed, "item", self.stage, self.epoch, index)
+
+    def __len__(self):
+        return len(self.indices())
+
+
+class SeededItems(Dataset):
+    """dataset[(index, item_seed)] = dataset[index] with Python, NumPy and torch seeded by item_seed for the
+    random transforms; the caller's RNG states are restored afterwards (workers=0 shares them with training)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, item_seed = key
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(item_seed)
+            item = self.dataset[index]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        return item
+
+
+def make_loader(dataset, batch_size, args, runtime, train):
+    """DataLoader over this rank's share (EpochSampler); call loader.sampler.set_epoch(stage, epoch) each epoch."""
+    sampler = EpochSampler(len(dataset), args.seed, runtime, shuffle=train, batch_size=batch_size)
+    return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=args.workers,
+                      pin_memory=runtime.device.type == "cuda",  # page-locked memory: asynchronous host-to-GPU copies
+                      persistent_workers=args.workers > 0)  # workers (and their open files) live across epochs
+
+
+# RNG states, checkpoints and files
+
+def rng_states():
+    """Python, NumPy, torch (and CUDA) RNG states, as tensors and ints only (torch.load(weights_only=True))."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def json_safe(value):
+    """JSON-ready copy: non-finite floats -> None, tensors -> numbers/lists, paths -> str, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.generic,)):
+        return json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def write_json(path, record):
+    """Atomic JSON write (temporary file, then os.replace); non-finite numbers become null."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(json_safe(record), handle, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(path, state, script, arch, log=None):
+    """Atomically write `state` (state dicts, epoch, best, ...) plus what load_checkpoint checks: the script, the
+    architecture string, the RNG states and how many metrics.jsonl records the run had (a resume drops later ones)."""
+    payload = {**state, "script": script, "arch": arch, "rng": rng_states(),
+               "log_records": None if log is None else log.count}
+    temporary = f"{path}.tmp"
+    torch.save(payload, temporary)
+    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+
+
+def link_checkpoint(source, target):
+    """target = the same bytes as source (best.pt from last.pt): a hard link, a copy where links are refused."""
+    temporary = f"{target}.tmp"
+    if os.path.exists(temporary):
+        os.remove(temporary)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
+    """-> the dict save_checkpoint wrote; one UsageError naming the file for a missing, truncated or foreign file,
+    or one of another architecture (arch=None skips that check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag}: no checkpoint {path}; pass the path of a {script} checkpoint (last.pt or best.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:100]
+        raise UsageError(f"{flag}: {path} is not a readable checkpoint, perhaps truncated ({reason}); pass a complete "
+                         f"{script} checkpoint") from None
+    if not isinstance(state, dict) or state.get("script") != script:
+        writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
+        raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
+    if arch is not None and state.get("arch") != arch:
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
+                         f"flags it was trained with or another checkpoint")
+    return state
+
+
+def load_state(module, state_dict, path):
+    """module.load_state_dict with a mismatch reported as one error line naming the checkpoint."""
+    try:
+        unwrap(module).load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
+
+
+def run_of(out):
+    """The script that made run directory `out` (its config.json's "script"), or None."""
+    try:
+        return json.loads((Path(out) / "config.json").read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_run_dir(args, script, resume_files=("last.pt",)):
+    """Validate --out before anything is written -> the checkpoint to resume from (None for a fresh run).
+    Refuses a file, a non-empty folder that is not a run of this script, an existing run without --resume, and
+    --resume without a checkpoint. --eval-only may write into an empty folder or a run of this script."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    ours = run_of(out) == script
+    if args.eval_only:
+        if out.is_dir() and any(out.iterdir()) and not ours:
+            raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
+        return None
+    if args.resume:
+        if not ours:
+            raise UsageError(f"--resume: {out} is not a {script} run (no config.json of {script}); check --out")
+        for name in resume_files:
+            if (out / name).is_file():
+                return out / name
+        raise UsageError(f"--resume: {out} has no checkpoint yet ({', '.join(resume_files)}); remove the folder or "
+                         f"pass another --out to start afresh")
+    if out.is_dir() and any(out.iterdir()):
+        what = "already holds a run" if ours else f"is not empty and not a {script} run"
+        raise UsageError(f"--out {out} {what}; pass --resume to continue a run, or another --out")
+    return None
+
+
+def create_run_dir(args, script, config, runtime):
+    """After flags and data are validated: make --out and write config.json (fresh runs; a resume keeps the first
+    one). Prints the resolved config. Rank 0 writes; every rank waits until it has."""
+    out = Path(args.out)
+    say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
+    if runtime.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (args.resume and (out / "config.json").is_file()):
+            write_json(out / "config.json", {"script": script, **config})
+    barrier()
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per epoch (non-finite numbers as null), echoed as a `key=value` line.
+    `resume_state` (a checkpoint) truncates the file to the records that checkpoint had seen."""
+
+    def __init__(self, out, runtime, resume_state=None):
+        self.path, self.main = Path(out) / "metrics.jsonl", runtime.main
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.is_file() else []
+        keep = resume_state.get("log_records") if resume_state is not None else None
+        if keep is not None and len(lines) > keep and self.main:
+            temporary = f"{self.path}.tmp"
+            Path(temporary).write_text("".join(lines[:keep]))
+            os.replace(temporary, self.path)
+        self.count = len(lines) if keep is None else min(keep, len(lines))
+
+    def write(self, record):
+        record = json_safe(record)
+        if self.main:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                           if not isinstance(v, (list, dict))), flush=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.count += 1
+
+
+class FiniteGuard:
+    """Notes the first step whose loss is not finite without a host sync per step; check() (at the epoch's end,
+    before anything is saved) stops the run, so no checkpoint ever holds the diverged weights."""
+
+    def __init__(self):
+        self.steps, self.first_bad = 0, None
+
+    def observe(self, loss):
+        self.steps += 1
+        bad = ~torch.isfinite(loss.detach().float())
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+
+    def check(self, stage, epoch, lr_flag="--lr"):
+        """Raise UsageError naming stage, epoch and step if a loss was not finite (on any rank); sync point."""
+        first_bad = 0 if self.first_bad is None else int(all_reduce_sum(self.first_bad.clone()))
+        self.steps, self.first_bad = 0, None
+        if first_bad:
+            raise UsageError(f"{stage} epoch {epoch} step {first_bad}: the loss is not finite; the run stopped without "
+                             f"saving this epoch (last.pt keeps the last good one); lower {lr_flag} for a new run or check the data")
+
+
+def colorize(labels, palette):
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
+    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
+def main_guard(main, get_args):
+    """Entry point: a user's mistake (UsageError, DatasetError) -> one `error: ...` line on stderr, exit code 2."""
+    try:
+        main(get_args())
+    except (UsageError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+# --- end of plumbing ---
 
 
 # --- main ---
 
 def main(args):
-    ctx = setup_distributed(args)
+    check_run_dir(args, SCRIPT, resume_files=("config.json",) if args.experiment else ("last.pt",))
+    runtime = setup_runtime(args)
     try:
-        log(ctx, "config: " + json.dumps(vars(args), default=str))
         if args.eval_only:
-            return run_eval_only(args, ctx)
+            return evaluate_checkpoint(args, runtime)
         if args.experiment == "table4.1":
-            return run_table41(args, ctx)
-        stages = {"both": ("pretrain", "finetune")}.get(args.stage, (args.stage,))
-        run_dirs = {stage: Path(args.out) / stage for stage in stages}
-        for run_dir in run_dirs.values():
-            check_run_dir(run_dir, args)
-        results = {}
-        for stage in stages:
-            results[stage] = fit(stage, args, ctx, prepared(run_dirs[stage], ctx))
-        return results
+            return run_table41(args, runtime)
+        return run(args, runtime)
     finally:
-        if ctx.owns_process_group:
-            dist.destroy_process_group()
+        shutdown(runtime)
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DatasetError, UsageError) as error:
-        sys.exit(f"error: {error}")
+    main_guard(main, get_args)

@@ -1,4 +1,4 @@
-"""Tests for simclr_seg.py, in the file's order: views, splits, model, transfer, losses, loops, runs, CLI.
+"""Tests for simclr_seg.py, in the file's order: views, data, splits, model, transfer, losses, loops, runs, grid, CLI.
 
 Run as a script under torchrun (see test_torchrun_gloo_uses_all_ranks_negatives) it is the 2-process worker.
 """
@@ -9,22 +9,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the torchrun worker runs without conftest.py
     sys.path.insert(0, str(ROOT))
 
 import simclr_seg  # noqa: E402
-from common import BinaryStats, bce_loss, build_dataset, dice_loss, focal_loss  # noqa: E402
+from common import BinaryStats, DatasetError, bce_loss, build_dataset, check_labels, dice_loss, focal_loss  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-# Tiny CPU preset: ResNet-18 at 32 px, a few dozen synthetic images, 1-3 epochs.
-TINY = ["--img-size", "32", "--synthetic-images", "48", "--batch-size", "8", "--pretrain-batch-size", "8",
-        "--projection-hidden-dim", "64", "--projection-dim", "32", "--decoder-channels", "64", "32", "16", "16", "8",
-        "--limit", "48", "--device", "cpu", "--workers", "0"]
+SMALL_MODEL = ["--projection-hidden-dim", "32", "--projection-dim", "16", "--decoder-channels", "32", "16", "16", "8",
+               "8", "--device", "cpu", "--workers", "0"]
+# tests/test_contract.py: the whole pipeline (2 pre-training + 2 fine-tuning epochs) in a few seconds on one thread;
+# 64 px so that a training batch of one image still gives BatchNorm 2 x 2 values at layer4 (torchrun --limit 1)
+CONTRACT_TINY = ["--img-size", "64", "--synthetic-images", "24", "--batch-size", "8", "--pretrain-batch-size", "8",
+                 "--epochs", "2", "--pretrain-epochs", "2", *SMALL_MODEL]
+# ... and the same on a fake Oxford-IIIT Pet tree that the contract test puts under --data-root
+CONTRACT_FOLDER = ["--data", "pets", "--pretrain-data", "pets", "--encoder", "resnet18", "--img-size", "64",
+                   "--batch-size", "8", "--pretrain-batch-size", "8", "--epochs", "1", "--pretrain-epochs", "1",
+                   *SMALL_MODEL]
+# Tiny CPU preset of the tests below: ResNet-18 at 32 px, a few dozen synthetic images
+TINY = ["--img-size", "32", "--synthetic-images", "48", "--batch-size", "8", "--pretrain-batch-size", "8", *SMALL_MODEL]
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +47,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run_main(tmp_path, *extra, name="run"):
-    args = simclr_seg.get_args([*TINY, "--out", str(tmp_path / name), *extra])
+def run_main(tmp_path, *extra, name="run", base=TINY):
+    args = simclr_seg.get_args([*base, "--out", str(tmp_path / name), *extra])
     return args, simclr_seg.main(args)
 
 
@@ -46,68 +56,121 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def runtime():
+    return simclr_seg.Runtime(torch.device("cpu"))
+
+
+def make_pets(root, trimaps):
+    """A fake oxford-iiit-pet/ release: one 32x32 image per given (32, 32) uint8 trimap, all in trainval."""
+    base = root / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations" / "trimaps").mkdir(parents=True)
+    stems = [f"{'Abyssinian' if i % 2 else 'beagle'}_{i}" for i in range(len(trimaps))]
+    rng = np.random.default_rng(0)
+    for stem, trimap in zip(stems, trimaps):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(base / "images" / f"{stem}.jpg")
+        Image.fromarray(trimap).save(base / "annotations" / "trimaps" / f"{stem}.png")
+    (base / "annotations" / "trainval.txt").write_text("".join(f"{s} 1 1 1\n" for s in stems))
+    (base / "annotations" / "test.txt").write_text("")
+    return root
+
+
 # --- views (Sec. 2.1) ---
 
 def test_two_views_differ_keep_shape_and_are_seeded():
     images, _ = build_dataset("shapes", split="unlabeled", transform=simclr_seg.keep_image, image_only=True,
                               image_size=(40, 56), num_images=4)
-    views = simclr_seg.TwoViews(images, simclr_seg.simclr_augmentation(32), seed=3)
-    view1, view2 = views[(0, 1)]
+    views = simclr_seg.SeededItems(simclr_seg.TwoViews(images, simclr_seg.simclr_augmentation(32)))
+    view1, view2 = views[(1, 11)]
     assert view1.shape == view2.shape == (3, 32, 32) and view1.dtype == torch.float32
     assert not torch.equal(view1, view2)
-    again1, again2 = views[(0, 1)]
-    assert torch.equal(view1, again1) and torch.equal(view2, again2)  # seeded by (seed, epoch, index)
-    assert not torch.equal(views[(1, 1)][0], view1)  # another epoch, other views
+    again1, again2 = views[(1, 11)]
+    assert torch.equal(view1, again1) and torch.equal(view2, again2)  # a function of the item seed
+    assert not torch.equal(views[(1, 12)][0], view1)  # another seed (epoch), other views
     state = torch.get_rng_state()
-    views[(0, 2)]
+    views[(2, 5)]
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
 
 
 def test_views_are_the_same_for_any_worker_count():
     args = simclr_seg.get_args([*TINY, "--limit", "16"])  # 2 batches of 8 images per epoch
-    ctx = simclr_seg.Context(torch.device("cpu"))
+    data = simclr_seg.build_pretrain_data(args)
     seen = {}
     for workers in (0, 2):
         args.workers = workers
-        loader = simclr_seg.build_loaders(args, "pretrain", ctx)["train"]  # persistent workers when > 0
+        loader = simclr_seg.make_loader(data["train"], 8, args, runtime(), train=True)  # persistent workers if > 0
         seen[workers] = []
-        for epoch in (0, 1):
-            loader.sampler.set_epoch(epoch)
+        for epoch in (1, 2):
+            loader.sampler.set_epoch("pretrain", epoch)
             seen[workers] += [torch.cat(views) for views in loader]
     assert len(seen[0]) == 4 and all(torch.equal(a, b) for a, b in zip(seen[0], seen[2]))
     assert not torch.equal(seen[0][0], seen[0][2])  # a new epoch draws new views
 
 
-def test_blur_kernel_is_odd_ten_percent():
-    blur = [t for t in simclr_seg.simclr_augmentation(224).transforms if "RandomApply" in type(t).__name__][-1]
-    assert tuple(blur.transforms[0].kernel_size) == (23, 23) and blur.p == 0.5
+def test_augmentation_parameters_are_the_docstring_s():
+    """CHOICE C2 on real data: crop 0.08-1 (aspect 3/4-4/3), flip 0.5, jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grey 0.2,
+    blur kernel 23 at 224 with sigma 0.1-2 and p 0.5, read from the transform a pets run builds."""
+    args = simclr_seg.get_args(["--data", "pets", "--stage", "pretrain"])
+    crop, flip, jitter, grey, blur = simclr_seg.pretrain_augmentation(args).transforms[:5]
+    assert tuple(crop.size) == (224, 224) and crop.scale == (0.08, 1.0)
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert flip.p == 0.5
+    color = jitter.transforms[0]
+    assert jitter.p == 0.8 and color.brightness == color.contrast == color.saturation == pytest.approx((0.2, 1.8))
+    assert color.hue == pytest.approx((-0.2, 0.2))
+    assert type(grey).__name__ == "RandomGrayscale" and grey.p == 0.2
+    assert blur.p == 0.5 and tuple(blur.transforms[0].kernel_size) == (23, 23)
+    assert blur.transforms[0].sigma == pytest.approx([0.1, 2.0])
+    # the pre-training dataset uses exactly this transform
+    images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    two = simclr_seg.TwoViews(images, simclr_seg.pretrain_augmentation(args))
+    assert repr(two.augment) == repr(simclr_seg.simclr_augmentation(224, 1.0, 0.5, (0.08, 1.0)))
 
 
-def test_pretrain_folder_reads_every_image_and_names_a_corrupt_one(tmp_path):
-    from PIL import Image
+def test_pretrain_folder_skips_and_counts_unreadable_files(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for i, folder in enumerate((tmp_path / "a", tmp_path / "a" / "b", tmp_path)):
         Image.new("RGB", (40 + i, 36), (10 * i, 20, 30)).save(folder / f"img{i}.png")
-    args = simclr_seg.get_args(["--pretrain-data", "folder", "--pretrain-root", str(tmp_path)])
-    images = simclr_seg.build_pretrain_images(args)
-    assert sorted(tuple(images[i].shape) for i in range(3)) == [(3, 36, 40), (3, 36, 41), (3, 36, 42)]
-    assert len(images) == 3 and images[0].dtype == torch.uint8
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])  # header intact
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    images = simclr_seg.build_pretrain_images(args)
-    with pytest.raises(simclr_seg.DatasetError, match="broken.jpg"):
-        [images[i] for i in range(len(images))]
+    args = simclr_seg.get_args(["--pretrain-data", "folder", "--pretrain-root", str(tmp_path)])
+    images, skipped = simclr_seg.build_pretrain_images(args)
+    assert len(images) == 4 and skipped == 2  # the truncated JPEG passes Image.verify() but not a full decode
+    assert sorted(tuple(images[i].shape) for i in range(4)) == [(3, 36, 40), (3, 36, 41), (3, 36, 42), (3, 64, 64)]
+    assert images[0].dtype == torch.uint8
+
+
+def test_pretrain_limit_is_a_seeded_class_balanced_draw(tmp_path):
+    for name, count in (("cat", 3), ("dog", 9)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / name / f"{i}.png")
+    args = simclr_seg.get_args(["--pretrain-data", "folder", "--pretrain-root", str(tmp_path), "--pretrain-limit",
+                                "4"])
+    images, _ = simclr_seg.build_pretrain_images(args)
+    picked = [images.dataset.image_paths[i] for i in images.indices]
+    assert sum("/cat/" in p for p in picked) == 2 and sum("/dog/" in p for p in picked) == 2
+    args.pretrain_limit = 8  # only 3 cats: the dogs fill the rest
+    images, _ = simclr_seg.build_pretrain_images(args)
+    assert sum("/cat/" in images.dataset.image_paths[i] for i in images.indices) == 3 and len(images) == 8
+    draws = {tuple(simclr_seg.balanced_draw(["x"] * 20, 5, seed)) for seed in (0, 0, 1)}
+    assert len(draws) == 2  # seeded: the same seed the same draw, another seed another one
 
 
 # --- Pet splits (Sec. 3.1) ---
 
 def test_pet_splits_test_fixed_no_overlap_sizes():
-    n = 7390  # the Oxford-IIIT Pet set
+    n = 3680 + 3669  # Oxford-IIIT Pet: annotations/trainval.txt + annotations/test.txt
     splits = {dev: simclr_seg.pet_splits(n, dev, seed=0) for dev in (0.8, 0.5, 0.2)}
+    assert [len(splits[0.8][k]) for k in ("train", "val", "test")] == [5291, 588, 1470]  # the docstring's counts
+    assert len(splits[0.5]["train"]) + len(splits[0.5]["val"]) == 3674
     for dev, s in splits.items():
-        assert s["test"] == splits[0.8]["test"] and len(s["test"]) == 1478
+        assert s["test"] == splits[0.8]["test"]
         n_dev = round(dev * n)
         assert len(s["train"]) + len(s["val"]) == n_dev and len(s["val"]) == round(0.1 * n_dev)
-        assert len(s["unused"]) == n - 1478 - n_dev
+        assert len(s["unused"]) == n - 1470 - n_dev
         parts = [set(s[k]) for k in ("train", "val", "test", "unused")]
         assert sum(map(len, parts)) == n and set().union(*parts) == set(range(n))
     dev = lambda s: set(s["train"]) | set(s["val"])  # noqa: E731
@@ -116,8 +179,40 @@ def test_pet_splits_test_fixed_no_overlap_sizes():
 
 
 def test_pet_splits_too_small_is_a_clear_error():
-    with pytest.raises(simclr_seg.DatasetError, match="val split of 4 images is empty"):
+    with pytest.raises(DatasetError, match="val split of 4 images is empty"):
         simclr_seg.pet_splits(4, 0.5)
+
+
+def test_trimap_border_rule_by_hand(tmp_path):
+    """CHOICE C8: trimap 1 pet -> 1, 2 background -> 0, 3 border -> --border (foreground by default)."""
+    trimap = np.full((32, 32), 2, np.uint8)
+    trimap[8:24, 8:24] = 1
+    trimap[8, 8:24] = 3
+    root = make_pets(tmp_path, [trimap] * 10)
+    expected = {"foreground": 1, "background": 0, "ignore": 255}
+    for border, value in expected.items():
+        flags = ["--data", "pets", "--data-root", str(root), "--img-size", "32"]
+        args = simclr_seg.get_args(flags + (["--border", border] if border != "foreground" else []))
+        _, label = simclr_seg.build_pool(args, simclr_seg.joint_transform(32))[0]
+        truth = torch.zeros(32, 32, dtype=torch.int64)
+        truth[8:24, 8:24] = 1
+        truth[8, 8:24] = value
+        assert torch.equal(label, truth), border
+
+
+def test_pets_trimap_value_77_is_an_error_before_training(tmp_path):
+    trimap = np.full((32, 32), 2, np.uint8)
+    bad = trimap.copy()
+    bad[0, 0] = 77
+    root = make_pets(tmp_path, [trimap] * 9 + [bad])
+    args = simclr_seg.get_args(["--data", "pets", "--data-root", str(root), "--img-size", "32", "--stage",
+                                "finetune", "--out", str(tmp_path / "r")])
+    pool = simclr_seg.build_pool(args, simclr_seg.joint_transform(32))
+    with pytest.raises(DatasetError, match=r"class ids \[77\]"):
+        check_labels(pool)
+    with pytest.raises(DatasetError, match="77"):  # the run refuses it before --out exists
+        simclr_seg.main(args)
+    assert not (tmp_path / "r").exists()
 
 
 # --- model ---
@@ -215,6 +310,31 @@ def test_nt_xent_hand_value_and_minimal_when_views_coincide():
         assert simclr_seg.nt_xent_loss(z, z + 0.3 * torch.randn(3, 8), 0.5) > loss
 
 
+def test_nt_xent_is_fp32_under_bf16_autocast():
+    """CHOICE C3: loss and gradient under CPU bf16 autocast equal the fp32 ones; a bf16 similarity matmul (what
+    autocast does to `z @ candidates.T` unless the loss turns it off) misses the gradient by about 1 %."""
+    torch.manual_seed(0)
+    base = torch.randn(16, 128)
+    z1_ref, z2_ref = base.clone().requires_grad_(), (base + 0.05 * torch.randn(16, 128)).requires_grad_()
+    reference = simclr_seg.nt_xent_loss(z1_ref, z2_ref, 0.1)  # near cos = 1, tau 0.1: where bf16 hurts most
+    reference.backward()
+    z1, z2 = z1_ref.detach().clone().requires_grad_(), z2_ref.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = simclr_seg.nt_xent_loss(z1, z2, 0.1)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(z1.grad, z1_ref.grad, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(z2.grad, z2_ref.grad, rtol=1e-5, atol=1e-8)
+    # the same loss with the matmul in bf16: a test that compares with fp32 would notice it
+    z1_bf, z2_bf = z1_ref.detach().clone().requires_grad_(), z2_ref.detach().clone().requires_grad_()
+    z = F.normalize(torch.cat([z1_bf, z2_bf]), dim=1)
+    logits = (z.bfloat16() @ z.bfloat16().T).float() / 0.1
+    logits = logits.masked_fill(torch.eye(32, dtype=torch.bool), float("-inf"))
+    F.cross_entropy(logits, (torch.arange(32) + 16) % 32).backward()
+    error = (z1_bf.grad - z1_ref.grad).norm() / z1_ref.grad.norm()
+    assert error > 1e-3
+
+
 def test_segmentation_loss_matches_common_and_ignores_255():
     torch.manual_seed(0)
     logits = torch.randn(2, 1, 5, 6)
@@ -240,6 +360,38 @@ def test_lars_step_by_hand():
     assert torch.allclose(bias.detach(), torch.tensor([1 - 0.5 * 2.0]))
     optimizer.step()  # momentum: v = 0.9 v + g
     assert torch.allclose(bias.detach(), torch.tensor([0.0 - 0.5 * (0.9 * 2.0 + 2.0)]))
+
+
+def test_lars_weight_decay_and_parameter_groups_by_hand():
+    """CHOICE C4 through build_optimizer: conv/linear weights decayed and trust-scaled, biases and BN neither."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[0].bias.fill_(0.5)
+        model[3].weight.fill_(-4.0)
+        model[3].bias.fill_(0.25)
+    args = simclr_seg.get_args(["--pretrain-optimizer", "lars", "--pretrain-lr", "0.5", "--weight-decay", "0.1",
+                                "--warmup-epochs", "0", "--pretrain-epochs", "10"])
+    optimizer, scheduler = simclr_seg.build_optimizer("pretrain", model, args, steps_per_epoch=100)
+    adapted, excluded = optimizer.param_groups
+    assert {id(p) for p in adapted["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert {id(p) for p in excluded["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
+                                                   id(model[3].bias)}
+    assert adapted["lars"] and adapted["weight_decay"] == 0.1
+    assert not excluded["lars"] and excluded["weight_decay"] == 0.0
+    grads = {model[0].weight: 2.0, model[0].bias: 1.0, model[1].weight: -1.0, model[1].bias: 0.5,
+             model[3].weight: 0.5, model[3].bias: -2.0}
+    before = {p: p.detach().clone() for p in grads}
+    for p, g in grads.items():
+        p.grad = torch.full_like(p, g)
+    optimizer.step()
+    # conv weight 3, grad 2: g' = 2 + 0.1 * 3 = 2.3; trust = 0.001 * 3 / 2.3; w = 3 - 0.5 * trust * 2.3 = 2.9985
+    assert model[0].weight.item() == pytest.approx(3 - 0.5 * 0.001 * 3, rel=1e-6)
+    # linear weight -4, grad 0.5: g' = 0.5 - 0.4 = 0.1; trust = 0.001 * 4 / 0.1; w = -4 - 0.5 * 0.04 * 0.1 = -4.002
+    assert model[3].weight.item() == pytest.approx(-4 - 0.5 * (0.001 * 4 / 0.1) * 0.1, rel=1e-6)
+    for p in (model[0].bias, model[1].weight, model[1].bias, model[3].bias):  # plain SGD step, no decay
+        assert torch.allclose(p.detach(), before[p] - 0.5 * grads[p])
 
 
 def test_warmup_cosine_schedule():
@@ -275,86 +427,157 @@ def test_table_row_on_hand_made_predictions():
 def test_pretrain_loss_falls_and_finetune_beats_chance(tmp_path):
     # pre-training with milder views (crop 0.3-1, colour 0.5, no blur) so that 32 steps visibly learn
     run_main(tmp_path, "--stage", "pretrain", "--pretrain-epochs", "8", "--pretrain-batch-size", "16",
-             "--synthetic-images", "64", "--limit", "64", "--crop-scale", "0.3", "1", "--color-strength", "0.5",
-             "--blur-prob", "0")
-    pretrain = read_metrics(tmp_path / "run" / "pretrain")
+             "--synthetic-images", "64", "--crop-scale", "0.3", "1", "--color-strength", "0.5", "--blur-prob", "0",
+             name="pre")
+    pretrain = read_metrics(tmp_path / "pre")
     chance = math.log(2 * 16 - 1)  # NT-Xent of uniform similarities: the positive is 1 of 31 candidates
-    assert pretrain[0]["negatives"] == 30
-    assert pretrain[-1]["loss"] < chance - 0.15 and pretrain[-1]["loss"] < pretrain[0]["loss"] - 0.3
+    assert pretrain[0]["negatives"] == 30 and [r["epoch"] for r in pretrain] == list(range(1, 9))
+    assert pretrain[-1]["loss"] < chance - 0.1 and pretrain[-1]["loss"] < pretrain[0]["loss"] - 0.5
     args, results = run_main(tmp_path, "--stage", "finetune", "--epochs", "6", "--lr", "3e-3",
-                             "--synthetic-images", "96", "--limit", "96",
-                             "--init", f"simclr:{tmp_path / 'run' / 'pretrain' / 'last.pt'}", name="run")
-    finetune = read_metrics(tmp_path / "run" / "finetune")
+                             "--synthetic-images", "96", "--init", f"simclr:{tmp_path / 'pre' / 'pretrain.pt'}",
+                             name="fine")
+    finetune = read_metrics(tmp_path / "fine")
     assert finetune[-1]["loss"] < finetune[0]["loss"] - 0.2
     # chance: predicting "foreground" everywhere scores IoU = the foreground fraction of the test pixels
     test = results["finetune"]["test"]
     assert test["iou"] > foreground_fraction(args) + 0.1
     assert results["finetune"]["model"] == "SimCLR-shapes" and results["finetune"]["split_sizes"]["test"] == 19
-    run_dir = tmp_path / "run" / "finetune"
-    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "samples/epoch006.png"):
-        assert (run_dir / name).exists(), name
-    assert (tmp_path / "run" / "pretrain" / "samples" / "epoch008.png").exists()
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "samples/finetune-epoch006.png"):
+        assert (tmp_path / "fine" / name).exists(), name
+    assert (tmp_path / "pre" / "samples" / "pretrain-epoch008.png").exists()
 
 
 def foreground_fraction(args):
     pool, _ = build_dataset("shapes", split="all", binary=True, image_size=args.img_size,
-                            num_images=args.synthetic_images, seed=args.split_seed, limit=args.limit)
+                            num_images=args.synthetic_images, seed=args.split_seed)
     test = simclr_seg.pet_splits(len(pool), args.dev_split, seed=args.split_seed)["test"]
     labels = torch.stack([pool[i][1] for i in test])
     return (labels == 1).float().mean().item()
 
 
-class Crash(Exception):
-    pass
+def test_selection_sees_only_validation_indices(tmp_path, monkeypatch):
+    """CHOICE C11: every evaluation during training scores the validation indices; the test indices are scored
+    once, at the end, with the weights of the lowest validation loss."""
+    calls = []
+    evaluate = simclr_seg.evaluate
+
+    def spy(model, loader, args, runtime):
+        result = evaluate(model, loader, args, runtime)
+        calls.append((list(loader.dataset.dataset.indices), result["loss"]))
+        return result
+
+    monkeypatch.setattr(simclr_seg, "evaluate", spy)
+    _, results = run_main(tmp_path, "--stage", "finetune", "--epochs", "4", "--lr", "1e-2")
+    indices = results["finetune"]["split_indices"]
+    assert len(calls) == 5 and not set(indices["val"]) & set(indices["test"])
+    assert all(seen == indices["val"] for seen, _ in calls[:4]) and calls[4][0] == indices["test"]
+    records = read_metrics(tmp_path / "run")
+    best_epoch = min(records, key=lambda r: r["val_loss"])["epoch"]
+    assert results["finetune"]["best_epoch"] == best_epoch
+    assert [r["val_loss"] for r in records] == pytest.approx([loss for _, loss in calls[:4]])
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    common = ["--pretrain-epochs", "2", "--epochs", "2", "--pretrain-optimizer", "lars", "--pretrain-lr", "0.3"]
-    run_main(tmp_path, *common, name="straight")
-    original = simclr_seg.train_one_epoch
-    calls = {"n": 0, "crash_at": 2}
+def test_finetune_starts_from_the_pretrained_encoder(tmp_path, monkeypatch):
+    """--stage both: the encoder at the first fine-tuning step is OUT/pretrain.pt's, tensor for tensor."""
+    seen = {}
+    train_one_epoch = simclr_seg.train_one_epoch
 
-    def crashing(*a, **k):  # a crash after the checkpoint of the previous epoch was written
-        calls["n"] += 1
-        if calls["n"] == calls["crash_at"]:
-            raise Crash
-        return original(*a, **k)
+    def spy(stage, model, *rest):
+        if stage == "finetune" and not seen:
+            seen.update({k: v.clone() for k, v in simclr_seg.unwrap(model).encoder.state_dict().items()})
+        return train_one_epoch(stage, model, *rest)
 
-    monkeypatch.setattr(simclr_seg, "train_one_epoch", crashing)
-    with pytest.raises(Crash):  # stops in pre-training epoch 2
-        run_main(tmp_path, *common, name="resumed")
-    calls.update(n=0, crash_at=3)
-    with pytest.raises(Crash):  # resumes pre-training epoch 2, fine-tunes epoch 1, stops in fine-tuning epoch 2
-        run_main(tmp_path, *common, "--resume", name="resumed")
-    run_main(tmp_path, *common, "--resume", name="resumed")
-    for stage in ("pretrain", "finetune"):
-        a = torch.load(tmp_path / "straight" / stage / "last.pt", weights_only=True)
-        b = torch.load(tmp_path / "resumed" / stage / "last.pt", weights_only=True)
-        assert a["epoch"] == b["epoch"] == 1
-        for key in a["model"]:
-            assert torch.equal(a["model"][key], b["model"][key]), (stage, key)
-        assert read_metrics(tmp_path / "straight" / stage) == [
-            {**r, "images_per_s": s["images_per_s"], "time_s": s["time_s"]}
-            for r, s in zip(read_metrics(tmp_path / "resumed" / stage), read_metrics(tmp_path / "straight" / stage))]
-    with pytest.raises(simclr_seg.UsageError, match="--resume"):  # never overwritten without --resume
-        run_main(tmp_path, *common, name="straight")
+    monkeypatch.setattr(simclr_seg, "train_one_epoch", spy)
+    run_main(tmp_path, "--pretrain-epochs", "1", "--epochs", "1")
+    pretrained = torch.load(tmp_path / "run" / "pretrain.pt", weights_only=True)["model"]
+    assert len(seen) == 120
+    for key, value in seen.items():
+        assert torch.equal(value, pretrained[f"encoder.{key}"]), key
 
 
-def test_table41_grid_small(tmp_path):
-    args, rows = run_main(tmp_path, "--experiment", "table4.1", "--pretrain-epochs", "1", "--epochs", "1",
-                          "--dev-splits", "0.2", "0.8", "--synthetic-images", "40", "--limit", "40")
-    assert [(r["Model"], r["Dev Split"]) for r in rows] == [
-        ("baseline", 20), ("baseline", 80), ("CIFAR", 20), ("CIFAR", 80), ("Pet", 20), ("Pet", 80)]
+# --- the Table 4.1 grid ---
+
+def test_table41_grid_is_fair_and_seeded(tmp_path, monkeypatch):
+    """Each row's encoder at its first fine-tuning step is the checkpoint it names; the test indices are the same
+    for every row and seed; the table gives mean +- std and the seed count."""
+    import torchvision
+    torch.manual_seed(5)
+    imagenet = tmp_path / "fake_imagenet.pth"  # a stand-in for torchvision's file, to see the baseline load it
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), imagenet)
+    first = {}
+    train_one_epoch = simclr_seg.train_one_epoch
+
+    def spy(stage, model, loader, optimizer, scheduler, step_fn, guard, epoch, args, runtime):
+        if stage == "finetune" and epoch == 1:
+            first[Path(args.out).relative_to(tmp_path / "run").as_posix()] = {
+                k: v.clone() for k, v in simclr_seg.unwrap(model).encoder.state_dict().items()}
+        return train_one_epoch(stage, model, loader, optimizer, scheduler, step_fn, guard, epoch, args, runtime)
+
+    monkeypatch.setattr(simclr_seg, "train_one_epoch", spy)
+    _, results = run_main(tmp_path, "--experiment", "table4.1", "--pretrain-epochs", "1", "--epochs", "1",
+                          "--dev-splits", "0.2", "0.8", "--synthetic-images", "40", "--seeds", "0", "1",
+                          "--baseline-init", f"imagenet:{imagenet}")
+    rows = results["rows"]
+    assert [(r["Seed"], r["Source"], r["Dev Split"]) for r in rows] == [
+        (s, source, dev) for s in (0, 1) for source in ("baseline", "CIFAR", "Pet") for dev in (20, 80)]
+    assert rows[0]["Model"] == f"baseline (init imagenet:{imagenet})" and rows[2]["Model"] == "CIFAR (SimCLR from none)"
+    bare = torch.load(imagenet, weights_only=True)
+    pretrained = {}
+    for name, encoder in first.items():
+        seed, run = name.split("/")
+        source = run.split("-")[1]
+        if source == "baseline":
+            expected = bare
+        else:
+            state = torch.load(tmp_path / "run" / seed / f"pretrain-{source}" / "pretrain.pt", weights_only=True)
+            expected = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+            pretrained[(seed, source)] = expected["conv1.weight"]
+        assert all(torch.equal(encoder[k], expected[k]) for k in encoder), name
+    assert len(first) == 12 and len(pretrained) == 4
+    assert not torch.equal(pretrained[("seed0", "CIFAR")], pretrained[("seed1", "CIFAR")])  # a pre-training per seed
+    assert not torch.equal(pretrained[("seed0", "CIFAR")], pretrained[("seed0", "Pet")])
+    test_sets = {json.dumps(json.loads(p.read_text())["finetune"]["split_indices"]["test"])
+                 for p in (tmp_path / "run").glob("seed*/finetune-*/results.json")}
+    assert len(test_sets) == 1 and len(json.loads(test_sets.pop())) == 8
     out = tmp_path / "run"
-    assert (out / "table4.1.csv").read_text().splitlines()[0] == ",".join(simclr_seg.TABLE_COLUMNS)
-    assert (out / "table4.1.md").read_text().count("\n| ") == 7
-    cifar = json.loads((out / "pretrain-CIFAR" / "config.json").read_text())
-    assert cifar["pretrain_source_size"] == 16 and cifar["pretrain_data"] == "shapes"
-    pet = json.loads((out / "pretrain-Pet" / "config.json").read_text())
-    assert pet["pretrain_source_size"] == 32
-    test_sets = {json.dumps(json.loads((d / "results.json").read_text())["split_sizes"]["test"])
-                 for d in out.glob("finetune-*")}
-    assert len(test_sets) == 1  # the same test size everywhere (the indices are the tested pet_splits)
+    assert (out / "table4.1.csv").read_text().splitlines()[0] == ",".join(("Seed", "Source") +
+                                                                           simclr_seg.TABLE_COLUMNS)
+    table = (out / "table4.1.md").read_text()
+    assert table.count("\n| ") == 7 and "| Seeds |" in table and "2 seed(s) [0, 1]" in table
+    summary = results["summary"]
+    iou = [r["IOU"] for r in rows if r["Source"] == "Pet" and r["Dev Split"] == 80]
+    entry = next(e for e in summary if e["Source"] == "Pet" and e["Dev Split"] == 80)
+    assert entry["Seeds"] == 2 and entry["IOU"] == pytest.approx(sum(iou) / 2)
+    assert entry["IOU std"] == pytest.approx(abs(iou[0] - iou[1]) / math.sqrt(2))
+    assert f"{entry['IOU']:.3f} ± {entry['IOU std']:.3f}" in table
+    again = simclr_seg.main(simclr_seg.get_args([*TINY, "--out", str(out), "--experiment", "table4.1",
+                                                 "--pretrain-epochs", "1", "--epochs", "1", "--dev-splits", "0.2",
+                                                 "0.8", "--synthetic-images", "40", "--seeds", "0", "1",
+                                                 "--baseline-init", f"imagenet:{imagenet}", "--resume"]))
+    assert again["rows"] == rows and len(first) == 12  # --resume reads the finished runs back, trains nothing
+
+
+def test_grid_refuses_flags_it_would_ignore(capsys):
+    for argv, flag in ((["--init", "none"], "--init"), (["--stage", "finetune"], "--stage"),
+                       (["--dev-split", "0.5"], "--dev-split"), (["--model-name", "x"], "--model-name"),
+                       (["--pretrain-data", "shapes"], "--pretrain-data"), (["--eval-only"], "--eval-only")):
+        with pytest.raises(SystemExit):
+            simclr_seg.get_args(["--experiment", "table4.1", *argv])
+        assert flag in capsys.readouterr().err
+    for argv in (["--seeds", "0", "1"], ["--baseline-init", "imagenet"], ["--dev-splits", "0.2"],
+                 ["--grid-sources", "A=shapes"]):
+        with pytest.raises(SystemExit):
+            simclr_seg.get_args(argv)
+        assert argv[0] in capsys.readouterr().err and "table4.1" in capsys.readouterr().err + argv[0] + "table4.1"
+    with pytest.raises(SystemExit):
+        simclr_seg.get_args(["--experiment", "table4.1", "--grid-sources", "baseline=shapes"])
+    assert "--grid-sources" in capsys.readouterr().err
+    args = simclr_seg.get_args(["--data", "pets", "--experiment", "table4.1", "--grid-sources", "Pet=pets",
+                                "Med=folder:/x/images"])
+    assert args.grid == {"Pet": {"pretrain_data": "pets", "pretrain_root": None},
+                         "Med": {"pretrain_data": "folder", "pretrain_root": "/x/images"}}
 
 
 # --- CLI ---
@@ -362,45 +585,43 @@ def test_table41_grid_small(tmp_path):
 def test_bad_flags_name_the_flag(capsys):
     for argv, flag in ((["--dev-split", "0.9"], "--dev-split"), (["--temperature", "0"], "--temperature"),
                        (["--img-size", "16"], "--img-size"), (["--init", "simclr"], "--init"),
-                       (["--pretrain-batch-size", "1"], "--pretrain-batch-size"),
-                       (["--pretrain-data", "folder"], "--pretrain-root")):
-        with pytest.raises(SystemExit):
+                       (["--pretrain-batch-size", "0"], "--pretrain-batch-size"),
+                       (["--pretrain-data", "folder"], "--pretrain-root"),
+                       (["--init", "none"], "--init"),  # --stage both fine-tunes its own pre-training
+                       (["--batch-size", "1", "--img-size", "32"], "--batch-size 1")):
+        with pytest.raises(SystemExit) as exit_info:
             simclr_seg.get_args(argv)
-        assert flag in capsys.readouterr().err
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
-def test_cli_run_eval_only_and_bad_data(tmp_path):
-    out = tmp_path / "cli"
-    command = [sys.executable, str(ROOT / "simclr_seg.py"), *TINY, "--stage", "finetune", "--epochs", "1",
-               "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr
-    assert "| 0 | baseline | BCE | 80 |" in done.stdout
-    results = json.loads((out / "finetune" / "results.json").read_text())
-    args = simclr_seg.get_args([*TINY, "--stage", "finetune", "--out", str(out), "--eval-only"])
-    assert simclr_seg.main(args)["iou"] == pytest.approx(results["test"]["iou"], abs=1e-6)
-    bad = subprocess.run([sys.executable, str(ROOT / "simclr_seg.py"), "--data", "pets", "--data-root",
-                          str(tmp_path / "nowhere"), "--stage", "finetune", "--out", str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "nowhere" in bad.stderr
+def test_batch_size_one_runs(tmp_path):
+    _, results = run_main(tmp_path, "--stage", "finetune", "--epochs", "1", "--batch-size", "1", "--img-size", "64",
+                          "--synthetic-images", "12")
+    assert 0 <= results["test"]["iou"] <= 1
 
 
 def test_bad_pretrain_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "r50.pt"
-    torch.save({"model": simclr_seg.SimCLR("resnet50", 64, 32).state_dict()}, path)
+    simclr_seg.save_checkpoint(path, {"model": simclr_seg.SimCLR("resnet50", 64, 32).state_dict()}, "simclr_seg.py",
+                               "SimCLR-resnet50")
     with pytest.raises(simclr_seg.UsageError, match="r50.pt does not fit"):
         run_main(tmp_path, "--stage", "finetune", "--init", f"simclr:{path}")
-    with pytest.raises(simclr_seg.UsageError, match="not found"):
+    assert not (tmp_path / "run").exists()  # refused before --out was created
+    with pytest.raises(simclr_seg.UsageError, match="--init: no checkpoint"):
         run_main(tmp_path, "--stage", "finetune", "--init", f"simclr:{tmp_path / 'none.pt'}", name="other")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    with pytest.raises(simclr_seg.UsageError, match="--init:.*not simclr_seg.py"):
+        run_main(tmp_path, "--stage", "finetune", "--init", f"simclr:{foreign}", name="third")
 
 
 # --- DDP: 2 processes, gloo ---
 
 def distributed_worker(out):
     """Runs under torchrun: the gathered NT-Xent equals the single-process loss of the whole batch, with the same
-    gradients; then a real 2-process pre-training run."""
+    gradients; then a real 2-process pre-training + fine-tuning run."""
     import torch.distributed as dist
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -431,23 +652,23 @@ def test_torchrun_gloo_uses_all_ranks_negatives(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(Path(__file__).resolve()), str(tmp_path)], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=tmp_path)
+                          timeout=180, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["mean_loss"] == pytest.approx(result["full_loss"], rel=1e-5)  # Eq. (2.1) on all 2x3 pairs
         assert result["grad_error"] < 1e-5
         assert abs(result["loss"] - result["local_loss"]) > 1e-3  # not the loss of this rank's batch alone
-    metrics = read_metrics(tmp_path / "run" / "pretrain")
-    assert len(metrics) == 1 and metrics[0]["negatives"] == 2 * 8 * 2 - 2 and math.isfinite(metrics[0]["loss"])
-    config = json.loads((tmp_path / "run" / "pretrain" / "config.json").read_text())
-    assert config["world_size"] == 2 and (tmp_path / "run" / "pretrain" / "last.pt").exists()
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["stage"] == "pretrain" and metrics[0]["negatives"] == 2 * 8 * 2 - 2
+    assert math.isfinite(metrics[0]["loss"]) and metrics[1]["stage"] == "finetune"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["world_size"] == 2 and (tmp_path / "run" / "pretrain.pt").exists()
     # the fine-tuning metrics summed over the two ranks' shards equal one process scoring the whole test split
-    results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
-    args = simclr_seg.get_args([*TINY, "--eval-only", "--out", str(tmp_path / "run")])
-    single = simclr_seg.main(args)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    single = simclr_seg.main(simclr_seg.get_args([*TINY, "--eval-only", "--out", str(tmp_path / "run")]))
     for key in ("iou", "bce", "dice_loss", "accuracy"):
-        assert single[key] == pytest.approx(results["test"][key], rel=1e-5), key
+        assert single["test"][key] == pytest.approx(results["test"][key], rel=1e-5), key
 
 
 # --- real samples (../shared/data) ---
@@ -463,11 +684,13 @@ def test_real_pet_samples(tmp_path):
     assert [len(splits[k]) for k in ("train", "val", "test", "unused")] == [108, 12, 30, 0]
     image, label = pool[0]
     assert image.shape == (3, 32, 32) and set(label.unique().tolist()) <= {0, 1}
-    assert len(simclr_seg.build_pretrain_images(args)) == 120  # pre-training never sees the 30 test images
+    images, skipped = simclr_seg.build_pretrain_images(args)
+    assert len(images) == 120 and skipped == 0  # pre-training never sees the 30 test images
+    assert not set(images.indices) & set(splits["test"])
     run_main(tmp_path, "--data", "pets", "--data-root", str(SHARED_DATA), "--stage", "finetune", "--epochs", "1",
-             "--limit", "40", "--encoder", "resnet18")
-    results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
-    assert results["split_sizes"]["test"] == 8 and 0 <= results["test"]["iou"] <= 1
+             "--limit", "8", "--encoder", "resnet18")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["finetune"]["split_sizes"] == {"train": 8, "val": 8, "test": 8} and 0 <= results["test"]["iou"] <= 1
 
 
 if __name__ == "__main__":  # the torchrun worker of test_torchrun_gloo_uses_all_ranks_negatives
