@@ -6,14 +6,16 @@ the paper (section numbers below are the paper's).
 L-MAE completes segmentation labels that have missing pixels. The label, one-hot per class, is stacked with its
 image into a "fuse map"; whole fuse-map patches are hidden, an MAE-style ViT encoder sees only the visible patches,
 and a ViT decoder, whose hidden positions receive an embedding of the *image* patch there (Image Patch Supplement),
-predicts the class of every pixel. It is trained on complete labels by hiding patches; to complete a real dataset
-the patches holding unknown pixels are hidden, predicted, and only the unknown pixels are filled in.
+predicts the class of every pixel. It is trained by hiding patches of the labels it has (complete ones, or partial
+ones whose unknown pixels are neither input nor target); to complete a dataset the patches holding unknown pixels
+are hidden, predicted, and only the unknown pixels are filled in.
 
 Implemented (component -> function -> paper place)
     Stack Fuse (layer / direct / insert concat)      -> stack_fuse                 -> Sec. III-A, Eq. (1), Table III
     patch embedding + fixed sin-cos positions         -> LMAE.encode, sincos_pos_embed -> Sec. III-A, Eqs. (2)-(3)
     mask strategies random / label-first /
-      background-first / mixed 1:2:2                  -> training_mask, patch_fractions, rank_patches -> Sec. III-B
+      background-first / mixed 1:2:2                  -> draw_mask, training_mask, patch_fractions, rank_patches
+                                                                                     -> Sec. III-B
     encoder on visible tokens, decoder on all         -> LMAE.encode, LMAE.decode   -> Sec. III-C, Fig. 3
     LMMSA block x + DropPath(MHA(x)), x + DropPath(FFN(x)), ReLU FFN -> LMMSABlock, Attention -> Eqs. (4)-(9)
     Image Patch Supplement (--no-ips: MAE mask token) -> LMAE.decoder_input        -> Sec. III-C, Fig. 5, Fig. 6
@@ -22,9 +24,11 @@ Implemented (component -> function -> paper place)
     PA-mIoU (hidden pixels only) and global mIoU      -> evaluate                   -> Sec. IV-B, Table IV
     Adam, weight decay 1e-4, ReduceLROnPlateau(min, patience 5, threshold 1e-3, factor 0.8), VOC crop 448 ->
       resize 224, Cityscapes crop 448, batch 24 / 48, 400 epochs -> main, get_args -> Sec. IV-A
-    inference phase: route each image to the checkpoint whose mask ratio fits, hide background-first / unknown
-      patches, fill only unknown pixels             -> complete, complete_image   -> Sec. III-D, Fig. 4
+    inference phase: route each image to the checkpoint whose mask ratio fits, hide the unknown patches (or,
+      with --missing background, the most-background ones), fill only unknown (background) pixels
+                                                      -> complete, complete_batch, completion_grid -> Sec. III-D, Fig. 4
     label degradation for the augmentation experiment -> degrade, degrade_label    -> Sec. IV-C
+    baselines: nearest known pixel, most frequent known class -> nearest_known_fill, most_frequent_known_class
 
 Choices (the paper is silent or contradicts itself; grep "CHOICE C")
     C1  Void pixels (255) are all-zero in the one-hot fuse channels; --fuse direct stores (id + 1) / K in one
@@ -34,6 +38,8 @@ Choices (the paper is silent or contradicts itself; grep "CHOICE C")
     C3  Mask strategies rank patches by the fraction of object pixels (label-first: not background, not void) or
         of background pixels (background-first); ties are broken uniformly at random; exactly
         round(mask_ratio * L) patches are hidden in every sample. --mix draws the strategy per sample.
+        --unknown-first ranks patches by their share of unknown (255) pixels before the strategy, so partial labels
+        hide their unknown patches first, as `complete` will (off by default: the paper trains on complete labels).
     C4  "Background" is class --background-class (default 0: background in VOC and shapes; sky in CamVid, road in
         Cityscapes, whose 0 is not a background class).
     C5  Heads: head width 64 for 1024/512-wide and 72 for 1440/720-wide stacks (a multiple of 8, so the fused
@@ -47,29 +53,42 @@ Choices (the paper is silent or contradicts itself; grep "CHOICE C")
         decay (--freeze-weights keeps them fixed). Evaluated as sigmoid(log beta - gamma * (x_i - E) / (V + xi)),
         the same value without overflow.
     C8  Which pixels the loss counts: those of hidden patches (--loss-region masked, MAE's loss; the region
-        PA-mIoU scores and `complete` fills); --loss-region all adds the visible ones. The paper's "global mIoU"
-        is read as the mIoU of the completed label (given label on visible patches, prediction on hidden ones),
-        which is why it exceeds PA-mIoU in Table IV; the mIoU of the raw prediction everywhere is logged as
-        pred_miou. Background stays in the loss: Eq. (12) names the background as ignore index, but
-        Background-First exists to strengthen background predictions and both metrics include background
-        (Table IV) -> --ignore-background-in-loss.
-    C9  Learning rate (not given): Adam 1e-4 for the paper presets, 1e-3 for the tiny synthetic preset.
-        ReduceLROnPlateau steps on the epoch's mean training loss ("threshold of loss dropping").
+        PA-mIoU scores and `complete` fills); --loss-region all adds the visible ones. Unknown (255) pixels never
+        count. The paper's "global mIoU" is read as the mIoU of the completed label (given label on visible
+        patches, prediction on hidden ones), which is why it exceeds PA-mIoU in Table IV; the mIoU of the raw
+        prediction everywhere is logged as pred_miou. Background stays in the loss: Eq. (12) names the
+        background as ignore index, but Background-First exists to strengthen background predictions and both
+        metrics include background (Table IV) -> --ignore-background-in-loss.
+    C9  Learning rate (not given): Adam 1e-4 for the paper presets, 1e-3 for the tiny preset (shapes, and the
+        CPU-sized defaults of other sets). ReduceLROnPlateau steps on the epoch's mean training loss ("threshold
+        of loss dropping").
     C10 Validation: every image resized to --eval-size (VOC 224, Cityscapes 1024x2048, other sets --img-size);
         masks drawn with --eval-mask-strategy (default random, as in the Table III/IV ablations) from a generator
-        reseeded at every evaluation, so every epoch sees the same masks. best.pt = highest validation PA-mIoU.
-    C11 Sets other than VOC and Cityscapes: the whole image resized to --img-size (default 224) for training and
-        validation; no flips or colour changes anywhere (the paper names only the crops).
-    C12 Completion (`complete`): the image is resized to the checkpoint's --eval-size; routing uses the fraction
-        of patches that hold unknown pixels (--route unknown; --route background uses the background+unknown
-        pixel fraction, the paper's words), nearest mask ratio wins, ties go to the larger ratio. Hidden patches:
-        all patches holding unknown pixels (and, if fewer than the model's ratio, the most-background patches
-        next, Sec. III-D) up to L - 1; logits are resized back bilinearly and only unknown pixels are written.
+        derived from (seed, "eval-masks", rank), so every epoch sees the same masks. best.pt = highest validation
+        PA-mIoU. The same evaluation also scores two fills of the hidden pixels that need no model (nearest known
+        pixel, each image's most frequent known class) and the model with every visible label blanked
+        (blank_pa_miou: how much the visible labels help).
+    C11 Sets other than VOC and Cityscapes: the whole image resized to --img-size for training and validation
+        (with --crop: a random crop first); no flips or colour changes anywhere (the paper names only the crops).
+    C12 Completion (`complete`): every image is resized by --scale (aspect kept) and padded at the right and
+        bottom to a multiple of the patch size, so the model's grid covers the image undistorted and, at scale
+        1, is `degrade`'s grid. Hidden patches: exactly those holding unknown pixels; with --missing background
+        also the most-background patches up to the model's ratio (Sec. III-D), whose background pixels may be
+        overwritten. Routing (Fig. 4) by the share of patches holding unknown pixels (--route unknown) or of
+        background + unknown pixels (--route background, the paper's words, the default with --missing
+        background); nearest mask ratio wins, ties go to the larger ratio. Logits are cropped, resized back
+        bilinearly and only the writable pixels are changed. Images of one size and hidden count run as a batch.
     C13 Degradation (`degrade`): the label's patch grid (partial patches at the right/bottom edge count as
         patches) has round(ratio * patches) patches set to 255, chosen with --strategy (default random: "randomly
-        obscuring 50 %", Sec. IV-C).
-    C14 Synthetic default (--data shapes): preset "tiny" (4/2 blocks, 192/128 wide), patch 8 at 64 x 64, batch
+        obscuring 50 %", Sec. IV-C). Its --patch-size should be the model's patch size divided by complete's
+        --scale (16 / 1 by default), so that both grids are the same.
+    C14 Synthetic default (--data shapes): preset "tiny" (4/2 blocks, 128/96 wide), patch 8 at 64 x 64, batch
         16, 40 epochs, Adam 1e-3.
+    C15 --head conv (not in the paper; default linear, the paper's per-token linear map): after the linear head,
+        four dilated 3x3 convolutions (dilation 1, 2, 4, 8, width --head-width) see the logits, the image and
+        the visible labels (hidden pixels blank) and add a correction, so pixels inside a hidden patch can follow
+        image edges and neighbouring labels. --nearest-prior also feeds the nearest-known-pixel fill (one-hot) to
+        that head. Both only ever see visible labels.
 
 Deviations (grep "DEVIATION")
     - The default loss is plain cross-entropy, Eqs. (11)-(12) with w_i = 1 (--class-weighting none); Eq. (10)'s
@@ -86,10 +105,13 @@ Usage
     python lmae.py --data cityscapes --data-root data/cityscapes --mask-ratio 0.6
     torchrun --nproc_per_node=4 lmae.py --data voc --data-root data/VOCdevkit --compile --channels-last
     python lmae.py --resume --out runs/lmae-voc                 # continue at the next epoch
-    python lmae.py --eval-only --checkpoint runs/lmae-voc/best.pt
-    python lmae.py degrade --data camvid --data-root data/CamVid --split val --ratio 0.5 --out degraded
-    python lmae.py complete --checkpoint runs/m05/best.pt runs/m07/best.pt --images degraded/images \\
-        --labels degraded/labels --unknown degraded/unknown --truth degraded/truth --out completed
+    python lmae.py --eval-only --checkpoint runs/lmae-voc/best.pt   # test split -> eval_test.json
+  Partial labels only (255 = unknown): degrade writes a folder that --data folder reads; train on it, complete it.
+    python lmae.py degrade --data camvid --data-root data/CamVid --split train --ratio 0.5 --out deg
+    python lmae.py --data folder --data-root deg --num-classes 11 --val-split train --test-split train \\
+        --unknown-first --mask-ratio 0.75 --out runs/partial
+    python lmae.py complete --checkpoint runs/partial/best.pt --images deg/train/images --labels deg/train/masks \\
+        --unknown deg/train/unknown --truth deg/train/truth --out completed
   The first word picks the job: none (training), `complete` or `degrade`; `python lmae.py complete -h` lists its flags.
 
 Shapes: B batch, C channels (C_f fuse-map channels), H W height width, P patch size, gh gw = H/P, W/P,
@@ -99,12 +121,15 @@ mask (B, L) bool, True = hidden; pixel masks (B, H, W) bool, same meaning; label
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,19 +139,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
-from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, denormalize,
-                    joint_transform)
+from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
+                    denormalize, joint_transform)
+
+SCRIPT = "lmae.py"
 
 # --- configuration ---
 
 IGNORE = 255  # void in the given labels, unknown in labels to complete
 STRATEGIES = ("random", "label-first", "background-first")  # Sec. III-B; index = strategy id
 FUSES = ("layer", "direct", "insert")  # Table III: Layer Concat (ours), Directly Concat, Insert Concat
+HEADS = ("linear", "conv")  # CHOICE C15
 IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
+LABELLED_SETS = [n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")  # files `complete` reads
 GAMMA_INIT = 1.0  # Eq. (10) gamma at the start (CHOICE C7)
+RATIO_WARNING = 0.15  # `complete` warns when the hidden share exceeds the checkpoint's ratio by more than this
 
 # Table IV. Parameter counts measured by tests/test_lmae.py (count_parameters: K = 21 VOC classes, 24 fuse
 # channels, patch 16) next to the paper's figure. CHOICE C5: heads of width 64 (1024/512) or 72 (1440/720).
@@ -153,13 +184,13 @@ PAPER_PRESET = "eb8-db6-ed1440-dd720"  # Table I, Sec. IV-E1: "we choose EB=8, D
 # Data-dependent defaults, resolved in get_args (Sec. IV-A for voc and cityscapes; CHOICE C11, C14 otherwise).
 DATA_DEFAULTS = {
     "shapes": dict(img_size=(64, 64), crop=None, eval_size=None, patch_size=8, preset="tiny", epochs=40,
-                   batch_size=16, lr=1e-3, drop_path=0.0, workers=0),
+                   batch_size=16, lr=1e-3, drop_path=0.0),
     "voc": dict(img_size=(224, 224), crop=(448, 448), eval_size=(224, 224), patch_size=16, preset=PAPER_PRESET,
-                epochs=400, batch_size=24, lr=1e-4, drop_path=0.1, workers=4),
+                epochs=400, batch_size=24, lr=1e-4, drop_path=0.1),
     "cityscapes": dict(img_size=(448, 448), crop=(448, 448), eval_size=(1024, 2048), patch_size=16,
-                       preset=PAPER_PRESET, epochs=400, batch_size=48, lr=1e-4, drop_path=0.1, workers=4),
+                       preset=PAPER_PRESET, epochs=400, batch_size=48, lr=1e-4, drop_path=0.1),
     "other": dict(img_size=(224, 224), crop=None, eval_size=None, patch_size=16, preset=PAPER_PRESET,
-                  epochs=400, batch_size=24, lr=1e-4, drop_path=0.1, workers=4),
+                  epochs=400, batch_size=24, lr=1e-4, drop_path=0.1),
 }
 
 
@@ -196,25 +227,31 @@ def get_args(argv=None):
     if argv and argv[0] == "degrade":
         return get_degrade_args(argv[1:])
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="L-MAE label completion: train (this command), or `lmae.py complete ...` / "
                     "`lmae.py degrade ...` (see `lmae.py complete -h`, `lmae.py degrade -h`)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="shapes", choices=[n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS],
-                      help="dataset (common.py readers; needs labels). Default: shapes, the synthetic set")
+    data.add_argument("--data", default="shapes", choices=LABELLED_SETS,
+                      help="dataset (common.py readers; needs labels, 255 = unknown/void). Default: shapes, the "
+                           "synthetic set; folder reads <root>/{train,val,test}/{images,masks} (what degrade writes)")
     data.add_argument("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
     data.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="--data folder only: the number of classes K (default: largest id in the masks + 1; "
+                           "give it for partial labels, whose masks may miss a class)")
+    data.add_argument("--val-split", default="val",
+                      help="split that picks best.pt (default val; `train` validates on the training labels with "
+                           "fresh masks, for a set that only has partial labels)")
+    data.add_argument("--test-split", default="test", help="split scored at the end and by --eval-only (default test)")
     data.add_argument("--img-size", type=parse_size, default=None,
                       help="training input H or HxW, a multiple of --patch-size; paper: VOC 224 (crop 448 resized), "
                            "Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
     data.add_argument("--crop", type=parse_size, default=None,
-                      help="random crop taken before the resize to --img-size; paper: 448 (VOC, Cityscapes). "
-                           "Default: 448 there, none elsewhere")
+                      help="random crop taken before the resize to --img-size (equal to --img-size: crop only); "
+                           "paper: 448 (VOC, Cityscapes). Default: 448 there, none elsewhere")
     data.add_argument("--eval-size", type=parse_size, default=None,
                       help="validation images are resized to this (CHOICE C10). Default: VOC 224, Cityscapes "
                            "1024x2048, otherwise --img-size")
-    data.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
-    data.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4, shapes 0)")
     data.add_argument("--background-class", type=int, default=0,
                       help="class id treated as background by the mask strategies (CHOICE C4; default 0)")
 
@@ -230,9 +267,15 @@ def get_args(argv=None):
     model.add_argument("--pos-embed", default="2d", choices=("2d", "1d"),
                        help="fixed sin-cos positions: 2d (MAE, default) or 1d (the paper's Eqs. 2-3), CHOICE C2")
     model.add_argument("--ips", action=argparse.BooleanOptionalAction, default=True,
-                       help="Image Patch Supplement (Sec. III-C); --no-ips uses MAE's learned mask token (Fig. 6)")
+                       help="Image Patch Supplement (Sec. III-C, default on); --no-ips uses MAE's learned mask "
+                            "token (Fig. 6)")
     model.add_argument("--drop-path", type=float, default=None,
                        help="largest stochastic-depth rate (CHOICE C6; default 0.1, shapes 0)")
+    model.add_argument("--head", default="linear", choices=HEADS,
+                       help="pixel head: linear (the paper's per-token map, default) or conv (CHOICE C15)")
+    model.add_argument("--head-width", type=int, default=32, help="channels of --head conv (default 32)")
+    model.add_argument("--nearest-prior", action="store_true",
+                       help="--head conv also sees the nearest-known-pixel fill (CHOICE C15; default off)")
 
     masking = parser.add_argument_group("masking")
     masking.add_argument("--mask-ratio", type=float, default=0.5,
@@ -241,9 +284,12 @@ def get_args(argv=None):
                          help="Sec. III-B: random, label-first, background-first, or mixed per sample (default)")
     masking.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
                          help="mixing weights random:label-first:background-first for --mask-strategy mixed "
-                              "(paper: 1:2:2)")
+                              "(paper: 1:2:2, the default)")
     masking.add_argument("--eval-mask-strategy", default="random", choices=STRATEGIES + ("mixed",),
                          help="strategy of the validation masks (CHOICE C10; default random)")
+    masking.add_argument("--unknown-first", action=argparse.BooleanOptionalAction, default=False,
+                         help="hide the patches with the most unknown (255) pixels first, as complete does "
+                              "(CHOICE C3; for partial labels; default off)")
 
     loss = parser.add_argument_group("loss (Eqs. 10-12)")
     loss.add_argument("--class-weighting", default="none", choices=("paper", "none"),
@@ -271,20 +317,7 @@ def get_args(argv=None):
     optim.add_argument("--plateau-factor", type=float, default=0.8, help="ReduceLROnPlateau factor (paper: 0.8)")
     optim.add_argument("--plateau-threshold", type=float, default=1e-3,
                        help="ReduceLROnPlateau relative threshold (paper: 0.001)")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                     help="bf16 autocast on CUDA (always off on CPU)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    run.add_argument("--channels-last", action="store_true", help="channels_last memory format for the patch convs")
-    run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and masks")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels: bitwise repeatable on one machine, slower")
-    run.add_argument("--out", default=None, help="run directory (default runs/lmae-<data>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    run.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint (or <out>/best.pt)")
-    run.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
+    add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     args.command = "train"
 
@@ -294,10 +327,7 @@ def get_args(argv=None):
             setattr(args, key, value)
     if args.eval_size is None:
         args.eval_size = args.img_size
-    if args.out is None:
-        args.out = f"runs/lmae-{args.data}"
-
-    for name in ("epochs", "batch_size", "patch_size", "plateau_patience"):
+    for name in ("epochs", "batch_size", "patch_size", "plateau_patience", "head_width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("img_size", "eval_size"):
@@ -308,9 +338,11 @@ def get_args(argv=None):
     if not 0.0 < args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
     patches = (args.img_size[0] // args.patch_size) * (args.img_size[1] // args.patch_size)
-    if not 0 < round(args.mask_ratio * patches) < patches:
-        parser.error(f"--mask-ratio {args.mask_ratio} hides {round(args.mask_ratio * patches)} of {patches} patches; "
-                     f"at least one must be hidden and one visible (change --mask-ratio or --img-size)")
+    eval_patches = (args.eval_size[0] // args.patch_size) * (args.eval_size[1] // args.patch_size)
+    for count, flag in ((patches, "--img-size"), (eval_patches, "--eval-size")):
+        if not 0 < round(args.mask_ratio * count) < count:
+            parser.error(f"--mask-ratio {args.mask_ratio} hides {round(args.mask_ratio * count)} of {count} patches "
+                         f"at {flag}; at least one must be hidden and one visible (change --mask-ratio or {flag})")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     if args.beta_init <= 0:
@@ -321,21 +353,16 @@ def get_args(argv=None):
         parser.error(f"--plateau-factor must be between 0 and 1 (exclusive), got {args.plateau_factor}")
     if not 0.0 <= args.drop_path < 1.0:
         parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    if args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
     if not 0 <= args.background_class < IGNORE:
         parser.error(f"--background-class must be a class id in 0..254, got {args.background_class}")
+    if args.num_classes is not None and (args.data != "folder" or not 2 <= args.num_classes < IGNORE):
+        parser.error(f"--num-classes is read with --data folder only and must be in 2..254, got {args.num_classes}")
+    if args.nearest_prior and args.head != "conv":
+        parser.error("--nearest-prior feeds the conv head; pass it with --head conv")
     dims = PRESETS[args.preset]
     if dims["encoder_dim"] % 4 or dims["decoder_dim"] % 4:
         parser.error(f"--preset {args.preset}: widths must be multiples of 4 for the sin-cos positions")
-    if args.resume and args.eval_only:
-        parser.error("--resume and --eval-only exclude each other")
-    if args.checkpoint and not args.eval_only:
-        parser.error("--checkpoint is read with --eval-only (use --resume to continue training)")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    check_run_arguments(parser, args, SCRIPT)
     args.num_patches = patches  # derived, printed and saved with the run
     args.num_hidden = round(args.mask_ratio * patches)
     return args
@@ -343,7 +370,7 @@ def get_args(argv=None):
 
 def get_complete_args(argv):
     """`lmae.py complete`: fill the unknown pixels of a folder of labels (Sec. III-D, Fig. 4)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lmae.py complete",
         description="Complete labels with trained L-MAE checkpoints (Sec. III-D). Known pixels are copied unchanged; "
                     "inputs are only read.")
@@ -358,20 +385,31 @@ def get_complete_args(argv):
                         help="folder of masks with the labels' names, non-zero = unknown pixel; then 255 outside "
                              "the masks stays void")
     parser.add_argument("--truth", default=None,
-                        help="folder of complete labels (same names) to score the completion: PA-mIoU over the "
-                             "filled pixels, mIoU over all pixels")
+                        help="folder of complete labels (same names) to score the completion and the two "
+                             "baselines: PA-mIoU over the unknown pixels, mIoU over all pixels")
     parser.add_argument("--out", required=True, help="new folder for the completed palette PNGs and report.csv")
-    parser.add_argument("--route", default="unknown", choices=("unknown", "background"),
-                        help="unknown: share of patches holding unknown pixels (default); background: share of "
-                             "background + unknown pixels, the paper's words (CHOICE C12)")
-    parser.add_argument("--size", type=parse_size, default=None,
-                        help="model input HxW (multiple of the patch size); default: the checkpoint's --eval-size")
+    parser.add_argument("--missing", default="unknown", choices=("unknown", "background"),
+                        help="unknown: only unknown pixels are missing (default); background: background pixels "
+                             "may be missing too, the most-background patches are hidden up to the model's ratio "
+                             "and their background pixels may be overwritten (Sec. III-D)")
+    parser.add_argument("--route", default=None, choices=("unknown", "background"),
+                        help="which share picks the checkpoint (CHOICE C12): unknown = patches holding unknown "
+                             "pixels, background = background + unknown pixels (Fig. 4). Default: --missing's")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="images are resized by this factor (aspect kept) and padded to a multiple of the "
+                             "patch size (CHOICE C12; default 1: the grid of `degrade --patch-size P`)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images of one size per forward pass (default 8)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast on CUDA (always off on CPU)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on with CUDA, off on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-breaks between patches")
     args = parser.parse_args(argv)
     args.command = "complete"
+    args.route = args.route or args.missing
+    if not 0.0 < args.scale <= 8.0:
+        parser.error(f"--scale must be in (0, 8], got {args.scale}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     for name in ("images", "labels", "unknown", "truth"):
         folder = getattr(args, name)
         if folder is not None and not Path(folder).is_dir():
@@ -392,23 +430,27 @@ def get_complete_args(argv):
 
 def get_degrade_args(argv):
     """`lmae.py degrade`: hide patches of a dataset's labels (Sec. IV-C) so that `complete` can be scored."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lmae.py degrade",
-        description="Write a copy of a dataset split with a fraction of every label's patches set to 255 "
-                    "(Sec. IV-C): <out>/images, labels (degraded), unknown (255 = hidden), truth (complete).")
-    parser.add_argument("--data", default="shapes", choices=[n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS],
-                        help="dataset (common.py readers); default shapes")
+        description="Write a copy of dataset splits with a fraction of every label's patches set to 255 "
+                    "(Sec. IV-C): <out>/<split>/images, masks (degraded: `--data folder` reads them), unknown "
+                    "(255 = hidden), truth (complete).")
+    parser.add_argument("--data", default="shapes", choices=LABELLED_SETS, help="dataset (common.py readers); "
+                        "default shapes")
     parser.add_argument("--data-root", default=None, help="dataset root in its original layout")
     parser.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
-    parser.add_argument("--split", default="train", help="split to degrade (default train)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--split", nargs="+", default=["train"], help="split(s) to degrade (default train)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
     parser.add_argument("--img-size", type=parse_size, default=(64, 64), help="size shapes are drawn at (shapes only)")
     parser.add_argument("--ratio", type=float, default=0.5,
-                        help="fraction of each label's patches set to 255 (paper: 50 %%)")
-    parser.add_argument("--patch-size", type=int, default=16, help="patch side in pixels (default 16)")
+                        help="fraction of each label's patches set to 255 (paper: 50 %%, the default)")
+    parser.add_argument("--patch-size", type=int, default=16,
+                        help="patch side in pixels (default 16); the model's patch size / complete's --scale, so "
+                             "that both grids are the same (CHOICE C13)")
     parser.add_argument("--strategy", default="random", choices=STRATEGIES + ("mixed",),
                         help="which patches are hidden (default random, Sec. IV-C; CHOICE C13)")
-    parser.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0), help="weights for --strategy mixed")
+    parser.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0), help="weights for --strategy mixed "
+                        "(default 1:2:2)")
     parser.add_argument("--background-class", type=int, default=0, help="background id for the strategies (C4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hidden patches")
     parser.add_argument("--out", required=True, help="new folder for the degraded copy")
@@ -445,9 +487,7 @@ def stack_fuse(images, labels, num_classes, fuse="layer"):
     """
     void = labels == IGNORE
     if fuse == "layer":
-        one_hot = F.one_hot(torch.where(void, num_classes, labels), num_classes + 1)[..., :num_classes]  # (B,H,W,K)
-        layers = one_hot.permute(0, 3, 1, 2).to(images.dtype)  # (B, K, H, W)
-        return torch.cat([layers, images], dim=1)  # (B, K + 3, H, W)
+        return torch.cat([one_hot_layers(labels, num_classes, images.dtype), images], dim=1)  # (B, K + 3, H, W)
     level = torch.where(void, 0.0, (labels.to(images.dtype) + 1) / num_classes).unsqueeze(1)  # (B, 1, H, W)
     if fuse == "direct":
         return torch.cat([images, level], dim=1)  # (B, 4, H, W)
@@ -501,18 +541,21 @@ def draw_strategies(batch_size, strategy, mix, device, generator=None):
     return (u >= first).long() + (u >= second).long()
 
 
-def training_mask(labels, strategy, mix, mask_ratio, patch_size, background_class, generator=None):
+def training_mask(labels, strategy, mix, mask_ratio, patch_size, background_class, generator=None,
+                  unknown_first=False):
     """Hide exactly round(mask_ratio * L) patches of every sample with the chosen strategy (Sec. III-B).
 
     labels (B, H, W) int64. Returns mask (B, L) bool, True = hidden, and ids_keep (B, L_vis) int64.
     random: every patch alike; label-first: most object pixels first; background-first: most background first.
+    unknown_first: patches with more unknown (255) pixels go before all others (CHOICE C3).
     """
     B = labels.shape[0]
     objects, background = patch_fractions(labels, patch_size, background_class)  # (B, L) each
     ids = draw_strategies(B, strategy, mix, labels.device, generator)[:, None]  # (B, 1)
     score = torch.where(ids == 1, objects, torch.where(ids == 2, background, torch.zeros_like(objects)))  # (B, L)
+    keys = [(1 - objects - background).clamp(min=0), score] if unknown_first else [score]
     num_hidden = round(mask_ratio * score.shape[1])
-    return hide_first(rank_patches([score], generator), num_hidden)
+    return hide_first(rank_patches(keys, generator), num_hidden)
 
 
 def pixel_mask(mask, patch_size, grid):
@@ -521,6 +564,30 @@ def pixel_mask(mask, patch_size, grid):
     P = patch_size
     B = mask.shape[0]
     return mask.view(B, gh, 1, gw, 1).expand(B, gh, P, gw, P).reshape(B, gh * P, gw * P)
+
+
+def draw_mask(labels, strategy, args, generator=None):
+    """The masks of one batch, the one sequence training, evaluation and the sample grids use (Sec. III-B).
+
+    labels (B, H, W) int64 -> mask (B, L) bool (True = hidden), ids_keep (B, L_vis) int64, hidden pixels (B, H, W).
+    """
+    mask, ids_keep = training_mask(labels, strategy, args.mix, args.mask_ratio, args.patch_size,
+                                   args.background_class, generator, args.unknown_first)
+    grid = (labels.shape[1] // args.patch_size, labels.shape[2] // args.patch_size)
+    return mask, ids_keep, pixel_mask(mask, args.patch_size, grid)
+
+
+def hidden_of(ids_keep, num_patches):
+    """ids_keep (B, L_vis) -> mask (B, L) bool, True = hidden."""
+    mask = torch.ones(ids_keep.shape[0], num_patches, dtype=torch.bool, device=ids_keep.device)
+    return mask.scatter(1, ids_keep, False)
+
+
+def one_hot_layers(labels, num_classes, dtype):
+    """labels (B, H, W) int64 (255 = void) -> (B, K, H, W) one-hot layers, void all-zero (CHOICE C1)."""
+    void = labels == IGNORE
+    one_hot = F.one_hot(torch.where(void, num_classes, labels), num_classes + 1)[..., :num_classes]  # (B, H, W, K)
+    return one_hot.permute(0, 3, 1, 2).to(dtype)
 
 
 # --- model (Sec. III-C) ---
@@ -622,13 +689,30 @@ class ClassWeighting(nn.Module):
         return torch.sigmoid(self.log_beta - self.gamma * standardised)
 
 
+class ConvHead(nn.Module):
+    """CHOICE C15: four 3x3 convolutions with dilation 1, 2, 4, 8 (receptive field 31 px) and a 1x1 output."""
+
+    def __init__(self, in_channels, num_classes, width):
+        super().__init__()
+        layers, channels = [], in_channels
+        for dilation in (1, 2, 4, 8):
+            layers += [nn.Conv2d(channels, width, 3, padding=dilation, dilation=dilation), nn.ReLU()]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, K, H, W)
+        return self.out(self.body(x))
+
+
 class LMAE(nn.Module):
     """Label Masked Autoencoder (Fig. 3): Stack Fuse -> patch embedding + positions -> encoder on visible tokens
     -> Image Patch Supplement (or mask token) -> decoder on all L tokens -> per-pixel class logits."""
 
     def __init__(self, num_classes, patch_size=16, encoder_depth=8, decoder_depth=6, encoder_dim=1440,
                  decoder_dim=720, encoder_heads=20, decoder_heads=10, fuse="layer", ips=True, pos_embed="2d",
-                 drop_path=0.0, learn_class_weights=True, beta_init=1.0, gamma_init=GAMMA_INIT):
+                 drop_path=0.0, learn_class_weights=True, beta_init=1.0, gamma_init=GAMMA_INIT, head="linear",
+                 head_width=32, nearest_prior=False):
         super().__init__()
         self.num_classes, self.patch_size, self.fuse, self.ips, self.pos_embed = (num_classes, patch_size, fuse,
                                                                                    ips, pos_embed)
@@ -649,6 +733,10 @@ class LMAE(nn.Module):
                                       for i in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.head = nn.Linear(decoder_dim, P * P * num_classes)  # every token -> K logits for each of its pixels
+        self.nearest_prior = nearest_prior
+        # CHOICE C15: a dilated-convolution correction over (logits, image, visible labels[, nearest-known fill])
+        self.refine = ConvHead(num_classes * (3 if nearest_prior else 2) + 3, num_classes, head_width) \
+            if head == "conv" else None
         self.class_weighting = ClassWeighting(learn_class_weights, beta_init, gamma_init)
         self.initialize()
 
@@ -661,6 +749,8 @@ class LMAE(nn.Module):
                     nn.init.zeros_(module.bias)
         if not self.ips:
             nn.init.normal_(self.mask_token, std=0.02)
+        if self.refine is not None:  # the correction starts at zero: training begins from the linear head
+            nn.init.zeros_(self.refine.out.weight)
 
     def encode(self, fuse_map, ids_keep):
         """fuse_map (B, C_f, H, W), ids_keep (B, L_vis) -> encoded visible tokens (B, L_vis, D_e)."""
@@ -706,7 +796,16 @@ class LMAE(nn.Module):
         grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
         fuse_map = stack_fuse(images, labels, self.num_classes, self.fuse)  # (B, C_f, H, W), Eq. (1)
         latent = self.encode(fuse_map, ids_keep)  # (B, L_vis, D_e)
-        return self.decode(self.decoder_input(latent, images, ids_keep), grid)  # (B, K, H, W)
+        logits = self.decode(self.decoder_input(latent, images, ids_keep), grid)  # (B, K, H, W)
+        if self.refine is None:
+            return logits
+        hidden = pixel_mask(hidden_of(ids_keep, grid[0] * grid[1]), self.patch_size, grid)  # (B, H, W)
+        visible_labels = torch.where(hidden, IGNORE, labels)  # the head never sees a hidden label
+        parts = [logits, images.to(logits.dtype), one_hot_layers(visible_labels, self.num_classes, logits.dtype)]
+        if self.nearest_prior:
+            fill = nearest_known_fill(visible_labels, visible_labels != IGNORE)  # (B, H, W)
+            parts.append(one_hot_layers(fill, self.num_classes, logits.dtype))
+        return logits + self.refine(torch.cat(parts, dim=1))  # (B, K, H, W)
 
 
 def build_model(config, num_classes):
@@ -715,8 +814,16 @@ def build_model(config, num_classes):
     return LMAE(num_classes, config["patch_size"], **PRESETS[config["preset"]], fuse=config["fuse"],
                 ips=config["ips"], pos_embed=config["pos_embed"], drop_path=config["drop_path"],
                 learn_class_weights=config["class_weighting"] == "paper" and not config["freeze_weights"],
-                beta_init=config["beta_init"],
-                gamma_init=config["gamma_init"])
+                beta_init=config["beta_init"], gamma_init=config["gamma_init"], head=config.get("head", "linear"),
+                head_width=config.get("head_width", 32), nearest_prior=config.get("nearest_prior", False))
+
+
+def architecture(config, num_classes):
+    """The architecture string checkpoints carry: what must match to load the weights."""
+    config = config if isinstance(config, dict) else vars(config)
+    head = config["head"] + (f"{config['head_width']}" if config["head"] == "conv" else "")
+    return (f"lmae-{config['preset']}-p{config['patch_size']}-{config['fuse']}-{'ips' if config['ips'] else 'token'}"
+            f"-pos{config['pos_embed']}-{head}{'-nearest' if config['nearest_prior'] else ''}-k{num_classes}")
 
 
 def count_parameters(preset, num_classes=21, patch_size=16, fuse="layer", ips=True):
@@ -753,383 +860,163 @@ def lmae_loss(logits, labels, hidden_pixels, class_weighting, loss_region="all",
     return (pixel_weights * per_pixel).sum() / pixel_weights.sum().clamp(min=1e-12)
 
 
-def most_frequent_visible_class(labels, hidden_pixels, num_classes):
-    """Baseline completion: per image the most frequent labelled class among visible pixels -> (B,) int64."""
+# --- baselines: fills that need no model ---
+
+def most_frequent_known_class(labels, known, num_classes):
+    """Baseline completion: per image the most frequent class among its known pixels -> (B,) int64.
+
+    labels (B, H, W) int64, known (B, H, W) bool (labelled and visible). Ties go to the lowest id.
+    """
     B = labels.shape[0]
-    visible = (labels != IGNORE) & ~hidden_pixels
-    ids = torch.where(visible, labels, num_classes).flatten(1)  # (B, H*W), num_classes = not counted
+    ids = torch.where(known & (labels != IGNORE), labels, num_classes).flatten(1)  # (B, H*W), K = not counted
     counts = torch.zeros(B, num_classes + 1, device=labels.device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))  # (B, K + 1) pixels per class
     return counts[:, :num_classes].argmax(dim=1)
 
 
+@torch.no_grad()
+def nearest_known_fill(labels, known, chunk=2 ** 22):
+    """Baseline completion: every pixel takes the class of its nearest known pixel (exact Euclidean distance).
+
+    labels (B, H, W) int64, known (B, H, W) bool -> (B, H, W) int64; known pixels keep their class, an image
+    without any known pixel gets class 0. Two passes of the exact distance transform: the nearest known pixel of
+    every column (vertical distance dy), then per pixel the column x' minimising (x - x')^2 + dy(x')^2, in chunks
+    of rows (B x rows x W x W values at a time).
+    """
+    B, H, W = labels.shape
+    known = known & (labels != IGNORE)
+    rows = torch.arange(H, device=labels.device).view(1, H, 1).expand(B, H, W)
+    far = 4 * (H + W)  # a row index no known pixel has
+    above = torch.where(known, rows, -far).cummax(dim=1).values  # nearest known row at or above, (B, H, W)
+    below = torch.where(known, rows, H + far).flip(1).cummin(dim=1).values.flip(1)  # at or below
+    nearest_row = torch.where(rows - above <= below - rows, above, below)  # (B, H, W)
+    dy2 = (nearest_row - rows).float() ** 2  # huge in columns without a known pixel
+    columns = torch.arange(W, device=labels.device, dtype=torch.float32)
+    dx2 = (columns[:, None] - columns[None, :]) ** 2  # (W, W') over (x, x')
+    flat = labels.flatten(1)  # (B, H*W)
+    filled = torch.empty_like(labels)
+    step = max(1, chunk // max(B * W * W, 1))
+    for start in range(0, H, step):
+        part = slice(start, start + step)
+        column = (dx2[None, None] + dy2[:, part, None, :]).argmin(dim=-1)  # (B, h, W): best x' per pixel
+        row = nearest_row[:, part].gather(2, column).clamp(0, H - 1)  # (B, h, W): its known row in column x'
+        filled[:, part] = flat.gather(1, (row * W + column).flatten(1)).view(B, -1, W)
+    any_known = known.flatten(1).any(dim=1)[:, None, None]  # (B, 1, 1)
+    return torch.where(any_known, filled, 0)
+
 # --- loops ---
 
-def autocast(args, device):
-    """bf16 autocast on CUDA when --amp; a no-op context elsewhere."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
-
-
-def train_step(model, optimizer, images, labels, args):
+def train_step(model, optimizer, images, labels, args, runtime, generator=None):
     """One step: draw masks (Sec. III-B), forward, Eqs. (10)-(12), Adam. Returns the loss (0-dim, on device)."""
-    net = model.module if isinstance(model, DistributedDataParallel) else model
-    mask, ids_keep = training_mask(labels, args.mask_strategy, args.mix, args.mask_ratio, args.patch_size,
-                                   args.background_class)  # (B, L), (B, L_vis)
-    grid = (labels.shape[1] // args.patch_size, labels.shape[2] // args.patch_size)
-    with autocast(args, images.device):
+    _, ids_keep, hidden = draw_mask(labels, args.mask_strategy, args, generator)  # (B, L_vis), (B, H, W)
+    with autocast(runtime):
         logits = model(images, labels, ids_keep)  # (B, K, H, W)
-    weighting = net.class_weighting if args.class_weighting == "paper" else None
-    loss = lmae_loss(logits, labels, pixel_mask(mask, args.patch_size, grid), weighting, args.loss_region,
-                     args.ignore_background_in_loss, args.background_class)
+    weighting = unwrap(model).class_weighting if args.class_weighting == "paper" else None
+    loss = lmae_loss(logits, labels, hidden, weighting, args.loss_region, args.ignore_background_in_loss,
+                     args.background_class)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
-def train_one_epoch(model, optimizer, loader, step, args, device):
-    """One pass over the training loader; returns the mean loss over all ranks (float)."""
+def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch):
+    """One pass over the training loader; returns the mean loss over all ranks (float).
+
+    Masks and stochastic depth draw from generators derived from (seed, epoch, rank): a resumed epoch replays them.
+    """
     model.train()
+    device = runtime.device
+    torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # DropPath's global RNG
+    generator = make_generator(args.seed, "masks", epoch, runtime.rank, device=device)
     total = torch.zeros(2, device=device)  # loss sum, steps
-    for images, labels in loader:
+    for images, labels in progress(loader, runtime, f"epoch {epoch}"):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        total[0] += step(model, optimizer, images, labels, args)
+        loss = step(model, optimizer, images, labels, args, runtime, generator)
+        guard.observe(loss)
+        total[0] += loss
         total[1] += 1
-    if dist.is_initialized():
-        dist.all_reduce(total)
+    all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()  # sync point
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, num_classes, rank=0):
-    """Validation with masks from a reseeded generator (CHOICE C10).
+def evaluate(model, loader, args, runtime, num_classes):
+    """Validation with masks from a generator derived from (seed, rank): the same masks every epoch (CHOICE C10).
 
     Returns, over all ranks: loss; pa_miou, the mIoU of the hidden pixels (PA-mIoU, Sec. IV-B); miou, the mIoU of
     the completed label (given label on visible patches, prediction on hidden ones: what `complete` writes; the
-    paper's "global mIoU", CHOICE C8); pred_miou, the mIoU of the raw prediction on every pixel; per-class IoUs;
-    baseline_pa_miou, PA-mIoU of filling the hidden pixels with each image's most frequent visible class.
+    paper's "global mIoU", CHOICE C8); pred_miou, the mIoU of the raw prediction on every pixel; the same PA-mIoU
+    for two fills without a model, nearest_pa_miou (each hidden pixel takes its nearest known pixel's class) and
+    frequent_pa_miou (each image's most frequent known class); blank_pa_miou, the model with every visible label
+    blanked (the label-context control: how much the visible labels help); pixel accuracies and per-class IoUs.
     """
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed + 7919 * rank)
-    hidden_matrix = ConfusionMatrix(num_classes, device=device)
-    completed_matrix = ConfusionMatrix(num_classes, device=device)
-    prediction_matrix = ConfusionMatrix(num_classes, device=device)
-    baseline_matrix = ConfusionMatrix(num_classes, device=device)
+    device = runtime.device
+    generator = make_generator(args.seed, "eval-masks", runtime.rank, device=device)
+    names = ("model", "completed", "prediction", "nearest", "frequent", "blank")
+    matrices = {name: ConfusionMatrix(num_classes, device=device) for name in names}
     total = torch.zeros(2, device=device)  # loss sum, batches
     weighting = model.class_weighting if args.class_weighting == "paper" else None
-    for images, labels in loader:
+    for images, labels in progress(loader, runtime, "evaluating"):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        mask, ids_keep = training_mask(labels, args.eval_mask_strategy, args.mix, args.mask_ratio, args.patch_size,
-                                       args.background_class, generator)  # (B, L)
-        grid = (labels.shape[1] // args.patch_size, labels.shape[2] // args.patch_size)
-        hidden = pixel_mask(mask, args.patch_size, grid)  # (B, H, W)
-        with autocast(args, device):
+        _, ids_keep, hidden = draw_mask(labels, args.eval_mask_strategy, args, generator)  # (B, L_vis), (B, H, W)
+        with autocast(runtime):
             logits = model(images, labels, ids_keep)  # (B, K, H, W)
+            blank_logits = model(images, torch.full_like(labels, IGNORE), ids_keep)  # no visible label at all
         total[0] += lmae_loss(logits, labels, hidden, weighting, args.loss_region, args.ignore_background_in_loss,
                               args.background_class)
         total[1] += 1
         preds = logits.argmax(dim=1)  # (B, H, W)
-        hidden_matrix.update(preds, labels, region=hidden)  # PA-mIoU: only the hidden (predicted) area
-        completed_matrix.update(torch.where(hidden, preds, labels), labels)
-        prediction_matrix.update(preds, labels)
-        baseline = most_frequent_visible_class(labels, hidden, num_classes)[:, None, None].expand_as(labels)
-        baseline_matrix.update(baseline, labels, region=hidden)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    hidden_scores = hidden_matrix.all_reduce().compute()
-    completed_scores = completed_matrix.all_reduce().compute()
+        known = ~hidden & (labels != IGNORE)
+        matrices["model"].update(preds, labels, region=hidden)  # PA-mIoU: only the hidden (predicted) area
+        matrices["completed"].update(torch.where(hidden, preds, labels), labels)
+        matrices["prediction"].update(preds, labels)
+        matrices["nearest"].update(nearest_known_fill(labels, known), labels, region=hidden)
+        frequent = most_frequent_known_class(labels, known, num_classes)[:, None, None].expand_as(labels)
+        matrices["frequent"].update(frequent, labels, region=hidden)
+        matrices["blank"].update(blank_logits.argmax(dim=1), labels, region=hidden)
+    all_reduce_sum(total)
+    scores = {name: matrix.all_reduce().compute() for name, matrix in matrices.items()}
     return {
         "loss": (total[0] / total[1].clamp(min=1)).item(),  # sync point
-        "pa_miou": hidden_scores["miou"],
-        "miou": completed_scores["miou"],
-        "pred_miou": prediction_matrix.all_reduce().compute()["miou"],
-        "baseline_pa_miou": baseline_matrix.all_reduce().compute()["miou"],
-        "pa_pixel_acc": hidden_scores["pixel_acc"],
-        "pa_per_class_iou": hidden_scores["per_class_iou"],
-        "per_class_iou": completed_scores["per_class_iou"],
+        "pa_miou": scores["model"]["miou"],
+        "miou": scores["completed"]["miou"],
+        "pred_miou": scores["prediction"]["miou"],
+        "nearest_pa_miou": scores["nearest"]["miou"],
+        "frequent_pa_miou": scores["frequent"]["miou"],
+        "blank_pa_miou": scores["blank"]["miou"],
+        "pa_pixel_acc": scores["model"]["pixel_acc"],
+        "nearest_pa_pixel_acc": scores["nearest"]["pixel_acc"],
+        "frequent_pa_pixel_acc": scores["frequent"]["pixel_acc"],
+        "pa_per_class_iou": scores["model"]["per_class_iou"],
+        "per_class_iou": scores["completed"]["per_class_iou"],
     }
 
 
-def colorize(labels, palette):
-    """labels (B, H, W) int64 -> (B, 3, H, W) float in [0, 1]; void/unknown (255) white."""
-    table = torch.full((256, 3), 255, dtype=torch.uint8)
-    table[:len(palette)] = torch.tensor(palette, dtype=torch.uint8)[:256]
-    return table.to(labels.device)[labels].permute(0, 3, 1, 2).float() / 255
-
-
 @torch.no_grad()
-def save_samples(model, images, labels, args, palette, path):
+def save_samples(model, images, labels, args, runtime, palette, path):
     """PNG grid, one row per image: image | masked fuse map (visible label over the image, hidden patches dark) |
     completed label (prediction in hidden patches, given label elsewhere) | truth."""
     model.eval()
-    device = images.device
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    mask, ids_keep = training_mask(labels, args.eval_mask_strategy, args.mix, args.mask_ratio, args.patch_size,
-                                   args.background_class, generator)
-    grid = (labels.shape[1] // args.patch_size, labels.shape[2] // args.patch_size)
-    hidden = pixel_mask(mask, args.patch_size, grid)[:, None]  # (B, 1, H, W)
-    with autocast(args, device):
+    generator = make_generator(args.seed, "eval-masks", "samples", device=images.device)
+    _, ids_keep, hidden = draw_mask(labels, args.eval_mask_strategy, args, generator)
+    with autocast(runtime):
         preds = model(images, labels, ids_keep).argmax(dim=1)  # (B, H, W)
-    image = denormalize(images.float(), "imagenet")  # (B, 3, H, W) in [0, 1]
+    hidden = hidden[:, None].cpu()  # (B, 1, H, W)
+    image = denormalize(images.float(), "imagenet").cpu()  # (B, 3, H, W) in [0, 1]
     truth = colorize(labels, palette)
     masked_fuse = torch.where(hidden, image * 0.25, 0.5 * image + 0.5 * truth)
     completed = torch.where(hidden, colorize(preds, palette), truth)
     rows = torch.cat([image, masked_fuse, completed, truth], dim=3)  # (B, 3, H, 4W)
-    picture = (rows.permute(0, 2, 3, 1).reshape(-1, rows.shape[3], 3) * 255).round().byte().cpu().numpy()
+    picture = (rows.permute(0, 2, 3, 1).reshape(-1, rows.shape[3], 3) * 255).round().byte().numpy()
     Image.fromarray(picture).save(path)
-
-
-# --- plumbing ---
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def setup_distributed(args):
-    """-> (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nccl on CUDA, gloo on CPU."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    else:
-        device = torch.device("cuda" if use_cuda else "cpu")
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls where autocast is off
-        torch.backends.cudnn.allow_tf32 = True
-    return rank, world_size, device
-
-
-def rng_states():
-    """RNG states as tensors and plain numbers (loadable with torch.load(weights_only=True))."""
-    numpy_state = np.random.get_state()
-    states = {"python": random.getstate(), "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-              "numpy_rest": [numpy_state[2], numpy_state[3], numpy_state[4]], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    rest = states["numpy_rest"]
-    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), rest[0], rest[1], rest[2]))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, info, loader_generator):
-    """Model (unwrapped from DDP / torch.compile), optimizer, scheduler, epoch, best PA-mIoU, args, dataset info and
-    RNG states; written to a temporary file, then renamed, so a crash never leaves half a checkpoint."""
-    net = model.module if isinstance(model, DistributedDataParallel) else model
-    state = {
-        "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "best_pa_miou": best, "args": config_of(args),
-        "info": {"num_classes": info.num_classes, "class_names": list(info.class_names),
-                 "palette": [list(c) for c in info.palette]},
-        "rng": rng_states(), "loader_generator": loader_generator.get_state(),
-    }
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint written by save_checkpoint; one clear message when the file is not one."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__}); pass a best.pt or "
-                         f"last.pt written by lmae.py") from None
-    if not isinstance(state, dict) or not {"model", "args", "info"} <= set(state):
-        raise SystemExit(f"error: {path} is not an lmae.py checkpoint (no model/args/info); pass a best.pt or "
-                         f"last.pt written by lmae.py")
-    return state
-
-
-def config_of(args):
-    """args as a JSON-able dict (tuples become lists)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-
-
-def build_loaders(args, rank, world_size):
-    """Training and validation loaders (Sec. IV-A crops; CHOICE C10, C11) and the dataset info."""
-    shapes = args.data == "shapes"
-    crop_only = args.crop is not None and tuple(args.crop) == tuple(args.img_size)  # Cityscapes: crop 448, no resize
-    train_transform = joint_transform(size=None if shapes or crop_only else args.img_size, crop=args.crop)
-    val_transform = joint_transform(size=None if shapes else args.eval_size)
-    common = dict(root=args.data_root, download=args.download, limit=args.limit, seed=args.seed)
-    shapes_size = lambda size: {"image_size": size} if shapes else {}  # the size shapes are drawn at
-    train_set, info = build_dataset(args.data, split="train", transform=train_transform, **common,
-                                    **shapes_size(args.img_size))
-    val_set, _ = build_dataset(args.data, split="val", transform=val_transform, **common,
-                               **shapes_size(args.eval_size))
-    per_rank = len(train_set) // world_size
-    if per_rank < 1:
-        raise DatasetError(f"{args.data}: {len(train_set)} training images cannot be shared by {world_size} "
-                           f"processes; use fewer processes or more images (--limit)")
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    generator = torch.Generator().manual_seed(args.seed + rank)  # worker seeds; saved with the checkpoint
-    cuda = args.device_type == "cuda"
-    loader_options = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
-    # full batches only (static shapes for torch.compile), unless the split is smaller than one batch
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, generator=generator,
-                              drop_last=per_rank >= args.batch_size, **loader_options)
-    val_part = Subset(val_set, range(rank, len(val_set), world_size))  # every image exactly once over the ranks
-    eval_batch = max(1, args.batch_size * args.img_size[0] * args.img_size[1]
-                     // (args.eval_size[0] * args.eval_size[1]))  # about the same pixels per batch as training
-    # its own generator: iterating it never draws from the global RNG, so evaluation leaves the training
-    # stream (masks, augmentation) untouched and --resume stays bit-exact
-    val_loader = DataLoader(val_part, batch_size=eval_batch, shuffle=False,
-                            generator=torch.Generator().manual_seed(args.seed), **loader_options)
-    return train_loader, val_loader, sampler, generator, info
-
-
-def metrics_line(record):
-    """`key=value` fields of the scalar entries of a record (lists and dicts are left to the JSON files)."""
-    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                    if not isinstance(v, (list, dict)))
-
-
-# --- main: training ---
-
-def main(args):
-    if args.command == "complete":
-        return complete(args)
-    if args.command == "degrade":
-        return degrade(args)
-
-    rank, world_size, device = setup_distributed(args)
-    args.device_type = device.type
-    args.world_size = world_size
-    out = Path(args.out)
-    if not args.resume and not args.eval_only and (out / "last.pt").exists():
-        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
-    if args.resume and not (out / "last.pt").is_file():
-        raise SystemExit(f"error: --resume but {out / 'last.pt'} does not exist; check --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked --out before rank 0 writes into it
-
-    train_loader, val_loader, sampler, loader_generator, info = build_loaders(args, rank, world_size)
-    K = info.num_classes
-    if not 0 <= args.background_class < K:
-        raise SystemExit(f"error: --background-class {args.background_class} is not a class of {args.data} "
-                         f"(0..{K - 1})")
-
-    if args.eval_only:
-        path = args.checkpoint or out / "best.pt"
-        state = load_checkpoint(path)
-        saved = state["args"]
-        for key in ("preset", "patch_size", "fuse", "ips", "pos_embed", "mask_ratio", "loss_region",
-                    "class_weighting", "ignore_background_in_loss", "background_class"):
-            setattr(args, key, saved[key])
-        model = build_model(saved, K).to(device)
-        model.load_state_dict(state["model"])
-        metrics = evaluate(model, val_loader, args, device, K, rank)
-        if rank == 0:
-            print(f"eval checkpoint={path} {metrics_line(metrics)}")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "eval.json").write_text(json.dumps({"checkpoint": str(path), **metrics}, indent=2))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return metrics
-
-    seed_everything(args.seed)  # identical initial weights on every rank
-    model = build_model(args, K).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    weighting = list(model.class_weighting.parameters())
-    others = [p for name, p in model.named_parameters() if not name.startswith("class_weighting")]
-    optimizer = torch.optim.Adam([{"params": others}, {"params": weighting, "weight_decay": 0.0}],  # C7
-                                 lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(  # Sec. IV-A
-        optimizer, mode="min", patience=args.plateau_patience, threshold=args.plateau_threshold,
-        factor=args.plateau_factor)
-    seed_everything(args.seed + rank)  # a different mask / augmentation stream per rank
-    start_epoch, best = 0, -1.0
-    if args.resume:
-        state = load_checkpoint(out / "last.pt")
-        for key in ("preset", "patch_size", "fuse", "ips", "pos_embed", "data"):
-            if state["args"][key] != config_of(args)[key]:
-                raise SystemExit(f"error: --{key.replace('_', '-')} {getattr(args, key)} differs from the run in "
-                                 f"{out} ({state['args'][key]}); resume with the same settings")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best_pa_miou"]
-        set_rng_states(state["rng"])
-        loader_generator.set_state(state["loader_generator"])
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step = torch.compile(train_step) if args.compile else train_step
-    net = model.module if isinstance(model, DistributedDataParallel) else model
-
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
-        config = config_of(args)
-        config.update(num_classes=K, class_names=list(info.class_names), train_images=len(train_loader.dataset),
-                      val_images=len(val_loader.dataset.dataset), parameters=sum(p.numel() for p in net.parameters()))
-        print("config " + json.dumps(config))
-        if not args.resume:
-            (out / "config.json").write_text(json.dumps(config, indent=2))
-    if rank == 0:  # the same six validation images in every samples/ PNG
-        sample_images, sample_labels = next(iter(val_loader))
-        sample_images, sample_labels = sample_images[:6].to(device), sample_labels[:6].to(device)
-
-    metrics = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        started = time.time()
-        train_loss = train_one_epoch(model, optimizer, train_loader, step, args, device)
-        metrics = evaluate(net, val_loader, args, device, K, rank)
-        scheduler.step(train_loss)  # "threshold of loss dropping" (CHOICE C9)
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-                  "val_loss": metrics["loss"], "pa_miou": metrics["pa_miou"], "miou": metrics["miou"],
-                  "pred_miou": metrics["pred_miou"], "baseline_pa_miou": metrics["baseline_pa_miou"],
-                  "pa_pixel_acc": metrics["pa_pixel_acc"],
-                  "beta": math.exp(net.class_weighting.log_beta.item()), "gamma": net.class_weighting.gamma.item(),
-                  "time_s": time.time() - started}  # sync point
-        is_best = metrics["pa_miou"] > best
-        best = max(best, metrics["pa_miou"])
-        if rank == 0:
-            print(metrics_line(record), flush=True)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(out / "last.pt", model, optimizer, scheduler, epoch, best, args, info, loader_generator)
-            if is_best:
-                save_checkpoint(out / "best.pt", model, optimizer, scheduler, epoch, best, args, info,
-                                loader_generator)
-            if is_best or epoch == args.epochs - 1:
-                save_samples(net, sample_images, sample_labels, args, info.palette,
-                             out / "samples" / f"epoch_{epoch:03d}.png")
-    if rank == 0:
-        results = {"best_pa_miou": best, "final": metrics, "epochs": args.epochs}
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"done best_pa_miou={best:.4f} out={out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return metrics
 
 
 # --- label degradation (Sec. IV-C) ---
@@ -1161,35 +1048,41 @@ def keep_pixels(image, label):
 
 
 def degrade(args):
-    """Write <out>/images, labels (degraded), unknown (255 = hidden), truth, degrade.json (Sec. IV-C)."""
+    """Write <out>/<split>/images, masks (degraded, 255 = unknown), unknown (255 = hidden), truth, and
+    <out>/degrade.json (Sec. IV-C). `--data folder --data-root <out>` reads the degraded masks directly."""
+    runtime = Runtime(torch.device("cpu"))
     options = {"image_size": args.img_size} if args.data == "shapes" else {}
-    dataset, info = build_dataset(args.data, args.data_root, args.split, transform=keep_pixels,
-                                  download=args.download, limit=args.limit, seed=args.seed, **options)
+    datasets = {}
+    for split in args.split:  # every label is read and checked before anything is written
+        datasets[split] = build_dataset(args.data, args.data_root, split, transform=keep_pixels,
+                                        download=args.download, limit=args.limit, seed=args.seed, **options)
+        check_labels(datasets[split][0], desc=f"checking {split} labels")
     out = Path(args.out)
-    folders = {name: out / name for name in ("images", "labels", "unknown", "truth")}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    hidden_pixels = total_pixels = 0
-    for index in range(len(dataset)):
-        image, label = dataset[index]  # uint8 (3, H, W), (H, W) class ids with 255 = void
-        image, label = image.permute(1, 2, 0).numpy(), label.long()  # (H, W, 3), (H, W) int64
-        degraded, hidden = degrade_label(label, args.ratio, args.patch_size, args.strategy, args.mix,
-                                         args.background_class, generator)
-        name = dataset.names[index].replace("/", "__")
-        Image.fromarray(image).save(folders["images"] / f"{name}.png")
-        save_label_png(folders["labels"] / f"{name}.png", degraded.numpy(), info.palette)
-        save_label_png(folders["truth"] / f"{name}.png", label.numpy(), info.palette)
-        Image.fromarray(hidden.numpy().astype(np.uint8) * 255).save(folders["unknown"] / f"{name}.png")
-        hidden_pixels += int(hidden.sum())
-        total_pixels += hidden.numel()
-    summary = {"data": args.data, "split": args.split, "images": len(dataset), "ratio": args.ratio,
-               "patch_size": args.patch_size, "strategy": args.strategy, "seed": args.seed,
-               "hidden_pixel_fraction": hidden_pixels / max(total_pixels, 1), "num_classes": info.num_classes,
-               "class_names": list(info.class_names)}
-    (out / "degrade.json").write_text(json.dumps(summary, indent=2))
-    print(f"degraded {len(dataset)} labels of {args.data}/{args.split}: {args.ratio:.0%} of the patches, "
-          f"{summary['hidden_pixel_fraction']:.1%} of the pixels -> {out}")
+    summary = {"data": args.data, "ratio": args.ratio, "patch_size": args.patch_size, "strategy": args.strategy,
+               "seed": args.seed, "splits": {}}
+    for split, (dataset, info) in datasets.items():
+        folders = {name: out / split / name for name in ("images", "masks", "unknown", "truth")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        generator = make_generator(args.seed, "degrade", split)
+        hidden_pixels = total_pixels = 0
+        for index in progress(range(len(dataset)), runtime, f"degrading {split}"):
+            image, label = dataset[index]  # uint8 (3, H, W), (H, W) class ids with 255 = void
+            image, label = image.permute(1, 2, 0).numpy(), label.long()  # (H, W, 3), (H, W) int64
+            degraded, hidden = degrade_label(label, args.ratio, args.patch_size, args.strategy, args.mix,
+                                             args.background_class, generator)
+            name = dataset.names[index].replace("/", "__")
+            Image.fromarray(image).save(folders["images"] / f"{name}.png")
+            save_label_png(folders["masks"] / f"{name}.png", degraded.numpy(), info.palette)
+            save_label_png(folders["truth"] / f"{name}.png", label.numpy(), info.palette)
+            Image.fromarray(hidden.numpy().astype(np.uint8) * 255).save(folders["unknown"] / f"{name}.png")
+            hidden_pixels += int(hidden.sum())
+            total_pixels += hidden.numel()
+        summary["splits"][split] = {"images": len(dataset), "hidden_pixel_fraction": hidden_pixels / total_pixels}
+        summary.update(num_classes=info.num_classes, class_names=list(info.class_names))
+        say(runtime, f"degraded {len(dataset)} labels of {args.data}/{split}: {args.ratio:.0%} of the patches, "
+                     f"{hidden_pixels / total_pixels:.1%} of the pixels -> {out / split}")
+    write_json(out / "degrade.json", summary)
     return summary
 
 
@@ -1227,91 +1120,116 @@ def read_image_file(path):
         raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
 
 
+def image_size_of(path):
+    """(H, W) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except Exception as error:
+        raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
+
+
 def load_completion_models(paths, device):
-    """[(model, saved args, path)] sorted by mask ratio; all checkpoints must agree on the classes."""
+    """[(model, saved config, path)] sorted by mask ratio, and the dataset info; all must share the classes."""
     models, info = [], None
     for path in paths:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, SCRIPT)
         if info is not None and state["info"]["num_classes"] != info["num_classes"]:
-            raise SystemExit(f"error: {path} has {state['info']['num_classes']} classes but {paths[0]} has "
+            raise UsageError(f"--checkpoint {path} has {state['info']['num_classes']} classes but {paths[0]} has "
                              f"{info['num_classes']}; all --checkpoint files must be trained on the same classes")
         info = info or state["info"]
-        model = build_model(state["args"], state["info"]["num_classes"])
-        model.load_state_dict(state["model"])
-        models.append((model.to(device).eval(), state["args"], str(path)))
+        model = build_model(state["config"], state["info"]["num_classes"])
+        load_state(model, state["model"], path)
+        models.append((model.to(device).eval(), state["config"], str(path)))
     return sorted(models, key=lambda m: m[1]["mask_ratio"]), info
 
 
-def model_input_size(config, args):
-    """(h, w) a checkpoint is run at: --size, else the size it was validated at (CHOICE C12)."""
-    size = tuple(args.size or config["eval_size"])
-    P = config["patch_size"]
-    if size[0] % P or size[1] % P:
-        raise SystemExit(f"error: --size {size[0]}x{size[1]} is not a multiple of the checkpoint's patch size {P}")
-    return size
+def completion_grid(height, width, scale, patch_size):
+    """CHOICE C12: the size (h, w) an H x W image is resized to (aspect kept) and the padded size, a multiple of P."""
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    return (h, w), (math.ceil(h / patch_size) * patch_size, math.ceil(w / patch_size) * patch_size)
 
 
-@torch.no_grad()
-def complete_image(models, image, label, unknown, args, device, generator):
-    """Fill the unknown pixels of one label (Sec. III-D, Fig. 4).
+def to_model_grid(labels, unknown, size, padded):
+    """labels (B, H, W) int64, unknown (B, H, W) bool -> both at the model's padded grid (B, H_p, W_p).
 
-    image uint8 (H, W, 3), label uint8 (H, W), unknown bool (H, W). Returns the completed label uint8 (H, W) (the
-    input label with only its unknown pixels replaced) and a report dict.
+    Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any native pixel it
+    covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void, not unknown.
     """
-    H, W = label.shape
-    label_t = torch.from_numpy(label).to(device)[None, None].float()  # (1, 1, H, W)
-    unknown_t = torch.from_numpy(unknown).to(device)[None, None].float()  # (1, 1, H, W)
-
-    # Fig. 4: route the image to the checkpoint whose mask ratio fits its missing share (CHOICE C12)
-    candidates = []
-    for model, config, path in models:
-        size, P = model_input_size(config, args), config["patch_size"]
-        small_unknown = F.interpolate(unknown_t, size=size, mode="nearest")[:, 0].bool()  # (1, h, w)
-        small_label = F.interpolate(label_t, size=size, mode="nearest")[:, 0].long()  # (1, h, w)
-        small_label = torch.where(small_unknown, IGNORE, small_label)  # unknown pixels: all-zero one-hot
-        unknown_share = pixel_mask_fraction(small_unknown, P)  # (1, L) unknown pixels per patch
-        background_share = patch_fractions(small_label, P, config["background_class"])[1]  # (1, L)
-        if args.route == "unknown":
-            share = (unknown_share > 0).float().mean().item()  # sync point (once per image and checkpoint)
-        else:
-            share = ((small_label == config["background_class"]) | (small_label == IGNORE)).float().mean().item()
-        candidates.append(dict(model=model, config=config, path=path, size=size, share=share, label=small_label,
-                               unknown_share=unknown_share, background_share=background_share))
-    chosen = min(candidates, key=lambda c: (abs(c["config"]["mask_ratio"] - c["share"]), -c["config"]["mask_ratio"]))
-
-    # Sec. III-D: hide every patch holding unknown pixels, then background-first patches up to the model's ratio
-    ratio, unknown_share = chosen["config"]["mask_ratio"], chosen["unknown_share"]
-    L = unknown_share.shape[1]
-    ranked = rank_patches([unknown_share, chosen["background_share"]], generator)  # (1, L)
-    num_hidden = min(max(round(ratio * L), int((unknown_share > 0).sum())), L - 1)  # at least one patch visible
-    _, ids_keep = hide_first(ranked, num_hidden)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
-    small_image = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-    small_image = F.interpolate(small_image, size=chosen["size"], mode="bilinear", antialias=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-        logits = chosen["model"]((small_image - mean) / std, chosen["label"], ids_keep)  # (1, K, h, w)
-    logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear")  # (1, K, H, W)
-    prediction = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()  # (H, W)
-    completed = np.where(unknown, prediction, label)  # known pixels are copied, never predicted
-    report = {"checkpoint": chosen["path"], "mask_ratio": ratio, "share": round(chosen["share"], 4),
-              "hidden_patches": num_hidden, "patches": L, "unknown_pixels": int(unknown.sum()),
-              "filled_pixels": int(unknown.sum()), "pixels": H * W}
-    return completed, report
+    h, w = size
+    pad = (0, padded[1] - w, 0, padded[0] - h)
+    small_unknown = F.interpolate(unknown[:, None].float(), size=size, mode="area")[:, 0] > 0  # (B, h, w)
+    small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()  # (B, h, w)
+    small_labels = torch.where(small_unknown, IGNORE, small_labels)
+    return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False)
 
 
-def pixel_mask_fraction(pixels, patch_size):
+def plan_hidden(labels, unknown, config, args):
+    """How many patches to hide and the routing share of one image at a checkpoint's grid (Sec. III-D, Fig. 4).
+
+    labels, unknown (1, H_p, W_p) at the model grid -> dict(num_hidden, share, patches, keys for rank_patches).
+    """
+    P, ratio = config["patch_size"], config["mask_ratio"]
+    holds_unknown = pixel_fraction(unknown, P) > 0  # (1, L)
+    background = patch_fractions(labels, P, config["background_class"])[1]  # (1, L)
+    L = holds_unknown.shape[1]
+    n_unknown = int(holds_unknown.sum())
+    if args.missing == "background":  # Sec. III-D: the most-background patches next, up to the model's ratio
+        n_background = int(((background > 0) & ~holds_unknown).sum())
+        num_hidden = max(n_unknown, min(round(ratio * L), n_unknown + n_background))
+    else:  # exactly the patches holding unknown pixels
+        num_hidden = n_unknown
+    if args.route == "background":
+        share = float(((labels == config["background_class"]) | unknown).float().mean())
+    else:
+        share = n_unknown / L
+    return dict(num_hidden=min(num_hidden, L - 1), share=share, patches=L, keys=[holds_unknown.float(), background])
+
+
+def pixel_fraction(pixels, patch_size):
     """(B, H, W) bool -> (B, L) fraction of True pixels per patch."""
     B, H, W = pixels.shape
     P = patch_size
     return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
 
 
+@torch.no_grad()
+def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, device, generator):
+    """Fill one batch of same-size images with one checkpoint (Sec. III-D).
+
+    images uint8 (B, H, W, 3), labels int64 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
+    rank_patches keys (B, L) at the model grid. Returns the prediction (B, H, W) int64 and the hidden pixels
+    (B, H, W) bool at the native size.
+    """
+    B, H, W = labels.shape
+    P = config["patch_size"]
+    size, padded = completion_grid(H, W, args.scale, P)
+    model_labels, _ = to_model_grid(labels, unknown, size, padded)  # (B, H_p, W_p)
+    mask, ids_keep = hide_first(rank_patches(keys, generator), num_hidden)  # unknown patches first, then background
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
+    small = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+    if size != (H, W):
+        small = F.interpolate(small, size=size, mode="bilinear", antialias=True)
+    small = F.pad((small - mean) / std, (0, padded[1] - size[1], 0, padded[0] - size[0]))  # (B, 3, H_p, W_p)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
+        logits = model(small, model_labels, ids_keep)[:, :, :size[0], :size[1]].float()  # (B, K, h, w)
+    hidden = pixel_mask(mask, P, (padded[0] // P, padded[1] // P))[:, None, :size[0], :size[1]].float()
+    if size != (H, W):
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear")  # (B, K, H, W)
+        hidden = F.interpolate(hidden, size=(H, W), mode="nearest")
+    return logits.argmax(dim=1), hidden[:, 0].bool()
+
+
 def complete(args):
     """`lmae.py complete`: write completed palette PNGs, report.csv and summary.json to --out (Sec. III-D)."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
+        raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    if args.amp and device.type == "cpu" and not cpu_supports_bf16():
+        raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
+    runtime = Runtime(device)
     models, info = load_completion_models(args.checkpoint, device)
     K = info["num_classes"]
     images, labels = files_by_stem(args.images), files_by_stem(args.labels)
@@ -1327,67 +1245,722 @@ def complete(args):
             if folder and stem not in files:
                 raise DatasetError(f"{flag} {folder} has no file {stem}.png for label {labels[stem]}")
     without_label = sorted(set(images) - set(labels))
+
+    def read_pair(stem):
+        """-> label uint8 (H, W), unknown bool (H, W), each checked against the image's size."""
+        size = image_size_of(images[stem])
+        label = read_label_file(labels[stem], K)
+        unknown = read_label_file(unknowns[stem], K, "unknown mask") > 0 if args.unknown else label == IGNORE
+        for array, path in ((label, labels[stem]), (unknown, unknowns.get(stem))):
+            if array.shape != size:
+                raise DatasetError(f"{path} is {array.shape[1]}x{array.shape[0]} but image {images[stem]} is "
+                                   f"{size[1]}x{size[0]}; labels and masks must have their image's size")
+        return label, unknown
+
+    # plan: every label is read and checked, routed to a checkpoint, and given its hidden count (nothing written)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    plans = {}
+    for stem in progress(sorted(labels), runtime, "planning"):
+        label, unknown = read_pair(stem)
+        label_t = torch.from_numpy(label).long()[None].to(device)
+        unknown_t = torch.from_numpy(unknown)[None].to(device)
+        candidates = []
+        for index, (model, config, path) in enumerate(models):
+            size, padded = completion_grid(*label.shape, args.scale, config["patch_size"])
+            grid_labels, grid_unknown = to_model_grid(label_t, unknown_t, size, padded)
+            candidates.append((index, plan_hidden(grid_labels, grid_unknown, config, args)))
+        # Fig. 4: the checkpoint whose mask ratio is nearest the image's share; ties go to the larger ratio
+        index, plan = min(candidates, key=lambda c: (abs(models[c[0]][1]["mask_ratio"] - c[1]["share"]),
+                                                      -models[c[0]][1]["mask_ratio"]))
+        plans[stem] = dict(plan, checkpoint=index, shape=label.shape)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    # with --truth: filled pixels, all pixels, and the filled pixels of the most-frequent-known-class baseline
-    scores = [ConfusionMatrix(K, device=device) for _ in range(3)]
+    names = ("model", "completed", "nearest", "frequent")  # with --truth: PA-mIoU of these fills, mIoU of completed
+    scores = {name: ConfusionMatrix(K, device=device) for name in names}
+    groups = {}
+    for stem, plan in plans.items():  # images of one size, checkpoint and hidden count form batches
+        groups.setdefault((plan["shape"], plan["checkpoint"], plan["num_hidden"]), []).append(stem)
     rows = []
-    for stem in sorted(labels):
-        image = read_image_file(images[stem])
-        label = read_label_file(labels[stem], K)
-        if label.shape != image.shape[:2]:
-            raise DatasetError(f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]} but image {images[stem]} "
-                               f"is {image.shape[1]}x{image.shape[0]}; labels must have their image's size")
-        unknown = label == IGNORE
-        if args.unknown:
-            unknown = read_label_file(unknowns[stem], K, "unknown mask") > 0
-            if unknown.shape != label.shape:
-                raise DatasetError(f"unknown mask {unknowns[stem]} is {unknown.shape[1]}x{unknown.shape[0]} but "
-                                   f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]}; sizes must match")
-        completed, report = complete_image(models, image, label, unknown, args, device, generator)
-        save_label_png(out / f"{stem}.png", completed, info["palette"])
-        report = {"name": stem, **report, "fraction_unknown": round(float(unknown.mean()), 6),
-                  "fraction_filled": 1.0 if unknown.any() else 0.0}
-        if args.truth:
-            truth = read_label_file(truths[stem], K, "truth label")
-            if truth.shape != label.shape:
-                raise DatasetError(f"truth {truths[stem]} is {truth.shape[1]}x{truth.shape[0]} but label "
-                                   f"{labels[stem]} is {label.shape[1]}x{label.shape[0]}; sizes must match")
-            truth_t = torch.from_numpy(truth).long().to(device)[None]
-            completed_t = torch.from_numpy(completed).long().to(device)[None]
-            unknown_t = torch.from_numpy(unknown).to(device)[None]
-            scores[0].update(completed_t, truth_t, region=unknown_t)
-            scores[1].update(completed_t, truth_t)
-            given_t = torch.where(unknown_t, IGNORE, torch.from_numpy(label).long().to(device)[None])
-            baseline = most_frequent_visible_class(given_t, unknown_t, K)[:, None, None].expand_as(truth_t)
-            scores[2].update(baseline, truth_t, region=unknown_t)
-            filled = unknown & (truth != IGNORE)
-            report["filled_accuracy"] = (round(float((completed[filled] == truth[filled]).mean()), 6)
-                                         if filled.any() else "")
-        rows.append(report)
-    with open(out / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    bar = progress(total=len(plans), iterable=None, runtime=runtime, desc="completing")
+    for (_, index, num_hidden), stems in groups.items():
+        model, config, path = models[index]
+        for start in range(0, len(stems), args.batch_size):
+            batch = stems[start:start + args.batch_size]
+            pairs = [read_pair(stem) for stem in batch]
+            label_t = torch.from_numpy(np.stack([p[0] for p in pairs])).long().to(device)  # (B, H, W)
+            unknown_t = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)  # (B, H, W)
+            image_t = torch.from_numpy(np.stack([read_image_file(images[s]) for s in batch])).to(device)
+            keys = [torch.cat([plans[s]["keys"][k] for s in batch]) for k in range(2)]  # (B, L) each
+            prediction, hidden = complete_batch(model, config, image_t, label_t, unknown_t, keys, num_hidden, args,
+                                                device, generator)
+            writable = unknown_t.clone()
+            if args.missing == "background":  # Sec. III-D: background pixels of hidden patches may be missing
+                writable |= hidden & (label_t == config["background_class"])
+            completed = torch.where(writable, prediction, label_t)  # known pixels are copied, never predicted
+            if args.truth:
+                truth_t = torch.from_numpy(np.stack([read_label_file(truths[s], K, "truth label") for s in batch]))
+                if truth_t.shape != label_t.shape:
+                    raise DatasetError(f"--truth {args.truth}: a truth label's size differs from its label in "
+                                       f"{', '.join(batch)}; sizes must match")
+                truth_t = truth_t.long().to(device)
+                known = ~unknown_t & (label_t != IGNORE)
+                nearest = nearest_known_fill(label_t, known)
+                frequent = most_frequent_known_class(label_t, known, K)[:, None, None].expand_as(label_t)
+                scores["model"].update(completed, truth_t, region=unknown_t)
+                scores["completed"].update(completed, truth_t)
+                scores["nearest"].update(nearest, truth_t, region=unknown_t)
+                scores["frequent"].update(frequent, truth_t, region=unknown_t)
+            for i, stem in enumerate(batch):
+                save_label_png(out / f"{stem}.png", completed[i].to(torch.uint8).cpu().numpy(), info["palette"])
+                plan = plans[stem]
+                row = {"name": stem, "checkpoint": path, "mask_ratio": config["mask_ratio"], "scale": args.scale,
+                       "share": round(plan["share"], 4), "patches": plan["patches"], "hidden_patches": num_hidden,
+                       "hidden_share": round(num_hidden / plan["patches"], 4),
+                       "unknown_pixels": int(unknown_t[i].sum()), "written_pixels": int(writable[i].sum()),
+                       "changed_pixels": int((completed[i] != label_t[i]).sum()), "pixels": label_t[i].numel()}
+                if args.truth:  # sync points: per-image accuracies of the completion and the nearest fill
+                    scored = unknown_t[i] & (truth_t[i] != IGNORE)
+                    count = max(int(scored.sum()), 1)
+                    row["filled_accuracy"] = round(int((completed[i] == truth_t[i])[scored].sum()) / count, 6)
+                    row["nearest_accuracy"] = round(int((nearest[i] == truth_t[i])[scored].sum()) / count, 6)
+                rows.append(row)
+            bar.update(len(batch))
+    bar.close()
+    rows.sort(key=lambda r: r["name"])
+    with open(out / "report.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = {"images": len(rows), "unknown_pixels": sum(r["unknown_pixels"] for r in rows),
-               "filled_pixels": sum(r["filled_pixels"] for r in rows), "images_without_label": len(without_label),
+    summary = {"images": len(rows), "missing": args.missing, "scale": args.scale,
+               "unknown_pixels": sum(r["unknown_pixels"] for r in rows),
+               "written_pixels": sum(r["written_pixels"] for r in rows),
+               "changed_pixels": sum(r["changed_pixels"] for r in rows),
+               "hidden_share": sum(r["hidden_share"] for r in rows) / len(rows),
+               "images_without_label": len(without_label),
                "checkpoints": {path: sum(r["checkpoint"] == path for r in rows) for _, _, path in models}}
+    for _, config, path in models:
+        over = [r for r in rows if r["checkpoint"] == path and r["hidden_share"] > config["mask_ratio"] + RATIO_WARNING]
+        if over:
+            print(f"warning: {len(over)} images routed to {path} hid {max(r['hidden_share'] for r in over):.0%} of "
+                  f"their patches, far above the ratio {config['mask_ratio']} it was trained at; train a checkpoint "
+                  f"at a higher --mask-ratio for them", file=sys.stderr)
     if args.truth:
-        filled_scores, all_scores = scores[0].compute(), scores[1].compute()
-        summary.update(pa_miou=filled_scores["miou"], pa_pixel_acc=filled_scores["pixel_acc"],
-                       miou=all_scores["miou"], pixel_acc=all_scores["pixel_acc"],
-                       baseline_pa_miou=scores[2].compute()["miou"], pa_per_class_iou=filled_scores["per_class_iou"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        result = {name: scores[name].compute() for name in names}
+        summary.update(pa_miou=result["model"]["miou"], pa_pixel_acc=result["model"]["pixel_acc"],
+                       miou=result["completed"]["miou"], pixel_acc=result["completed"]["pixel_acc"],
+                       nearest_pa_miou=result["nearest"]["miou"], nearest_pa_pixel_acc=result["nearest"]["pixel_acc"],
+                       frequent_pa_miou=result["frequent"]["miou"],
+                       frequent_pa_pixel_acc=result["frequent"]["pixel_acc"],
+                       pa_per_class_iou=result["model"]["per_class_iou"])
+    write_json(out / "summary.json", summary)
     if without_label:
         print(f"note: {len(without_label)} images in --images have no label and were skipped "
               f"(first: {images[without_label[0]].name})")
-    print("completed " + metrics_line(summary) + f" out={out}")
+    print("completed " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in summary.items() if not isinstance(v, (list, dict))) + f" out={out}")
     return summary
 
 
-if __name__ == "__main__":
+# --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
+# Seeding and replayable generators, device/AMP/DDP, RNG states, checkpoints, the run directory, the metrics log,
+# the non-finite-loss guard, progress bars, data loaders and the one error style. Nothing here knows the method:
+# the script name, the architecture, the stages and what picks best.pt are passed in. A reader learns this block
+# once; tests/test_contract.py checks that the four copies are byte-identical. It uses argparse, hashlib, json, math,
+# os, random, shutil, sys, dataclass, Path, np, torch, dist, DistributedDataParallel, DataLoader, Dataset, Sampler,
+# tqdm and common's DatasetError, all imported at the top of each file.
+
+class UsageError(Exception):
+    """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one error style: `error: <message>` on one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_run_arguments(parser, script):
+    """The run flags, with one meaning in all four scripts (README 'Conventions')."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
+    run.add_argument("--out", default=None,
+                     help=f"run directory (default runs/{script.removesuffix('.py')}-<data>; with --eval-only and "
+                          f"--checkpoint, the checkpoint's folder)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    run.add_argument("--eval-only", action="store_true",
+                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_<split>.json")
+    run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
+    run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast (default: on with CUDA, off on a CPU; --amp on a CPU needs AVX512-BF16/AMX)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="NHWC memory format for convolutions (default: on with CUDA)")
+    run.add_argument("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
+    return run
+
+
+def check_run_arguments(parser, args, script):
+    """Refuse run-flag combinations that would be ignored or cannot work; resolve --out."""
+    if args.checkpoint and not args.eval_only:
+        parser.error("--checkpoint is only read with --eval-only; to continue a run pass --resume and its --out")
+    if args.eval_only and args.resume:
+        parser.error("--eval-only and --resume exclude each other; pass one of them")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of images, got {args.limit}")
+    if args.out is None:
+        if args.eval_only and args.checkpoint:
+            args.out = str(Path(args.checkpoint).parent)
+        else:
+            args.out = os.path.join("runs", f"{script.removesuffix('.py')}-{args.data}")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts):
+    """A stable 62-bit seed from any tuple, e.g. (seed, "masks", stage, epoch, rank): the same parts, the same seed,
+    in any process and after any --resume."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:16], 16) >> 2
+
+
+def make_generator(*parts, device="cpu"):
+    """A torch.Generator seeded with derive_seed(*parts)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(*parts))
+    return generator
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp: bool = False
+    owns_process_group: bool = False  # shutdown() ends the process group only if setup_runtime started it
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def cpu_supports_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def setup_runtime(args):
+    """-> Runtime. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (nccl) or per CPU slot (gloo).
+    Resolves args.device, args.amp and args.channels_last in place, so config.json records what ran."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.device = "cuda" if use_cuda else "cpu"
+    if args.amp is None:
+        args.amp = use_cuda
+    elif args.amp and not use_cuda and not cpu_supports_bf16():
+        raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
+    if args.channels_last is None:
+        args.channels_last = use_cuda
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns_process_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if owns_process_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a few backward kernels have no such variant
+    else:
+        torch.backends.cudnn.benchmark = use_cuda  # fixed input sizes: cuDNN picks its fastest kernels once
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Runtime(device, rank, world_size, bool(args.amp), owns_process_group)
+
+
+def autocast(runtime):
+    """bf16 autocast on the run's device with --amp; a no-op context otherwise."""
+    return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
+
+
+def distribute(model, runtime):
+    """DistributedDataParallel under torchrun (gradients averaged over ranks), the model itself otherwise."""
+    if runtime.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The bare module inside DDP and torch.compile wrappers (what checkpoints hold)."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(runtime):
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def say(runtime, message):
+    """Print on rank 0 only."""
+    if runtime.main:
+        print(message, flush=True)
+
+
+def progress(iterable, runtime, desc, total=None):
+    """A tqdm bar on rank 0 when stderr is a terminal (tqdm's disable=None), nothing in logs or on other ranks."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=None if runtime.main else True)
+
+
+# Data order and augmentation: a pure function of (seed, stage, epoch, index), whatever the worker count, so that a
+# resumed epoch replays the interrupted one exactly.
+
+class EpochSampler(Sampler):
+    """Yields (index, item_seed) pairs of this rank's share of one epoch.
+
+    Training (shuffle=True): a permutation drawn from (seed, stage, epoch), padded by wrapping so every rank gets
+    the same number of items, split rank::world; a lone last item is dropped when there is more than one batch,
+    so BatchNorm never sees a batch of one. Evaluation (shuffle=False): exactly the items rank, rank+world, ... in
+    order (no padding: summed metrics count every item once; a rank may get none).
+    """
+
+    def __init__(self, num_items, seed, runtime, shuffle, batch_size):
+        self.num_items, self.seed, self.shuffle, self.batch_size = num_items, seed, shuffle, batch_size
+        self.rank, self.world_size = runtime.rank, runtime.world_size
+        self.stage, self.epoch = "", 0
+
+    def set_epoch(self, stage, epoch):
+        self.stage, self.epoch = stage, epoch
+
+    def indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.num_items, self.world_size))
+        generator = make_generator(self.seed, "order", self.stage, self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        per_rank = -(-self.num_items // self.world_size)
+        order = (order * (per_rank * self.world_size // max(len(order), 1) + 1))[:per_rank * self.world_size]
+        mine = order[self.rank::self.world_size]
+        if len(mine) > self.batch_size and len(mine) % self.batch_size == 1:
+            mine = mine[:-1]
+        return mine
+
+    def __iter__(self):
+        for index in self.indices():
+            yield index, derive_seed(self.seed, "item", self.stage, self.epoch, index)
+
+    def __len__(self):
+        return len(self.indices())
+
+
+class SeededItems(Dataset):
+    """dataset[(index, item_seed)] = dataset[index] with Python, NumPy and torch seeded by item_seed for the
+    random transforms; the caller's RNG states are restored afterwards (workers=0 shares them with training)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, item_seed = key
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(item_seed)
+            item = self.dataset[index]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        return item
+
+
+def make_loader(dataset, batch_size, args, runtime, train):
+    """DataLoader over this rank's share (EpochSampler); call loader.sampler.set_epoch(stage, epoch) each epoch."""
+    sampler = EpochSampler(len(dataset), args.seed, runtime, shuffle=train, batch_size=batch_size)
+    return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=args.workers,
+                      pin_memory=runtime.device.type == "cuda",  # page-locked memory: asynchronous host-to-GPU copies
+                      persistent_workers=args.workers > 0)  # workers (and their open files) live across epochs
+
+
+# RNG states, checkpoints and files
+
+def rng_states():
+    """Python, NumPy, torch (and CUDA) RNG states, as tensors and ints only (torch.load(weights_only=True))."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def json_safe(value):
+    """JSON-ready copy: non-finite floats -> None, tensors -> numbers/lists, paths -> str, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.generic,)):
+        return json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def write_json(path, record):
+    """Atomic JSON write (temporary file, then os.replace); non-finite numbers become null."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(json_safe(record), handle, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(path, state, script, arch, log=None):
+    """Atomically write `state` (state dicts, epoch, best, ...) plus what load_checkpoint checks: the script, the
+    architecture string, the RNG states and how many metrics.jsonl records the run had (a resume drops later ones)."""
+    payload = {**state, "script": script, "arch": arch, "rng": rng_states(),
+               "log_records": None if log is None else log.count}
+    temporary = f"{path}.tmp"
+    torch.save(payload, temporary)
+    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+
+
+def link_checkpoint(source, target):
+    """target = the same bytes as source (best.pt from last.pt): a hard link, a copy where links are refused."""
+    temporary = f"{target}.tmp"
+    if os.path.exists(temporary):
+        os.remove(temporary)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
+    """-> the dict save_checkpoint wrote; one UsageError naming the file for a missing, truncated or foreign file,
+    or one of another architecture (arch=None skips that check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag}: no checkpoint {path}; pass the path of a {script} checkpoint (last.pt or best.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:100]
+        raise UsageError(f"{flag}: {path} is not a readable checkpoint, perhaps truncated ({reason}); pass a complete "
+                         f"{script} checkpoint") from None
+    if not isinstance(state, dict) or state.get("script") != script:
+        writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
+        raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
+    if arch is not None and state.get("arch") != arch:
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
+                         f"flags it was trained with or another checkpoint")
+    return state
+
+
+def load_state(module, state_dict, path):
+    """module.load_state_dict with a mismatch reported as one error line naming the checkpoint."""
+    try:
+        unwrap(module).load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
+
+
+def run_of(out):
+    """The script that made run directory `out` (its config.json's "script"), or None."""
+    try:
+        return json.loads((Path(out) / "config.json").read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_run_dir(args, script, resume_files=("last.pt",)):
+    """Validate --out before anything is written -> the checkpoint to resume from (None for a fresh run).
+    Refuses a file, a non-empty folder that is not a run of this script, an existing run without --resume, and
+    --resume without a checkpoint. --eval-only may write into an empty folder or a run of this script."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    ours = run_of(out) == script
+    if args.eval_only:
+        if out.is_dir() and any(out.iterdir()) and not ours:
+            raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
+        return None
+    if args.resume:
+        if not ours:
+            raise UsageError(f"--resume: {out} is not a {script} run (no config.json of {script}); check --out")
+        for name in resume_files:
+            if (out / name).is_file():
+                return out / name
+        raise UsageError(f"--resume: {out} has no checkpoint yet ({', '.join(resume_files)}); remove the folder or "
+                         f"pass another --out to start afresh")
+    if out.is_dir() and any(out.iterdir()):
+        what = "already holds a run" if ours else f"is not empty and not a {script} run"
+        raise UsageError(f"--out {out} {what}; pass --resume to continue a run, or another --out")
+    return None
+
+
+def create_run_dir(args, script, config, runtime):
+    """After flags and data are validated: make --out and write config.json (fresh runs; a resume keeps the first
+    one). Prints the resolved config. Rank 0 writes; every rank waits until it has."""
+    out = Path(args.out)
+    say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
+    if runtime.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (args.resume and (out / "config.json").is_file()):
+            write_json(out / "config.json", {"script": script, **config})
+    barrier()
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per epoch (non-finite numbers as null), echoed as a `key=value` line.
+    `resume_state` (a checkpoint) truncates the file to the records that checkpoint had seen."""
+
+    def __init__(self, out, runtime, resume_state=None):
+        self.path, self.main = Path(out) / "metrics.jsonl", runtime.main
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.is_file() else []
+        keep = resume_state.get("log_records") if resume_state is not None else None
+        if keep is not None and len(lines) > keep and self.main:
+            temporary = f"{self.path}.tmp"
+            Path(temporary).write_text("".join(lines[:keep]))
+            os.replace(temporary, self.path)
+        self.count = len(lines) if keep is None else min(keep, len(lines))
+
+    def write(self, record):
+        record = json_safe(record)
+        if self.main:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                           if not isinstance(v, (list, dict))), flush=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.count += 1
+
+
+class FiniteGuard:
+    """Notes the first step whose loss is not finite without a host sync per step; check() (at the epoch's end,
+    before anything is saved) stops the run, so no checkpoint ever holds the diverged weights."""
+
+    def __init__(self):
+        self.steps, self.first_bad = 0, None
+
+    def observe(self, loss):
+        self.steps += 1
+        bad = ~torch.isfinite(loss.detach().float())
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+
+    def check(self, stage, epoch, lr_flag="--lr"):
+        """Raise UsageError naming stage, epoch and step if a loss was not finite (on any rank); sync point."""
+        first_bad = 0 if self.first_bad is None else int(all_reduce_sum(self.first_bad.clone()))
+        self.steps, self.first_bad = 0, None
+        if first_bad:
+            raise UsageError(f"{stage} epoch {epoch} step {first_bad}: the loss is not finite; the run stopped without "
+                             f"saving this epoch (last.pt keeps the last good one); lower {lr_flag} for a new run or check the data")
+
+
+def colorize(labels, palette):
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
+    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
+def main_guard(main, get_args):
+    """Entry point: a user's mistake (UsageError, DatasetError) -> one `error: ...` line on stderr, exit code 2."""
     try:
         main(get_args())
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    except (UsageError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+# --- end of plumbing ---
+
+
+# --- main: training ---
+
+def config_of(args):
+    """args as a JSON-able dict (what checkpoints and config.json hold; complete rebuilds the model from it)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def build_splits(args, splits):
+    """{split: dataset} for the named splits ("train" with the training transform, the others resized to
+    --eval-size; CHOICE C10, C11) and the dataset info. Every label of every split is checked first."""
+    shapes = args.data == "shapes"
+    crop_only = args.crop is not None and tuple(args.crop) == tuple(args.img_size)  # Cityscapes: crop 448, no resize
+    options = dict(root=args.data_root, download=args.download, limit=args.limit, seed=args.seed)
+    if args.data == "folder" and args.num_classes is not None:
+        options["num_classes"] = args.num_classes
+    datasets, info = {}, None
+    for role, split in splits.items():
+        train = role == "train"
+        transform = joint_transform(size=None if shapes or (train and crop_only) else
+                                    (args.img_size if train else args.eval_size), crop=args.crop if train else None)
+        size = {"image_size": args.img_size if train else args.eval_size} if shapes else {}
+        datasets[role], split_info = build_dataset(args.data, split=split, transform=transform, **options, **size)
+        if info is not None and split_info.num_classes != info.num_classes:
+            raise DatasetError(f"{args.data}: split {split} has {split_info.num_classes} classes but another split "
+                               f"has {info.num_classes}; pass --num-classes")
+        info = split_info
+        check_labels(datasets[role], desc=f"checking {split} labels")
+    if not 0 <= args.background_class < info.num_classes:
+        raise UsageError(f"--background-class {args.background_class} is not a class of {args.data} "
+                         f"(0..{info.num_classes - 1})")
+    return datasets, info
+
+
+def main(args):
+    if args.command == "complete":
+        return complete(args)
+    if args.command == "degrade":
+        return degrade(args)
+    resume_path = check_run_dir(args, SCRIPT)  # nothing is written before flags, run folder and data are checked
+    runtime = setup_runtime(args)
+    try:
+        return train(args, runtime, resume_path)
+    finally:
+        shutdown(runtime)
+
+
+def train(args, runtime, resume_path):
+    """Training (Sec. IV-A), then the test split scored with best.pt; or, with --eval-only, only that score."""
+    device = runtime.device
+    splits = {"test": args.test_split} if args.eval_only else {"train": "train", "val": args.val_split,
+                                                                "test": args.test_split}
+    datasets, info = build_splits(args, splits)
+    K = info.num_classes
+    eval_batch = max(1, args.batch_size * args.img_size[0] * args.img_size[1]
+                     // (args.eval_size[0] * args.eval_size[1]))  # about the same pixels per batch as training
+    loaders = {role: make_loader(dataset, args.batch_size if role == "train" else eval_batch, args, runtime,
+                                 train=role == "train") for role, dataset in datasets.items()}
+    seed_everything(args.seed)  # identical initial weights on every rank
+    model = build_model(args, K).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    arch = architecture(args, K)
+    out = Path(args.out)
+
+    if args.eval_only:
+        path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
+        state = load_checkpoint(path, SCRIPT, arch)
+        load_state(model, state["model"], path)
+        metrics = evaluate(model, loaders["test"], args, runtime, K)
+        results = {"checkpoint": str(path), "test": metrics}
+        if runtime.main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / f"eval_{args.test_split}.json", results)
+        say(runtime, f"eval checkpoint={path} split={args.test_split} pa_miou={metrics['pa_miou']:.4f} "
+                     f"nearest_pa_miou={metrics['nearest_pa_miou']:.4f}")
+        return results
+
+    weighting = list(model.class_weighting.parameters())
+    others = [p for name, p in model.named_parameters() if not name.startswith("class_weighting")]
+    optimizer = torch.optim.Adam([{"params": others}, {"params": weighting, "weight_decay": 0.0}],  # C7
+                                 lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(  # Sec. IV-A
+        optimizer, mode="min", patience=args.plateau_patience, threshold=args.plateau_threshold,
+        factor=args.plateau_factor)
+    start_epoch, best, state = 1, None, None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, SCRIPT, arch, flag="--resume")
+        load_state(model, state["model"], resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        set_rng_states(state["rng"])
+    config = {**config_of(args), "num_classes": K, "class_names": list(info.class_names), "arch": arch,
+              "world_size": runtime.world_size, "parameters": sum(p.numel() for p in model.parameters()),
+              **{f"{role}_images": len(dataset) for role, dataset in datasets.items()}}
+    out = create_run_dir(args, SCRIPT, config, runtime)
+    log = MetricsLog(out, runtime, resume_state=state)
+    if runtime.main:
+        (out / "samples").mkdir(exist_ok=True)
+        sample_set = datasets["val"]
+        sample_images, sample_labels = (torch.stack(t).to(device) for t in
+                                        zip(*[sample_set[i] for i in range(min(6, len(sample_set)))]))
+    net = model
+    model = distribute(model, runtime)
+    step = torch.compile(train_step) if args.compile else train_step  # one compiled graph per step
+    guard = FiniteGuard()
+    info_state = {"num_classes": K, "class_names": list(info.class_names), "palette": [list(c) for c in info.palette]}
+    for epoch in range(start_epoch, args.epochs + 1):
+        loaders["train"].sampler.set_epoch("train", epoch)
+        started = time.time()
+        train_loss = train_one_epoch(model, optimizer, loaders["train"], step, args, runtime, guard, epoch)
+        guard.check("train", epoch)  # before anything is evaluated or saved
+        metrics = evaluate(net, loaders["val"], args, runtime, K)
+        scheduler.step(train_loss)  # "threshold of loss dropping" (CHOICE C9)
+        improved = best is None or metrics["pa_miou"] > best
+        best = metrics["pa_miou"] if improved else best
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+                  **{k: v for k, v in metrics.items() if not isinstance(v, list)}, "val_loss": metrics["loss"],
+                  "beta": math.exp(net.class_weighting.log_beta.item()), "gamma": net.class_weighting.gamma.item(),
+                  "time": time.time() - started}  # sync point
+        del record["loss"]
+        log.write(record)  # before the checkpoint: a kill between the two loses nothing (the count drops it)
+        if runtime.main:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "config": config_of(args),
+                     "info": info_state}
+            save_checkpoint(out / "last.pt", state, SCRIPT, arch, log)
+            if improved:
+                link_checkpoint(out / "last.pt", out / "best.pt")
+                save_samples(net, sample_images, sample_labels, args, runtime, info.palette,
+                             out / "samples" / f"epoch_{epoch:03d}.png")
+        barrier()
+
+    best_state = load_checkpoint(out / "best.pt", SCRIPT, arch)
+    load_state(net, best_state["model"], out / "best.pt")
+    test = evaluate(net, loaders["test"], args, runtime, K)
+    results = {"test": test, "test_split": args.test_split, "best_epoch": best_state["epoch"],
+               "best_val_pa_miou": best_state["best"], "epochs": args.epochs}
+    if runtime.main:
+        write_json(out / "results.json", results)
+    say(runtime, f"done best_epoch={best_state['epoch']} test_pa_miou={test['pa_miou']:.4f} "
+                 f"test_nearest_pa_miou={test['nearest_pa_miou']:.4f} out={out}")
+    return results
+
+
+if __name__ == "__main__":
+    main_guard(main, get_args)

@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TINY = ["--preset", "tiny", "--batch-size", "8", "--workers", "0"]
 STEPS = 100  # optimisation steps of the short learning test
+CPU = lmae.Runtime(torch.device("cpu"))
+
+# tests/test_contract.py: a whole synthetic run, 2 epochs, a few seconds on one thread (diverges with --lr 1e30)
+CONTRACT_TINY = ["--epochs", "2", "--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--preset", "tiny",
+                 "--workers", "0"]
+# ... and the flags that make lmae.py read --data folder from the --data-root the test supplies
+CONTRACT_FOLDER = ["--data", "folder", "--epochs", "1", "--img-size", "32", "--patch-size", "8", "--batch-size", "2",
+                   "--preset", "tiny", "--workers", "0"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,6 +67,8 @@ def read_png(path):
     (["--lr", "0"], "--lr"),
     (["--beta-init", "0"], "--beta-init"),
     (["--checkpoint", "x.pt"], "--checkpoint"),
+    (["--nearest-prior"], "--nearest-prior"),
+    (["--num-classes", "4"], "--num-classes"),
     (["--mask-ratio", "0.001"], "--mask-ratio"),
     (["--data", "cifar10"], "--data"),
 ])
@@ -283,38 +293,121 @@ def test_loss_trains_beta_and_gamma():
     assert not frozen.log_beta.requires_grad and not frozen.gamma.requires_grad
 
 
-def test_most_frequent_visible_class_baseline():
-    labels = torch.tensor([[[1, 1, 2, 255], [2, 2, 2, 0]]])
-    hidden = torch.tensor([[[False, False, False, False], [True, True, False, False]]])
-    assert lmae.most_frequent_visible_class(labels, hidden, 3).tolist() == [1]  # visible: 1,1,2,2,0 -> tie: lowest
-
-
-@pytest.mark.parametrize("flags", [["--fuse", "direct"], ["--fuse", "insert"], ["--no-ips"], ["--pos-embed", "1d"],
-                                   ["--class-weighting", "paper"], ["--class-weighting", "paper", "--freeze-weights"],
-                                   ["--loss-region", "all", "--ignore-background-in-loss"],
-                                   ["--mask-strategy", "label-first", "--drop-path", "0.2"]])
-def test_every_ablation_switch_trains(flags):
+@pytest.mark.parametrize("flags", [["--head", "conv"], ["--head", "conv", "--nearest-prior"]])
+def test_conv_head_sees_only_visible_labels_and_changes_logits(flags):
     args = lmae.get_args(["--img-size", "32x48", *flags])
     torch.manual_seed(0)
-    model = lmae.build_model(args, 5).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = lmae.build_model(args, 5).eval()
+    torch.nn.init.normal_(model.refine.out.weight, std=0.5)  # the correction starts at zero; make it count
+    assert model.refine.body[0].in_channels == 5 * (3 if args.nearest_prior else 2) + 3
     images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
-    before = [p.detach().clone() for p in model.parameters()]
-    loss = lmae.train_step(model, optimizer, images, labels, args)
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    learned = args.class_weighting == "paper" and not args.freeze_weights
-    assert model.class_weighting.gamma.requires_grad == learned
+    mask, ids_keep, hidden = lmae.draw_mask(labels, "random", args, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(images, labels, ids_keep)
+        changed_hidden = model(images, torch.where(hidden, (labels + 1) % 5, labels), ids_keep)
+        linear = model.decode(model.decoder_input(model.encode(lmae.stack_fuse(images, labels, 5), ids_keep),
+                                                  images, ids_keep), (4, 6))
+    assert torch.equal(logits, changed_hidden)  # hidden labels never reach the conv head
+    assert not torch.allclose(logits, linear)  # --head conv changes the logits
+
+
+def test_fuse_and_ips_flags_build_what_they_name():
+    for fuse, channels in (("layer", 5 + 3), ("direct", 4), ("insert", 6)):
+        model = lmae.build_model(lmae.get_args(["--fuse", fuse]), 5)
+        assert model.fuse == fuse and model.patch_embed.in_channels == channels
+    torch.manual_seed(0)
+    images, labels = torch.randn(1, 3, 32, 48), torch.randint(0, 5, (1, 32, 48))
+    args = lmae.get_args(["--img-size", "32x48"])
+    _, ids_keep, hidden = lmae.draw_mask(labels, "random", args, torch.Generator().manual_seed(0))
+    other_images = torch.where(hidden[:, None], torch.randn_like(images), images)  # differ only in hidden patches
+    for flag, image_reaches_decoder in (("--ips", True), ("--no-ips", False)):
+        model = lmae.build_model(lmae.get_args(["--img-size", "32x48", flag]), 5).eval()
+        assert hasattr(model, "image_patch_embed") == image_reaches_decoder
+        with torch.no_grad():
+            same = torch.equal(model(images, labels, ids_keep), model(other_images, labels, ids_keep))
+        assert same != image_reaches_decoder  # Sec. III-C: only IPS lets the hidden image patches in
+
+
+def test_train_step_applies_eq_10_weighting():
+    images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
+    labels[:, :16] = 0  # an imbalanced batch: Eq. (10) weights differ from 1
+    for weighting in ("paper", "none"):
+        args = lmae.get_args(["--img-size", "32x48", "--class-weighting", weighting])
+        torch.manual_seed(0)
+        model = lmae.build_model(args, 5).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        _, ids_keep, hidden = lmae.draw_mask(labels, args.mask_strategy, args, torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            logits = model(images, labels, ids_keep)
+        weighted = lmae.lmae_loss(logits, labels, hidden, model.class_weighting, "masked")
+        plain = lmae.lmae_loss(logits, labels, hidden, None, "masked")
+        loss = lmae.train_step(model, optimizer, images, labels, args, CPU, torch.Generator().manual_seed(3))
+        expected = weighted if weighting == "paper" else plain
+        assert abs(weighted.item() - plain.item()) > 1e-3
+        assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5), weighting
+
+
+def test_mixed_1_2_2_is_the_default():
+    args = lmae.get_args([])
+    assert args.mask_strategy == "mixed" and args.mix == (1.0, 2.0, 2.0) and args.eval_mask_strategy == "random"
+
+
+def test_unknown_first_hides_unknown_patches_first():
+    labels = torch.randint(0, 5, (2, 32, 32))
+    labels[:, :8] = 255  # the first row of 8 x 8 patches (4 of 16) is unknown
+    mask, _ = lmae.training_mask(labels, "label-first", None, 0.5, 8, 0, unknown_first=True)
+    assert mask[:, :4].all() and mask.sum(1).tolist() == [8, 8]
+    mask, _ = lmae.training_mask(labels, "label-first", None, 0.5, 8, 0)
+    assert not mask[:, :4].any()  # label-first alone puts them last: they hold no object pixels
+
+
+# --- baselines ---
+
+def test_most_frequent_known_class_baseline():
+    labels = torch.tensor([[[1, 1, 2, 255], [2, 2, 2, 0]]])
+    hidden = torch.tensor([[[False, False, False, False], [True, True, False, False]]])
+    assert lmae.most_frequent_known_class(labels, ~hidden, 3).tolist() == [1]  # known: 1,1,2,2,0 -> tie: lowest
+
+
+def test_nearest_known_fill_equals_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (3, 13, 17), generator=generator)
+    known = torch.rand(3, 13, 17, generator=generator) > 0.85
+    known[2] = False  # no known pixel: class 0
+    filled = lmae.nearest_known_fill(labels, known, chunk=500)  # several chunks
+    for b in range(2):
+        points = known[b].nonzero().tolist()
+        for y in range(13):
+            for x in range(17):
+                distances = sorted(((y - py) ** 2 + (x - px) ** 2, labels[b, py, px].item()) for py, px in points)
+                classes = {c for d, c in distances if d == distances[0][0]}
+                assert filled[b, y, x].item() in classes, (b, y, x)  # a nearest known pixel's class (ties: any)
+    assert torch.equal(filled[0][known[0]], labels[0][known[0]]) and not filled[2].any()
+
+
+def test_every_ablation_switch_trains():
+    for flags in (["--fuse", "direct"], ["--fuse", "insert"], ["--no-ips"], ["--pos-embed", "1d"],
+                  ["--class-weighting", "paper"], ["--class-weighting", "paper", "--freeze-weights"],
+                  ["--loss-region", "all", "--ignore-background-in-loss"], ["--head", "conv", "--nearest-prior"],
+                  ["--mask-strategy", "label-first", "--drop-path", "0.2", "--unknown-first"]):
+        args = lmae.get_args(["--img-size", "32x48", *flags])
+        torch.manual_seed(0)
+        model = lmae.build_model(args, 5).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = lmae.train_step(model, optimizer, images, labels, args, CPU)
+        assert torch.isfinite(loss)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        learned = args.class_weighting == "paper" and not args.freeze_weights
+        assert model.class_weighting.gamma.requires_grad == learned
 
 
 # --- training, resume, eval-only (shared run) ---
 
-def test_short_training_beats_most_frequent_class_baseline():
-    """Loss falls and PA-mIoU beats filling the hidden pixels with each image's most frequent visible class.
-
-    Completion works on the images the model was trained on (Sec. IV-C completes the training set itself), so
-    the model trains on 16 fixed shapes images and is scored on them with fresh validation masks.
-    """
+def test_short_training_beats_the_most_frequent_class_fill():
+    """Loss falls and PA-mIoU beats the most-frequent-class fill. Trained and scored on 16 fixed shapes images with
+    fresh validation masks (Sec. IV-C completes the training set itself)."""
     from common import build_dataset, joint_transform
     args = lmae.get_args(["--img-size", "32x48"])  # the synthetic defaults otherwise
     dataset, info = build_dataset("shapes", split="train", transform=joint_transform(), image_size=(32, 48), limit=16)
@@ -324,10 +417,11 @@ def test_short_training_beats_most_frequent_class_baseline():
     model = lmae.build_model(args, info.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     model.train()
-    losses = [lmae.train_step(model, optimizer, images, labels, args).item() for _ in range(STEPS)]
-    metrics = lmae.evaluate(model, [(images, labels)], args, torch.device("cpu"), info.num_classes)
+    generator = torch.Generator().manual_seed(0)
+    losses = [lmae.train_step(model, optimizer, images, labels, args, CPU, generator).item() for _ in range(STEPS)]
+    metrics = lmae.evaluate(model, [(images, labels)], args, CPU, info.num_classes)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
-    assert metrics["pa_miou"] > metrics["baseline_pa_miou"] + 0.1, metrics
+    assert metrics["pa_miou"] > metrics["frequent_pa_miou"] + 0.1, metrics
 
 
 @pytest.fixture(scope="module")
@@ -340,34 +434,40 @@ def trained(tmp_path_factory):
 
 def test_run_directory_and_no_overwrite(trained):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and {"pa_miou", "miou", "baseline_pa_miou", "train_loss", "lr"} <= set(records[0])
+    assert len(records) == 1 and records[0]["epoch"] == 1
+    assert {"pa_miou", "miou", "nearest_pa_miou", "frequent_pa_miou", "blank_pa_miou", "train_loss", "lr"} <= set(
+        records[0])
     for name in ("config.json", "last.pt", "best.pt", "results.json"):
         assert (trained / name).is_file()
+    assert json.loads((trained / "config.json").read_text())["script"] == "lmae.py"
     assert list((trained / "samples").glob("*.png"))
-    with pytest.raises(SystemExit, match="--resume"):  # an existing run is never overwritten
+    with pytest.raises(lmae.UsageError, match="--resume"):  # an existing run is never overwritten
         lmae.main(lmae.get_args(["--out", str(trained), "--img-size", "48x64", "--limit", "8", *TINY]))
 
 
-def test_eval_only_reproduces_best_epoch(trained, tmp_path):
-    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    metrics = lmae.main(lmae.get_args(["--eval-only", "--checkpoint", str(trained / "best.pt"), "--out",
-                                       str(tmp_path), "--img-size", "48x64", "--limit", "8", *TINY]))
-    assert metrics["pa_miou"] == max(r["pa_miou"] for r in records)  # same masks, same weights
-    assert (tmp_path / "eval.json").is_file()
+def test_eval_only_scores_the_test_split(trained, tmp_path):
+    results = json.loads((trained / "results.json").read_text())
+    evaluated = lmae.main(lmae.get_args(["--eval-only", "--checkpoint", str(trained / "best.pt"), "--out",
+                                         str(tmp_path), "--img-size", "48x64", "--limit", "8", *TINY]))
+    written = json.loads((tmp_path / "eval_test.json").read_text())
+    assert written["checkpoint"] == str(trained / "best.pt") and set(written["test"]) == set(results["test"])
+    assert written["test"]["pa_miou"] == results["test"]["pa_miou"] == evaluated["test"]["pa_miou"]
 
 
 def test_resume_is_bit_exact(tmp_path):
-    common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--preset", "tiny", "--workers", "0"]
+    common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--preset", "tiny", "--workers", "0",
+              "--drop-path", "0.1"]
     lmae.main(lmae.get_args(["--out", str(tmp_path / "straight"), "--epochs", "2", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "1", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", *common]))
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert straight["epoch"] == resumed["epoch"] == 1
+    assert straight["epoch"] == resumed["epoch"] == 2
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
-    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k != "time"}
+                         for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert strip("resumed") == strip("straight") and [r["epoch"] for r in strip("resumed")] == [1, 2]
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
@@ -375,27 +475,32 @@ def test_torchrun_two_processes_gloo(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(ROOT / "lmae.py"), "--out", str(out), "--epochs", "1", "--img-size", "32", "--limit", "8",
-         "--batch-size", "2", "--preset", "tiny", "--device", "cpu"],
+         "--batch-size", "2", "--preset", "tiny", "--device", "cpu", "--workers", "0"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("epoch=0 ") == 1  # only rank 0 prints
+    assert sum(line.startswith("epoch=1 ") for line in result.stdout.splitlines()) == 1  # only rank 0 prints
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["val_images"] == 8
-    assert (out / "last.pt").is_file()
+    assert (out / "last.pt").is_file() and (out / "results.json").is_file()
 
 
 def test_cli_subprocess_smoke_and_bad_data(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "lmae.py"), "--out", str(tmp_path / "r"), "--epochs", "1",
-                             "--img-size", "32", "--limit", "4", "--batch-size", "4"],
+    result = subprocess.run([sys.executable, str(ROOT / "lmae.py"), *CONTRACT_TINY, "--out", str(tmp_path / "r")],
                             capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pa_miou=" in result.stdout
     missing = tmp_path / "no-camvid"
     result = subprocess.run([sys.executable, str(ROOT / "lmae.py"), "--data", "camvid", "--data-root", str(missing),
                              "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=240)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and str(missing) in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "c").exists()
+
+
+def test_diverging_run_stops_before_saving(tmp_path):
+    with pytest.raises(lmae.UsageError, match="epoch 1 step"):
+        lmae.main(lmae.get_args([*CONTRACT_TINY, "--lr", "1e30", "--out", str(tmp_path / "nan")]))
+    assert not (tmp_path / "nan" / "best.pt").exists() and not (tmp_path / "nan" / "last.pt").exists()
 
 
 # --- degrade and complete (Sec. IV-C, Sec. III-D) ---
@@ -405,8 +510,14 @@ def degraded(tmp_path_factory):
     out = tmp_path_factory.mktemp("degrade") / "shapes"
     summary = lmae.main(lmae.get_args(["degrade", "--data", "shapes", "--split", "val", "--img-size", "48x64",
                                        "--limit", "4", "--ratio", "0.5", "--patch-size", "8", "--out", str(out)]))
-    assert summary["images"] == 4
-    return out
+    assert summary["splits"]["val"]["images"] == 4
+    return out / "val"
+
+
+def complete_args(trained, degraded, out, *extra):
+    return lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
+                          "--labels", str(degraded / "masks"), "--unknown", str(degraded / "unknown"),
+                          "--truth", str(degraded / "truth"), "--out", str(out), *extra])
 
 
 def test_degrade_hides_exact_patch_share(degraded):
@@ -414,7 +525,7 @@ def test_degrade_hides_exact_patch_share(degraded):
     dataset, _ = build_dataset("shapes", split="val", transform=lmae.keep_pixels, image_size=(48, 64), limit=4)
     for index, name in enumerate(dataset.names):
         truth = dataset[index][1].numpy()
-        degraded_label = read_png(degraded / "labels" / f"{name}.png")
+        degraded_label = read_png(degraded / "masks" / f"{name}.png")
         unknown = read_png(degraded / "unknown" / f"{name}.png") > 0
         assert np.array_equal(read_png(degraded / "truth" / f"{name}.png"), truth)
         assert unknown.sum() == 24 * 64  # round(0.5 * 6 * 8) patches of 8 x 8
@@ -422,78 +533,163 @@ def test_degrade_hides_exact_patch_share(degraded):
         assert np.array_equal(degraded_label[~unknown], truth[~unknown])
 
 
-def test_complete_keeps_known_pixels_and_never_touches_inputs(trained, degraded, tmp_path):
+def test_complete_hides_exactly_the_unknown_patches_and_passes_known_labels(trained, degraded, tmp_path,
+                                                                             monkeypatch):
+    seen = []
+    forward = lmae.LMAE.forward
+
+    def spy(self, images, labels, ids_keep):
+        seen.append((labels.clone(), ids_keep.clone()))
+        return forward(self, images, labels, ids_keep)
+
+    monkeypatch.setattr(lmae.LMAE, "forward", spy)
+    summary = lmae.main(complete_args(trained, degraded, tmp_path / "done", "--batch-size", "3"))
+    assert len(seen) == 2 and sum(len(s[1]) for s in seen) == 4  # batched: 3 + 1 images of one size
+    names = sorted(p.stem for p in (degraded / "masks").glob("*.png"))
+    given = torch.stack([torch.from_numpy(read_png(degraded / "masks" / f"{n}.png")).long() for n in names])
+    model_labels = torch.cat([s[0] for s in seen])
+    ids_keep = torch.cat([s[1] for s in seen])
+    assert torch.equal(model_labels, given)  # the known labels go in unchanged, unknown as 255 (scale 1: one grid)
+    unknown_patches = (given == 255).view(4, 6, 8, 8, 8).any(4).any(2).flatten(1)  # (B, L) on the 8 px grid
+    hidden = lmae.hidden_of(ids_keep, 48)
+    assert torch.equal(hidden, unknown_patches)  # exactly the unknown patches are hidden
+    assert summary["hidden_share"] == 0.5
+
+
+def test_completion_equals_evaluate_on_the_same_masks(trained, degraded, tmp_path, monkeypatch):
+    from common import build_dataset, joint_transform
+    config = torch.load(trained / "best.pt", weights_only=True)["config"]
+    args = lmae.get_args(["--img-size", "48x64", "--limit", "8", *TINY])
+    model = lmae.build_model(args, 5)
+    model.load_state_dict(torch.load(trained / "best.pt", weights_only=True)["model"])
+    dataset, _ = build_dataset("shapes", split="val", transform=joint_transform(), image_size=(48, 64), limit=4)
+    names = sorted(p.stem for p in (degraded / "masks").glob("*.png"))
+    order = [dataset.names.index(n) for n in names]
+    images = torch.stack([dataset[i][0] for i in order])
+    labels = torch.stack([dataset[i][1] for i in order])
+    unknown = torch.stack([torch.from_numpy(read_png(degraded / "unknown" / f"{n}.png") > 0) for n in names])
+    mask = unknown.view(4, 6, 8, 8, 8).any(4).any(2).flatten(1)  # degrade's patches on the model's grid
+
+    def degrade_masks(labels, strategy, args, generator=None):
+        return mask, (~mask).nonzero()[:, 1].view(4, -1), unknown
+
+    monkeypatch.setattr(lmae, "draw_mask", degrade_masks)
+    metrics = lmae.evaluate(model.eval(), [(images, labels)], args, CPU, 5)
+    summary = lmae.main(complete_args(trained, degraded, tmp_path / "done"))
+    assert config["patch_size"] == 8
+    assert math.isclose(summary["pa_miou"], metrics["pa_miou"], abs_tol=1e-9)
+    assert math.isclose(summary["nearest_pa_miou"], metrics["nearest_pa_miou"], abs_tol=1e-9)
+    assert math.isclose(summary["frequent_pa_miou"], metrics["frequent_pa_miou"], abs_tol=1e-9)
+
+
+def test_complete_keeps_known_pixels_and_reports(trained, degraded, tmp_path):
     before = tree_digest(degraded)
     out = tmp_path / "completed"
-    summary = lmae.main(lmae.get_args([
-        "complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
-        "--labels", str(degraded / "labels"), "--unknown", str(degraded / "unknown"),
-        "--truth", str(degraded / "truth"), "--out", str(out)]))
+    summary = lmae.main(complete_args(trained, degraded, out))
     assert tree_digest(degraded) == before  # inputs untouched
-    assert summary["images"] == 4 and 0.0 <= summary["pa_miou"] <= 1.0 and 0.0 <= summary["baseline_pa_miou"] <= 1.0
-    for label_path in sorted((degraded / "labels").glob("*.png")):
+    assert summary["images"] == 4
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    for label_path in sorted((degraded / "masks").glob("*.png")):
         given = read_png(label_path)
         unknown = read_png(degraded / "unknown" / label_path.name) > 0
         completed = read_png(out / label_path.name)
         assert np.array_equal(completed[~unknown], given[~unknown])  # known pixels byte-equal
         assert np.all(completed[unknown] < 5)  # every unknown pixel filled with a class
-    rows = list(csv.DictReader(open(out / "report.csv")))
-    assert len(rows) == 4 and all(float(r["fraction_filled"]) == 1.0 for r in rows)
+        row = rows[label_path.stem]
+        assert int(row["changed_pixels"]) == int((completed != given).sum()) == int(row["unknown_pixels"])
+        assert int(row["hidden_patches"]) == 24 and row["checkpoint"] == str(trained / "best.pt")
+        truth = read_png(degraded / "truth" / label_path.name)
+        assert math.isclose(float(row["filled_accuracy"]), (completed[unknown] == truth[unknown]).mean(), abs_tol=1e-5)
 
 
-def test_complete_routes_by_mask_ratio_and_fills_255(trained, degraded, tmp_path):
+def test_complete_missing_background_overwrites_only_background(trained, degraded, tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for path in (degraded / "truth").glob("*.png"):  # complete labels: nothing unknown, background may be missing
+        shutil.copy(path, labels / path.name)
+    out = tmp_path / "done"
+    lmae.main(lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images",
+                             str(degraded / "images"), "--labels", str(labels), "--missing", "background",
+                             "--out", str(out)]))
+    for row in csv.DictReader(open(out / "report.csv")):
+        given, completed = read_png(labels / f"{row['name']}.png"), read_png(out / f"{row['name']}.png")
+        assert np.array_equal(completed[given != 0], given[given != 0])  # other classes are never overwritten
+        background_patches = int(((given == 0).reshape(6, 8, 8, 8).any(3).any(1)).sum())
+        assert int(row["hidden_patches"]) == min(24, background_patches)  # most-background up to the ratio 0.5
+        expected_share = float((given == 0).mean())  # --route background is the default here
+        assert abs(float(row["share"]) - expected_share) < 1e-3
+        assert int(row["changed_pixels"]) == int((completed != given).sum())
+
+
+def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path):
     state = torch.load(trained / "best.pt", weights_only=True)
-    state["args"]["mask_ratio"] = 0.9
+    state["config"]["mask_ratio"] = 0.9
     high = tmp_path / "ratio09.pt"
     torch.save(state, high)
     out = tmp_path / "completed"
     lmae.main(lmae.get_args(["complete", "--checkpoint", str(high), str(trained / "best.pt"), "--images",
-                             str(degraded / "images"), "--labels", str(degraded / "labels"), "--out", str(out)]))
+                             str(degraded / "images"), "--labels", str(degraded / "masks"), "--out", str(out)]))
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert {r["checkpoint"] for r in rows} == {str(trained / "best.pt")}  # half the patches unknown -> ratio 0.5
-    for label_path in sorted((degraded / "labels").glob("*.png")):
+    for label_path in sorted((degraded / "masks").glob("*.png")):
         given, completed = read_png(label_path), read_png(out / label_path.name)
         assert np.array_equal(completed[given != 255], given[given != 255]) and not np.any(completed == 255)
 
 
-def test_complete_route_background_and_size(trained, degraded, tmp_path):
-    common = ["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
-              "--labels", str(degraded / "labels")]
-    lmae.main(lmae.get_args([*common, "--route", "background", "--size", "32x32", "--out", str(tmp_path / "a")]))
-    for row in csv.DictReader(open(tmp_path / "a" / "report.csv")):
-        given = read_png(degraded / "labels" / f"{row['name']}.png")
-        small = torch.nn.functional.interpolate(torch.from_numpy(given)[None, None].float(), size=(32, 32))[0, 0]
-        expected = ((small == 0) | (small == 255)).float().mean().item()  # background + unknown share at 32 x 32
-        assert abs(float(row["share"]) - expected) < 1e-3 and int(row["patches"]) == 16
-    with pytest.raises(SystemExit, match="multiple of the checkpoint's patch size"):
-        lmae.main(lmae.get_args([*common, "--size", "30x32", "--out", str(tmp_path / "b")]))
+def test_complete_scale_keeps_the_aspect(trained, degraded, tmp_path):
+    out = tmp_path / "half"
+    summary = lmae.main(complete_args(trained, degraded, out, "--scale", "0.5"))  # 24 x 32: 3 x 4 patches of 8
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert all(int(r["patches"]) == 12 for r in rows) and summary["images"] == 4
+    for row in rows:
+        given, completed = read_png(degraded / "masks" / f"{row['name']}.png"), read_png(out / f"{row['name']}.png")
+        assert completed.shape == (48, 64) and np.array_equal(completed[given != 255], given[given != 255])
 
 
 def test_complete_refuses_to_write_into_inputs(trained, degraded, capsys):
-    for out in (degraded / "labels", degraded / "images", degraded / "labels" / "sub"):
+    for out in (degraded / "masks", degraded / "images", degraded / "masks" / "sub"):
         with pytest.raises(SystemExit):
             lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images",
-                           str(degraded / "images"), "--labels", str(degraded / "labels"), "--out", str(out)])
+                           str(degraded / "images"), "--labels", str(degraded / "masks"), "--out", str(out)])
         assert "--out" in capsys.readouterr().err
 
 
 def test_complete_bad_labels_give_one_message(trained, degraded, tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()
-    name = sorted((degraded / "labels").glob("*.png"))[0].name
-    bad = read_png(degraded / "labels" / name).copy()
+    name = sorted((degraded / "masks").glob("*.png"))[0].name
+    bad = read_png(degraded / "masks" / name).copy()
     bad[0, 0] = 9  # the checkpoint knows 5 classes
     Image.fromarray(bad).save(labels / name)
     args = ["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
             "--labels", str(labels)]
     with pytest.raises(DatasetError, match=r"outside 0\.\.4"):
         lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "a")]))
+    assert not (tmp_path / "a").exists()  # every label is checked before anything is written
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(labels / name)  # an RGB "label"
     with pytest.raises(DatasetError, match="single-channel"):
         lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "b")]))
-    with pytest.raises(SystemExit, match="not an lmae.py checkpoint|cannot read checkpoint"):
+    with pytest.raises(lmae.UsageError, match="not a readable checkpoint|written by"):
         lmae.main(lmae.get_args(["complete", "--checkpoint", __file__, "--images", str(degraded / "images"),
-                                 "--labels", str(degraded / "labels"), "--out", str(tmp_path / "c")]))
+                                 "--labels", str(degraded / "masks"), "--out", str(tmp_path / "c")]))
+
+
+def test_partial_labels_train_and_complete_end_to_end(tmp_path):
+    """Only degraded labels: degrade writes what --data folder reads; train on it, complete the same set."""
+    deg = tmp_path / "deg"
+    lmae.main(lmae.get_args(["degrade", "--data", "shapes", "--split", "train", "val", "--img-size", "32x48",
+                             "--limit", "8", "--patch-size", "8", "--out", str(deg)]))
+    run = tmp_path / "run"
+    results = lmae.main(lmae.get_args(["--data", "folder", "--data-root", str(deg), "--num-classes", "5",
+                                       "--test-split", "val", "--unknown-first", "--mask-ratio", "0.75",
+                                       "--img-size", "32x48", "--epochs", "1", "--out", str(run), *TINY]))
+    assert json.loads((run / "config.json").read_text())["train_images"] == 8
+    assert math.isfinite(results["test"]["pa_miou"])
+    summary = lmae.main(lmae.get_args([
+        "complete", "--checkpoint", str(run / "best.pt"), "--images", str(deg / "train" / "images"),
+        "--labels", str(deg / "train" / "masks"), "--out", str(tmp_path / "done")]))
+    assert summary["images"] == 8 and summary["changed_pixels"] == summary["unknown_pixels"]
+    assert "warning" not in summary  # ratio 0.75 covers the 0.5 share
 
 
 # --- real samples ---
@@ -505,17 +701,19 @@ def test_camvid_degrade_train_complete_score(tmp_path):
     run = tmp_path / "run"
     lmae.main(lmae.get_args(["--data", "camvid", "--data-root", str(root), "--out", str(run), "--epochs", "1",
                              "--limit", "4", "--img-size", "48x64", "--batch-size", "4", "--preset", "tiny",
-                             "--workers", "0"]))
+                             "--workers", "0", "--test-split", "val"]))
     lmae.main(lmae.get_args(["degrade", "--data", "camvid", "--data-root", str(root), "--split", "val",
                              "--limit", "2", "--ratio", "0.5", "--out", str(tmp_path / "deg")]))
+    deg = tmp_path / "deg" / "val"
     summary = lmae.main(lmae.get_args([
-        "complete", "--checkpoint", str(run / "best.pt"), "--images", str(tmp_path / "deg" / "images"),
-        "--labels", str(tmp_path / "deg" / "labels"), "--unknown", str(tmp_path / "deg" / "unknown"),
-        "--truth", str(tmp_path / "deg" / "truth"), "--out", str(tmp_path / "done")]))
+        "complete", "--checkpoint", str(run / "best.pt"), "--images", str(deg / "images"),
+        "--labels", str(deg / "masks"), "--unknown", str(deg / "unknown"),
+        "--truth", str(deg / "truth"), "--out", str(tmp_path / "done")]))
     assert tree_digest(root) == before
-    assert summary["images"] == 2 and 0.0 <= summary["pa_miou"] <= 1.0 and summary["miou"] >= summary["pa_miou"] - 1
-    for path in (tmp_path / "deg" / "labels").glob("*.png"):
+    assert summary["images"] == 2 and summary["nearest_pa_miou"] > summary["frequent_pa_miou"]
+    assert abs(summary["hidden_share"] - 0.5) < 0.02  # one 16 px grid: 360 x 480 padded to 368 x 480
+    for path in deg.joinpath("masks").glob("*.png"):
         given, done = read_png(path), read_png(tmp_path / "done" / path.name)
-        unknown = read_png(tmp_path / "deg" / "unknown" / path.name) > 0
+        unknown = read_png(deg / "unknown" / path.name) > 0
         assert given.shape == (360, 480) and np.array_equal(done[~unknown], given[~unknown])
         assert np.all(done[unknown] < 11)
