@@ -735,10 +735,10 @@ def build_splits(args, runtime):
         splits["pretrain"], _ = build_dataset(args.pretrain_data, args.pretrain_data_root, args.pretrain_split,
                                               transform=identity, image_only=True, download=args.download,
                                               limit=args.limit, seed=args.seed, image_size=args.img_size)
-        if len(splits["pretrain"]) < args.partitions:
-            raise UsageError(f"--partitions {args.partitions}: the pre-training split has only "
-                             f"{len(splits['pretrain'])} images; pass --partitions {len(splits['pretrain'])} or "
-                             f"fewer (or a larger --limit)")
+        if len(splits["pretrain"]) < args.partitions:  # never an empty partition: one image each at least
+            say(runtime, f"--partitions {args.partitions}: the pre-training split has only {len(splits['pretrain'])} "
+                         f"images, so {len(splits['pretrain'])} partitions are used (saved in config.json)")
+            args.partitions = len(splits["pretrain"])
     if args.stage in ("finetune", "both") or args.eval_only:
         options = dict(download=args.download, limit=args.limit, seed=args.seed, image_size=args.img_size)
         if args.data == "cityscapes" and args.split_protocol == "paper":
@@ -904,7 +904,7 @@ def score_partition(model, base, indices, args, runtime, partition):
     masks = [entry[1] for entry in found]
     seconds = time.time() - start
     mean = lambda column: float(np.mean([entry[column] for entry in found]))  # noqa: E731
-    record = {"stage": "score", "partition": partition, "images": len(found), "copies": args.samples,
+    record = {"stage": "score", "partition": partition, "epoch": 1, "images": len(found),  # before its epoch 1 "copies": args.samples,
               "aggregation": args.score_aggregation, "hidden_per_image": float(np.mean([m.sum().item() for m in masks])),
               "mean_score": mean(2), "hide_count_overlap": mean(3), "hide_count_spearman": mean(4),
               "never_hidden": mean(5), "time": seconds}
@@ -1619,7 +1619,7 @@ def main(args):
             results.update(test=test, test_split=splits["test_split"], best_epoch=best_epoch, best_val_miou=best,
                            class_names=list(info.class_names),
                            per_class_iou={n: v for n, v in zip(info.class_names, test["per_class_iou"])})
-            log.write({"stage": "test", "miou": test["miou"], "pixel_acc": test["pixel_acc"],
+            log.write({"stage": "test", "epoch": best_epoch, "miou": test["miou"], "pixel_acc": test["pixel_acc"],
                        "chance_miou": test["chance_miou"]})
             if runtime.main:
                 save_finetune_samples(out / "samples" / "finetune-test.png", model, splits["test"], info, runtime)

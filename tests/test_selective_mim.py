@@ -670,11 +670,12 @@ def test_defaults_per_dataset():
     assert sm.get_args(["--masking", "random"]).partitions == 1
 
 
-def test_more_partitions_than_images_is_refused_before_anything_is_written(tmp_path):
+def test_more_partitions_than_images_runs_with_one_image_each(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(sm.UsageError, match="--partitions 10"):
-        sm.main(sm.get_args(TINY + ["--partitions", "10", "--limit", "8", "--out", str(out)]))
-    assert not out.exists()
+    sm.main(sm.get_args(TINY + ["--partitions", "10", "--limit", "3", "--pretrain-epochs", "1", "--stage", "pretrain",
+                                "--out", str(out)]))
+    assert json.loads((out / "config.json").read_text())["partitions"] == 3
+    assert [r["partition"] for r in records(out) if r["stage"] == "score"] == [1, 2]
 
 
 def test_train_fraction_keeps_the_first_items_of_train_and_val(tmp_path):
