@@ -566,3 +566,58 @@ def test_all_reduce_sums_over_two_gloo_processes(tmp_path):
     assert results[0][0] == results[1][0] == both.matrix.tolist()
     single = BinaryStats().update(torch.tensor([[[1.0, -1.0]], [[2.0, -2.0]]]), torch.tensor([[[1, 0]], [[1, 1]]]))
     assert results[0][1] == pytest.approx(single.sums.tolist()) and results[1][1] == pytest.approx(single.sums.tolist())
+
+
+# --- simclr_seg.py: the catsdogs pre-training reader (full decode, balanced limit, class-folder exports) ---
+
+def write_photo(path, size=64):
+    """A noisy RGB JPEG (noise keeps the file large enough that cutting it in half truncates the pixel data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, format="JPEG")
+    return path
+
+
+def test_catsdogs_skips_a_truncated_jpeg_that_verify_accepts(tmp_path, capsys):
+    for i in range(3):
+        write_photo(tmp_path / "PetImages" / "Cat" / f"{i}.jpg")
+        write_photo(tmp_path / "PetImages" / "Dog" / f"{i}.jpg")
+    whole = (tmp_path / "PetImages" / "Dog" / "0.jpg").read_bytes()
+    truncated = tmp_path / "PetImages" / "Dog" / "9.jpg"
+    truncated.write_bytes(whole[:len(whole) // 2])
+    with Image.open(truncated) as image:
+        image.verify()  # the header is intact: the old scan counted this file as readable
+    dataset, _ = build_dataset("catsdogs", tmp_path, "all")
+    assert len(dataset) == 6 and dataset.skipped == [str(truncated)]
+    assert "skipped 1 unreadable" in capsys.readouterr().err
+    readable, skipped = common.readable_images([str(truncated), str(tmp_path / "PetImages" / "Cat" / "1.jpg")])
+    assert skipped == [str(truncated)] and len(readable) == 1
+    for i in range(len(dataset)):  # every image the set kept decodes (a DataLoader worker would not die on it)
+        assert dataset[i].shape[0] == 3
+
+
+def test_catsdogs_balanced_limit_is_seeded_and_skips_broken_files(tmp_path):
+    for i in range(4):
+        write_photo(tmp_path / "Cat" / f"{i}.jpg", size=16)
+    for i in range(10):
+        write_photo(tmp_path / "Dog" / f"{i}.jpg", size=16)
+    (tmp_path / "Dog" / "3.jpg").write_bytes(b"broken")
+    dataset, _ = build_dataset("catsdogs", tmp_path, "all", balanced_limit=6, seed=0)
+    cats = [p for p in dataset.image_paths if "/Cat/" in p]
+    assert len(dataset) == 6 and len(cats) == 3 and str(tmp_path / "Dog" / "3.jpg") not in dataset.image_paths
+    again, _ = build_dataset("catsdogs", tmp_path, "all", balanced_limit=6, seed=0)
+    other, _ = build_dataset("catsdogs", tmp_path, "all", balanced_limit=6, seed=1)
+    assert again.image_paths == dataset.image_paths and other.image_paths != dataset.image_paths
+    many, _ = build_dataset("catsdogs", tmp_path, "all", balanced_limit=12, seed=0)  # 4 cats: the dogs fill up
+    assert sum("/Cat/" in p for p in many.image_paths) == 4 and len(many) == 12
+
+
+def test_catsdogs_reads_a_lower_case_class_folder_export(tmp_path):
+    """The HuggingFace microsoft/cats_vs_dogs copy saved as cat/*.jpg and dog/*.jpg (README 'Datasets')."""
+    write_photo(tmp_path / "cat" / "0.jpg", size=16)
+    write_photo(tmp_path / "dog" / "1.jpg", size=16)
+    dataset, _ = build_dataset("catsdogs", tmp_path, "all")
+    assert len(dataset) == 2
+    (tmp_path / "dog" / "1.jpg").unlink()
+    (tmp_path / "dog").rmdir()
+    with pytest.raises(DatasetError, match="no Dog folder"):
+        build_dataset("catsdogs", tmp_path, "all")
