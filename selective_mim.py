@@ -165,6 +165,9 @@ def get_args(argv=None):
     data.add_argument("--train-fraction", type=float, default=None,
                       help="keep the first fraction of the downstream train and val splits in list order, all of "
                            "test (paper: nassar 0.2 = 389 images, the default there; 1.0 elsewhere)")
+    data.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the readers' seeded train/val/test splits (kvasir, folder, ...), kept apart from "
+                           "--seed so that every run seed meets the same test images; default 0")
     data.add_argument("--img-size", type=int, default=None,
                       help="shortest image side in px, the aspect kept; training crops are squares of this side "
                            "(paper 256; shapes 64; CHOICE C6)")
@@ -226,6 +229,9 @@ def get_args(argv=None):
     train.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
     train.add_argument("--lr", type=float, default=None, help="downstream Adam learning rate (authors 3e-3; "
                                                               "shapes 1e-3)")
+    train.add_argument("--selection", choices=("best-val", "last"), default="best-val",
+                       help="best.pt = the epoch of the highest val mIoU (authors, default) or the last epoch (for "
+                            "sets whose only held-out split is the one reported, e.g. the shared CamVid sample)")
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
 
@@ -734,13 +740,13 @@ def build_splits(args, runtime):
     if args.stage in ("pretrain", "both") and not args.eval_only:
         splits["pretrain"], _ = build_dataset(args.pretrain_data, args.pretrain_data_root, args.pretrain_split,
                                               transform=identity, image_only=True, download=args.download,
-                                              limit=args.limit, seed=args.seed, image_size=args.img_size)
+                                              limit=args.limit, seed=args.split_seed, image_size=args.img_size)
         if len(splits["pretrain"]) < args.partitions:  # never an empty partition: one image each at least
             say(runtime, f"--partitions {args.partitions}: the pre-training split has only {len(splits['pretrain'])} "
                          f"images, so {len(splits['pretrain'])} partitions are used (saved in config.json)")
             args.partitions = len(splits["pretrain"])
     if args.stage in ("finetune", "both") or args.eval_only:
-        options = dict(download=args.download, limit=args.limit, seed=args.seed, image_size=args.img_size)
+        options = dict(download=args.download, limit=args.limit, seed=args.split_seed, image_size=args.img_size)
         if args.data == "cityscapes" and args.split_protocol == "paper":
             options["train_holdout"] = 0.2  # CHOICE C12: train 80 % / val 20 % of official train, test = official val
         info = None
@@ -1058,7 +1064,7 @@ def train(args, runtime, splits, models, state, log, out):
                               "val_pixel_acc": val["pixel_acc"], "lr": lr_now}
                 record.update(images=seen, time=time.time() - start)
                 log.write(record)
-                improved = stage == "finetune" and (best is None or val["miou"] > best)
+                improved = stage == "finetune" and (best is None or val["miou"] > best or args.selection == "last")
                 if improved:
                     best, best_epoch = val["miou"], epoch
                 if runtime.main:
