@@ -155,7 +155,8 @@ def get_args(argv=None):
     parser = ArgumentParser(description="SimCLR pre-training + U-Net fine-tuning (foreground segmentation, "
                                         "Oxford-IIIT Pet)")
     parser.add_argument("--data", default="shapes", choices=("shapes", "pets"),
-                        help="fine-tuning set: shapes = built-in synthetic binary set (default), pets = Oxford-IIIT Pet")
+                        help="fine-tuning set: shapes = built-in synthetic binary set (default), pets = "
+                             "Oxford-IIIT Pet")
     parser.add_argument("--data-root", default=None, help="folder holding oxford-iiit-pet/ (default ./data/pets)")
     parser.add_argument("--download", action="store_true",
                         help="let torchvision download Pets / CIFAR-10, and torchvision ImageNet weights for an "

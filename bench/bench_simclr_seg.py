@@ -3,6 +3,7 @@
     python bench/bench_simclr_seg.py --device cuda --steps 200                # ResNet-50, bf16, channels-last
     python bench/bench_simclr_seg.py --device cuda --steps 200 --compile
     python bench/bench_simclr_seg.py --device cpu --steps 3                   # ResNet-18 at 32 px, a smoke run
+    OMP_NUM_THREADS=1 python bench/bench_simclr_seg.py --device cpu --amp-both  # CPU: bf16 autocast vs fp32
 
 Configurations (the issue's list): SimCLR pre-training steps (two views per image through ResNet-50 + projection
 head, NT-Xent, LARS) at batch 32 and 64x64 and at 224x224, and the U-Net fine-tuning step (ResNet-50 U-Net, BCE,
@@ -32,7 +33,9 @@ def get_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 4 on CPU")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="pre-training view sizes (default 64 224 on CUDA, 32 on CPU); fine-tuning uses the last")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on with CUDA, off on a CPU; a CPU needs AVX512-BF16/AMX)")
+    parser.add_argument("--amp-both", action="store_true", help="time every configuration with --no-amp and --amp")
     parser.add_argument("--compile", action="store_true", help="torch.compile train_step")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels-last memory format (CUDA)")
@@ -46,14 +49,15 @@ def get_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.amp, args.channels_last = args.amp and cuda, args.channels_last and cuda
+    args.amp = cuda if args.amp is None else args.amp
+    args.channels_last = args.channels_last and cuda
     return args
 
 
 def bench(stage, size, args):
     device = args.device
     flags = ["--device", device.type, "--encoder", args.encoder, "--img-size", str(size),
-             "--pretrain-optimizer", "lars", "--stage", stage, "--init", "none"]
+             "--pretrain-optimizer", "lars", "--stage", stage]
     run_args = simclr_seg.get_args(flags)
     run_args.channels_last = args.channels_last
     torch.manual_seed(0)
@@ -75,10 +79,11 @@ def bench(stage, size, args):
     else:
         batch = [images, torch.randint(0, 2, (B, size, size), device=device)]
     model.train()
+    runtime = simclr_seg.Runtime(device, amp=args.amp)
 
     def one_step():
         optimizer.zero_grad(set_to_none=True)
-        loss = step_fn(model, batch, stage, "bce", run_args.temperature, args.amp)
+        loss = step_fn(model, batch, stage, runtime, "bce", run_args.temperature)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -109,7 +114,9 @@ def bench(stage, size, args):
 def main(args):
     configs = [("pretrain", size) for size in args.sizes] + [("finetune", args.sizes[-1])]
     for stage, size in configs:
-        print(json.dumps(bench(stage, size, args)), flush=True)
+        for amp in (False, True) if args.amp_both else (args.amp,):
+            args.amp = amp
+            print(json.dumps(bench(stage, size, args)), flush=True)
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
 
