@@ -541,12 +541,12 @@ def _read_catsdogs(root, split, download, seed, options):
 
     Layouts: the Kaggle/Microsoft release `PetImages/{Cat,Dog}/*.jpg` (25,000 files, a few of them broken), or any
     export with one folder per class, `{cat,dog}/*` in any case, e.g. the HuggingFace copy `microsoft/cats_vs_dogs`
-    (23,410 images, the authors' pre-training set) exported as README 'Datasets' shows. Every file is fully
+    (23,410 images, the authors' pre-training set) exported as README's simclr_seg section shows. Every file is fully
     decoded when the set is scanned. Option `balanced_limit=N`: a seeded draw of N//2 cats and N - N//2 dogs (a
     class with too few files gives all it has, the other fills the rest), instead of the first N files.
     """
     layout = ("PetImages/{Cat,Dog}/*.jpg (Kaggle/Microsoft release) or {cat,dog}/* (one folder per class, e.g. the "
-              "HuggingFace microsoft/cats_vs_dogs copy exported as in README 'Datasets')")
+              "HuggingFace microsoft/cats_vs_dogs copy exported as README's simclr_seg section shows)")
     if download:
         raise DatasetError("catsdogs cannot be downloaded automatically; get kagglecatsanddogs PetImages from the "
                            "Microsoft download page (or export the HuggingFace copy) and pass --data-root")
