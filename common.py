@@ -451,7 +451,7 @@ def _read_cityscapes(root, split, download, seed, options):
             lookup[c.id] = c.train_id if 0 <= c.train_id < 255 else IGNORE_INDEX
     pairs = sorted(zip(city.images, (t[0] for t in city.targets)))  # torchvision lists folders unsorted
     if holdout is not None and official == "train":
-        order_list = os.path.join(root, "leftImg8bit", "train", "train.txt")
+        order_list = os.path.join(root, "data_list", "train.txt")
         if os.path.exists(order_list):  # the authors' list order
             position = {name: i for i, name in enumerate(_read_list(order_list))}
             key = lambda pair: position.get(os.path.relpath(pair[0], os.path.join(root, "leftImg8bit", "train"))  # noqa: E731

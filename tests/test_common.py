@@ -621,3 +621,66 @@ def test_catsdogs_reads_a_lower_case_class_folder_export(tmp_path):
     (tmp_path / "dog").rmdir()
     with pytest.raises(DatasetError, match="no Dog folder"):
         build_dataset("catsdogs", tmp_path, "all")
+
+
+# --- selective_mim.py: the paper's downstream protocols (Cityscapes 80/20 + official val, Nassar and Sugarbeets list order) ---
+
+def write_cityscapes(root, split, frames, ids):
+    for frame in frames:
+        city = frame.split("_")[0]
+        write_rgb(root / "leftImg8bit" / split / city / f"{frame}_leftImg8bit.png")
+        write_label(root / "gtFine" / split / city / f"{frame}_gtFine_labelIds.png", ids)
+
+
+def test_cityscapes_holdout_protocol_trains_80_selects_20_tests_on_labelled_val(tmp_path):
+    train_frames = [f"{city}_000000_{i:06d}" for city in ("aachen", "bochum") for i in range(5)]  # 10 train frames
+    write_cityscapes(tmp_path, "train", train_frames, label_map([7, 8]))
+    write_cityscapes(tmp_path, "val", ["frankfurt_000000_000001", "lindau_000000_000002"], label_map([26, 0]))
+    write_cityscapes(tmp_path, "test", ["berlin_000000_000003"], label_map([0]))  # public test: all ignore
+    names = lambda split: build_dataset("cityscapes", tmp_path, split, train_holdout=0.2)[0].names  # noqa: E731
+    assert names("train") == [f"{f}_leftImg8bit" for f in sorted(train_frames)[:8]]  # first 80 % of official train
+    assert names("val") == [f"{f}_leftImg8bit" for f in sorted(train_frames)[8:]]  # last 20 %, disjoint
+    test, _ = build_dataset("cityscapes", tmp_path, "test", train_holdout=0.2)
+    assert test.names == ["frankfurt_000000_000001_leftImg8bit", "lindau_000000_000002_leftImg8bit"]  # official val
+    assert set(np.unique(raw(test)).tolist()) == {13, 255}  # labelled: car pixels, not only ignore
+    # Without the option the reader keeps the official splits (other methods use them).
+    assert len(build_dataset("cityscapes", tmp_path, "train")[0]) == 10
+    # The authors' list (data_list/train.txt) sets the order when present.
+    listed = list(reversed(sorted(train_frames)))
+    (tmp_path / "data_list").mkdir()
+    (tmp_path / "data_list" / "train.txt").write_text(
+        "".join(f"{f.split('_')[0]}/{f}\n" for f in listed))
+    assert names("train") == [f"{f}_leftImg8bit" for f in listed[:8]]
+
+
+def test_nassar_follows_the_authors_lists_when_present(tmp_path):
+    for part in ("train", "val", "test"):
+        for stem in ("t0", "t1", "t2"):
+            write_rgb(tmp_path / "tiled_dataset" / part / "images" / f"{stem}.png")
+            write_label(tmp_path / "tiled_dataset" / part / "masks" / f"{stem}.png", label_map([0, 1, 2]))
+    assert build_dataset("nassar", tmp_path, "train")[0].names == ["t0", "t1", "t2"]  # sorted without a list
+    (tmp_path / "data_list").mkdir()
+    (tmp_path / "data_list" / "train.txt").write_text("t2\nt0\nt1\n")
+    assert build_dataset("nassar", tmp_path, "train")[0].names == ["t2", "t0", "t1"]
+    assert build_dataset("nassar", tmp_path, "val")[0].names == ["t0", "t1", "t2"]  # no val list: sorted
+    (tmp_path / "data_list" / "test.txt").write_text("t9\n")
+    with pytest.raises(DatasetError, match="t9"):
+        build_dataset("nassar", tmp_path, "test")
+
+
+def test_sugarbeets_splits_in_the_weeds_list_order(tmp_path):
+    colours = np.array([[0, 0, 0], [0, 255, 0], [255, 0, 0]], dtype=np.uint8)[label_map([0, 1, 2])]
+    for session in ("CKA_160523", "CKA_weeds"):
+        for i in range(6):
+            write_rgb(tmp_path / session / "images" / "rgb" / f"{session}_frame{i}.png")
+            write_label(tmp_path / session / "annotations" / "dlp" / "colorCleaned" / f"{session}_frame{i}.png",
+                        colours, mode="RGB")
+    # The authors' list (iMapCleaned paths, interleaving the sessions), 10 of the 12 frames.
+    order = [f"{s}_frame{i}" for i in range(5) for s in ("CKA_weeds", "CKA_160523")]
+    (tmp_path / "sugarbeets_weeds.txt").write_text(
+        "".join(f"/{name.rsplit('_frame', 1)[0]}/annotations/dlp/iMapCleaned/{name}.png\n" for name in order))
+    names = {s: build_dataset("sugarbeets", tmp_path, s)[0].names for s in ("train", "val", "test")}
+    assert names == {"train": order[:7], "val": order[7:8], "test": order[8:]}  # 70/10/20 by list position
+    (tmp_path / "sugarbeets_weeds.txt").write_text("/CKA_x/annotations/dlp/iMapCleaned/missing.png\n")
+    with pytest.raises(DatasetError, match="missing"):
+        build_dataset("sugarbeets", tmp_path, "train")
