@@ -3,6 +3,8 @@
     python bench/bench_selective_mim.py --device cuda --steps 200            # paper size: 256 px, ResNet-34 U-Net
     python bench/bench_selective_mim.py --device cuda --steps 200 --compile --channels-last
     python bench/bench_selective_mim.py --device cpu --steps 3               # tiny CPU smoke run (64 px, batch 4)
+    python bench/bench_selective_mim.py --device cpu --steps 5 --amp          # bf16 autocast on a CPU with AMX/AVX512-BF16
+    python bench/bench_selective_mim.py --device cpu --steps 5 --no-amp
 
 Configurations
     pretrain_step   reconstruction train_step (random 50 % masks drawn on the device, Eq. 2 loss), images/s
@@ -37,7 +39,8 @@ def get_args(argv=None):
     parser.add_argument("--num-patches", type=int, default=None, help="nominal patches (default 512 cuda, 64 cpu)")
     parser.add_argument("--samples", type=int, default=5, help="masked copies per scored image (paper 5)")
     parser.add_argument("--model", choices=sorted(sm.PRESETS), default="resnet34-unet")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (cuda)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on with cuda, off on a cpu; --amp on a cpu needs bf16 support)")
     parser.add_argument("--compile", action="store_true", help="torch.compile train_step and the scoring model")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--configs", nargs="+", default=["pretrain_step", "forward", "scoring", "finetune_step"],
@@ -47,6 +50,9 @@ def get_args(argv=None):
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available; use --device cpu")
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    args.amp = cuda if args.amp is None else args.amp
+    if args.amp and not cuda and not sm.cpu_supports_bf16():
+        parser.error("--amp: this CPU has no bf16 support; pass --no-amp")
     args.img_size = args.img_size or (256 if cuda else 64)
     args.batch_size = args.batch_size or (128 if cuda else 4)
     args.num_patches = args.num_patches or (512 if cuda else 64)
@@ -69,7 +75,8 @@ def timed(function, steps, warmup, device):
 
 def main(args):
     device = torch.device(args.device)
-    amp = args.amp and device.type == "cuda"
+    amp = args.amp
+    runtime = sm.Runtime(device, amp=amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -93,7 +100,7 @@ def main(args):
             def run():
                 mask = sm.random_masks(batch, grid.num_patches, 0.5, device=device)
                 inputs = sm.apply_mask(images, grid.to_pixels(mask)).contiguous(memory_format=memory_format)
-                step_fn(model, optimizer, inputs, images, loss_fn, amp)
+                step_fn(model, optimizer, inputs, images, loss_fn, runtime)
             per_step = batch
         elif config == "finetune_step":
             batch_ft = args.finetune_batch_size
@@ -102,7 +109,7 @@ def main(args):
             optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
             def run():
-                step_fn(model, optimizer, images, labels, sm.jaccard_loss, amp)
+                step_fn(model, optimizer, images, labels, sm.jaccard_loss, runtime)
             per_step = batch_ft
         else:
             model.eval()
@@ -116,7 +123,7 @@ def main(args):
                 per_step = batch * args.samples  # forward passes of single images
             else:
                 def run():
-                    sm.selective_masks(scorer, images, grid, args.samples, 0.5, None, "hidden-mean", 3, amp)
+                    sm.selective_masks(scorer, images, grid, args.samples, 0.5, None, "all-mean", 3, amp)
                 per_step = batch  # scored images
         seconds = timed(run, args.steps, args.warmup, device)
         record = {"config": config, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
