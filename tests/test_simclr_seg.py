@@ -159,6 +159,24 @@ def test_pretrain_limit_is_a_seeded_class_balanced_draw(tmp_path):
     assert len(draws) == 2  # seeded: the same seed the same draw, another seed another one
 
 
+def test_catsdogs_pretraining_reports_truncated_files_and_balances(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, count in (("Cat", 5), ("Dog", 5)):
+        (tmp_path / "PetImages" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+                tmp_path / "PetImages" / name / f"{i}.jpg")
+    whole = (tmp_path / "PetImages" / "Cat" / "0.jpg").read_bytes()
+    (tmp_path / "PetImages" / "Cat" / "0.jpg").write_bytes(whole[:len(whole) // 2])  # truncated, header intact
+    args = simclr_seg.get_args(["--pretrain-data", "catsdogs", "--pretrain-root", str(tmp_path)])
+    images, skipped = simclr_seg.build_pretrain_images(args)
+    assert len(images) == 9 and skipped == 1
+    assert all(images[i].shape == (3, 48, 48) for i in range(len(images)))  # every kept file decodes
+    args.pretrain_limit = 6
+    images, _ = simclr_seg.build_pretrain_images(args)
+    assert sum("/Cat/" in p for p in images.image_paths) == 3 and len(images) == 6
+
+
 # --- Pet splits (Sec. 3.1) ---
 
 def test_pet_splits_test_fixed_no_overlap_sizes():
@@ -517,7 +535,7 @@ def test_table41_grid_is_fair_and_seeded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(simclr_seg, "train_one_epoch", spy)
     _, results = run_main(tmp_path, "--experiment", "table4.1", "--pretrain-epochs", "1", "--epochs", "1",
-                          "--dev-splits", "0.2", "0.8", "--synthetic-images", "40", "--seeds", "0", "1",
+                          "--dev-splits", "0.2", "0.8", "--synthetic-images", "32", "--seeds", "0", "1",
                           "--baseline-init", f"imagenet:{imagenet}")
     rows = results["rows"]
     assert [(r["Seed"], r["Source"], r["Dev Split"]) for r in rows] == [
@@ -540,7 +558,7 @@ def test_table41_grid_is_fair_and_seeded(tmp_path, monkeypatch):
     assert not torch.equal(pretrained[("seed0", "CIFAR")], pretrained[("seed0", "Pet")])
     test_sets = {json.dumps(json.loads(p.read_text())["finetune"]["split_indices"]["test"])
                  for p in (tmp_path / "run").glob("seed*/finetune-*/results.json")}
-    assert len(test_sets) == 1 and len(json.loads(test_sets.pop())) == 8
+    assert len(test_sets) == 1 and len(json.loads(test_sets.pop())) == 6
     out = tmp_path / "run"
     assert (out / "table4.1.csv").read_text().splitlines()[0] == ",".join(("Seed", "Source") +
                                                                            simclr_seg.TABLE_COLUMNS)
@@ -554,7 +572,7 @@ def test_table41_grid_is_fair_and_seeded(tmp_path, monkeypatch):
     assert f"{entry['IOU']:.3f} ± {entry['IOU std']:.3f}" in table
     again = simclr_seg.main(simclr_seg.get_args([*TINY, "--out", str(out), "--experiment", "table4.1",
                                                  "--pretrain-epochs", "1", "--epochs", "1", "--dev-splits", "0.2",
-                                                 "0.8", "--synthetic-images", "40", "--seeds", "0", "1",
+                                                 "0.8", "--synthetic-images", "32", "--seeds", "0", "1",
                                                  "--baseline-init", f"imagenet:{imagenet}", "--resume"]))
     assert again["rows"] == rows and len(first) == 12  # --resume reads the finished runs back, trains nothing
 
