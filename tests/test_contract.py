@@ -416,7 +416,10 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(name, tmp_path):
     total_steps = int(count_file.read_text())
     total_records = len(records_of(straight))
     assert total_records >= 2 and total_steps >= 3
-    cases = [("after-record", total_records - 1), ("mid-epoch", total_steps // 2 + 1)]
+    # killed between a record and its checkpoint (the last record of a 2-record run: its epoch must be redone and
+    # the orphan record dropped), and in the middle of an epoch
+    cases = [("after-record", total_records - 1 if total_records > 2 else total_records),
+             ("mid-epoch", total_steps // 2 + 1)]
     for mode, target in cases:
         out = tmp_path / f"{mode}-{target}"
         killed = run_killer(name, argv + ["--out", str(out)], mode, target)

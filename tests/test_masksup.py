@@ -1,5 +1,6 @@
 """Tests for masksup.py, in the file's order: masking, model, losses, training, resume, DDP, CLI, real samples.
 Tiny CPU sizes; LeViT-UNet parameter counts and shapes on the meta device (no memory, no compute)."""
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY = ["--img-size", "32", "--limit", "16", "--batch-size", "8", "--unet-width", "8", "--workers", "0",
         "--device", "cpu"]
+# tests/test_contract.py: a synthetic run of the whole pipeline in a few seconds (with --lr 1e30: a non-finite loss)
+CONTRACT_TINY = ["--img-size", "32", "--limit", "8", "--batch-size", "4", "--unet-width", "4", "--epochs", "2",
+                 "--workers", "0", "--device", "cpu"]
+# ... and flags that read --data folder from the --data-root the test supplies (class ids 0..2, 255 = ignore)
+CONTRACT_FOLDER = ["--data", "folder", "--mask-mode", "ids", "--num-classes", "3", "--arch", "unet", "--img-size",
+                   "32", "--unet-width", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--device", "cpu"]
 SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -164,6 +171,49 @@ def test_folder_masks(tmp_path):
         masksup.FolderMasks(tmp_path / "empty", 24, "cpu")
 
 
+def write_hole_masks(folder, fractions, size=(40, 50)):
+    """One PNG per fraction: the first round(f * W) columns white (hole) on a (H, W) = size canvas."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, fraction in enumerate(fractions):
+        array = np.zeros(size, dtype=np.uint8)
+        array[:, :round(fraction * size[1])] = 255
+        Image.fromarray(array).save(folder / f"{i:05d}.png")
+
+
+def test_folder_masks_by_measured_area_against_literal_bins(tmp_path):
+    """--mask-area high keeps only files whose hole fraction is within 50-60 %, low within 1-10 % (the literal
+    NVIDIA bins, not the constant the code reads), any keeps all."""
+    write_hole_masks(tmp_path, [0.04, 0.30, 0.54, 0.58, 0.80])
+    high = masksup.FolderMasks(tmp_path, 32, "cpu", area="high")
+    assert sorted(high.fractions.tolist()) == pytest.approx([0.54, 0.58])
+    drawn = high(64, torch.Generator().manual_seed(0)).float().mean(dim=(1, 2))  # what training receives
+    assert drawn.min() >= 0.50 - 0.02 and drawn.max() <= 0.60 + 0.02
+    low = masksup.FolderMasks(tmp_path, 32, "cpu", area="low")
+    assert low.fractions.tolist() == pytest.approx([0.04])
+    assert len(masksup.FolderMasks(tmp_path, 32, "cpu", area="any").masks) == 5
+    assert high.counts == {"low": 1, "high": 2, "any": 5}
+    write_hole_masks(tmp_path / "none_high", [0.2, 0.3])
+    with pytest.raises(DatasetError, match="--mask-area high"):
+        masksup.FolderMasks(tmp_path / "none_high", 32, "cpu", area="high")
+
+
+@pytest.mark.parametrize("masking, low, high", [("high", 0.50, 0.60), ("low", 0.01, 0.10)])
+def test_produced_hole_areas_match_the_paper_bins(masking, low, high):
+    """The masks make_masks hands to training (the --masking flag path) cover the literal bin of the paper."""
+    args = masksup.get_args(["--masking", masking, "--img-size", "48"])
+    fractions = torch.cat([masksup.make_masks(args, 16, torch.Generator().manual_seed(s), "cpu").float().mean((1, 2))
+                           for s in range(8)])
+    assert fractions.min() >= low - 1e-9 and fractions.max() <= high + 1e-9
+    assert fractions.max() - fractions.min() > 0.5 * (high - low)  # spread over the bin, not one value
+
+
+def test_evaluation_masks_depend_on_the_item_only():
+    args = masksup.get_args(["--img-size", "32"])
+    both = masksup.evaluation_masks(args, [3, 7], "cpu")
+    assert torch.equal(masksup.evaluation_masks(args, [7], "cpu")[0], both[1])  # batch and shard independent
+    assert not torch.equal(both[0], both[1])
+
+
 # --- model ---
 
 PARAMETERS = {  # (1 class, 40 classes), 3-channel input: the reference LeViT-UNet code's counts
@@ -270,8 +320,23 @@ def test_unet_shapes_and_size():
         assert count(masksup.UNet(3, 1, width=20)) == 3_067_841  # the slides' "3 M" U-Net
 
 
+def levit_bias_idxs(resolution, out_resolution, stride):
+    """facebookresearch/LeViT's attention_bias_idxs buffer (persistent, so in the released files): offsets
+    (|stride*q_row - k_row|, |stride*q_col - k_col|) numbered in first-seen order, (N_q, N_k) long."""
+    keys = list(itertools.product(range(resolution), range(resolution)))
+    queries = list(itertools.product(range(out_resolution), range(out_resolution)))
+    offsets, idxs = {}, []
+    for q in queries:
+        for k in keys:
+            offset = (abs(q[0] * stride - k[0]), abs(q[1] * stride - k[1]))
+            offsets.setdefault(offset, len(offsets))
+            idxs.append(offsets[offset])
+    return torch.LongTensor(idxs).view(len(queries), len(keys))
+
+
 def levit_128s_state_dict():
-    """A LeViT-128S ImageNet checkpoint's key names and shapes (facebookresearch/LeViT), random values."""
+    """A LeViT-128S ImageNet checkpoint's key names and shapes (facebookresearch/LeViT, the released
+    LeViT-128S-96703c44.pth layout: {"model": state_dict}), random values."""
     state, C, D = {}, (128, 256, 384), 16
 
     def linear_bn(prefix, a, b):
@@ -294,7 +359,7 @@ def levit_128s_state_dict():
             linear_bn(f"blocks.{index}.q.1", C[stage - 1], shrink_heads * D)
             linear_bn(f"blocks.{index}.proj.1", shrink_heads * 4 * D, dim)
             state[f"blocks.{index}.attention_biases"] = torch.randn(shrink_heads, 196 if stage == 1 else 49)
-            state[f"blocks.{index}.attention_bias_idxs"] = torch.zeros(1, dtype=torch.long)
+            state[f"blocks.{index}.attention_bias_idxs"] = levit_bias_idxs(*((14, 7) if stage == 1 else (7, 4)), 2)
             linear_bn(f"blocks.{index + 1}.m.0", dim, 2 * dim)
             linear_bn(f"blocks.{index + 1}.m.2", 2 * dim, dim)
             index += 2
@@ -302,11 +367,13 @@ def levit_128s_state_dict():
             linear_bn(f"blocks.{index}.m.qkv", dim, heads * 4 * D)
             linear_bn(f"blocks.{index}.m.proj.1", heads * 2 * D, dim)
             state[f"blocks.{index}.m.attention_biases"] = torch.randn(heads, offsets)
-            state[f"blocks.{index}.m.attention_bias_idxs"] = torch.zeros(1, dtype=torch.long)
+            side = math.isqrt(offsets)
+            state[f"blocks.{index}.m.attention_bias_idxs"] = levit_bias_idxs(side, side, 1)
             linear_bn(f"blocks.{index + 1}.m.0", dim, 2 * dim)
             linear_bn(f"blocks.{index + 1}.m.2", 2 * dim, dim)
             index += 2
     state["head.bn.weight"], state["head.l.weight"] = torch.randn(384), torch.randn(1000, 384)
+    state["head.l.bias"], state["head_dist.l.bias"] = torch.randn(1000), torch.randn(1000)
     state["head_dist.l.weight"] = torch.randn(1000, 384)
     return state
 
@@ -328,6 +395,92 @@ def test_load_levit_weights_maps_every_encoder_tensor(tmp_path):
     torch.save({"model": {"fc.weight": torch.zeros(3)}}, tmp_path / "other.pth")
     with pytest.raises(DatasetError, match="no tensor matches"):
         masksup.load_levit_weights(model, tmp_path / "other.pth")
+    # a file whose offset numbering differs from ours would load biases into the wrong offsets: refused
+    levit["blocks.0.m.attention_bias_idxs"] = levit["blocks.0.m.attention_bias_idxs"].flip(0)
+    torch.save({"model": levit}, tmp_path / "shuffled.pth")
+    with pytest.raises(DatasetError, match="orders the attention offsets"):
+        masksup.load_levit_weights(model, tmp_path / "shuffled.pth")
+
+
+def test_levit_weights_flag_warns_once_and_records_pretrained(tmp_path, capsys):
+    """No file: one warning naming the released file, pretrained False; a file: loaded, pretrained True; none:
+    silent."""
+    torch.save({"model": levit_128s_state_dict()}, tmp_path / "LeViT-128S-96703c44.pth")
+    runtime = masksup.Runtime(torch.device("cpu"))
+    outcomes = {}
+    for weights in (None, str(tmp_path / "LeViT-128S-96703c44.pth"), "none"):
+        flags = ["--arch", "levit-128s"] + ([] if weights is None else ["--levit-weights", weights])
+        args = masksup.get_args(flags)
+        args.channels_last = False
+        masksup.resolve_recipe(args, True)
+        model, pretrained = masksup.prepare_model(args, 1, runtime)
+        outcomes[weights] = (pretrained, capsys.readouterr().err)
+    assert outcomes[None][0] is False and outcomes[None][1].count("warning:") == 1
+    assert "LeViT-128S-96703c44.pth" in outcomes[None][1] and "--levit-weights none" in outcomes[None][1]
+    assert outcomes[str(tmp_path / "LeViT-128S-96703c44.pth")] == (True, "")
+    assert outcomes["none"] == (False, "")
+
+
+def test_decoder_upsamples_stage3_in_the_reference_order():
+    """On a 4 x 4 stage-3 map with real spatial structure, the decoder's input equals the reference order (x2,
+    x2 with nn.UpsamplingBilinear2d, then a 14 x 14 resize, align_corners=True); one x4 step would differ."""
+    torch.manual_seed(0)
+    model = masksup.LeViTUNet("levit-128s", 3, 1).eval()
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    structured = torch.stack([torch.sin(rows * 1.7 + c) * torch.cos(cols * 2.3 - c) + 0.3 * (rows - cols)
+                              for c in range(384)])  # (E3, 4, 4)
+    tokens = structured.flatten(1).T[None]  # (1, 16, E3), token n = row * 4 + col
+    model.stages[2].register_forward_hook(lambda module, inputs, output: tokens)
+    captured = {}
+    model.decoder1.register_forward_pre_hook(lambda module, inputs: captured.update(x=inputs[0]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    up = torch.nn.UpsamplingBilinear2d(scale_factor=2)
+    reference = F.interpolate(up(up(structured[None])), size=(14, 14), mode="bilinear", align_corners=True)
+    assert torch.allclose(captured["x"][:, -384:], reference, atol=1e-5)
+    one_step = F.interpolate(F.interpolate(structured[None], scale_factor=4, mode="bilinear", align_corners=True),
+                             size=(14, 14), mode="bilinear", align_corners=True)
+    assert (one_step - reference).abs().max() > 0.1  # the map is structured enough to tell them apart
+
+
+def reference_unet_plus_plus_parameters(num_classes):
+    """Parameter count of the reference NestedUNet layout (filters 32-64-128-256-512, VGG blocks of two conv3x3 with
+    bias + BN, no deep supervision, 1x1 head), written out node by node as (in, middle, out)."""
+    n = (32, 64, 128, 256, 512)
+    nodes = [(3, n[0], n[0]), (n[0], n[1], n[1]), (n[1], n[2], n[2]), (n[2], n[3], n[3]), (n[3], n[4], n[4]),
+             (n[0] + n[1], n[0], n[0]), (n[1] + n[2], n[1], n[1]), (n[2] + n[3], n[2], n[2]), (n[3] + n[4], n[3], n[3]),
+             (n[0] * 2 + n[1], n[0], n[0]), (n[1] * 2 + n[2], n[1], n[1]), (n[2] * 2 + n[3], n[2], n[2]),
+             (n[0] * 3 + n[1], n[0], n[0]), (n[1] * 3 + n[2], n[1], n[1]), (n[0] * 4 + n[1], n[0], n[0])]
+    total = sum(9 * i * m + m + 2 * m + 9 * m * o + o + 2 * o for i, m, o in nodes)
+    return total + n[0] * num_classes + num_classes
+
+
+def test_unet_plus_plus_layout_and_shapes():
+    for k in (1, 40):
+        with torch.device("meta"):
+            assert count(masksup.UNetPlusPlus(3, k)) == reference_unet_plus_plus_parameters(k)
+    assert reference_unet_plus_plus_parameters(1) == 9_163_329 and reference_unet_plus_plus_parameters(40) == 9_164_616
+    torch.manual_seed(0)
+    model = masksup.UNetPlusPlus(3, 4).eval()
+    images = torch.randn(2, 3, 32, 48)  # non-square, B > 1, K > 2
+    logits = model(images)
+    assert logits.shape == (2, 4, 32, 48)
+    images[1] = torch.randn(3, 32, 48)
+    assert torch.allclose(model(images)[0], logits[0], atol=1e-5)  # samples stay apart
+
+
+def test_drop_path_is_levits_and_acts_only_in_training():
+    args = masksup.get_args(["--arch", "levit-384"])
+    masksup.resolve_recipe(args, True)
+    with torch.device("meta"):
+        model = masksup.build_model(args, 1)
+    assert {m.drop_path for m in model.modules() if isinstance(m, masksup.Residual)} == {0.1}  # LeViT-384's rate
+    residual = masksup.Residual(torch.nn.Identity(), drop_path=0.5).train()
+    x = torch.ones(200, 3, 4)
+    out = residual(x)  # per sample: x (branch dropped) or x + x / (1 - 0.5) = 3x
+    per_sample = out[:, 0, 0]
+    assert set(per_sample.tolist()) == {1.0, 3.0} and 0.3 < (per_sample == 1.0).float().mean() < 0.7
+    assert torch.equal(residual.eval()(x), 2 * x)  # evaluation: never dropped
 
 
 # --- losses ---
@@ -397,7 +550,7 @@ def test_gradient_flows_through_both_passes():
         model = masksup.UNet(3, 3, width=4)
         args = masksup.get_args(["--device", "cpu", "--alpha1", str(alphas[0]), "--alpha2", str(alphas[1]),
                                  "--alpha3", str(alphas[2])])
-        args.binary_task = False
+        args.binary_task, args.amp = False, False
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the gradient
         losses = masksup.train_step(model, optimizer, images, labels, mask, args)
         assert losses.shape == (4,) and torch.isfinite(losses).all()
@@ -418,6 +571,175 @@ def test_attention_biases_receive_gradient():
     (attention(torch.randn(2, 16, 16)).sum() + shrink(torch.randn(2, 16, 16)).pow(2).sum()).backward()
     assert shrink(torch.randn(2, 16, 16)).shape == (2, 4, 24)
     assert attention.attention_biases.grad.abs().sum() > 0 and shrink.attention_biases.grad.abs().sum() > 0
+
+
+# --- recipes and loops: tests that fail when MaskSup breaks ---
+
+@pytest.mark.parametrize("data, binary, expected", [
+    ("kvasir", True, ("levit-384", "adam", 1e-4, 16, 200)),  # supplement Sec. 1: GLaS / polyps
+    ("folder", True, ("levit-384", "adam", 1e-4, 16, 200)),  # a binary folder (0/255 masks) too
+    ("nyudv2", False, ("unet++", "sgd", 0.1, 8, 200)),  # supplement Sec. 1: NYUDv2, SGD momentum 0.9
+    ("folder", False, ("unet++", "sgd", 0.1, 8, 200)),
+    ("shapes", True, ("unet", "adam", 1e-3, 16, 20)),  # CHOICE C10
+])
+def test_each_recipe_sets_network_optimiser_lr_batch_and_epochs(data, binary, expected):
+    args = masksup.get_args(["--data", data])
+    masksup.resolve_recipe(args, binary)
+    assert (args.arch, args.optimizer, args.lr, args.batch_size, args.epochs) == expected
+    optimizer, scheduler = masksup.build_optimizer(args, torch.nn.Linear(2, 2))
+    assert type(optimizer) is {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[expected[1]]
+    assert optimizer.param_groups[0]["lr"] == expected[2]
+    if expected[1] == "sgd":
+        assert optimizer.param_groups[0]["momentum"] == 0.9
+    for _ in range(70):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == expected[2]  # CHOICE C6: no schedule unless --lr-schedule step
+    passed = masksup.get_args(["--data", data, "--lr", "0.5", "--batch-size", "3", "--arch", "unet"])
+    masksup.resolve_recipe(passed, binary)
+    assert (passed.lr, passed.batch_size, passed.arch) == (0.5, 3, "unet")  # a flag passed wins
+
+
+def write_folder(root, count=6, size=(40, 32)):
+    """--data folder layout with 0/255 masks (the authors' and PraNet's binary format)."""
+    for i in range(count):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / "images" / f"{i}.png")
+        mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+        mask[4 + i:20, 6:30 - i] = 255
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+
+
+def test_binary_folder_gets_the_binary_recipe_after_the_data_is_read(tmp_path):
+    """0/255 masks without --binary: read as foreground (not ignore), one logit + BCE and the GLaS/polyp optimiser."""
+    write_folder(tmp_path / "data", count=10)
+    out = tmp_path / "run"
+    results = masksup.main(masksup.get_args(["--data", "folder", "--data-root", str(tmp_path / "data"), "--arch",
+                                             "unet", "--img-size", "32", "--unet-width", "4", "--epochs", "1",
+                                             "--workers", "0", "--device", "cpu", "--out", str(out)]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["binary_task"] and config["recipe"] == "binary" and config["architecture"] == "unet-w4-k1"
+    assert (config["optimizer"], config["lr"], config["batch_size"]) == ("adam", 1e-4, 16)
+    assert config["pretrained"] is False and results["pretrained"] is False
+    assert json.loads((out / "results.json").read_text())["pretrained"] is False
+    dataset, _ = masksup.build_split(masksup.get_args(["--data", "folder", "--data-root", str(tmp_path / "data"),
+                                                       "--img-size", "32"]), "test")
+    assert set(dataset[0][1].unique().tolist()) == {0, 1}  # 255 became foreground, not ignore
+
+
+def cpu_runtime():
+    return masksup.Runtime(torch.device("cpu"))
+
+
+def eval_args(*flags):
+    args = masksup.get_args(TINY + list(flags))
+    args.amp, args.channels_last = False, False
+    masksup.resolve_recipe(args, True)
+    return args
+
+
+def test_evaluate_scores_masked_images_with_eval_masked():
+    """Spy on what the network receives in evaluate: with --eval-masked each batch comes twice, clean and with the
+    item's evaluation mask applied (holes 0); without it, clean only."""
+    args = eval_args("--eval-masked")
+    dataset, _ = masksup.build_split(args, "val")
+    loader = masksup.make_loader(dataset, 4, args, cpu_runtime(), train=False)
+    model = masksup.UNet(3, 1, width=4)
+    received = []
+    model.register_forward_pre_hook(lambda module, inputs: received.append(inputs[0].clone()))
+    results = masksup.evaluate(model, loader, args, cpu_runtime(), 2)
+    clean = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert len(received) == 2 * math.ceil(len(dataset) / 4)
+    seen_clean, seen_masked = torch.cat(received[0::2]), torch.cat(received[1::2])
+    assert torch.equal(seen_clean, clean)
+    expected = masksup.apply_mask(clean, masksup.evaluation_masks(args, range(len(dataset)), "cpu"))
+    assert torch.equal(seen_masked, expected) and not torch.equal(seen_masked, clean)
+    hole_share = (seen_masked == 0).all(dim=1).float().mean().item()
+    assert 0.45 < hole_share < 0.65  # high masking: 50-60 % of the pixels are holes
+    assert {"masked_miou", "masked_paper_iou", "masked_fg_iou"} <= set(results)
+    received.clear()
+    masksup.evaluate(model, loader, eval_args(), cpu_runtime(), 2)
+    assert torch.equal(torch.cat(received), clean)  # no --eval-masked: the clean images once
+
+
+class PredictionFromImage(torch.nn.Module):
+    """A stand-in network whose foreground logit is the image's first channel (so a test chooses the predictions)."""
+
+    def forward(self, images):
+        return images[:, :1] * 10.0
+
+
+def test_paper_iou_is_the_per_image_mean_and_fg_iou_the_dataset_level_iou():
+    """Image 0: truth 4 pixels, predicted exactly (IoU 1). Image 1: truth 12 pixels, 6 of them predicted (IoU 0.5).
+    Paper protocol: mean of per-image IoUs = 0.75; dataset level: (4 + 6) / (4 + 12) = 0.625."""
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[0, 0, :4] = 1
+    labels[1, :3, :] = 1
+    predicted = labels.clone()
+    predicted[1, 1:3, 1:4] = 0  # drop 6 of image 1's 12 foreground pixels
+    images = (predicted.float() * 2 - 1)[:, None].expand(2, 3, 4, 4)
+    dataset = [(images[i], labels[i]) for i in range(2)]
+    args = eval_args()
+    args.img_size = 4
+    loader = masksup.make_loader(dataset, 2, args, cpu_runtime(), train=False)
+    results = masksup.evaluate(PredictionFromImage(), loader, args, cpu_runtime(), 2)
+    assert results["paper_iou"] == pytest.approx(0.75)
+    assert results["fg_iou"] == pytest.approx(0.625)
+    # background over both images: 16 true pixels, 22 predicted, 16 shared
+    assert results["miou"] == pytest.approx((0.625 + 16 / 22) / 2)
+
+
+def test_evaluate_uses_eval_mode_and_training_uses_train_mode():
+    """Spy on every BatchNorm (and the network) at each forward: evaluate runs them in eval mode (running
+    statistics) even when called right after training, train_one_epoch in train mode."""
+    args = eval_args()
+    dataset, _ = masksup.build_split(args, "val")
+    model = masksup.UNet(3, 1, width=4)
+    modes = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm2d, masksup.UNet)):
+            module.register_forward_pre_hook(lambda module, inputs: modes.append(module.training))
+    model.train()
+    masksup.evaluate(model, masksup.make_loader(dataset, 4, args, cpu_runtime(), train=False), args, cpu_runtime(), 2)
+    assert modes and not any(modes)
+    modes.clear()
+    model.eval()
+    loader = masksup.make_loader(dataset, 4, args, cpu_runtime(), train=True)
+    loader.sampler.set_epoch("train", 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    masksup.train_one_epoch(model, masksup.train_step, optimizer, loader, args, cpu_runtime(), 1, masksup.FiniteGuard())
+    assert modes and all(modes)
+
+
+def test_training_sees_only_train_images_and_selection_only_val(tmp_path, monkeypatch):
+    """Split membership: every image train_step receives is a train-split image, never a val or test image, every
+    train image is seen; evaluate during training receives the val split."""
+    args = masksup.get_args(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    splits = {name: torch.stack([item[0] for item in masksup.build_split(args, name)[0]])
+              for name in ("train", "val", "test")}
+    seen, evaluated = [], []
+    real_step, real_evaluate = masksup.train_step, masksup.evaluate
+
+    def spy_step(model, optimizer, images, labels, mask, run_args):
+        seen.append(images.clone())
+        return real_step(model, optimizer, images, labels, mask, run_args)
+
+    def spy_evaluate(model, loader, *rest, **kwargs):
+        evaluated.append(torch.stack([loader.dataset.dataset[i][0] for i in range(len(loader.dataset))]))
+        return real_evaluate(model, loader, *rest, **kwargs)
+    monkeypatch.setattr(masksup, "train_step", spy_step)
+    monkeypatch.setattr(masksup, "evaluate", spy_evaluate)
+    masksup.main(args)
+    images = torch.cat(seen)
+
+    def found_in(batch, split):
+        return [(split[None] == image[None, None]).flatten(2).all(2).any().item() for image in batch]
+    assert all(found_in(images, splits["train"])) and len(images) == len(splits["train"])
+    assert not any(found_in(images, splits["val"])) and not any(found_in(images, splits["test"]))
+    assert torch.equal(evaluated[0], splits["val"])  # the epoch's selection split
+    assert torch.equal(evaluated[-1], splits["test"])  # the final score
 
 
 # --- training, resume, DDP ---
@@ -525,7 +847,7 @@ def test_cli_smoke_and_existing_run_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch=1 " in result.stdout and "final=test" in result.stdout
     assert (tmp_path / "run" / "results.json").is_file()
-    with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run directory
+    with pytest.raises(masksup.UsageError, match="--resume"):  # never overwrite a run directory
         masksup.main(masksup.get_args(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")]))
 
 
