@@ -382,12 +382,12 @@ def test_lars_step_by_hand():
 
 def test_lars_weight_decay_and_parameter_groups_by_hand():
     """CHOICE C4 through build_optimizer: conv/linear weights decayed and trust-scaled, biases and BN neither."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(1, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(2, 1))
     with torch.no_grad():
-        model[0].weight.fill_(3.0)
+        model[0].weight.copy_(torch.tensor([3.0, 4.0]).view(2, 1, 1, 1))  # norm 5
         model[0].bias.fill_(0.5)
-        model[3].weight.fill_(-4.0)
+        model[3].weight.copy_(torch.tensor([[0.0, -2.0]]))  # norm 2
         model[3].bias.fill_(0.25)
     args = simclr_seg.get_args(["--pretrain-optimizer", "lars", "--pretrain-lr", "0.5", "--weight-decay", "0.1",
                                 "--warmup-epochs", "0", "--pretrain-epochs", "10"])
@@ -398,17 +398,22 @@ def test_lars_weight_decay_and_parameter_groups_by_hand():
                                                    id(model[3].bias)}
     assert adapted["lars"] and adapted["weight_decay"] == 0.1
     assert not excluded["lars"] and excluded["weight_decay"] == 0.0
-    grads = {model[0].weight: 2.0, model[0].bias: 1.0, model[1].weight: -1.0, model[1].bias: 0.5,
-             model[3].weight: 0.5, model[3].bias: -2.0}
+    grads = {model[0].weight: torch.tensor([1.0, 0.0]).view(2, 1, 1, 1), model[0].bias: torch.tensor([1.0, -1.0]),
+             model[1].weight: torch.tensor([-1.0, 2.0]), model[1].bias: torch.tensor([0.5, 0.5]),
+             model[3].weight: torch.tensor([[1.0, 1.0]]), model[3].bias: torch.tensor([-2.0])}
     before = {p: p.detach().clone() for p in grads}
     for p, g in grads.items():
-        p.grad = torch.full_like(p, g)
+        p.grad = g.clone()
     optimizer.step()
-    # conv weight 3, grad 2: g' = 2 + 0.1 * 3 = 2.3; trust = 0.001 * 3 / 2.3; w = 3 - 0.5 * trust * 2.3 = 2.9985
-    assert model[0].weight.item() == pytest.approx(3 - 0.5 * 0.001 * 3, rel=1e-6)
-    # linear weight -4, grad 0.5: g' = 0.5 - 0.4 = 0.1; trust = 0.001 * 4 / 0.1; w = -4 - 0.5 * 0.04 * 0.1 = -4.002
-    assert model[3].weight.item() == pytest.approx(-4 - 0.5 * (0.001 * 4 / 0.1) * 0.1, rel=1e-6)
-    for p in (model[0].bias, model[1].weight, model[1].bias, model[3].bias):  # plain SGD step, no decay
+    # conv: g' = g + 0.1 w = (1.3, 0.4); trust = 0.001 * 5 / |g'|; w <- w - 0.5 * trust * g'
+    decayed = torch.tensor([1.3, 0.4])
+    expected = torch.tensor([3.0, 4.0]) - 0.5 * 0.001 * 5 / decayed.norm() * decayed
+    assert torch.allclose(model[0].weight.detach().flatten(), expected, rtol=1e-6)
+    # linear: g' = (1, 1) + 0.1 (0, -2) = (1, 0.8); trust = 0.001 * 2 / |g'|
+    decayed = torch.tensor([1.0, 0.8])
+    expected = torch.tensor([0.0, -2.0]) - 0.5 * 0.001 * 2 / decayed.norm() * decayed
+    assert torch.allclose(model[3].weight.detach().flatten(), expected, rtol=1e-6)
+    for p in (model[0].bias, model[1].weight, model[1].bias, model[3].bias):  # plain SGD step: no decay, no trust
         assert torch.allclose(p.detach(), before[p] - 0.5 * grads[p])
 
 
