@@ -959,6 +959,7 @@ def load_pretrained(path, args, flag="--pretrained"):
 def build_segmentation_model(args, num_classes, pretrained_model=None):
     """The downstream U-Net: its own seeded initialisation, then every pre-trained tensor but the head (Sec. 2.2),
     or the ImageNet encoder."""
+    # CHOICE C16: one downstream seed per run (the paper's 0, 1234, 3741 are three runs of one pre-training).
     torch.manual_seed(derive_seed(args.seed, "init", "finetune"))
     model = build_model(num_classes, args.model)
     if pretrained_model is not None:
