@@ -685,6 +685,37 @@ def test_train_fraction_keeps_the_first_items_of_train_and_val(tmp_path):
     assert list(splits["train"].indices) == [0, 1, 2]
 
 
+def write_png(path, array):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def test_paper_protocol_wiring_on_fake_cityscapes_and_nassar_trees(tmp_path):
+    """--data cityscapes: train/val are the first 80 % / last 20 % of official train, test is official val with real
+    labels; --data nassar: the first fifth of train and val by default, all of test."""
+    image, ids = np.zeros((40, 80, 3)), np.full((40, 80), 26)  # labelId 26 = car (train id 13)
+    for split, frames in (("train", [f"aachen_000000_{i:06d}" for i in range(10)]), ("val", ["lindau_000000_000001"])):
+        for frame in frames:
+            write_png(tmp_path / "city" / "leftImg8bit" / split / frame.split("_")[0] / f"{frame}_leftImg8bit.png", image)
+            write_png(tmp_path / "city" / "gtFine" / split / frame.split("_")[0] / f"{frame}_gtFine_labelIds.png", ids)
+    args = sm.get_args(TINY + ["--data", "cityscapes", "--data-root", str(tmp_path / "city"), "--stage", "finetune",
+                               "--out", "unused"])
+    splits = sm.build_splits(args, sm.Runtime(torch.device("cpu")))
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"]), splits["test_split"]) == (8, 2, 1, "test")
+    assert splits["test"].names == ["lindau_000000_000001_leftImg8bit"]
+    test_image, test_label = splits["test"][0]
+    assert test_image.shape == (3, 40, 80) and set(test_label.unique().tolist()) == {13}  # aspect kept, labelled
+    for part, count in (("train", 10), ("val", 5), ("test", 4)):
+        for i in range(count):
+            write_png(tmp_path / "nassar" / "tiled_dataset" / part / "images" / f"t{i}.png", image)
+            write_png(tmp_path / "nassar" / "tiled_dataset" / part / "masks" / f"t{i}.png", np.zeros((40, 80)))
+    args = sm.get_args(TINY + ["--data", "nassar", "--data-root", str(tmp_path / "nassar"), "--stage", "finetune",
+                               "--out", "unused"])
+    splits = sm.build_splits(args, sm.Runtime(torch.device("cpu")))
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (2, 1, 4)
+
+
 def test_cli_bad_data_gives_one_clear_line(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "selective_mim.py"), "--data", "camvid", "--data-root",
                              str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--workers", "0"],
@@ -703,6 +734,10 @@ def test_real_camvid_samples_both_stages_at_their_aspect(tmp_path):
                                           "--limit", "6", "--partitions", "2", "--pretrain-epochs", "1",
                                           "--epochs", "1", "--test-split", "val", "--out", out]))  # no test folder here
     assert results["test_split"] == "val" and len(results["per_class_iou"]) == 11
+    args = sm.get_args(TINY + ["--data", "camvid", "--data-root", str(SHARED_DATA / "CamVid"), "--limit", "2",
+                               "--stage", "finetune", "--test-split", "val", "--out", "unused"])
+    splits = sm.build_splits(args, sm.Runtime(torch.device("cpu")))
+    assert splits["test"][0][0].shape == (3, 40, 53) and splits["train"][0][0].shape == (3, 40, 40)
     score = [r for r in records(out) if r["stage"] == "score"][0]
     grid = sm.patch_grid(40, 53, 16)  # 480 x 360 -> 53 x 40 canvas, aspect kept
     assert score["hidden_per_image"] == int(grid.num_patches * 0.5)
