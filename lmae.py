@@ -87,8 +87,10 @@ Choices (the paper is silent or contradicts itself; grep "CHOICE C")
     C15 --head conv (not in the paper; default linear, the paper's per-token linear map): after the linear head,
         four dilated 3x3 convolutions (dilation 1, 2, 4, 8, width --head-width) see the logits, the image and
         the visible labels (hidden pixels blank) and add a correction, so pixels inside a hidden patch can follow
-        image edges and neighbouring labels. --nearest-prior also feeds the nearest-known-pixel fill (one-hot) to
-        that head. Both only ever see visible labels.
+        image edges and neighbouring labels; a 1x1 skip from its inputs is a linear path. --nearest-prior also
+        feeds the nearest-known-pixel fill (one-hot) to that head, and the skip starts as PRIOR_SCALE (4) times
+        that one-hot, so an untrained model already reproduces the nearest fill and training learns corrections
+        to it. Both only ever see visible labels.
 
 Deviations (grep "DEVIATION")
     - The default loss is plain cross-entropy, Eqs. (11)-(12) with w_i = 1 (--class-weighting none); Eq. (10)'s
@@ -157,6 +159,7 @@ IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
 LABELLED_SETS = [n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")  # files `complete` reads
 GAMMA_INIT = 1.0  # Eq. (10) gamma at the start (CHOICE C7)
+PRIOR_SCALE = 4.0  # --nearest-prior: initial logit given to the nearest-known-pixel class (CHOICE C15)
 RATIO_WARNING = 0.15  # `complete` warns when the hidden share exceeds the checkpoint's ratio by more than this
 
 # Table IV. Parameter counts measured by tests/test_lmae.py (count_parameters: K = 21 VOC classes, 24 fuse
@@ -317,6 +320,8 @@ def get_args(argv=None):
     optim.add_argument("--plateau-factor", type=float, default=0.8, help="ReduceLROnPlateau factor (paper: 0.8)")
     optim.add_argument("--plateau-threshold", type=float, default=1e-3,
                        help="ReduceLROnPlateau relative threshold (paper: 0.001)")
+    optim.add_argument("--eval-every", type=int, default=1,
+                       help="validate every N epochs and at the last (default 1); best.pt is picked among those")
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     args.command = "train"
@@ -327,7 +332,7 @@ def get_args(argv=None):
             setattr(args, key, value)
     if args.eval_size is None:
         args.eval_size = args.img_size
-    for name in ("epochs", "batch_size", "patch_size", "plateau_patience", "head_width"):
+    for name in ("epochs", "batch_size", "patch_size", "plateau_patience", "head_width", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("img_size", "eval_size"):
@@ -690,7 +695,8 @@ class ClassWeighting(nn.Module):
 
 
 class ConvHead(nn.Module):
-    """CHOICE C15: four 3x3 convolutions with dilation 1, 2, 4, 8 (receptive field 31 px) and a 1x1 output."""
+    """CHOICE C15: four 3x3 convolutions with dilation 1, 2, 4, 8 (receptive field 31 px) and a 1x1 output, plus
+    a 1x1 skip from the inputs (a linear path: the visible labels or the nearest fill can be copied at once)."""
 
     def __init__(self, in_channels, num_classes, width):
         super().__init__()
@@ -700,9 +706,10 @@ class ConvHead(nn.Module):
             channels = width
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv2d(width, num_classes, 1)
+        self.skip = nn.Conv2d(in_channels, num_classes, 1)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, K, H, W)
-        return self.out(self.body(x))
+        return self.out(self.body(x)) + self.skip(x)
 
 
 class LMAE(nn.Module):
@@ -749,8 +756,12 @@ class LMAE(nn.Module):
                     nn.init.zeros_(module.bias)
         if not self.ips:
             nn.init.normal_(self.mask_token, std=0.02)
-        if self.refine is not None:  # the correction starts at zero: training begins from the linear head
+        if self.refine is not None:  # the correction starts at zero: training begins from the linear head ...
             nn.init.zeros_(self.refine.out.weight)
+            nn.init.zeros_(self.refine.skip.weight)
+            if self.nearest_prior:  # ... plus PRIOR_SCALE x the nearest fill's one-hot: it starts at that fill
+                K = self.num_classes
+                self.refine.skip.weight.data[:, -K:, 0, 0] = PRIOR_SCALE * torch.eye(K)
 
     def encode(self, fuse_map, ids_keep):
         """fuse_map (B, C_f, H, W), ids_keep (B, L_vis) -> encoded visible tokens (B, L_vis, D_e)."""
@@ -1929,15 +1940,15 @@ def train(args, runtime, resume_path):
         started = time.time()
         train_loss = train_one_epoch(model, optimizer, loaders["train"], step, args, runtime, guard, epoch)
         guard.check("train", epoch)  # before anything is evaluated or saved
-        metrics = evaluate(net, loaders["val"], args, runtime, K)
+        validated = epoch % args.eval_every == 0 or epoch == args.epochs
+        metrics = evaluate(net, loaders["val"], args, runtime, K) if validated else {}
         scheduler.step(train_loss)  # "threshold of loss dropping" (CHOICE C9)
-        improved = best is None or metrics["pa_miou"] > best
+        improved = validated and (best is None or metrics["pa_miou"] > best)
         best = metrics["pa_miou"] if improved else best
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-                  **{k: v for k, v in metrics.items() if not isinstance(v, list)}, "val_loss": metrics["loss"],
+                  **{("val_loss" if k == "loss" else k): v for k, v in metrics.items() if not isinstance(v, list)},
                   "beta": math.exp(net.class_weighting.log_beta.item()), "gamma": net.class_weighting.gamma.item(),
                   "time": time.time() - started}  # sync point
-        del record["loss"]
         log.write(record)  # before the checkpoint: a kill between the two loses nothing (the count drops it)
         if runtime.main:
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),

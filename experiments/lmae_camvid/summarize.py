@@ -1,0 +1,31 @@
+"""Table of experiments/lmae_camvid/run.sh: PA-mIoU of the unknown pixels, mean +- std over seeds (reads
+summary.json files only)."""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lmae_camvid")
+rows = {}
+for summary in sorted(out.glob("completed-*/summary.json")):
+    _, name, ratio, seed = summary.parent.name.split("-")
+    values = json.loads(summary.read_text())
+    cell = rows.setdefault(ratio[1:], {})
+    for key, label in (("pa_miou", f"L-MAE ({name})"), ("nearest_pa_miou", "nearest known pixel"),
+                       ("frequent_pa_miou", "most frequent known class")):
+        if key != "pa_miou" and name != "linear":
+            continue  # the baselines do not depend on the model: count them once per seed
+        cell.setdefault(label, []).append(values[key])
+        cell.setdefault(label + " acc", []).append(values[key.replace("miou", "pixel_acc")])
+
+
+def fmt(values):
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} +- {spread:.3f} (n={len(values)})"
+
+
+print("| unknown share | fill | PA-mIoU | pixel acc. (unknown pixels) |")
+print("| --- | --- | --- | --- |")
+for ratio in sorted(rows):
+    for label in [k for k in rows[ratio] if not k.endswith(" acc")]:
+        print(f"| {float(ratio):.0%} | {label} | {fmt(rows[ratio][label])} | {fmt(rows[ratio][label + ' acc'])} |")
