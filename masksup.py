@@ -8,18 +8,21 @@ holes cut into it. Both predictions are supervised by the same ground truth and 
 so that the network learns short- and long-range context from the masked copy, in a single training stage.
 
 Implemented (component -> function -> paper place)
-    free-form hole masks, "low" 0-10 % / "high" 50-60 % -> free_form_masks      -> slides "Low vs High masking",
+    free-form hole masks, "low" 1-10 % / "high" 50-60 % -> free_form_masks      -> slides "Low vs High masking",
                                                                                    supplement Fig. 1
     patch masks (option)                               -> patch_masks
-    masks from a folder of PNGs (the paper's source)   -> FolderMasks
+    masks from a folder of PNGs, by measured hole area -> FolderMasks (--mask-area) -> the NVIDIA irregular masks
     holes set to 0 in the [-1, 1] input                -> apply_mask             -> supplement Sec. 1 preprocessing
     LeViT-UNet-128s / -192 / -384                      -> LeViTUNet, PRESETS     -> supplement Sec. 1 "Architecture"
+    ImageNet LeViT weights (the authors' start)        -> load_levit_weights     -> authors' code (pretrained=True)
+    U-Net++ (Zhou et al. 2018), filters 32..512        -> UNetPlusPlus           -> supplement Sec. 1 (NYUDv2)
     small U-Net ("MaskSup (U-Net)", 3 M)               -> UNet                   -> slides, parameter table
     L_seg, L_context (BCE binary / CE multi-class)     -> segmentation_loss      -> slides, L_total
     L_tasksim (MSE between the two probability maps)   -> task_similarity_loss   -> slides, L_total
     L_total                                            -> masksup_loss           -> slides, L_total
     ablations: --alpha2 0 --alpha3 0 = supervised baseline, --alpha3 0 = context branch only (slides "CB", "CB+TS")
-    Adam 1e-4 batch 16 (GLaS, polyps) / SGD 0.1 m 0.9 batch 8 (NYUDv2), 200 epochs, best by mIoU -> supplement Sec. 1
+    Adam 1e-4 batch 16 (GLaS, polyps) / SGD 0.1 m 0.9 batch 8 (NYUDv2), 200 epochs -> RECIPES, resolve_recipe
+    best weights by mIoU                               -> main                   -> supplement Sec. 1
     standard mIoU and the paper's protocol (per-image IoU / per-image micro Jaccard) -> evaluate
     evaluation on masked inputs (supplement Fig. 4, slides "heavily masked") -> evaluate(..., --eval-masked)
 
@@ -27,9 +30,9 @@ Choices (the paper is silent; grep "CHOICE C")
     C1  Free-form masks are synthesised: random polylines (4 strokes of 5 segments) rasterised by distance to the
         segments, with a smooth noise field added so the stroke width varies; the pixels nearest the strokes become
         holes, exactly round(area * H * W) of them, area drawn uniformly in the bin. The paper used the NVIDIA
-        irregular-mask set (not redistributable; --masking folder --mask-dir reads it).
+        irregular-mask set (not redistributable; --masking folder --mask-dir --mask-area high reads it).
     C2  Bins: low = [0.01, 0.10], high = [0.50, 0.60] of the image area (the NVIDIA set's 0-10 % and 50-60 % bins;
-        its smallest masks cover 1 %).
+        its smallest masks cover 1 %). --mask-area picks folder masks by the same bins, measured on each file.
     C3  L_tasksim is the MSE between probability maps (sigmoid for binary, softmax over K for multi-class),
         averaged over every pixel and channel, ignore pixels included (it needs no label); gradients flow through
         both passes (no stop-gradient), as in the authors' binary code. --tasksim argmax reproduces the authors'
@@ -43,46 +46,56 @@ Choices (the paper is silent; grep "CHOICE C")
     C7  Best weights are chosen by the standard mIoU on a validation split carved from train (--select-metric
         paper_iou picks by the paper's per-image score, the authors' criterion); --select-on test is the authors'
         protocol (train on all of train, select on test: optimistic).
-    C8  --eval-masked draws its masks from a generator reseeded at every evaluation, so every epoch and every
-        checkpoint is scored on the same masked images.
+    C8  --eval-masked draws the mask of test image i from a generator seeded by (seed, i): every epoch, checkpoint,
+        batch size and process count scores the same masked images.
     C9  The U-Net (--arch unet) is a plain 5-level U-Net (two conv-BN-ReLU per level, bilinear upsampling); base
         width 20 gives 3.07 M parameters, the slides' "3 M". The paper names no layout.
     C10 Synthetic default (--data shapes): binary (object vs background, the paper's GLaS/polyp kind of task),
-        --arch unet --unet-width 16 (1.96 M) at 64 x 64, Adam 1e-3, batch 16, 20 epochs. Measured: LeViT-UNet-128s
-        needs 224 x 224 and one MaskSup step on 2 images took ~20 s on the shared 2-core CPU, so it cannot finish
-        in minutes; the 5-class shapes task reached only mIoU 0.22 after 10 epochs (classes 2-4 at 0), while the
-        binary task reaches val mIoU 0.80 (chance 0.42) in 20 epochs: 5 m 51 s wall, 3 m 35 s CPU on the shared
-        2-core machine (OMP_NUM_THREADS=1). --no-binary gives the 5-class task.
-    C11 Other datasets of common.py: a binary set takes the GLaS/polyp recipe (LeViT-UNet-384, Adam 1e-4, batch
-        16), a multi-class set the NYUDv2 recipe (U-Net, SGD 0.1, batch 8).
+        --arch unet --unet-width 16 (1.96 M) at 64 x 64, Adam 1e-3, batch 16, 20 epochs. LeViT-UNet-128s needs
+        224 x 224 and one MaskSup step on 2 images took ~20 s on the shared 2-core CPU; the 5-class shapes task
+        reached only mIoU 0.22 after 10 epochs, the binary task val mIoU 0.80 (chance 0.42) in 20 epochs.
+        --no-binary gives the 5-class task.
+    C11 The recipe is chosen after the data is read: a binary set (one whose labels are background/foreground,
+        e.g. a folder of 0/255 masks) takes the GLaS/polyp recipe (LeViT-UNet-384, Adam 1e-4, batch 16), a
+        multi-class set the NYUDv2 recipe (U-Net++, SGD 0.1, batch 8). Any flag passed wins.
+    C12 --mask-mode auto (folder data) reads masks holding only the values 0 and 255 as binary (255 = foreground,
+        the authors' and PraNet's format); any other masks are class ids with 255 = ignore. JPEG masks with
+        compression noise need --mask-mode binary (threshold 127).
+    C13 LeViT-UNet without --levit-weights starts from random weights with one warning and records
+        "pretrained": false; the authors always start from ImageNet LeViT. Our loader also fills the first stem
+        conv (the authors' code leaves it random, see load_levit_weights).
 
 Deviations (grep "DEVIATION")
     - NYUDv2 void (255) is ignored; the authors' code merges it into class 0.
-    - NYUDv2 uses our U-Net, not U-Net++ (the supplement's indoor network; the slides report MaskSup (U-Net)).
     - The authors select weights on the test set; we select on a validation split unless --select-on test.
 
 Usage
     python masksup.py                                        # synthetic shapes, a few minutes on a 2-core CPU
-    python masksup.py --data kvasir --data-root data/Kvasir-SEG
-    python masksup.py --data polyps --data-root data         # Kvasir-SEG/ + CVC-ClinicDB/ train, CVC-ClinicDB test
-    python masksup.py --data nyudv2 --data-root data/nyudv2  # U-Net, SGD 0.1
+    python masksup.py --data pranet --data-root data/POLYPS --levit-weights LeViT-384-9bdaf2e2.pth  # the paper's
+    python masksup.py --data kvasir --data-root data/Kvasir-SEG --levit-weights LeViT-384-9bdaf2e2.pth
+    python masksup.py --data nyudv2 --data-root data/nyudv2 --label-base 1   # U-Net++, SGD 0.1, labels 1..40
+    python masksup.py --data folder --data-root my_data      # 0/255 masks read as binary (--mask-mode auto)
     python masksup.py --data glas --data-root data/glas --alpha2 0 --alpha3 0   # supervised baseline
     torchrun --nproc_per_node=4 masksup.py --data glas --data-root data/glas --compile
     python masksup.py --resume --out runs/masksup-shapes     # continue at the next epoch
+    python masksup.py --eval-only --eval-masked --out runs/masksup-shapes   # best.pt on test -> eval_test.json
 
 Shapes: B batch, C channels, H W height width, K classes (1 logit for binary sets), P patch size,
 L = (H/P)*(W/P) patches, N tokens, D key dim, E embedding width. mask (B, H, W) bool, True = hidden (hole).
 """
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,39 +104,73 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
-from common import (DATASET_NAMES, BinaryStats, ConfusionMatrix, DatasetError, build_dataset, denormalize,
-                    joint_transform, per_image_micro_jaccard)
+from common import (DATASET_NAMES, BinaryStats, ConfusionMatrix, DatasetError, build_dataset, check_labels,
+                    denormalize, joint_transform, per_image_micro_jaccard)
 
 # --- configuration ---
 
-ARCHS = ("levit-128s", "levit-192", "levit-384", "unet")
+SCRIPT = "masksup.py"
+ARCHS = ("levit-128s", "levit-192", "levit-384", "unet", "unet++")
 MASKINGS = ("high", "low", "patch", "folder")
 # CHOICE C2: hole-area bins of the NVIDIA irregular-mask set (fraction of the image area)
-HOLE_AREA_BINS = {"low": (0.01, 0.10), "high": (0.50, 0.60)}
-# Binary foreground/background sets; "polyps" = Kvasir-SEG + CVC-ClinicDB (the paper's polyp setting)
-BINARY_SETS = ("glas", "kvasir", "cvc", "polyps", "pets")
+HOLE_AREA_BINS = {"low": (0.01, 0.10), "high": (0.50, 0.60), "any": (0.0, 1.0)}
 IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
 LEVIT_SIZE = 224
+LEVIT_WEIGHTS = {  # facebookresearch/LeViT ImageNet checkpoints (distilled), https://dl.fbaipublicfiles.com/LeViT/
+    "levit-128s": "LeViT-128S-96703c44.pth", "levit-192": "LeViT-192-92712e41.pth",
+    "levit-384": "LeViT-384-9bdaf2e2.pth",
+}
+# CHOICE C10, C11: the recipe per kind of data, chosen once the data is read (resolve_recipe)
+RECIPES = {
+    # supplement Sec. 1 "Model Training": GLaS / polyps: LeViT-UNet-384, Adam lr 1e-4, batch 16, 200 epochs
+    "binary": dict(arch="levit-384", epochs=200, batch_size=16, optimizer="adam", lr=1e-4, unet_width=20),
+    # supplement Sec. 1: NYUDv2: U-Net++, SGD lr 0.1 momentum 0.9, batch 8, 200 epochs
+    "multiclass": dict(arch="unet++", epochs=200, batch_size=8, optimizer="sgd", lr=0.1, unet_width=20),
+    "shapes": dict(arch="unet", epochs=20, batch_size=16, optimizer="adam", lr=1e-3, unet_width=16),
+}
+
+
+class DefaultsOnce(argparse.HelpFormatter):
+    """--help appends "(default: X)" to a flag whose help does not already state its default; None and False
+    defaults are not shown (None = derived from the data or the recipe, as the help says)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="MaskSup: masked supervised learning for semantic segmentation")
+    parser = ArgumentParser(description="MaskSup: masked supervised learning for semantic segmentation",
+                            formatter_class=DefaultsOnce)
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="shapes", choices=[n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
                       + ["polyps"],
-                      help="dataset (common.py readers); 'polyps' = Kvasir-SEG + CVC-ClinicDB train, CVC-ClinicDB "
-                           "val/test, --data-root holding both folders (the paper's polyp setting). Default: shapes")
-    data.add_argument("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
+                      help="dataset (common.py readers). pranet = the authors' polyp release (TrainDataset 1,450 "
+                           "Kvasir + ClinicDB, TestDataset/CVC-ClinicDB 62); polyps = the raw Kvasir-SEG/ and "
+                           "CVC-ClinicDB/ releases under one --data-root (its own split, not the paper's)")
+    data.add_argument("--data-root", default=None, help="dataset root in its original layout (None: ./data/<name>)")
     data.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
     data.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
-                      help="treat any non-zero class as foreground (1 logit + BCE); glas/kvasir/cvc/polyps/pets "
-                           "are binary anyway. Default: on for shapes (object vs background), off otherwise")
+                      help="treat any non-zero class as foreground (1 logit + BCE); binary sets are binary anyway. "
+                           "None: on for shapes (object vs background), off otherwise")
+    data.add_argument("--mask-mode", default="auto", choices=("auto", "binary", "ids"),
+                      help="--data folder masks: binary = foreground where grey > 127 (0/255 masks, JPEG masks), "
+                           "ids = class ids with 255 ignore, auto = binary if every mask holds only 0 and 255")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="--data folder with --mask-mode ids: the class count (None: largest id + 1); ids at or "
+                           "above it are an error")
+    data.add_argument("--label-base", type=int, default=0, choices=(0, 1),
+                      help="--data nyudv2: 0 = ids 0..39 with 255 void, 1 = ids 1..40 with 0 void (other releases)")
+    data.add_argument("--test-set", default="CVC-ClinicDB",
+                      help="--data pranet: the TestDataset/<name> folder that is the test split (the paper: "
+                           "CVC-ClinicDB; PraNet also ships Kvasir, CVC-ColonDB, ETIS-LaribPolypDB, CVC-300)")
     data.add_argument("--img-size", type=int, default=None,
-                      help="square input size; paper: 224 (LeViT-UNet needs exactly 224). Default: 224, shapes 64")
-    data.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
-    data.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4, shapes 0)")
+                      help="square input size; paper: 224 (LeViT-UNet needs exactly 224). None: 224, shapes 64")
 
     masking = parser.add_argument_group("masking")
     masking.add_argument("--masking", default="high", choices=MASKINGS,
@@ -131,6 +178,9 @@ def get_args(argv=None):
                               "patch: random square patches (--mask-ratio, --patch-size); folder: mask PNGs from "
                               "--mask-dir (white = hole), e.g. the NVIDIA irregular-mask set the paper used")
     masking.add_argument("--mask-dir", default=None, help="folder of mask PNGs for --masking folder")
+    masking.add_argument("--mask-area", default="any", choices=("high", "low", "any"),
+                         help="--masking folder: only the files whose measured hole fraction lies in the bin "
+                              "(high 50-60 %%, low 1-10 %%, the paper's 'High' / 'Low'), or every file")
     masking.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches hidden, --masking patch")
     masking.add_argument("--patch-size", type=int, default=16, help="patch side in pixels, --masking patch")
 
@@ -141,27 +191,29 @@ def get_args(argv=None):
     method.add_argument("--alpha3", type=float, default=1.0,
                         help="weight of L_tasksim between the two predictions (paper: 1; 0 = context branch only)")
     method.add_argument("--tasksim", default="probabilities", choices=("probabilities", "argmax"),
-                        help="probabilities: MSE of sigmoid/softmax maps (differentiable, default); argmax: the "
-                             "authors' multi-class code, MSE of argmax maps, which passes no gradient")
+                        help="probabilities: MSE of sigmoid/softmax maps (differentiable); argmax: the authors' "
+                             "multi-class code, MSE of argmax maps, which passes no gradient")
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default=None, choices=ARCHS,
-                       help="network; paper: levit-384 for GLaS/polyps, U-Net(++) for NYUDv2. "
-                            "Default: levit-384 binary sets, unet multi-class sets and shapes")
+                       help="network; paper: levit-384 for GLaS/polyps, unet++ for NYUDv2. None: the recipe's "
+                            "(levit-384 binary sets, unet++ multi-class sets, unet shapes)")
     model.add_argument("--unet-width", type=int, default=None,
-                       help="U-Net base width (doubles per level, 5 levels); 20 = 3.07 M params. Default 20, shapes 16")
+                       help="--arch unet base width (doubles per level, 5 levels); 20 = 3.07 M params. None: 20, "
+                            "shapes 16")
     model.add_argument("--drop-path", type=float, default=None,
-                       help="LeViT stochastic depth; LeViT's presets: 0 (128s, 192), 0.1 (384)")
-    model.add_argument("--levit-weights", default=None,
-                       help="local LeViT ImageNet checkpoint (facebookresearch/LeViT .pth) for the encoder")
+                       help="LeViT stochastic depth; None: LeViT's presets, 0 (128s, 192), 0.1 (384)")
+    model.add_argument("--levit-weights", default=None, metavar="FILE|none",
+                       help="ImageNet LeViT checkpoint of the same variant (facebookresearch/LeViT: "
+                            + ", ".join(LEVIT_WEIGHTS.values()) + "); none = random weights, no warning")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=None, help="paper: 200. Default 200, shapes 20")
+    optim.add_argument("--epochs", type=int, default=None, help="paper: 200. None: 200, shapes 20")
     optim.add_argument("--batch-size", type=int, default=None,
-                       help="per process; paper: 16 GLaS/polyps, 8 NYUDv2. Default: the paper's, shapes 16")
+                       help="per process; paper: 16 GLaS/polyps, 8 NYUDv2. None: the recipe's, shapes 16")
     optim.add_argument("--optimizer", default=None, choices=("adam", "sgd"),
-                       help="paper: Adam for GLaS/polyps, SGD momentum 0.9 for NYUDv2 (the default per dataset)")
-    optim.add_argument("--lr", type=float, default=None, help="paper: 1e-4 Adam, 0.1 SGD. Default: those; shapes 1e-3")
+                       help="paper: Adam for GLaS/polyps, SGD momentum 0.9 for NYUDv2. None: the recipe's")
+    optim.add_argument("--lr", type=float, default=None, help="paper: 1e-4 Adam, 0.1 SGD. None: those; shapes 1e-3")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     optim.add_argument("--weight-decay", type=float, default=0.0,
                        help="paper: none stated (authors' code: 1e-5 Adam, 5e-4 SGD)")
@@ -174,66 +226,35 @@ def get_args(argv=None):
     evaluation.add_argument("--eval-masked", action="store_true",
                             help="also score predictions on masked inputs (the paper's robustness figure)")
     evaluation.add_argument("--select-on", default="val", choices=("val", "test"),
-                            help="split that picks best.pt; val (default) or test (the authors' protocol: train on "
-                                 "all of train and select on test; optimistic)")
+                            help="split that picks best.pt; val or test (the authors' protocol: train on all of "
+                                 "train and select on test; optimistic)")
     evaluation.add_argument("--select-metric", default="miou", choices=("miou", "paper_iou"),
-                            help="metric that picks best.pt: miou (standard dataset-level mIoU, default) or "
-                                 "paper_iou (the paper's per-image protocol, which the authors selected by)")
+                            help="metric that picks best.pt: miou (standard dataset-level mIoU) or paper_iou (the "
+                                 "paper's per-image protocol, which the authors selected by)")
     evaluation.add_argument("--num-samples", type=int, default=6, help="images in each samples/ PNG grid")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                     help="bf16 autocast on CUDA (always off on CPU)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    run.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
-    run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and masks")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels: bitwise repeatable on one machine, slower")
-    run.add_argument("--out", default=None, help="run directory (default runs/masksup-<data>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    run.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint (or <out>/best.pt)")
-    run.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
+    add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
 
-    # Data-dependent defaults. CHOICE C10, C11: synthetic preset / recipe per kind of dataset.
+    # Defaults that do not depend on the data; the recipe (arch, optimiser, lr, batch, epochs) is resolved in main
+    # once the data is read (CHOICE C11).
     shapes = args.data == "shapes"
     if args.binary is None:
         args.binary = shapes  # CHOICE C10: the synthetic default is binary, like the paper's GLaS/polyp tasks
-    binary_task = args.binary or args.data in BINARY_SETS
-    recipe = "shapes" if shapes else ("binary" if binary_task else "multiclass")
-    defaults = {
-        # supplement Sec. 1: GLaS/polyps LeViT-UNet-384, Adam 1e-4, batch 16; NYUDv2 SGD 0.1 m 0.9, batch 8
-        "binary": dict(arch="levit-384", img_size=LEVIT_SIZE, epochs=200, batch_size=16, optimizer="adam", lr=1e-4,
-                       workers=4, unet_width=20),
-        # DEVIATION: U-Net, not the supplement's U-Net++, because the slides report "MaskSup (U-Net)" (3 M)
-        "multiclass": dict(arch="unet", img_size=LEVIT_SIZE, epochs=200, batch_size=8, optimizer="sgd", lr=0.1,
-                           workers=4, unet_width=20),
-        "shapes": dict(arch="unet", img_size=64, epochs=20, batch_size=16, optimizer="adam", lr=1e-3, workers=0,
-                       unet_width=16),
-    }[recipe]
-    if args.arch in PRESETS and args.img_size is None:
-        args.img_size = LEVIT_SIZE  # e.g. shapes drawn at 224 for a LeViT-UNet
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.drop_path is None:
-        args.drop_path = PRESETS[args.arch]["drop_path"] if args.arch in PRESETS else 0.0
-    args.binary_task = binary_task
-    if args.out is None:
-        args.out = f"runs/masksup-{args.data}"
-
+    if args.img_size is None:
+        args.img_size = 64 if shapes and args.arch not in PRESETS else LEVIT_SIZE
     if args.arch in PRESETS and args.img_size != LEVIT_SIZE:
         parser.error(f"--arch {args.arch} needs --img-size {LEVIT_SIZE}: LeViT-UNet's attention biases are tied to "
                      f"its 14x14/7x7/4x4 token grids (got {args.img_size}); use --arch unet for other sizes")
-    if args.arch == "unet" and (args.img_size < 16 or args.img_size % 16):
-        parser.error(f"--img-size must be a multiple of 16 for --arch unet (4 halvings), got {args.img_size}")
-    if args.unet_width < 1:
+    if args.img_size < 16 or args.img_size % 16:
+        parser.error(f"--img-size must be a multiple of 16 (the U-Nets halve it 4 times), got {args.img_size}")
+    if args.unet_width is not None and args.unet_width < 1:
         parser.error(f"--unet-width must be positive, got {args.unet_width}")
     if args.masking == "folder" and not args.mask_dir:
         parser.error("--masking folder needs --mask-dir DIR (a folder of mask PNGs, white = hole)")
     if args.mask_dir and args.masking != "folder":
         parser.error("--mask-dir is only read with --masking folder")
+    if args.mask_area != "any" and args.masking != "folder":
+        parser.error("--mask-area picks files of --masking folder; --masking high/low already set the hole area")
     if not 0.0 < args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
     if args.masking == "patch" and (args.patch_size < 1 or args.img_size % args.patch_size):
@@ -243,34 +264,51 @@ def get_args(argv=None):
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.alpha1 + args.alpha2 + args.alpha3 == 0:
         parser.error("--alpha1, --alpha2 and --alpha3 are all 0: nothing to train")
-    for name in ("epochs", "batch_size", "img_size", "num_samples", "lr_step_size"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "num_samples", "lr_step_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
+    if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    if args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
-    if not 0.0 <= args.drop_path < 1.0:
+    if args.drop_path is not None and not 0.0 <= args.drop_path < 1.0:
         parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    if args.levit_weights and args.arch not in PRESETS:
-        parser.error("--levit-weights needs a LeViT-UNet --arch (levit-128s, levit-192, levit-384)")
-    if args.levit_weights and not Path(args.levit_weights).is_file():
-        parser.error(f"--levit-weights {args.levit_weights}: no such file (a facebookresearch/LeViT .pth)")
-    if args.resume and args.eval_only:
-        parser.error("--resume and --eval-only exclude each other")
-    if args.checkpoint and not args.eval_only:
-        parser.error("--checkpoint is read with --eval-only (use --resume to continue training)")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: no such file")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cpu":
-        args.amp = False  # bf16 autocast is only used on CUDA
+    if args.levit_weights not in (None, "none"):
+        if args.arch is not None and args.arch not in PRESETS:
+            parser.error(f"--levit-weights loads a LeViT encoder; --arch {args.arch} has none (pass a levit-* --arch)")
+        if not Path(args.levit_weights).is_file():
+            parser.error(f"--levit-weights {args.levit_weights}: no such file (a facebookresearch/LeViT .pth, e.g. "
+                         f"{LEVIT_WEIGHTS['levit-384']}; or pass none)")
+    if args.data != "folder" and (args.mask_mode != "auto" or args.num_classes is not None):
+        parser.error("--mask-mode and --num-classes describe --data folder masks; the other readers know theirs")
+    if args.num_classes is not None and (args.num_classes < 2 or args.mask_mode == "binary"):
+        parser.error(f"--num-classes needs --mask-mode ids and at least 2 classes, got {args.num_classes}")
+    if args.label_base and args.data != "nyudv2":
+        parser.error("--label-base is read by --data nyudv2 only")
+    if args.test_set != "CVC-ClinicDB" and args.data != "pranet":
+        parser.error("--test-set picks a TestDataset folder of --data pranet only")
+    if args.batch_size == 1 and args.img_size == 16 and args.arch not in PRESETS:
+        parser.error("--batch-size 1 with --img-size 16: the U-Net's 1x1 bottleneck would give BatchNorm one value "
+                     "per channel; pass --batch-size 2 or more, or --img-size 32 or more")
+    check_run_arguments(parser, args, SCRIPT)
     return args
+
+
+def resolve_recipe(args, binary_task):
+    """Fill the flags left at None from RECIPES once the data's kind is known (CHOICE C11); -> the recipe name.
+    Raises UsageError for a combination that only the data reveals (a LeViT-UNet recipe at another size)."""
+    recipe = "shapes" if args.data == "shapes" else ("binary" if binary_task else "multiclass")
+    for key, value in RECIPES[recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.drop_path is None:
+        args.drop_path = PRESETS[args.arch]["drop_path"] if args.arch in PRESETS else 0.0
+    if args.arch in PRESETS and args.img_size != LEVIT_SIZE:
+        raise UsageError(f"these data take the {recipe} recipe, --arch {args.arch}, which needs --img-size "
+                         f"{LEVIT_SIZE} (got {args.img_size}); pass --arch unet for other sizes")
+    if args.levit_weights not in (None, "none") and args.arch not in PRESETS:
+        raise UsageError(f"--levit-weights loads a LeViT encoder; --arch {args.arch} has none (pass a levit-* --arch)")
+    args.binary_task = binary_task
+    args.recipe = recipe
+    return recipe
 
 
 # --- masking ---
@@ -334,27 +372,44 @@ def patch_masks(batch_size, height, width, patch_size, mask_ratio, generator, de
 
 
 class FolderMasks:
-    """Hole masks read once from a folder of PNG/JPG/BMP files (white = hole, > 127), resized (nearest) to the
-    input size and kept on the device; each call draws one per sample with the passed generator."""
+    """Hole masks read once from a folder of PNG/JPG/BMP files (white = hole, > 127), kept on the device.
+
+    Each file's hole fraction is measured once, at its own resolution (the NVIDIA set defines its bins at
+    512 x 512); only the files in the `area` bin of HOLE_AREA_BINS are kept (--mask-area high = the paper's
+    50-60 % "High" masks), then resized (nearest) to the input size. Each call draws one per sample with the
+    passed generator. fractions: (N,) of the kept files; counts: files per bin, for config.json.
+    """
 
     SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
-    def __init__(self, folder, size, device):
+    def __init__(self, folder, size, device, area="any"):
         from PIL import Image, UnidentifiedImageError
         folder = Path(folder)
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in self.SUFFIXES) if folder.is_dir() else []
         if not files:
             raise DatasetError(f"--mask-dir {folder}: no mask images found (expected PNG files, white = hole, "
                                f"e.g. the NVIDIA irregular-mask set)")
-        masks = []
+        low, high = HOLE_AREA_BINS[area]
+        masks, fractions, all_fractions = [], [], []
         for path in files:
             try:
                 with Image.open(path) as image:
-                    image = image.convert("L").resize((size, size), Image.NEAREST)
+                    holes = np.asarray(image.convert("L")) > 127
+                    resized = image.convert("L").resize((size, size), Image.NEAREST)
             except (OSError, UnidentifiedImageError) as e:
                 raise DatasetError(f"mask {path} cannot be read ({e}); remove or replace it") from None
-            masks.append(torch.from_numpy(np.asarray(image) > 127))
+            fraction = float(holes.mean())
+            all_fractions.append(fraction)
+            if low <= fraction <= high:
+                masks.append(torch.from_numpy(np.asarray(resized) > 127))
+                fractions.append(fraction)
+        self.counts = {name: sum(lo <= f <= hi for f in all_fractions) for name, (lo, hi) in HOLE_AREA_BINS.items()}
+        if not masks:
+            raise DatasetError(f"--mask-dir {folder}: none of its {len(files)} masks has a hole fraction in the "
+                               f"--mask-area {area} bin [{low:.2f}, {high:.2f}] (measured: {self.counts}); pass "
+                               f"another --mask-area or a folder with such masks")
         self.masks = torch.stack(masks).to(device)  # (N, H, W) bool
+        self.fractions = torch.tensor(fractions)
         self.device = device
 
     def __call__(self, batch_size, generator):
@@ -370,6 +425,14 @@ def make_masks(args, batch_size, generator, device, folder_masks=None):
     if args.masking == "folder":
         return folder_masks(batch_size, generator)
     return free_form_masks(batch_size, args.img_size, args.img_size, HOLE_AREA_BINS[args.masking], generator, device)
+
+
+def evaluation_masks(args, indices, device, folder_masks=None):
+    """(len(indices), H, W) bool: the mask of dataset item i drawn from a generator seeded by (seed, i) (CHOICE C8),
+    so a test image is masked the same way in every epoch, checkpoint, batch size and process count."""
+    masks = [make_masks(args, 1, make_generator(args.seed, "eval-mask", int(i), device=device), device, folder_masks)
+             for i in indices]
+    return torch.cat(masks) if masks else torch.zeros(0, args.img_size, args.img_size, dtype=torch.bool, device=device)
 
 
 def apply_mask(images, mask):
@@ -520,6 +583,19 @@ PRESETS = {
 }
 
 
+def upsample_x2(x):
+    """Bilinear x2 with align_corners=True (LeViT-UNet's nn.UpsamplingBilinear2d). (B, C, h, w) -> (B, C, 2h, 2w)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def upsample_stage3(x):
+    """The reference's order for the 4 x 4 stage-3 map: two x2 steps (4 -> 8 -> 16), then a resize to 14 x 14, all
+    bilinear with align_corners=True. One x4 step differs from it by up to 0.7 on a structured map (tested).
+    (B, E3, 4, 4) -> (B, E3, 14, 14)."""
+    x = upsample_x2(upsample_x2(x))  # (B, E3, 16, 16)
+    return F.interpolate(x, size=(LEVIT_SIZE // 16, LEVIT_SIZE // 16), mode="bilinear", align_corners=True)
+
+
 class LeViTUNet(nn.Module):
     """LeViT-UNet: a LeViT encoder (CNN stem + three attention stages at 14x14, 7x7, 4x4 tokens) and a U-Net decoder
     with skips from the stem. Input (B, C, 224, 224) -> logits (B, K, 224, 224).
@@ -583,11 +659,9 @@ class LeViTUNet(nn.Module):
         for stage in self.stages:
             tokens = stage(tokens)  # (B, 196, E1), (B, 49, E2), (B, 16, E3)
             stage_outputs.append(tokens)
-        up = dict(mode="bilinear", align_corners=True)
         f1 = self.tokens_to_map(stage_outputs[0])  # (B, E1, 14, 14)
-        f2 = F.interpolate(self.tokens_to_map(stage_outputs[1]), scale_factor=2, **up)  # (B, E2, 14, 14)
-        f3 = F.interpolate(self.tokens_to_map(stage_outputs[2]), scale_factor=4, **up)  # (B, E3, 16, 16)
-        f3 = F.interpolate(f3, size=f1.shape[-2:], **up)  # (B, E3, 14, 14), as the reference code does
+        f2 = upsample_x2(self.tokens_to_map(stage_outputs[1]))  # (B, E2, 14, 14)
+        f3 = upsample_stage3(self.tokens_to_map(stage_outputs[2]))  # (B, E3, 14, 14)
         x = self.decoder1(torch.cat([stem_out, f1, f2, f3], dim=1))  # (B, 512, 28, 28)
         x = self.decoder2(torch.cat([x, skips[2]], dim=1))  # (B, 256, 56, 56)
         x = self.decoder3(torch.cat([x, skips[1]], dim=1))  # (B, 128, 112, 112)
@@ -602,7 +676,9 @@ def load_levit_weights(model, path):
 
     LeViT keys -> ours: patch_embed.{0,2,4,6} -> stem.{0..3} (the first conv too, unlike the reference code);
     blocks.i -> stages.s.j by the preset's depths; '.c.' -> '.conv.'/'.linear.', '.m.' -> '.block.', 'q.1.' -> 'q.'.
-    Classifier heads are dropped. Returns (number of tensors loaded, list of LeViT keys not loaded).
+    Classifier heads and the attention_bias_idxs buffers are not loaded (ours are rebuilt by attention_bias_index;
+    the file's are checked against them). Returns (number of tensors loaded, list of LeViT keys not loaded).
+    CHOICE C13: the reference LeViT-UNet leaves patch_embed.0 (the first conv) random; we load it too.
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -624,7 +700,14 @@ def load_levit_weights(model, path):
             rest = match[2].replace("m.", "block.", 1) if match[2].startswith("m.") else match[2]
             rest = rest.replace("q.1.", "q.", 1) if rest.startswith("q.1.") else rest
             name = f"stages.{stage}.{index}.{rest}".replace(".c.", ".linear.")
-        if name in ours and ours[name].shape == value.shape:
+        if name.endswith("attention_bias_idxs"):
+            module = model.get_submodule(name.rsplit(".", 1)[0]) if name.startswith("stages.") else None
+            if module is not None and value.shape == module.attention_bias_idxs.shape and \
+                    not torch.equal(value, module.attention_bias_idxs):
+                raise DatasetError(f"--levit-weights {path}: {key} orders the attention offsets differently from this "
+                                   f"model; pass an original facebookresearch/LeViT checkpoint")
+            skipped.append(key)
+        elif name in ours and ours[name].shape == value.shape:
             renamed[name] = value
         else:
             skipped.append(key)
@@ -665,10 +748,61 @@ class UNet(nn.Module):
         return self.head(x)  # (B, K, H, W)
 
 
+# --- model: U-Net++ (Zhou et al. 2018, "UNet++: A Nested U-Net Architecture", the authors' NYUDv2 network) ---
+
+def vgg_block(in_channels, middle_channels, out_channels):
+    """U-Net++'s node: two conv3x3 (with bias) - BN - ReLU."""
+    return nn.Sequential(nn.Conv2d(in_channels, middle_channels, 3, padding=1), nn.BatchNorm2d(middle_channels),
+                         nn.ReLU(inplace=True), nn.Conv2d(middle_channels, out_channels, 3, padding=1),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class UNetPlusPlus(nn.Module):
+    """U-Net++ without deep supervision, filters 32-64-128-256-512 (the NestedUNet the authors ran on NYUDv2).
+
+    Node X(i, j) at depth i (1/2^i resolution) and column j: X(i, 0) = node(pool(X(i-1, 0))); for j > 0,
+    X(i, j) = node(concat[X(i, 0), ..., X(i, j-1), up(X(i+1, j-1))]), up = bilinear x2 (align_corners=True).
+    The head is a 1x1 conv on X(0, 4). (B, C, H, W) -> (B, K, H, W), H and W multiples of 16.
+    3 channels in: 9,163,329 parameters with 1 class, 9,164,616 with 40 (tests check them against the layout).
+    """
+
+    FILTERS = (32, 64, 128, 256, 512)
+
+    def __init__(self, in_channels=3, num_classes=1):
+        super().__init__()
+        f = self.FILTERS
+        self.nodes = nn.ModuleDict()
+        for i in range(5):
+            self.nodes[f"{i}_0"] = vgg_block(in_channels if i == 0 else f[i - 1], f[i], f[i])
+        for j in range(1, 5):
+            for i in range(5 - j):
+                self.nodes[f"{i}_{j}"] = vgg_block(f[i] * j + f[i + 1], f[i], f[i])
+        self.head = nn.Conv2d(f[0], num_classes, 1)
+
+    def forward(self, images):
+        x = {}
+        for i in range(5):
+            x[i, 0] = self.nodes[f"{i}_0"](images if i == 0 else F.max_pool2d(x[i - 1, 0], 2))
+            for j in range(1, i + 1):  # the new diagonal: nodes (i - j, j) need (i - j + 1, j - 1)
+                r = i - j
+                x[r, j] = self.nodes[f"{r}_{j}"](torch.cat([x[r, k] for k in range(j)] + [upsample_x2(x[r + 1, j - 1])],
+                                                           dim=1))  # (B, f[r], H / 2^r, W / 2^r)
+        return self.head(x[0, 4])  # (B, K, H, W)
+
+
 def build_model(args, num_outputs):
     if args.arch == "unet":
         return UNet(3, num_outputs, args.unet_width)
+    if args.arch == "unet++":
+        return UNetPlusPlus(3, num_outputs)
     return LeViTUNet(args.arch, 3, num_outputs, drop_path=args.drop_path)
+
+
+def architecture(args, num_outputs):
+    """The architecture string checkpoints carry (load_checkpoint refuses another)."""
+    width = f"-w{args.unet_width}" if args.arch == "unet" else ""
+    return f"{args.arch}{width}-k{num_outputs}"
+
 
 
 # --- losses ---
@@ -720,6 +854,7 @@ def masksup_loss(logits_clean, logits_masked, labels, binary, alphas=(1.0, 1.0, 
     return total, torch.stack([seg, context, tasksim]).detach()
 
 
+
 # --- loops ---
 
 def train_step(model, optimizer, images, labels, mask, args):
@@ -740,52 +875,61 @@ def train_step(model, optimizer, images, labels, mask, args):
     return torch.cat([total.detach()[None], terms])
 
 
-def train_one_epoch(model, step_fn, optimizer, loader, args, device, mask_generator, folder_masks=None):
-    """One pass over `loader` with a fresh hole mask per sample per step. Returns mean loss terms (all ranks)."""
+def train_one_epoch(model, step_fn, optimizer, loader, args, runtime, epoch, guard, folder_masks=None):
+    """One pass over `loader` with a fresh hole mask per sample per step, drawn from a generator of (seed, epoch,
+    rank) so a resumed epoch replays its masks. Returns the mean loss terms over all ranks' steps."""
     model.train()
+    device = runtime.device
+    mask_generator = make_generator(args.seed, "masks", epoch, runtime.rank, device=device)
+    torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # LeViT's stochastic depth
     sums = torch.zeros(5, device=device)  # L_total, L_seg, L_context, L_tasksim, steps
-    for images, labels in loader:
+    for images, labels in progress(loader, runtime, f"train epoch {epoch}"):
         # pinned memory + non_blocking: the copy overlaps the previous step on CUDA
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         mask = make_masks(args, images.shape[0], mask_generator, device, folder_masks)  # (B, H, W)
-        sums[:4] += step_fn(model, optimizer, images, labels, mask, args)
+        losses = step_fn(model, optimizer, images, labels, mask, args)
+        guard.observe(losses[0])
+        sums[:4] += losses
         sums[4] += 1
-    if dist.is_initialized():
-        dist.all_reduce(sums)
+    all_reduce_sum(sums)
     means = (sums[:4] / sums[4].clamp_min(1)).tolist()  # sync point
     return dict(zip(("loss", "seg", "context", "tasksim"), means))
 
 
 @torch.no_grad()
-def evaluate(model, loader, info, args, device, folder_masks=None):
-    """Standard and paper-protocol metrics on `loader`; with --eval-masked the same on masked inputs.
+def evaluate(model, loader, args, runtime, num_classes, folder_masks=None, desc="evaluate"):
+    """Standard and paper-protocol metrics on `loader` (this rank's shard, summed over ranks); with --eval-masked
+    the same on masked inputs (prefix masked_).
 
     Standard: dataset-level confusion matrix -> miou (class mean, 255 ignored), per_class_iou, pixel_acc.
     Paper protocol (the paper's "mIoU"): paper_iou = mean over images of the per-image foreground IoU (binary
     sets; sklearn jaccard_score per image) or of the per-image micro Jaccard (multi-class; NYUDv2).
-    Binary sets also give dataset-level foreground iou (fg_iou) and dice. Masked variants are prefixed masked_.
-    `model` is the plain module (not DDP): ranks see different shards and must not sync inside forward.
+    Binary sets also give dataset-level foreground iou (fg_iou) and dice.
+    `model` is the plain module (not DDP): ranks see different shards and must not sync inside forward. A rank
+    with an empty shard still joins every all_reduce.
     """
-    model.eval()
-    # CHOICE C8: the evaluation masks come from a generator reseeded here, the same masks at every evaluation
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    generator = torch.Generator(device=device).manual_seed(args.seed + 999_983 * (rank + 1))
+    model.eval()  # BatchNorm running statistics, no drop-path
+    device = runtime.device
     prefixes = ["", "masked_"] if args.eval_masked else [""]
-    num_classes = 2 if args.binary_task else info.num_classes
+    num_classes = 2 if args.binary_task else num_classes
     confusion = {p: ConfusionMatrix(num_classes, device=device) for p in prefixes}
     binary_stats = {p: BinaryStats(device=device) for p in prefixes}
     jaccard = {p: torch.zeros(2, dtype=torch.float64, device=device) for p in prefixes}  # sum, images
-    for images, labels in loader:
+    indices = loader.sampler.indices()  # this rank's items, in loader order
+    seen = 0
+    for images, labels in progress(loader, runtime, desc):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         inputs = {"": images}
         if args.eval_masked:
-            inputs["masked_"] = apply_mask(images, make_masks(args, images.shape[0], generator, device, folder_masks))
+            batch_indices = indices[seen:seen + images.shape[0]]
+            inputs["masked_"] = apply_mask(images, evaluation_masks(args, batch_indices, device, folder_masks))
+        seen += images.shape[0]
         for prefix, batch in inputs.items():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 logits = model(batch).float()  # (B, K, H, W)
@@ -808,46 +952,42 @@ def evaluate(model, loader, info, args, device, folder_masks=None):
             results.update({f"{prefix}paper_iou": stats["per_image_iou"], f"{prefix}fg_iou": stats["iou"],
                             f"{prefix}dice": stats["dice"]})
         else:
-            if dist.is_initialized():
-                dist.all_reduce(jaccard[prefix])
-            total, count = jaccard[prefix].tolist()  # sync point
+            total, count = all_reduce_sum(jaccard[prefix]).tolist()  # sync point
             results[f"{prefix}paper_iou"] = total / count if count else float("nan")
     return results
 
 
-# --- plumbing ---
+@torch.no_grad()
+def save_samples(model, dataset, args, palette, path, device, folder_masks=None):
+    """PNG grid, one row each: input, masked input, prediction on the input, prediction on the masked input,
+    ground truth, for the first --num-samples images of `dataset` with their evaluation masks (CHOICE C8)."""
+    from torchvision.utils import save_image
+    model.eval()
+    items = [dataset[i] for i in range(min(args.num_samples, len(dataset)))]
+    images = torch.stack([image for image, _ in items]).to(device)
+    labels = torch.stack([label for _, label in items])
+    masked = apply_mask(images, evaluation_masks(args, range(len(items)), device, folder_masks))
+    rows = [denormalize(images, "symmetric").cpu(), denormalize(masked, "symmetric").cpu()]  # sync point
+    for batch in (images, masked):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits = model(batch).float()
+        preds = (logits[:, 0] > 0).long() if args.binary_task else logits.argmax(1)
+        rows.append(colorize(preds.cpu(), palette))
+    rows.append(colorize(labels, palette))
+    save_image(torch.cat(rows), path, nrow=len(items), padding=2, pad_value=1.0)
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
+# --- data and optimiser ---
 
-def epoch_seed(seed, epoch, rank):
-    """Seed of the data order and the masks of one epoch on one rank: resuming at any epoch replays it exactly."""
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2 ** 62
-
-
-def setup_distributed(args):
-    """DDP when launched by torchrun (nccl on CUDA, gloo on CPU). Returns (rank, world_size, device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if args.device == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    return rank, world_size, device
+def dataset_options(args):
+    """The reader options the data flags set (common.build_dataset **options)."""
+    if args.data == "folder":
+        return {"mask_mode": args.mask_mode, **({"num_classes": args.num_classes} if args.num_classes else {})}
+    if args.data == "nyudv2":
+        return {"label_base": args.label_base}
+    if args.data == "pranet":
+        return {"test_set": args.test_set}
+    return {}
 
 
 def build_split(args, split):
@@ -862,233 +1002,622 @@ def build_split(args, split):
             [("cvc", "CVC-ClinicDB")]
         built = [build_dataset(name, root / folder, split, **common) for name, folder in parts]
         return ConcatDataset([d for d, _ in built]), built[-1][1]
-    return build_dataset(args.data, args.data_root, split, image_size=args.img_size, **common)
+    return build_dataset(args.data, args.data_root, split, image_size=args.img_size, **common,
+                         **dataset_options(args))
 
 
-def make_loader(dataset, args, train, rank, world_size, device):
-    kwargs = dict(batch_size=args.batch_size, num_workers=args.workers,
-                  pin_memory=device.type == "cuda",  # page-locked host memory: faster, asynchronous copies
-                  persistent_workers=args.workers > 0)  # keep workers (and their file handles) between epochs
-    if not train:
-        # every rank scores its own exact shard (no padding duplicates), results summed by all_reduce
-        return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), shuffle=False, **kwargs)
-    drop_last = len(dataset) // world_size > args.batch_size  # no 1-image BatchNorm batch at the end
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-        return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **kwargs)
-    generator = torch.Generator()  # reseeded every epoch (epoch_seed) so --resume replays the order
-    return DataLoader(dataset, shuffle=True, generator=generator, drop_last=drop_last, **kwargs)
-
-
-def build_loaders(args, rank, world_size, device):
-    """Train loader plus the evaluation loaders: the selection split (val, or test with --select-on test), and
-    test. Returns (train_loader, {split: loader}, info)."""
+def run_splits(args):
+    """The splits a run reads: {"train": ..., "select": ..., "test": ...} -> split names. --select-on test trains
+    on trainval (all of train) and selects on test; --eval-only reads the test split only."""
+    if args.eval_only:
+        return {"test": "test"}
     # DEVIATION (CHOICE C7): select on a validation split carved from train, because selecting on test (the
     # authors' protocol, --select-on test) reports an optimistic test score
-    train_split = "trainval" if args.select_on == "test" else "train"
-    train_set, info = build_split(args, train_split)
-    loaders = {}
-    for split in dict.fromkeys([args.select_on, "test"]):
-        if split in info.splits:
-            loaders[split] = make_loader(build_split(args, split)[0], args, False, rank, world_size, device)
-    return make_loader(train_set, args, True, rank, world_size, device), loaders, info
+    return {"train": "trainval" if args.select_on == "test" else "train", "select": args.select_on, "test": "test"}
 
 
-def unwrap(model):
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
-
-
-def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args):
-    """Model (unwrapped), optimizer, scheduler, epoch, best {score, epoch}, args and RNG states; written to a
-    temporary file, then os.replace, so a crash never leaves a half-written checkpoint."""
-    state = {
-        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "best": best, "args": vars(args),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
-    temporary = Path(f"{path}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=False):
-    """Load our own checkpoint (trusted: it holds Python/NumPy RNG states, hence weights_only=False)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
-    except (OSError, RuntimeError, KeyError, EOFError) as e:
-        raise DatasetError(f"checkpoint {path} cannot be loaded into this model ({str(e).splitlines()[0]}); pass a "
-                           f"masksup.py checkpoint made with the same --arch, --unet-width and dataset") from None
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
-
-
-def colorize(labels, palette):
-    """(B, H, W) class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) white."""
-    colours = torch.full((256, 3), 255.0)
-    colours[:len(palette)] = torch.tensor(palette, dtype=torch.float32)
-    return colours.to(labels.device)[labels.clamp(0, 255)].permute(0, 3, 1, 2) / 255
-
-
-@torch.no_grad()
-def save_samples(model, images, labels, args, info, path, folder_masks=None):
-    """PNG grid, one row each: input, masked input, prediction on the input, prediction on the masked input,
-    ground truth. The masks come from a fixed seed, so grids of different epochs are comparable."""
-    model.eval()
-    device = images.device
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    masked = apply_mask(images, make_masks(args, images.shape[0], generator, device, folder_masks))
-    rows = [denormalize(images, "symmetric").cpu(), denormalize(masked, "symmetric").cpu()]  # sync point
-    palette = info.palette[:2] if args.binary_task else info.palette
-    for batch in (images, masked):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            logits = model(batch).float()
-        preds = (logits[:, 0] > 0).long() if args.binary_task else logits.argmax(1)
-        rows.append(colorize(preds.cpu(), palette))
-    rows.append(colorize(labels.cpu(), palette))
-    from torchvision.utils import save_image
-    save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2, pad_value=1.0)
-
-
-def format_line(record):
-    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                    if not isinstance(v, list))
-
-
-def main(args):
-    rank, world_size, device = setup_distributed(args)
-    is_main = rank == 0
-    out = Path(args.out)
-    if not (args.resume or args.eval_only) and out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: run directory {out} exists and is not empty; pass --resume to continue it or "
-                         f"--out DIR for a new run")
-    if args.resume and not (out / "last.pt").is_file():
-        raise SystemExit(f"error: --resume: no {out / 'last.pt'} to continue; check --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    seed_everything(args.seed)  # identical initial weights on every rank
-
-    train_loader, eval_loaders, info = build_loaders(args, rank, world_size, device)
-    args.binary_task = info.binary
-    args.num_classes = info.num_classes
-    num_outputs = 1 if info.binary else info.num_classes  # CHOICE C4: binary sets use one logit
-    model = build_model(args, num_outputs)
-    if args.levit_weights:
-        loaded, skipped = load_levit_weights(model, args.levit_weights)
-        if is_main:
-            print(f"--levit-weights: loaded {loaded} LeViT tensors into the encoder, skipped {len(skipped)} "
-                  f"(classifier heads, shape mismatches)")
-    model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # NHWC: the layout fast GPU conv kernels use
-    folder_masks = FolderMasks(args.mask_dir, args.img_size, device) if args.masking == "folder" else None
-    parameters = sum(p.numel() for p in model.parameters())
-
+def build_optimizer(args, model):
+    """The recipe's optimiser (Adam or SGD with momentum) and the learning-rate schedule (CHOICE C6)."""
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
     gamma = args.lr_gamma if args.lr_schedule == "step" else 1.0  # CHOICE C6: constant unless asked
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=gamma)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=gamma)
+
+
+def prepare_model(args, num_outputs, runtime):
+    """The network with identical initial weights on every rank, ImageNet LeViT weights where given (CHOICE C13)
+    -> (model on the device, pretrained flag)."""
+    seed_everything(args.seed)  # identical initial weights on every rank
+    model = build_model(args, num_outputs)
+    pretrained = False
+    if args.arch in PRESETS and args.levit_weights not in (None, "none"):
+        loaded, skipped = load_levit_weights(model, args.levit_weights)
+        pretrained = True
+        say(runtime, f"--levit-weights: loaded {loaded} LeViT tensors into the encoder, skipped {len(skipped)} "
+                     f"(classifier heads, index buffers)")
+    elif args.arch in PRESETS and args.levit_weights is None and runtime.main:
+        print(f"warning: {args.arch} starts from random weights; the paper starts from ImageNet LeViT weights: pass "
+              f"--levit-weights {LEVIT_WEIGHTS[args.arch]} (https://dl.fbaipublicfiles.com/LeViT/"
+              f"{LEVIT_WEIGHTS[args.arch]}), or --levit-weights none to train from scratch without this warning",
+              file=sys.stderr, flush=True)
+    model = model.to(runtime.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # NHWC: the layout fast GPU conv kernels use
+    return model, pretrained
+
+
+# --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
+# Seeding and replayable generators, device/AMP/DDP, RNG states, checkpoints, the run directory, the metrics log,
+# the non-finite-loss guard, progress bars, data loaders and the one error style. Nothing here knows the method:
+# the script name, the architecture, the stages and what picks best.pt are passed in. A reader learns this block
+# once; tests/test_contract.py checks that the four copies are byte-identical. It uses argparse, hashlib, json, math,
+# os, random, shutil, sys, dataclass, Path, np, torch, dist, DistributedDataParallel, DataLoader, Dataset, Sampler,
+# tqdm and common's DatasetError, all imported at the top of each file.
+
+class UsageError(Exception):
+    """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one error style: `error: <message>` on one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_run_arguments(parser, script):
+    """The run flags, with one meaning in all four scripts (README 'Conventions')."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
+    run.add_argument("--out", default=None,
+                     help=f"run directory (default runs/{script.removesuffix('.py')}-<data>; with --eval-only and "
+                          f"--checkpoint, the checkpoint's folder)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    run.add_argument("--eval-only", action="store_true",
+                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_<split>.json")
+    run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
+    run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast (default: on with CUDA, off on a CPU; --amp on a CPU needs AVX512-BF16/AMX)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="NHWC memory format for convolutions (default: on with CUDA)")
+    run.add_argument("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
+    return run
+
+
+def check_run_arguments(parser, args, script):
+    """Refuse run-flag combinations that would be ignored or cannot work; resolve --out."""
+    if args.checkpoint and not args.eval_only:
+        parser.error("--checkpoint is only read with --eval-only; to continue a run pass --resume and its --out")
+    if args.eval_only and args.resume:
+        parser.error("--eval-only and --resume exclude each other; pass one of them")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of images, got {args.limit}")
+    if args.out is None:
+        if args.eval_only and args.checkpoint:
+            args.out = str(Path(args.checkpoint).parent)
+        else:
+            args.out = os.path.join("runs", f"{script.removesuffix('.py')}-{args.data}")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts):
+    """A stable 62-bit seed from any tuple, e.g. (seed, "masks", stage, epoch, rank): the same parts, the same seed,
+    in any process and after any --resume."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:16], 16) >> 2
+
+
+def make_generator(*parts, device="cpu"):
+    """A torch.Generator seeded with derive_seed(*parts)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(*parts))
+    return generator
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp: bool = False
+    owns_process_group: bool = False  # shutdown() ends the process group only if setup_runtime started it
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def cpu_supports_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def setup_runtime(args):
+    """-> Runtime. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (nccl) or per CPU slot (gloo).
+    Resolves args.device, args.amp and args.channels_last in place, so config.json records what ran."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.device = "cuda" if use_cuda else "cpu"
+    if args.amp is None:
+        args.amp = use_cuda
+    elif args.amp and not use_cuda and not cpu_supports_bf16():
+        raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
+    if args.channels_last is None:
+        args.channels_last = use_cuda
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns_process_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if owns_process_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a few backward kernels have no such variant
+    else:
+        torch.backends.cudnn.benchmark = use_cuda  # fixed input sizes: cuDNN picks its fastest kernels once
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Runtime(device, rank, world_size, bool(args.amp), owns_process_group)
+
+
+def autocast(runtime):
+    """bf16 autocast on the run's device with --amp; a no-op context otherwise."""
+    return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
+
+
+def distribute(model, runtime):
+    """DistributedDataParallel under torchrun (gradients averaged over ranks), the model itself otherwise."""
+    if runtime.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The bare module inside DDP and torch.compile wrappers (what checkpoints hold)."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(runtime):
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def say(runtime, message):
+    """Print on rank 0 only."""
+    if runtime.main:
+        print(message, flush=True)
+
+
+def progress(iterable, runtime, desc, total=None):
+    """A tqdm bar on rank 0 when stderr is a terminal (tqdm's disable=None), nothing in logs or on other ranks."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=None if runtime.main else True)
+
+
+# Data order and augmentation: a pure function of (seed, stage, epoch, index), whatever the worker count, so that a
+# resumed epoch replays the interrupted one exactly.
+
+class EpochSampler(Sampler):
+    """Yields (index, item_seed) pairs of this rank's share of one epoch.
+
+    Training (shuffle=True): a permutation drawn from (seed, stage, epoch), padded by wrapping so every rank gets
+    the same number of items, split rank::world; a lone last item is dropped when there is more than one batch,
+    so BatchNorm never sees a batch of one. Evaluation (shuffle=False): exactly the items rank, rank+world, ... in
+    order (no padding: summed metrics count every item once; a rank may get none).
+    """
+
+    def __init__(self, num_items, seed, runtime, shuffle, batch_size):
+        self.num_items, self.seed, self.shuffle, self.batch_size = num_items, seed, shuffle, batch_size
+        self.rank, self.world_size = runtime.rank, runtime.world_size
+        self.stage, self.epoch = "", 0
+
+    def set_epoch(self, stage, epoch):
+        self.stage, self.epoch = stage, epoch
+
+    def indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.num_items, self.world_size))
+        generator = make_generator(self.seed, "order", self.stage, self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        per_rank = -(-self.num_items // self.world_size)
+        order = (order * (per_rank * self.world_size // max(len(order), 1) + 1))[:per_rank * self.world_size]
+        mine = order[self.rank::self.world_size]
+        if len(mine) > self.batch_size and len(mine) % self.batch_size == 1:
+            mine = mine[:-1]
+        return mine
+
+    def __iter__(self):
+        for index in self.indices():
+            yield index, derive_seed(self.seed, "item", self.stage, self.epoch, index)
+
+    def __len__(self):
+        return len(self.indices())
+
+
+class SeededItems(Dataset):
+    """dataset[(index, item_seed)] = dataset[index] with Python, NumPy and torch seeded by item_seed for the
+    random transforms; the caller's RNG states are restored afterwards (workers=0 shares them with training)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, item_seed = key
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(item_seed)
+            item = self.dataset[index]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        return item
+
+
+def make_loader(dataset, batch_size, args, runtime, train):
+    """DataLoader over this rank's share (EpochSampler); call loader.sampler.set_epoch(stage, epoch) each epoch."""
+    sampler = EpochSampler(len(dataset), args.seed, runtime, shuffle=train, batch_size=batch_size)
+    return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=args.workers,
+                      pin_memory=runtime.device.type == "cuda",  # page-locked memory: asynchronous host-to-GPU copies
+                      persistent_workers=args.workers > 0)  # workers (and their open files) live across epochs
+
+
+# RNG states, checkpoints and files
+
+def rng_states():
+    """Python, NumPy, torch (and CUDA) RNG states, as tensors and ints only (torch.load(weights_only=True))."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def json_safe(value):
+    """JSON-ready copy: non-finite floats -> None, tensors -> numbers/lists, paths -> str, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.generic,)):
+        return json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def write_json(path, record):
+    """Atomic JSON write (temporary file, then os.replace); non-finite numbers become null."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(json_safe(record), handle, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(path, state, script, arch, log=None):
+    """Atomically write `state` (state dicts, epoch, best, ...) plus what load_checkpoint checks: the script, the
+    architecture string, the RNG states and how many metrics.jsonl records the run had (a resume drops later ones)."""
+    payload = {**state, "script": script, "arch": arch, "rng": rng_states(),
+               "log_records": None if log is None else log.count}
+    temporary = f"{path}.tmp"
+    torch.save(payload, temporary)
+    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+
+
+def link_checkpoint(source, target):
+    """target = the same bytes as source (best.pt from last.pt): a hard link, a copy where links are refused."""
+    temporary = f"{target}.tmp"
+    if os.path.exists(temporary):
+        os.remove(temporary)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
+    """-> the dict save_checkpoint wrote; one UsageError naming the file for a missing, truncated or foreign file,
+    or one of another architecture (arch=None skips that check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag}: no checkpoint {path}; pass the path of a {script} checkpoint (last.pt or best.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:100]
+        raise UsageError(f"{flag}: {path} is not a readable checkpoint, perhaps truncated ({reason}); pass a complete "
+                         f"{script} checkpoint") from None
+    if not isinstance(state, dict) or state.get("script") != script:
+        writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
+        raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
+    if arch is not None and state.get("arch") != arch:
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
+                         f"flags it was trained with or another checkpoint")
+    return state
+
+
+def load_state(module, state_dict, path):
+    """module.load_state_dict with a mismatch reported as one error line naming the checkpoint."""
+    try:
+        unwrap(module).load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
+
+
+def run_of(out):
+    """The script that made run directory `out` (its config.json's "script"), or None."""
+    try:
+        return json.loads((Path(out) / "config.json").read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_run_dir(args, script, resume_files=("last.pt",)):
+    """Validate --out before anything is written -> the checkpoint to resume from (None for a fresh run).
+    Refuses a file, a non-empty folder that is not a run of this script, an existing run without --resume, and
+    --resume without a checkpoint. --eval-only may write into an empty folder or a run of this script."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    ours = run_of(out) == script
+    if args.eval_only:
+        if out.is_dir() and any(out.iterdir()) and not ours:
+            raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
+        return None
+    if args.resume:
+        if not ours:
+            raise UsageError(f"--resume: {out} is not a {script} run (no config.json of {script}); check --out")
+        for name in resume_files:
+            if (out / name).is_file():
+                return out / name
+        raise UsageError(f"--resume: {out} has no checkpoint yet ({', '.join(resume_files)}); remove the folder or "
+                         f"pass another --out to start afresh")
+    if out.is_dir() and any(out.iterdir()):
+        what = "already holds a run" if ours else f"is not empty and not a {script} run"
+        raise UsageError(f"--out {out} {what}; pass --resume to continue a run, or another --out")
+    return None
+
+
+def create_run_dir(args, script, config, runtime):
+    """After flags and data are validated: make --out and write config.json (fresh runs; a resume keeps the first
+    one). Prints the resolved config. Rank 0 writes; every rank waits until it has."""
+    out = Path(args.out)
+    say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
+    if runtime.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (args.resume and (out / "config.json").is_file()):
+            write_json(out / "config.json", {"script": script, **config})
+    barrier()
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per epoch (non-finite numbers as null), echoed as a `key=value` line.
+    `resume_state` (a checkpoint) truncates the file to the records that checkpoint had seen."""
+
+    def __init__(self, out, runtime, resume_state=None):
+        self.path, self.main = Path(out) / "metrics.jsonl", runtime.main
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.is_file() else []
+        keep = resume_state.get("log_records") if resume_state is not None else None
+        if keep is not None and len(lines) > keep and self.main:
+            temporary = f"{self.path}.tmp"
+            Path(temporary).write_text("".join(lines[:keep]))
+            os.replace(temporary, self.path)
+        self.count = len(lines) if keep is None else min(keep, len(lines))
+
+    def write(self, record):
+        record = json_safe(record)
+        if self.main:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                           if not isinstance(v, (list, dict))), flush=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.count += 1
+
+
+class FiniteGuard:
+    """Notes the first step whose loss is not finite without a host sync per step; check() (at the epoch's end,
+    before anything is saved) stops the run, so no checkpoint ever holds the diverged weights."""
+
+    def __init__(self):
+        self.steps, self.first_bad = 0, None
+
+    def observe(self, loss):
+        self.steps += 1
+        bad = ~torch.isfinite(loss.detach().float())
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+
+    def check(self, stage, epoch, lr_flag="--lr"):
+        """Raise UsageError naming stage, epoch and step if a loss was not finite (on any rank); sync point."""
+        first_bad = 0 if self.first_bad is None else int(all_reduce_sum(self.first_bad.clone()))
+        self.steps, self.first_bad = 0, None
+        if first_bad:
+            raise UsageError(f"{stage} epoch {epoch} step {first_bad}: the loss is not finite; the run stopped without "
+                             f"saving this epoch (last.pt keeps the last good one); lower {lr_flag} for a new run or check the data")
+
+
+def colorize(labels, palette):
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
+    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
+def main_guard(main, get_args):
+    """Entry point: a user's mistake (UsageError, DatasetError) -> one `error: ...` line on stderr, exit code 2."""
+    try:
+        main(get_args())
+    except (UsageError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+# --- end of plumbing ---
+
+
+def main(args):
+    resume_path = check_run_dir(args, SCRIPT)  # nothing is written before the flags and the data are checked
+    runtime = setup_runtime(args)
+    try:
+        return run(args, runtime, resume_path)
+    finally:
+        shutdown(runtime)
+
+
+def run(args, runtime, resume_path):
+    device = runtime.device
+    # every split this run reads, each label checked, before the model exists and before --out is written
+    datasets, info = {}, None
+    for role, split in run_splits(args).items():
+        datasets[role], split_info = build_split(args, split)
+        info = info or split_info
+    for role, dataset in datasets.items():
+        check_labels(dataset, desc=f"checking {run_splits(args)[role]} labels")
+    resolve_recipe(args, info.binary)
+    num_outputs = 1 if args.binary_task else info.num_classes  # CHOICE C4: binary sets use one logit
+    palette = info.palette[:2] if args.binary_task else info.palette
+    if "train" in datasets:
+        per_rank = -(-len(datasets["train"]) // runtime.world_size)
+        if args.img_size == 16 and args.arch not in PRESETS and min(per_rank, args.batch_size) == 1:
+            raise UsageError(f"each process trains on batches of one image ({len(datasets['train'])} training images, "
+                             f"{runtime.world_size} processes) and at --img-size 16 the U-Net's 1x1 bottleneck gives "
+                             f"BatchNorm one value per channel; pass --img-size 32 or more, or more images")
+    folder_masks = FolderMasks(args.mask_dir, args.img_size, device, args.mask_area) \
+        if args.masking == "folder" else None
+    model, pretrained = prepare_model(args, num_outputs, runtime)
+    arch = architecture(args, num_outputs)
+    parameters = sum(p.numel() for p in model.parameters())
+    test_loader = make_loader(datasets["test"], args.batch_size, args, runtime, train=False)
+    out = Path(args.out)
 
     if args.eval_only:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
-        if not checkpoint.is_file():
-            raise SystemExit(f"error: --eval-only: no checkpoint {checkpoint}; pass --checkpoint PATH")
-        load_checkpoint(checkpoint, model)
-        results = {split: evaluate(model, loader, info, args, device, folder_masks)
-                   for split, loader in eval_loaders.items()}
-        if is_main:
-            for split, metrics in results.items():
-                print(format_line({"split": split, **metrics}))
+        path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
+        state = load_checkpoint(path, SCRIPT, arch)
+        load_state(model, state["model"], path)
+        test = evaluate(model, test_loader, args, runtime, info.num_classes, folder_masks, "test")
+        result = {"checkpoint": str(path), "test": test}
+        if runtime.main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "results-eval.json").write_text(json.dumps({"checkpoint": str(checkpoint), **results}, indent=2))
-        return results
+            write_json(out / "eval_test.json", result)
+            print(" ".join(f"test_{k}={v:.4f}" for k, v in test.items() if isinstance(v, float)), flush=True)
+        return result
 
-    start_epoch, best = 1, {"score": -math.inf, "epoch": 0}
-    if args.resume:
-        state = load_checkpoint(out / "last.pt", model, optimizer, scheduler, restore_rng=True)
+    optimizer, scheduler = build_optimizer(args, model)
+    start_epoch, best, state = 1, {"score": -math.inf, "epoch": 0}, None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, SCRIPT, arch, flag="--resume")
+        load_state(model, state["model"], resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         start_epoch, best = state["epoch"] + 1, state["best"]
-    else:
-        seed_everything(args.seed + rank)  # a different drop-path stream per rank
-    config = {**vars(args), "parameters": parameters, "world_size": world_size,
-              "effective_batch_size": args.batch_size * world_size, "train_images": len(train_loader.dataset)}
-    if is_main:
-        print("config " + json.dumps(config, sort_keys=True))
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-
-    if world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_model = model
+    train_loader = make_loader(datasets["train"], args.batch_size, args, runtime, train=True)
+    select_loader = make_loader(datasets["select"], args.batch_size, args, runtime, train=False)
+    config = {**vars(args), "parameters": parameters, "pretrained": pretrained, "architecture": arch,
+              "world_size": runtime.world_size, "effective_batch_size": args.batch_size * runtime.world_size,
+              "train_images": len(datasets["train"]), "num_classes": info.num_classes,
+              "mask_files": None if folder_masks is None else {"kept": len(folder_masks.masks),
+                                                               "per_bin": folder_masks.counts}}
+    out = create_run_dir(args, SCRIPT, config, runtime)
+    log = MetricsLog(out, runtime, resume_state=state)
+    if state is not None:
+        set_rng_states(state["rng"])
+    if runtime.main:
+        (out / "samples").mkdir(exist_ok=True)
+    train_model = distribute(model, runtime)
     step_fn = torch.compile(train_step) if args.compile else train_step  # fuses the step's kernels on GPU
-    mask_generator = torch.Generator(device=device)
-    select_loader = eval_loaders[args.select_on]
-    sample_images, sample_labels = next(iter(DataLoader(select_loader.dataset, batch_size=args.num_samples)))
-    sample_images, sample_labels = sample_images.to(device), sample_labels.to(device)
+    guard = FiniteGuard()
 
     for epoch in range(start_epoch, args.epochs + 1):
         started = time.time()
-        seed = epoch_seed(args.seed, epoch, rank)
-        mask_generator.manual_seed(seed)  # a fresh mask per sample per step, replayable on --resume
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        else:
-            train_loader.generator.manual_seed(seed)
-        losses = train_one_epoch(train_model, step_fn, optimizer, train_loader, args, device, mask_generator,
+        train_loader.sampler.set_epoch("train", epoch)
+        losses = train_one_epoch(train_model, step_fn, optimizer, train_loader, args, runtime, epoch, guard,
                                  folder_masks)
+        guard.check("train", epoch)  # a non-finite loss stops here: nothing of this epoch is saved
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        metrics = evaluate(model, select_loader, info, args, device, folder_masks)
+        metrics = evaluate(model, select_loader, args, runtime, info.num_classes, folder_masks, args.select_on)
         score = metrics[args.select_metric]
         score = -math.inf if math.isnan(score) else score  # e.g. no foreground anywhere yet
         improved = score > best["score"] or best["epoch"] == 0  # so that best.pt always exists
         if improved:
             best = {"score": score, "epoch": epoch}
-        record = {"epoch": epoch, **losses, "lr": lr,
-                  **{f"{args.select_on}_{k}": v for k, v in metrics.items()}, "time": time.time() - started}
-        if is_main:
-            print(format_line(record), flush=True)
-            with open(out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            save_checkpoint(out / "last.pt", model, optimizer, scheduler, epoch, best, args)
+        log.write({"epoch": epoch, **losses, "lr": lr, **{f"{args.select_on}_{k}": v for k, v in metrics.items()},
+                   "time": time.time() - started})
+        if runtime.main:  # the record first, then the checkpoint that counts it (a kill between them loses nothing)
+            save_checkpoint(out / "last.pt", {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                              "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best},
+                            SCRIPT, arch, log)
             if improved:
-                save_checkpoint(out / "best.pt", model, optimizer, scheduler, epoch, best, args)
-            save_samples(model, sample_images, sample_labels, args, info, out / "samples" / f"epoch{epoch:03d}.png",
+                link_checkpoint(out / "last.pt", out / "best.pt")
+            save_samples(model, datasets["select"], args, palette, out / "samples" / f"epoch{epoch:03d}.png", device,
                          folder_masks)
-        if dist.is_initialized():
-            dist.barrier()  # best.pt is written before any rank reads it
+        barrier()  # best.pt is written before any rank reads it
 
-    # final: the selected weights on every evaluation split
-    load_checkpoint(out / "best.pt", model)
-    results = {"best_epoch": best["epoch"], f"best_{args.select_on}_{args.select_metric}": best["score"],
-               "parameters": parameters}
-    for split, loader in eval_loaders.items():
-        results[split] = evaluate(model, loader, info, args, device, folder_masks)
-    if is_main:
-        for split in eval_loaders:
-            print(format_line({"final": split, **results[split]}))
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # final: the selected weights on the selection split and the test split
+    state = load_checkpoint(out / "best.pt", SCRIPT, arch)
+    load_state(model, state["model"], out / "best.pt")
+    results = {"best_epoch": state["best"]["epoch"], f"best_{args.select_on}_{args.select_metric}":
+               state["best"]["score"], "parameters": parameters, "pretrained": pretrained, "architecture": arch}
+    if args.select_on != "test":
+        results[args.select_on] = evaluate(model, select_loader, args, runtime, info.num_classes, folder_masks,
+                                           args.select_on)
+    results["test"] = evaluate(model, test_loader, args, runtime, info.num_classes, folder_masks, "test")
+    if runtime.main:
+        for split in (args.select_on, "test"):
+            print(f"final={split} " + " ".join(f"{k}={v:.4f}" for k, v in results[split].items()
+                                              if isinstance(v, float)), flush=True)
+        write_json(out / "results.json", results)
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    main_guard(main, get_args)

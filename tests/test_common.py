@@ -195,7 +195,7 @@ def test_kvasir_thresholds_jpeg_masks_and_splits(tmp_path):
     assert set(np.unique(raw(splits["train"])).tolist()) == {0, 1}
     (tmp_path / "train.txt").write_text("\n".join(stems[:15]))
     (tmp_path / "val.txt").write_text("\n".join(stems[15:]))
-    listed, _ = build_dataset("kvasir", tmp_path, "val")
+    listed, _ = build_dataset("kvasir", tmp_path, "test")  # train.txt + val.txt only: val.txt is the test split
     assert listed.names == stems[15:]
 
 
@@ -566,6 +566,66 @@ def test_all_reduce_sums_over_two_gloo_processes(tmp_path):
     assert results[0][0] == results[1][0] == both.matrix.tolist()
     single = BinaryStats().update(torch.tensor([[[1.0, -1.0]], [[2.0, -2.0]]]), torch.tensor([[[1, 0]], [[1, 1]]]))
     assert results[0][1] == pytest.approx(single.sums.tolist()) and results[1][1] == pytest.approx(single.sums.tolist())
+
+
+# --- masksup.py: the readers of the paper's data as released (PraNet layout, Kvasir lists, 0/255 folder masks) ---
+
+def write_pranet(root, train_stems, test_sets):
+    """PraNet release layout: TrainDataset/{image,mask}/*.png, TestDataset/<set>/{images,masks}/*.png, 0/255 masks."""
+    mask = np.where(label_map([0, 1]) == 1, 255, 0)
+    for stem in train_stems:
+        write_rgb(root / "TrainDataset" / "image" / f"{stem}.png")
+        write_label(root / "TrainDataset" / "mask" / f"{stem}.png", mask)
+    for name, stems in test_sets.items():
+        for stem in stems:
+            write_rgb(root / "TestDataset" / name / "images" / f"{stem}.png")
+            write_label(root / "TestDataset" / name / "masks" / f"{stem}.png", mask)
+
+
+def test_pranet_layout_fixed_test_folders_and_carved_val(tmp_path):
+    train_stems = [f"t{i:03d}" for i in range(20)]
+    write_pranet(tmp_path, train_stems, {"CVC-ClinicDB": ["1", "2", "3"], "Kvasir": ["k1", "k2"]})
+    splits = {s: build_dataset("pranet", tmp_path, s)[0] for s in ("train", "val", "trainval", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "trainval", "test")] == [18, 2, 20, 3]
+    assert not set(splits["train"].names) & set(splits["val"].names)  # val carved from TrainDataset, disjoint
+    assert sorted(splits["train"].names + splits["val"].names) == train_stems
+    assert sorted(splits["test"].names) == ["1", "2", "3"]  # TestDataset/CVC-ClinicDB, the paper's test set
+    kvasir, info = build_dataset("pranet", tmp_path, "test", test_set="Kvasir")
+    assert sorted(kvasir.names) == ["k1", "k2"] and info.binary and info.num_classes == 2
+    assert set(np.unique(raw(splits["train"])).tolist()) == {0, 1}  # 0/255 masks: 255 is foreground
+    with pytest.raises(DatasetError, match="CVC-ClinicDB, Kvasir"):
+        build_dataset("pranet", tmp_path, "test", test_set="ETIS")
+
+
+def test_kvasir_train_and_val_lists_val_is_test(tmp_path):
+    """The MediaEval lists (train.txt + val.txt): val.txt is the test split, validation is carved from train.txt,
+    and no test id is ever in train or val."""
+    stems = [f"cju{i:04d}" for i in range(24)]
+    write_polyps(tmp_path, stems)
+    (tmp_path / "train.txt").write_text("\n".join(stems[:20]))
+    (tmp_path / "val.txt").write_text("\n".join(stems[20:]))
+    splits = {s: build_dataset("kvasir", tmp_path, s)[0].names for s in ("train", "val", "trainval", "test")}
+    assert splits["test"] == stems[20:]
+    assert len(splits["val"]) == 2 and len(splits["train"]) == 18
+    assert sorted(splits["train"] + splits["val"]) == sorted(splits["trainval"]) == stems[:20]
+    (tmp_path / "test.txt").write_text("\n".join(stems[22:]))  # all three lists: each is used as it is
+    assert build_dataset("kvasir", tmp_path, "val")[0].names == stems[20:]
+    assert build_dataset("kvasir", tmp_path, "test")[0].names == stems[22:]
+
+
+def test_folder_auto_mask_mode_reads_0_255_masks_as_binary(tmp_path):
+    for i in range(4):
+        write_rgb(tmp_path / "binary" / "images" / f"{i}.png")
+        write_label(tmp_path / "binary" / "masks" / f"{i}.png", np.where(label_map([0, 1]) == 1, 255, 0))
+        write_rgb(tmp_path / "ids" / "images" / f"{i}.png")
+        write_label(tmp_path / "ids" / "masks" / f"{i}.png", label_map([0, 1, 2, 255]))
+    auto, info = build_dataset("folder", tmp_path / "binary", "trainval", mask_mode="auto")
+    assert set(np.unique(raw(auto)).tolist()) == {0, 1} and info.binary
+    as_ids, info = build_dataset("folder", tmp_path / "binary", "trainval", mask_mode="ids")
+    assert set(np.unique(raw(as_ids)).tolist()) == {0, 255}  # ids mode: 255 is ignore, as documented
+    ids, info = build_dataset("folder", tmp_path / "ids", "trainval", mask_mode="auto")
+    assert set(np.unique(raw(ids)).tolist()) == {0, 1, 2, 255} and info.num_classes == 3
+
 
 
 # --- simclr_seg.py: the catsdogs pre-training reader (full decode, balanced limit, class-folder exports) ---

@@ -717,8 +717,8 @@ def test_training_sees_only_train_images_and_selection_only_val(tmp_path, monkey
     """Split membership: every image train_step receives is a train-split image, never a val or test image, every
     train image is seen; evaluate during training receives the val split."""
     args = masksup.get_args(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
-    splits = {name: torch.stack([item[0] for item in masksup.build_split(args, name)[0]])
-              for name in ("train", "val", "test")}
+    datasets = {name: masksup.build_split(args, name)[0] for name in ("train", "val", "test")}
+    splits = {name: torch.stack([dataset[i][0] for i in range(len(dataset))]) for name, dataset in datasets.items()}
     seen, evaluated = [], []
     real_step, real_evaluate = masksup.train_step, masksup.evaluate
 
@@ -886,7 +886,7 @@ def test_real_kvasir_samples(tmp_path):
                              "--img-size", "32", "--limit", "12", "--batch-size", "6", "--unet-width", "8",
                              "--epochs", "1", "--workers", "0", "--eval-masked", "--out", str(out)])
     results = masksup.main(args)
-    assert args.binary_task and args.num_classes == 2
+    assert args.binary_task and json.loads((out / "config.json").read_text())["num_classes"] == 2
     for key in ("miou", "paper_iou", "fg_iou", "dice", "masked_paper_iou"):
         assert 0.0 <= results["test"][key] <= 1.0
     # the polyp setting: Kvasir-SEG + CVC-ClinicDB training images from one --data-root
