@@ -5,8 +5,10 @@ images/s and peak GPU memory for both, per network, one JSON line per configurat
 
     python bench/bench_masksup.py --device cuda --steps 200 [--compile]      # LeViT-UNet-192/-384 at 224x224
     python bench/bench_masksup.py --device cpu --steps 3                      # tiny CPU smoke run
+    python bench/bench_masksup.py --device cpu --amp-both --steps 20          # CPU: bf16 autocast vs fp32
 
-On CUDA: bf16 autocast and channels_last (as masksup.py with --amp --channels-last); masks are drawn on the device
+On CUDA: bf16 autocast and channels_last (as masksup.py with --amp --channels-last); --amp-both measures each
+configuration with and without bf16 autocast (on a CPU it needs AVX512-BF16/AMX). Masks are drawn on the device
 every step with the free-form generator (--masking high), as in training. Synthetic random inputs, so data
 loading is not measured.
 """
@@ -36,6 +38,7 @@ def get_args(argv=None):
                         help="keep NCHW (channels_last is on by default on CUDA)")
     parser.add_argument("--no-amp", dest="amp", action="store_false",
                         help="fp32 (bf16 autocast is on by default on CUDA)")
+    parser.add_argument("--amp-both", action="store_true", help="measure with and without bf16 autocast")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
@@ -43,6 +46,7 @@ def get_args(argv=None):
     args.archs = args.archs or (["levit-192", "levit-384"] if cuda else ["unet"])
     args.img_size = args.img_size or (224 if cuda or any(a != "unet" for a in args.archs) else 64)
     args.amp = args.amp and cuda
+    args.amp_settings = [True, False] if args.amp_both else [args.amp]
     args.channels_last = args.channels_last and cuda
     return args
 
@@ -53,7 +57,8 @@ def bench(arch, method, args):
     if method == "supervised":
         flags += ["--alpha2", "0", "--alpha3", "0"]
     run_args = masksup.get_args(flags)
-    run_args.amp, run_args.channels_last, run_args.binary_task = args.amp, args.channels_last, True
+    masksup.resolve_recipe(run_args, True)
+    run_args.amp, run_args.channels_last = args.amp, args.channels_last
     torch.manual_seed(0)
     model = masksup.build_model(run_args, 1).to(device)
     if args.channels_last:
@@ -97,7 +102,9 @@ def bench(arch, method, args):
 def main(args):
     for arch in args.archs:
         for method in ("masksup", "supervised"):
-            print(json.dumps(bench(arch, method, args)), flush=True)
+            for amp in args.amp_settings:
+                args.amp = amp
+                print(json.dumps(bench(arch, method, args)), flush=True)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
 
