@@ -46,8 +46,10 @@ Choices (the paper is silent; grep "CHOICE C")
     C7  Best weights are chosen by the standard mIoU on a validation split carved from train (--select-metric
         paper_iou picks by the paper's per-image score, the authors' criterion); --select-on test is the authors'
         protocol (train on all of train, select on test: optimistic).
-    C8  --eval-masked draws the mask of test image i from a generator seeded by (seed, i): every epoch, checkpoint,
-        batch size and process count scores the same masked images.
+    C8  Every mask is keyed by its item: training image i in epoch e gets the mask of a generator seeded by
+        (seed, e, i), test image i under --eval-masked that of (seed, i). A run is then independent of the batch
+        split across processes and of --resume, and every epoch and checkpoint is scored on the same masked images.
+        The authors' code also draws one mask per sample (in its Dataset).
     C9  The U-Net (--arch unet) is a plain 5-level U-Net (two conv-BN-ReLU per level, bilinear upsampling); base
         width 20 gives 3.07 M parameters, the slides' "3 M". The paper names no layout.
     C10 Synthetic default (--data shapes): binary (object vs background, the paper's GLaS/polyp kind of task),
@@ -427,11 +429,12 @@ def make_masks(args, batch_size, generator, device, folder_masks=None):
     return free_form_masks(batch_size, args.img_size, args.img_size, HOLE_AREA_BINS[args.masking], generator, device)
 
 
-def evaluation_masks(args, indices, device, folder_masks=None):
-    """(len(indices), H, W) bool: the mask of dataset item i drawn from a generator seeded by (seed, i) (CHOICE C8),
-    so a test image is masked the same way in every epoch, checkpoint, batch size and process count."""
-    masks = [make_masks(args, 1, make_generator(args.seed, "eval-mask", int(i), device=device), device, folder_masks)
-             for i in indices]
+def item_masks(args, keys, device, folder_masks=None):
+    """(len(keys), H, W) bool: one mask per item, drawn from a generator seeded by the item's key, e.g.
+    (seed, "mask", epoch, index) in training, (seed, "eval-mask", index) in evaluation (CHOICE C8). An image gets
+    the same mask whatever the batch size, the process count, the worker count or a --resume; each mask is
+    vectorised over its pixels, the loop runs over the batch's items."""
+    masks = [make_masks(args, 1, make_generator(*key, device=device), device, folder_masks) for key in keys]
     return torch.cat(masks) if masks else torch.zeros(0, args.img_size, args.img_size, dtype=torch.bool, device=device)
 
 
@@ -876,20 +879,23 @@ def train_step(model, optimizer, images, labels, mask, args):
 
 
 def train_one_epoch(model, step_fn, optimizer, loader, args, runtime, epoch, guard, folder_masks=None):
-    """One pass over `loader` with a fresh hole mask per sample per step, drawn from a generator of (seed, epoch,
-    rank) so a resumed epoch replays its masks. Returns the mean loss terms over all ranks' steps."""
+    """One pass over `loader` with a fresh hole mask per sample per epoch, keyed by (seed, epoch, item) so that a
+    resumed epoch replays its masks and 2 processes with batch B see the masks 1 process with batch 2B sees.
+    Returns the mean loss terms over all ranks' steps."""
     model.train()
     device = runtime.device
-    mask_generator = make_generator(args.seed, "masks", epoch, runtime.rank, device=device)
     torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # LeViT's stochastic depth
     sums = torch.zeros(5, device=device)  # L_total, L_seg, L_context, L_tasksim, steps
+    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
     for images, labels in progress(loader, runtime, f"train epoch {epoch}"):
         # pinned memory + non_blocking: the copy overlaps the previous step on CUDA
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        mask = make_masks(args, images.shape[0], mask_generator, device, folder_masks)  # (B, H, W)
+        keys = [(args.seed, "mask", epoch, index) for index in indices[seen:seen + images.shape[0]]]
+        seen += images.shape[0]
+        mask = item_masks(args, keys, device, folder_masks)  # (B, H, W): a fresh mask per sample per epoch
         losses = step_fn(model, optimizer, images, labels, mask, args)
         guard.observe(losses[0])
         sums[:4] += losses
@@ -927,8 +933,8 @@ def evaluate(model, loader, args, runtime, num_classes, folder_masks=None, desc=
             images = images.contiguous(memory_format=torch.channels_last)
         inputs = {"": images}
         if args.eval_masked:
-            batch_indices = indices[seen:seen + images.shape[0]]
-            inputs["masked_"] = apply_mask(images, evaluation_masks(args, batch_indices, device, folder_masks))
+            keys = [(args.seed, "eval-mask", index) for index in indices[seen:seen + images.shape[0]]]
+            inputs["masked_"] = apply_mask(images, item_masks(args, keys, device, folder_masks))
         seen += images.shape[0]
         for prefix, batch in inputs.items():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -966,7 +972,8 @@ def save_samples(model, dataset, args, palette, path, device, folder_masks=None)
     items = [dataset[i] for i in range(min(args.num_samples, len(dataset)))]
     images = torch.stack([image for image, _ in items]).to(device)
     labels = torch.stack([label for _, label in items])
-    masked = apply_mask(images, evaluation_masks(args, range(len(items)), device, folder_masks))
+    masked = apply_mask(images, item_masks(args, [(args.seed, "eval-mask", i) for i in range(len(items))], device,
+                                           folder_masks))
     rows = [denormalize(images, "symmetric").cpu(), denormalize(masked, "symmetric").cpu()]  # sync point
     for batch in (images, masked):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):

@@ -207,11 +207,12 @@ def test_produced_hole_areas_match_the_paper_bins(masking, low, high):
     assert fractions.max() - fractions.min() > 0.5 * (high - low)  # spread over the bin, not one value
 
 
-def test_evaluation_masks_depend_on_the_item_only():
+def test_item_masks_depend_on_the_item_key_only():
     args = masksup.get_args(["--img-size", "32"])
-    both = masksup.evaluation_masks(args, [3, 7], "cpu")
-    assert torch.equal(masksup.evaluation_masks(args, [7], "cpu")[0], both[1])  # batch and shard independent
+    both = masksup.item_masks(args, [(0, "mask", 1, 3), (0, "mask", 1, 7)], "cpu")
+    assert torch.equal(masksup.item_masks(args, [(0, "mask", 1, 7)], "cpu")[0], both[1])  # batch/shard independent
     assert not torch.equal(both[0], both[1])
+    assert not torch.equal(masksup.item_masks(args, [(0, "mask", 2, 3)], "cpu")[0], both[0])  # fresh each epoch
 
 
 # --- model ---
@@ -654,7 +655,8 @@ def test_evaluate_scores_masked_images_with_eval_masked():
     assert len(received) == 2 * math.ceil(len(dataset) / 4)
     seen_clean, seen_masked = torch.cat(received[0::2]), torch.cat(received[1::2])
     assert torch.equal(seen_clean, clean)
-    expected = masksup.apply_mask(clean, masksup.evaluation_masks(args, range(len(dataset)), "cpu"))
+    keys = [(args.seed, "eval-mask", i) for i in range(len(dataset))]
+    expected = masksup.apply_mask(clean, masksup.item_masks(args, keys, "cpu"))
     assert torch.equal(seen_masked, expected) and not torch.equal(seen_masked, clean)
     hole_share = (seen_masked == 0).all(dim=1).float().mean().item()
     assert 0.45 < hole_share < 0.65  # high masking: 50-60 % of the pixels are holes
@@ -711,6 +713,32 @@ def test_evaluate_uses_eval_mode_and_training_uses_train_mode():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     masksup.train_one_epoch(model, masksup.train_step, optimizer, loader, args, cpu_runtime(), 1, masksup.FiniteGuard())
     assert modes and all(modes)
+
+
+def test_training_masks_follow_the_image_not_the_batch_or_the_rank():
+    """Spy on train_step: each training image gets the same mask with batch 4 on one process as with batch 2 on
+    either of two ranks (what makes torchrun with batch B equal one process with batch 2B), and a new one next epoch."""
+    args = eval_args()
+    dataset, _ = masksup.build_split(args, "train")
+
+    def masks_seen(batch_size, runtime, epoch=1):
+        seen = {}
+
+        def spy(model, optimizer, images, labels, mask, run_args):
+            for image, hole in zip(images, mask):
+                seen[image.sum().item()] = hole.clone()
+            return torch.zeros(4)
+        loader = masksup.make_loader(dataset, batch_size, args, runtime, train=True)
+        loader.sampler.set_epoch("train", epoch)
+        masksup.train_one_epoch(torch.nn.Identity(), spy, None, loader, args, runtime, epoch, masksup.FiniteGuard())
+        return seen
+    single = masks_seen(4, cpu_runtime())
+    ranks = {**masks_seen(2, masksup.Runtime(torch.device("cpu"), 0, 2)),
+             **masks_seen(2, masksup.Runtime(torch.device("cpu"), 1, 2))}
+    assert len(single) == len(dataset) and set(ranks) == set(single)
+    assert all(torch.equal(single[key], ranks[key]) for key in single)
+    later = masks_seen(4, cpu_runtime(), epoch=2)
+    assert not any(torch.equal(single[key], later[key]) for key in single)
 
 
 def test_training_sees_only_train_images_and_selection_only_val(tmp_path, monkeypatch):
