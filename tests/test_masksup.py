@@ -630,6 +630,35 @@ def test_binary_folder_gets_the_binary_recipe_after_the_data_is_read(tmp_path):
     assert set(dataset[0][1].unique().tolist()) == {0, 1}  # 255 became foreground, not ignore
 
 
+def test_data_flags_reach_the_readers(tmp_path):
+    """--mask-mode, --label-base and --test-set are passed to common.py's readers (each would be silently ignored
+    otherwise): 0/255 masks as ids keep 255 as ignore; NYUDv2 ids 1..40 with 0 void; PraNet's Kvasir test folder."""
+    write_folder(tmp_path / "folder", count=4)
+    ids = masksup.get_args(["--data", "folder", "--data-root", str(tmp_path / "folder"), "--mask-mode", "ids",
+                            "--img-size", "32"])
+    assert set(masksup.build_split(ids, "trainval")[0][0][1].unique().tolist()) == {0, 255}
+    for folder in ("train_images", "train_labels", "val_images", "val_labels"):
+        (tmp_path / "nyu" / folder).mkdir(parents=True)
+    for i in range(3):
+        for part in ("train", "val"):
+            Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "nyu" / f"{part}_images" / f"{i}.png")
+            Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16) % 41).save(
+                tmp_path / "nyu" / f"{part}_labels" / f"{i}.png")
+    nyu = masksup.get_args(["--data", "nyudv2", "--data-root", str(tmp_path / "nyu"), "--label-base", "1",
+                            "--img-size", "16", "--arch", "unet"])
+    dataset, info = masksup.build_split(nyu, "test")
+    assert info.num_classes == 40 and set(dataset.load(0)[1].ravel().tolist()) == set(range(40)) | {255}
+    for name, stems in (("CVC-ClinicDB", ["1", "2"]), ("Kvasir", ["k1", "k2", "k3"])):
+        write_folder(tmp_path / "pranet" / "TestDataset" / name, count=len(stems))
+        for i, stem in enumerate(stems):
+            for sub, new in (("images", "images"), ("masks", "masks")):
+                (tmp_path / "pranet" / "TestDataset" / name / sub / f"{i}.png").rename(
+                    tmp_path / "pranet" / "TestDataset" / name / new / f"{stem}.png")
+    kvasir = masksup.get_args(["--data", "pranet", "--data-root", str(tmp_path / "pranet"), "--test-set", "Kvasir",
+                               "--img-size", "32", "--arch", "unet"])
+    assert sorted(masksup.build_split(kvasir, "test")[0].names) == ["k1", "k2", "k3"]
+
+
 def cpu_runtime():
     return masksup.Runtime(torch.device("cpu"))
 
