@@ -379,6 +379,18 @@ def levit_128s_state_dict():
     return state
 
 
+_LEVIT_STATE = {}
+
+
+def levit_128s_state_dict_cache():
+    """The same random released-layout state dict on every call (seeded once)."""
+    if not _LEVIT_STATE:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _LEVIT_STATE.update(levit_128s_state_dict())
+    return _LEVIT_STATE
+
+
 def test_load_levit_weights_maps_every_encoder_tensor(tmp_path):
     levit = levit_128s_state_dict()
     torch.save({"model": levit}, tmp_path / "levit.pth")
@@ -406,7 +418,7 @@ def test_load_levit_weights_maps_every_encoder_tensor(tmp_path):
 def test_levit_weights_flag_warns_once_and_records_pretrained(tmp_path, capsys):
     """No file: one warning naming the released file, pretrained False; a file: loaded, pretrained True; none:
     silent."""
-    torch.save({"model": levit_128s_state_dict()}, tmp_path / "LeViT-128S-96703c44.pth")
+    torch.save({"model": levit_128s_state_dict_cache()}, tmp_path / "LeViT-128S-96703c44.pth")
     runtime = masksup.Runtime(torch.device("cpu"))
     outcomes = {}
     for weights in (None, str(tmp_path / "LeViT-128S-96703c44.pth"), "none"):
@@ -416,6 +428,8 @@ def test_levit_weights_flag_warns_once_and_records_pretrained(tmp_path, capsys):
         masksup.resolve_recipe(args, True)
         model, pretrained = masksup.prepare_model(args, 1, runtime)
         outcomes[weights] = (pretrained, capsys.readouterr().err)
+        loaded = torch.equal(model.stem[1].conv.weight, levit_128s_state_dict_cache()["patch_embed.2.c.weight"])
+        assert loaded == (weights not in (None, "none"))  # the file's weights are in the model only when passed
     assert outcomes[None][0] is False and outcomes[None][1].count("warning:") == 1
     assert "LeViT-128S-96703c44.pth" in outcomes[None][1] and "--levit-weights none" in outcomes[None][1]
     assert outcomes[str(tmp_path / "LeViT-128S-96703c44.pth")] == (True, "")
@@ -844,14 +858,17 @@ def test_baseline_and_binary_paths(tmp_path):
 def test_folder_masking_and_select_on_test(tmp_path):
     """--masking folder trains and evaluates with the user's masks; --select-on test (the authors' protocol)
     trains on trainval and scores only test."""
-    for i in range(2):
+    for i in range(3):
         array = np.zeros((16, 16), dtype=np.uint8)
-        array[i * 8:(i + 1) * 8] = 255
+        array[i * 8:(i + 1) * 8] = 255 if i < 2 else 0
+        array[:4, :] = 255 if i == 2 else array[:4, :]  # mask 2: 25 % holes, outside the high bin
         Image.fromarray(array).save(tmp_path / f"mask{i}.png")
     out = tmp_path / "run"
     args = masksup.get_args(TINY + ["--epochs", "1", "--masking", "folder", "--mask-dir", str(tmp_path),
-                                    "--select-on", "test", "--eval-masked", "--out", str(out)])
+                                    "--mask-area", "high", "--select-on", "test", "--eval-masked", "--out", str(out)])
     results = masksup.main(args)
+    config = json.loads((out / "config.json").read_text())
+    assert config["mask_files"] == {"kept": 2, "per_bin": {"low": 0, "high": 2, "any": 3}}  # --mask-area reached it
     assert set(results) >= {"test", "best_epoch"} and "val" not in results
     assert 0.0 <= results["test"]["masked_paper_iou"] <= 1.0
     assert "test_miou" in read_metrics(out)[0]
