@@ -655,7 +655,8 @@ def test_data_flags_reach_the_readers(tmp_path):
         (tmp_path / "nyu" / folder).mkdir(parents=True)
     for i in range(3):
         for part in ("train", "val"):
-            Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "nyu" / f"{part}_images" / f"{i}.png")
+            image = Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))
+            image.save(tmp_path / "nyu" / f"{part}_images" / f"{i}.png")
             Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16) % 41).save(
                 tmp_path / "nyu" / f"{part}_labels" / f"{i}.png")
     nyu = masksup.get_args(["--data", "nyudv2", "--data-root", str(tmp_path / "nyu"), "--label-base", "1",
