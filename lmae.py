@@ -23,12 +23,13 @@ Implemented (component -> function -> paper place)
     class-weighted CE with learnable beta, gamma      -> ClassWeighting, lmae_loss  -> Sec. III-E, Eqs. (10)-(12)
     PA-mIoU (hidden pixels only) and global mIoU      -> evaluate                   -> Sec. IV-B, Table IV
     Adam, weight decay 1e-4, ReduceLROnPlateau(min, patience 5, threshold 1e-3, factor 0.8), VOC crop 448 ->
-      resize 224, Cityscapes crop 448, batch 24 / 48, 400 epochs -> main, get_args -> Sec. IV-A
+      resize 224, Cityscapes crop 448, batch 24 / 48, 400 epochs -> train, get_args, build_splits -> Sec. IV-A
     inference phase: route each image to the checkpoint whose mask ratio fits, hide the unknown patches (or,
       with --missing background, the most-background ones), fill only unknown (background) pixels
                                                       -> complete, complete_batch, completion_grid -> Sec. III-D, Fig. 4
     label degradation for the augmentation experiment -> degrade, degrade_label    -> Sec. IV-C
     baselines: nearest known pixel, most frequent known class -> nearest_known_fill, most_frequent_known_class
+    pixel head: linear per token (paper) or --head conv (ours, CHOICE C15) -> LMAE.head, ConvHead
 
 Choices (the paper is silent or contradicts itself; grep "CHOICE C")
     C1  Void pixels (255) are all-zero in the one-hot fuse channels; --fuse direct stores (id + 1) / K in one

@@ -39,7 +39,9 @@ def get_args(argv=None):
     parser.add_argument("--num-classes", type=int, default=21, help="K (default 21, VOC)")
     parser.add_argument("--patch-size", type=int, default=None, help="default 16 (8 on CPU)")
     parser.add_argument("--mask-ratio", type=float, default=0.5)
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast on or off (default: both, one line each; a CPU needs bf16 support)")
+    parser.add_argument("--head", default="linear", choices=lmae.HEADS, help="pixel head (default linear)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-timm", action="store_true", help="skip the timm-block comparison even if installed")
@@ -65,8 +67,8 @@ def step_args(args, preset):
                             "--img-size", f"{args.img_size[0]}x{args.img_size[1]}",
                             "--eval-size", f"{args.img_size[0]}x{args.img_size[1]}",
                             "--mask-ratio", str(args.mask_ratio), "--batch-size", str(args.batch_size)])
-    config.amp = args.amp
     config.channels_last = args.channels_last
+    config.head = args.head
     return config
 
 
@@ -80,8 +82,9 @@ def with_timm_blocks(model, preset):
     return model
 
 
-def measure(args, preset, blocks):
+def measure(args, preset, blocks, amp):
     device = args.device
+    runtime = lmae.Runtime(device, amp=amp)
     config = step_args(args, preset)
     torch.manual_seed(0)
     model = lmae.build_model(config, args.num_classes)
@@ -100,13 +103,13 @@ def measure(args, preset, blocks):
     step = torch.compile(lmae.train_step) if args.compile else lmae.train_step
     model.train()
     for _ in range(args.warmup):
-        step(model, optimizer, images, labels, config)
+        step(model, optimizer, images, labels, config, runtime)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(args.steps):
-        loss = step(model, optimizer, images, labels, config)
+        loss = step(model, optimizer, images, labels, config, runtime)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -114,7 +117,7 @@ def measure(args, preset, blocks):
         "method": "lmae", "model": "lmae" if blocks == "lmae" else "mae-timm-blocks", "preset": preset,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "img_size": [H, W],
         "batch_size": B, "patch_size": args.patch_size, "num_classes": args.num_classes,
-        "mask_ratio": args.mask_ratio, "amp": bool(args.amp and device.type == "cuda"), "compile": args.compile,
+        "mask_ratio": args.mask_ratio, "amp": amp, "head": args.head, "compile": args.compile,
         "channels_last": args.channels_last, "steps": args.steps,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "images_per_s": round(args.steps * B / elapsed, 2), "step_ms": round(1000 * elapsed / args.steps, 2),
@@ -128,9 +131,14 @@ def main(args):
     variants = ["lmae"] + (["timm"] if TimmBlock is not None and not args.no_timm else [])
     if TimmBlock is None and not args.no_timm:
         print(json.dumps({"note": "timm is not installed: no timm-block comparison"}), flush=True)
+    amps = [args.amp] if args.amp is not None else [False, True]
+    if args.device.type == "cpu" and not lmae.cpu_supports_bf16():
+        amps = [False]
+        print(json.dumps({"note": "this CPU has no bf16 support: --amp not measured"}), flush=True)
     for preset in args.presets:
         for blocks in variants:
-            print(json.dumps(measure(args, preset, blocks)), flush=True)
+            for amp in amps:
+                print(json.dumps(measure(args, preset, blocks, amp)), flush=True)
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -2,9 +2,11 @@
 # L-MAE vs nearest-known-pixel fill on the shared CamVid sample (issue 10 item 4), through the CLIs only.
 # Train on CamVid train (30 images, complete labels, native-scale 224 x 224 crops), complete CamVid val (10 images,
 # 480 x 360) degraded at 50 % and 70 % of its 16 px patches, 3 seeds (training seed = degradation seed).
-# Two models: the paper's linear pixel head (tiny preset) and --head conv --nearest-prior (CHOICE C15).
+# Models: the paper's linear pixel head (tiny preset, 40 epochs) and --head conv --nearest-prior (CHOICE C15, 15
+# epochs) with the paper's 1:2:2 mask mix or random masks (what degrade draws). LANES picks a subset.
 # best.pt = the last epoch (validated only there: no selection on the images that are completed).
-# Usage: bash experiments/lmae_camvid/run.sh [OUT]   (default runs/lmae_camvid); OMP_NUM_THREADS=1, two lanes.
+# Usage: [LANES=...] bash experiments/lmae_camvid/run.sh [OUT]   (default runs/lmae_camvid); OMP_NUM_THREADS=1,
+# one process per lane.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/lmae_camvid}
@@ -33,8 +35,14 @@ lane() {  # name epochs flags...
   done
 }
 start=$(date +%s)
-lane linear 40 &
-lane conv 15 --head conv --head-width 8 --nearest-prior &
+LANES=${LANES:-linear conv convrandom}
+for name in $LANES; do
+  case $name in
+    linear) lane linear 40 & ;;                                                # the paper's model (linear head)
+    conv) lane conv 15 --head conv --head-width 8 --nearest-prior & ;;          # CHOICE C15, paper's 1:2:2 masks
+    convrandom) lane convrandom 15 --head conv --head-width 8 --nearest-prior --mask-strategy random & ;;
+  esac
+done
 wait
 echo "wall $(( $(date +%s) - start )) s" | tee "$OUT/wall.txt"
 "$PY" experiments/lmae_camvid/summarize.py "$OUT" | tee "$OUT/table.md"
