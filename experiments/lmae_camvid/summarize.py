@@ -24,8 +24,17 @@ def fmt(values):
     return f"{statistics.mean(values):.3f} +- {spread:.3f} (n={len(values)})"
 
 
-print("| unknown share | fill | PA-mIoU | pixel acc. (unknown pixels) |")
-print("| --- | --- | --- | --- |")
+gaps = {}  # (ratio, model) -> [L-MAE PA-mIoU - nearest PA-mIoU] per seed (same masks)
+for summary in sorted(out.glob("completed-*/summary.json")):
+    _, name, ratio, seed = summary.parent.name.split("-")
+    values = json.loads(summary.read_text())
+    gaps.setdefault((ratio[1:], name), []).append(values["pa_miou"] - values["nearest_pa_miou"])
+
+print("| unknown share | fill | PA-mIoU | pixel acc. (unknown pixels) | PA-mIoU minus nearest fill, paired by seed |")
+print("| --- | --- | --- | --- | --- |")
 for ratio in sorted(rows):
     for label in [k for k in rows[ratio] if not k.endswith(" acc")]:
-        print(f"| {float(ratio):.0%} | {label} | {fmt(rows[ratio][label])} | {fmt(rows[ratio][label + ' acc'])} |")
+        name = label[len("L-MAE ("):-1] if label.startswith("L-MAE") else None
+        gap = fmt(gaps[(ratio, name)]) if name else ""
+        print(f"| {float(ratio):.0%} | {label} | {fmt(rows[ratio][label])} | {fmt(rows[ratio][label + ' acc'])} | "
+              f"{gap} |")
