@@ -385,7 +385,7 @@ class FolderMasks:
 
     SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
-    def __init__(self, folder, size, device, area="any"):
+    def __init__(self, folder, size, device, area="any", runtime=None):
         from PIL import Image, UnidentifiedImageError
         folder = Path(folder)
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in self.SUFFIXES) if folder.is_dir() else []
@@ -394,7 +394,7 @@ class FolderMasks:
                                f"e.g. the NVIDIA irregular-mask set)")
         low, high = HOLE_AREA_BINS[area]
         masks, fractions, all_fractions = [], [], []
-        for path in files:
+        for path in progress(files, runtime, "reading masks") if runtime is not None else files:
             try:
                 with Image.open(path) as image:
                     holes = np.asarray(image.convert("L")) > 127
@@ -1539,7 +1539,7 @@ def run(args, runtime, resume_path):
             raise UsageError(f"each process trains on batches of one image ({len(datasets['train'])} training images, "
                              f"{runtime.world_size} processes) and at --img-size 16 the U-Net's 1x1 bottleneck gives "
                              f"BatchNorm one value per channel; pass --img-size 32 or more, or more images")
-    folder_masks = FolderMasks(args.mask_dir, args.img_size, device, args.mask_area) \
+    folder_masks = FolderMasks(args.mask_dir, args.img_size, device, args.mask_area, runtime) \
         if args.masking == "folder" else None
     model, pretrained = prepare_model(args, num_outputs, runtime)
     arch = architecture(args, num_outputs)
