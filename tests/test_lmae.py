@@ -491,6 +491,14 @@ def test_resume_is_bit_exact(tmp_path):
     assert strip("resumed") == strip("straight") and [r["epoch"] for r in strip("resumed")] == [1, 2]
 
 
+def test_eval_every_validates_only_those_epochs(tmp_path):
+    common = ["--img-size", "32x48", "--limit", "4", "--batch-size", "4", "--preset", "tiny", "--workers", "0"]
+    results = lmae.main(lmae.get_args(["--out", str(tmp_path / "r"), "--epochs", "3", "--eval-every", "2", *common]))
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert ["pa_miou" in r for r in records] == [False, True, True]  # epoch 2, and the last
+    assert results["best_epoch"] in (2, 3)
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
