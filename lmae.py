@@ -108,7 +108,7 @@ Usage
     python lmae.py --data cityscapes --data-root data/cityscapes --mask-ratio 0.6
     torchrun --nproc_per_node=4 lmae.py --data voc --data-root data/VOCdevkit --compile --channels-last
     python lmae.py --resume --out runs/lmae-voc                 # continue at the next epoch
-    python lmae.py --eval-only --checkpoint runs/lmae-voc/best.pt   # test split -> eval_test.json
+    python lmae.py --eval-only --checkpoint runs/lmae-voc/best.pt --data voc --data-root data/VOCdevkit  # test split
   Partial labels only (255 = unknown): degrade writes a folder that --data folder reads; train on it, complete it.
     python lmae.py degrade --data camvid --data-root data/CamVid --split train --ratio 0.5 --out deg
     python lmae.py --data folder --data-root deg --num-classes 11 --val-split train --test-split train \\
