@@ -18,7 +18,7 @@ COMMON=(--data camvid --data-root "$DATA" --preset tiny --patch-size 16 --lr 1e-
         --crop 224 --img-size 224 --eval-size 352x480 --test-split val --workers 0)
 lane() {  # name epochs flags...
   local name=$1 epochs=$2; shift 2
-  for seed in 0 1 2; do
+  for seed in ${SEEDS:-0 1 2}; do
     local run="$OUT/$name-s$seed"
     [ -f "$run/results.json" ] || "$PY" lmae.py "${COMMON[@]}" --epochs "$epochs" --eval-every "$epochs" \
         --seed "$seed" --out "$run" "$@" > "$OUT/$name-s$seed.log" 2>&1
@@ -41,6 +41,8 @@ for name in $LANES; do
     linear) lane linear 40 & ;;                                                # the paper's model (linear head)
     conv) lane conv 15 --head conv --head-width 8 --nearest-prior & ;;          # CHOICE C15, paper's 1:2:2 masks
     convrandom) lane convrandom 15 --head conv --head-width 8 --nearest-prior --mask-strategy random & ;;
+    convlong) lane convlong 60 --head conv --head-width 8 --nearest-prior --mask-strategy random & ;;  # length
+    linearlong) lane linearlong 150 & ;;                                                            # lever, SEEDS=0
   esac
 done
 wait
