@@ -650,7 +650,7 @@ def test_complete_missing_background_overwrites_only_background(trained, degrade
         assert int(row["changed_pixels"]) == int((completed != given).sum())
 
 
-def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path):
+def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path, capsys):
     state = torch.load(trained / "best.pt", weights_only=True)
     state["config"]["mask_ratio"] = 0.9
     high = tmp_path / "ratio09.pt"
@@ -663,6 +663,13 @@ def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path):
     for label_path in sorted((degraded / "masks").glob("*.png")):
         given, completed = read_png(label_path), read_png(out / label_path.name)
         assert np.array_equal(completed[given != 255], given[given != 255]) and not np.any(completed == 255)
+    assert "warning" not in capsys.readouterr().err  # hidden share 0.5 = the chosen checkpoint's ratio
+    state["config"]["mask_ratio"] = 0.3
+    low = tmp_path / "ratio03.pt"
+    torch.save(state, low)
+    lmae.main(lmae.get_args(["complete", "--checkpoint", str(low), "--images", str(degraded / "images"),
+                             "--labels", str(degraded / "masks"), "--out", str(tmp_path / "low")]))
+    assert "warning: 4 images" in capsys.readouterr().err  # 0.5 hidden, far above the 0.3 it was trained at
 
 
 def test_complete_scale_keeps_the_aspect(trained, degraded, tmp_path):
@@ -718,7 +725,6 @@ def test_partial_labels_train_and_complete_end_to_end(tmp_path):
         "complete", "--checkpoint", str(run / "best.pt"), "--images", str(deg / "train" / "images"),
         "--labels", str(deg / "train" / "masks"), "--out", str(tmp_path / "done")]))
     assert summary["images"] == 8 and summary["changed_pixels"] == summary["unknown_pixels"]
-    assert "warning" not in summary  # ratio 0.75 covers the 0.5 share
 
 
 # --- real samples ---
