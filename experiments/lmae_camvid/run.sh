@@ -3,7 +3,8 @@
 # Train on CamVid train (30 images, complete labels, native-scale 224 x 224 crops), complete CamVid val (10 images,
 # 480 x 360) degraded at 50 % and 70 % of its 16 px patches, 3 seeds (training seed = degradation seed).
 # Models: the paper's linear pixel head (tiny preset, 40 epochs) and --head conv --nearest-prior (CHOICE C15, 15
-# epochs) with the paper's 1:2:2 mask mix or random masks (what degrade draws). LANES picks a subset.
+# epochs) with the paper's 1:2:2 mask mix (conv) or random masks (convrandom, what degrade draws). LANES picks
+# lanes (default: those three), SEEDS the seeds; LANES='convlong linearlong' SEEDS=0 is the training-length check.
 # best.pt = the last epoch (validated only there: no selection on the images that are completed).
 # Usage: [LANES=...] bash experiments/lmae_camvid/run.sh [OUT]   (default runs/lmae_camvid); OMP_NUM_THREADS=1,
 # one process per lane.
