@@ -1806,7 +1806,8 @@ class FiniteGuard:
         self.steps, self.first_bad = 0, None
         if first_bad:
             raise UsageError(f"{stage} epoch {epoch} step {first_bad}: the loss is not finite; the run stopped without "
-                             f"saving this epoch (last.pt keeps the last good one); lower {lr_flag} for a new run or check the data")
+                             f"saving this epoch (last.pt keeps the last good one); lower {lr_flag} for a new run or "
+                             f"check the data")
 
 
 def colorize(labels, palette):
