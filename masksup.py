@@ -135,21 +135,8 @@ RECIPES = {
 }
 
 
-class DefaultsOnce(argparse.HelpFormatter):
-    """--help appends "(default: X)" to a flag whose help does not already state its default; None and False
-    defaults are not shown (None = derived from the data or the recipe, as the help says)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text.lower() or action.default is None or action.default is False or \
-                action.default == argparse.SUPPRESS:
-            return text
-        return text + " (default: %(default)s)"
-
-
 def get_args(argv=None):
-    parser = ArgumentParser(description="MaskSup: masked supervised learning for semantic segmentation",
-                            formatter_class=DefaultsOnce)
+    parser = ArgumentParser(description="MaskSup: masked supervised learning for semantic segmentation")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="shapes", choices=[n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
                       + ["polyps"],
@@ -1069,8 +1056,24 @@ class UsageError(Exception):
     """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each default once: "(default: X)" is appended where the help text does not state it already;
+    None and False defaults are not shown (None = derived from the data or a preset, as the help says)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or any(action.default is value for value in (None, False, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the one error style: `error: <message>` on one line (no usage dump), exit code 2."""
+    """argparse with the one error style: `error: <message>` on one line (no usage dump), exit code 2, and the
+    one --help style (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")

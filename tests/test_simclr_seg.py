@@ -593,7 +593,11 @@ def test_grid_refuses_flags_it_would_ignore(capsys):
                  ["--grid-sources", "A=shapes"]):
         with pytest.raises(SystemExit):
             simclr_seg.get_args(argv)
-        assert argv[0] in capsys.readouterr().err and "table4.1" in capsys.readouterr().err + argv[0] + "table4.1"
+        err = capsys.readouterr().err
+        assert argv[0] in err and "table4.1" in err
+    with pytest.raises(SystemExit):  # --seeds names the seeds: a --seed beside it would be ignored
+        simclr_seg.get_args(["--experiment", "table4.1", "--seeds", "0", "1", "--seed", "3"])
+    assert "--seed and --seeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         simclr_seg.get_args(["--experiment", "table4.1", "--grid-sources", "baseline=shapes"])
     assert "--grid-sources" in capsys.readouterr().err
