@@ -92,6 +92,12 @@ Choices (the paper is silent or contradicts itself; grep "CHOICE C")
         feeds the nearest-known-pixel fill (one-hot) to that head, and the skip starts as PRIOR_SCALE (4) times
         that one-hot, so an untrained model already reproduces the nearest fill and training learns corrections
         to it. Both only ever see visible labels.
+    C16 complete --windows (issue 10 item 1; off by default, see the README's measurement): the scaled, padded
+        image is cut into windows of the checkpoint's training --img-size, stride half a window rounded down to a
+        multiple of P (the last window flush with the edge), so every window's patch grid is part of the one grid
+        `degrade` used; each window hides exactly the hidden patches inside it (a window with all patches hidden
+        keeps its first one visible, whose labels are unknown anyway), windows with equal visible counts run as one
+        batch, and the softmax probabilities are averaged where windows overlap before the argmax.
 
 Deviations (grep "DEVIATION")
     - The default loss is plain cross-entropy, Eqs. (11)-(12) with w_i = 1 (--class-weighting none); Eq. (10)'s
@@ -404,6 +410,10 @@ def get_complete_args(argv):
     parser.add_argument("--scale", type=float, default=1.0,
                         help="images are resized by this factor (aspect kept) and padded to a multiple of the "
                              "patch size (CHOICE C12; default 1: the grid of `degrade --patch-size P`)")
+    parser.add_argument("--windows", action=argparse.BooleanOptionalAction, default=False,
+                        help="cut the scaled, padded image into windows of the checkpoint's training --img-size "
+                             "(stride half a window, a multiple of P: one global patch grid) and average their "
+                             "probabilities (CHOICE C16); default off: the whole image in one pass")
     parser.add_argument("--batch-size", type=int, default=8, help="images of one size per forward pass (default 8)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -1205,6 +1215,53 @@ def pixel_fraction(pixels, patch_size):
     return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
 
 
+def window_starts(length, window, patch_size):
+    """CHOICE C16: offsets of windows of `window` pixels covering `length` (both multiples of P), stride half a
+    window rounded down to a multiple of P, the last window flush with the end; one window when it fits."""
+    if length <= window:
+        return [0]
+    stride = max(patch_size, window // 2 // patch_size * patch_size)
+    return sorted(set(range(0, length - window, stride)) | {length - window})
+
+
+def window_logits(model, config, images, labels, mask, amp, device):
+    """Sliding-window forward (CHOICE C16): probabilities averaged over the windows covering each pixel.
+
+    images (B, 3, H_p, W_p) normalised, labels (B, H_p, W_p) int64, mask (B, L) bool on the global grid ->
+    probabilities (B, K, H_p, W_p). Each window hides exactly the global hidden patches inside it; windows with the
+    same visible count form one batch.
+    """
+    B, _, Hp, Wp = images.shape
+    P = config["patch_size"]
+    wh, ww = min(config["img_size"][0], Hp), min(config["img_size"][1], Wp)
+    boxes = [(top, left) for top in window_starts(Hp, wh, P) for left in window_starts(Wp, ww, P)]
+    grid_mask = mask.view(B, Hp // P, Wp // P)  # (B, gh, gw)
+    window_images = torch.stack([images[:, :, t:t + wh, l:l + ww] for t, l in boxes], 1).flatten(0, 1)  # (B N, 3, h, w)
+    window_labels = torch.stack([labels[:, t:t + wh, l:l + ww] for t, l in boxes], 1).flatten(0, 1)  # (B N, h, w)
+    window_mask = torch.stack([grid_mask[:, t // P:(t + wh) // P, l // P:(l + ww) // P] for t, l in boxes],
+                              1).flatten(0, 1).flatten(1)  # (B N, l)
+    # a window whose patches are all hidden keeps its first patch visible: its labels there are unknown (255) or,
+    # with --missing background, known background, so nothing beyond the given labels is revealed
+    window_mask[window_mask.all(1), 0] = False
+    probabilities = None
+    visible = (~window_mask).sum(1)  # (B N,)
+    for count in visible.unique().tolist():
+        rows = (visible == count).nonzero()[:, 0]  # windows with `count` visible patches
+        ids_keep = (~window_mask[rows]).nonzero()[:, 1].view(len(rows), count)  # (n, count), ascending
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp)):
+            logits = model(window_images[rows], window_labels[rows], ids_keep).float()  # (n, K, h, w)
+        if probabilities is None:
+            probabilities = logits.new_zeros(len(boxes) * B, logits.shape[1], wh, ww)
+        probabilities[rows] = logits.softmax(1)
+    probabilities = probabilities.view(B, len(boxes), -1, wh, ww)
+    total = images.new_zeros(B, probabilities.shape[2], Hp, Wp)
+    count = images.new_zeros(1, 1, Hp, Wp)
+    for n, (t, l) in enumerate(boxes):
+        total[:, :, t:t + wh, l:l + ww] += probabilities[:, n]
+        count[:, :, t:t + wh, l:l + ww] += 1
+    return total / count  # (B, K, H_p, W_p)
+
+
 @torch.no_grad()
 def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, device, generator):
     """Fill one batch of same-size images with one checkpoint (Sec. III-D).
@@ -1223,8 +1280,11 @@ def complete_batch(model, config, images, labels, unknown, keys, num_hidden, arg
     if size != (H, W):
         small = F.interpolate(small, size=size, mode="bilinear", antialias=True)
     small = F.pad((small - mean) / std, (0, padded[1] - size[1], 0, padded[0] - size[0]))  # (B, 3, H_p, W_p)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
-        logits = model(small, model_labels, ids_keep)[:, :, :size[0], :size[1]].float()  # (B, K, h, w)
+    if args.windows:
+        logits = window_logits(model, config, small, model_labels, mask, args.amp, device)[:, :, :size[0], :size[1]]
+    else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
+            logits = model(small, model_labels, ids_keep)[:, :, :size[0], :size[1]].float()  # (B, K, h, w)
     hidden = pixel_mask(mask, P, (padded[0] // P, padded[1] // P))[:, None, :size[0], :size[1]].float()
     if size != (H, W):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear")  # (B, K, H, W)
@@ -1344,7 +1404,7 @@ def complete(args):
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = {"images": len(rows), "missing": args.missing, "scale": args.scale,
+    summary = {"images": len(rows), "missing": args.missing, "scale": args.scale, "windows": args.windows,
                "unknown_pixels": sum(r["unknown_pixels"] for r in rows),
                "written_pixels": sum(r["written_pixels"] for r in rows),
                "changed_pixels": sum(r["changed_pixels"] for r in rows),

@@ -685,6 +685,75 @@ def test_complete_scale_keeps_the_aspect(trained, degraded, tmp_path):
         assert completed.shape == (48, 64) and np.array_equal(completed[given != 255], given[given != 255])
 
 
+@pytest.mark.parametrize("length,window,patch", [(48, 24, 8), (64, 32, 8), (368, 224, 16), (480, 224, 16),
+                                                  (224, 224, 16), (96, 224, 16), (40, 16, 8)])
+def test_windows_cover_every_pixel_on_the_global_grid(length, window, patch):  # lengths: padded, multiples of P
+    starts = lmae.window_starts(length, window, patch)
+    size = min(window, length)
+    covered = torch.zeros(length, dtype=torch.bool)
+    for start in starts:
+        assert start % patch == 0 and 0 <= start and start + size <= length  # on the global grid, inside the image
+        covered[start:start + size] = True
+    assert covered.all() and starts[-1] + size == length
+    assert all(b - a <= max(patch, window // 2) for a, b in zip(starts, starts[1:]))  # overlapping
+
+
+def small_window_checkpoint(trained, tmp_path):
+    """The trained 48 x 64 checkpoint, but trained "at" 24 x 32: complete --windows cuts 4 x 3 windows."""
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["config"]["img_size"] = [24, 32]
+    path = tmp_path / "window24x32.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_windows_hide_exactly_the_unknown_patches_of_each_window(trained, degraded, tmp_path, monkeypatch):
+    seen = []
+    forward = lmae.LMAE.forward
+
+    def spy(self, images, labels, ids_keep):
+        seen.append((images.shape[-2:], labels.clone(), ids_keep.clone()))
+        return forward(self, images, labels, ids_keep)
+
+    monkeypatch.setattr(lmae.LMAE, "forward", spy)
+    checkpoint = small_window_checkpoint(trained, tmp_path)
+    out = tmp_path / "done"
+    lmae.main(lmae.get_args(["complete", "--checkpoint", str(checkpoint), "--images", str(degraded / "images"),
+                             "--labels", str(degraded / "masks"), "--unknown", str(degraded / "unknown"),
+                             "--out", str(out), "--windows"]))
+    names = sorted(p.stem for p in (degraded / "masks").glob("*.png"))
+    given = torch.stack([torch.from_numpy(read_png(degraded / "masks" / f"{n}.png")).long() for n in names])
+    unknown = torch.stack([torch.from_numpy(read_png(degraded / "unknown" / f"{n}.png") > 0) for n in names])
+    boxes = [(t, l) for t in lmae.window_starts(48, 24, 8) for l in lmae.window_starts(64, 32, 8)]
+    assert len(boxes) == 12
+    windows = [(shape, labels[i], ids_keep[i]) for shape, labels, ids_keep in seen for i in range(len(labels))]
+    assert len(windows) == 4 * 12  # every window of every image, once
+    found = set()
+    for shape, labels, ids_keep in windows:
+        assert tuple(shape) == (24, 32)
+        hidden = lmae.hidden_of(ids_keep[None], 12)[0]  # (l,) on the window's 3 x 4 grid
+        matches = [(b, box) for b in range(4) for box in boxes
+                   if torch.equal(labels, given[b, box[0]:box[0] + 24, box[1]:box[1] + 32])
+                   and torch.equal(hidden, unknown[b, box[0]:box[0] + 24, box[1]:box[1] + 32]
+                                   .view(3, 8, 4, 8).any(3).any(1).flatten())]
+        assert matches, "a window's labels or hidden patches are not those of its region on the global grid"
+        found.update(matches)
+    assert {b for b, _ in found} == set(range(4))
+    for name in names:  # known pixels byte-equal, every unknown pixel filled
+        given_label, completed = read_png(degraded / "masks" / f"{name}.png"), read_png(out / f"{name}.png")
+        is_unknown = read_png(degraded / "unknown" / f"{name}.png") > 0
+        assert np.array_equal(completed[~is_unknown], given_label[~is_unknown]) and np.all(completed[is_unknown] < 5)
+
+
+def test_one_window_equals_resize_and_pad(trained, degraded, tmp_path):
+    # the checkpoint was trained at 48 x 64, the images' size: --windows runs one window, the whole image
+    pad = lmae.main(complete_args(trained, degraded, tmp_path / "pad"))
+    windows = lmae.main(complete_args(trained, degraded, tmp_path / "windows", "--windows"))
+    for path in sorted((tmp_path / "pad").glob("*.png")):
+        assert np.array_equal(read_png(path), read_png(tmp_path / "windows" / path.name))
+    assert windows["pa_miou"] == pad["pa_miou"] and windows["windows"] and not pad["windows"]
+
+
 def test_complete_refuses_to_write_into_inputs(trained, degraded, capsys):
     for out in (degraded / "masks", degraded / "images", degraded / "masks" / "sub"):
         with pytest.raises(SystemExit):
