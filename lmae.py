@@ -64,8 +64,9 @@ Choices (the paper is silent or contradicts itself; grep "CHOICE C")
         CPU-sized defaults of other sets). ReduceLROnPlateau steps on the epoch's mean training loss ("threshold
         of loss dropping").
     C10 Validation: every image resized to --eval-size (VOC 224, Cityscapes 1024x2048, other sets --img-size);
-        masks drawn with --eval-mask-strategy (default random, as in the Table III/IV ablations) from a generator
-        derived from (seed, "eval-masks", rank), so every epoch sees the same masks. best.pt = highest validation
+        masks drawn with --eval-mask-strategy (default random, as in the Table III/IV ablations), each image's from a
+        generator keyed by (seed, "eval-masks", image index), so every epoch and every process count sees the same
+        masks. best.pt = highest validation
         PA-mIoU. The same evaluation also scores two fills of the hidden pixels that need no model (nearest known
         pixel, each image's most frequent known class) and the model with every visible label blanked
         (blank_pa_miou: how much the visible labels help).
@@ -526,14 +527,16 @@ def patch_fractions(labels, patch_size, background_class):
     return objects, background
 
 
-def rank_patches(keys, generator=None):
+def rank_patches(keys, generator=None, noise=None):
     """Order of the patches, most preferred first: by keys[0] descending, then keys[1], ...; remaining ties in a
     uniformly random order (CHOICE C3).
 
-    keys: list of (B, L) float tensors. Returns ids (B, L) int64, a permutation of 0..L-1 per sample.
+    keys: list of (B, L) float tensors; noise (B, L) uniform draws of the tie-break (drawn from `generator` when
+    None). Returns ids (B, L) int64, a permutation of 0..L-1 per sample.
     """
     B, L = keys[0].shape
-    noise = torch.rand(B, L, device=keys[0].device, generator=generator)
+    if noise is None:
+        noise = torch.rand(B, L, device=keys[0].device, generator=generator)
     order = noise.argsort(dim=1)  # a random permutation: the tie-break
     for key in reversed(keys):  # least significant key first; a stable sort keeps the previous order among ties
         order = order.gather(1, key.gather(1, order).argsort(dim=1, descending=True, stable=True))
@@ -547,31 +550,35 @@ def hide_first(ranked, num_hidden):
     return mask, ranked[:, num_hidden:]
 
 
-def draw_strategies(batch_size, strategy, mix, device, generator=None):
-    """(B,) int64 strategy id per sample (index into STRATEGIES); `mixed` draws with weights `mix` (Sec. III-B)."""
+def draw_strategies(batch_size, strategy, mix, device, generator=None, u=None):
+    """(B,) int64 strategy id per sample (index into STRATEGIES); `mixed` draws with weights `mix` (Sec. III-B)
+    from u (B,) uniform (drawn from `generator` when None)."""
     if strategy != "mixed":
         return torch.full((batch_size,), STRATEGIES.index(strategy), dtype=torch.int64, device=device)
     total = sum(mix)
     first, second = mix[0] / total, (mix[0] + mix[1]) / total  # cumulative weights as Python floats: no host copy
-    u = torch.rand(batch_size, device=device, generator=generator)
+    if u is None:
+        u = torch.rand(batch_size, device=device, generator=generator)
     return (u >= first).long() + (u >= second).long()
 
 
 def training_mask(labels, strategy, mix, mask_ratio, patch_size, background_class, generator=None,
-                  unknown_first=False):
+                  unknown_first=False, uniforms=None):
     """Hide exactly round(mask_ratio * L) patches of every sample with the chosen strategy (Sec. III-B).
 
     labels (B, H, W) int64. Returns mask (B, L) bool, True = hidden, and ids_keep (B, L_vis) int64.
     random: every patch alike; label-first: most object pixels first; background-first: most background first.
     unknown_first: patches with more unknown (255) pixels go before all others (CHOICE C3).
+    uniforms (B, 1 + L): each sample's own draws (strategy, then tie-break; item_uniforms), else from `generator`.
     """
     B = labels.shape[0]
     objects, background = patch_fractions(labels, patch_size, background_class)  # (B, L) each
-    ids = draw_strategies(B, strategy, mix, labels.device, generator)[:, None]  # (B, 1)
+    u, noise = (None, None) if uniforms is None else (uniforms[:, 0], uniforms[:, 1:])
+    ids = draw_strategies(B, strategy, mix, labels.device, generator, u)[:, None]  # (B, 1)
     score = torch.where(ids == 1, objects, torch.where(ids == 2, background, torch.zeros_like(objects)))  # (B, L)
     keys = [(1 - objects - background).clamp(min=0), score] if unknown_first else [score]
     num_hidden = round(mask_ratio * score.shape[1])
-    return hide_first(rank_patches(keys, generator), num_hidden)
+    return hide_first(rank_patches(keys, generator, noise), num_hidden)
 
 
 def pixel_mask(mask, patch_size, grid):
@@ -582,13 +589,23 @@ def pixel_mask(mask, patch_size, grid):
     return mask.view(B, gh, 1, gw, 1).expand(B, gh, P, gw, P).reshape(B, gh * P, gw * P)
 
 
-def draw_mask(labels, strategy, args, generator=None):
+def item_uniforms(keys, num_patches, device):
+    """(len(keys), 1 + L) uniform draws, row i from a generator seeded by keys[i], e.g. (seed, "masks", epoch,
+    index): an image gets the same mask whatever the batch size, the process count or the worker count, so 2
+    processes with batch B train on the masks of 1 process with batch 2B."""
+    rows = [torch.rand(1, 1 + num_patches, generator=make_generator(*key, device=device), device=device)
+            for key in keys]
+    return torch.cat(rows) if rows else torch.zeros(0, 1 + num_patches, device=device)
+
+
+def draw_mask(labels, strategy, args, generator=None, uniforms=None):
     """The masks of one batch, the one sequence training, evaluation and the sample grids use (Sec. III-B).
 
     labels (B, H, W) int64 -> mask (B, L) bool (True = hidden), ids_keep (B, L_vis) int64, hidden pixels (B, H, W).
+    uniforms (B, 1 + L) from item_uniforms: per-item draws; otherwise one generator for the batch.
     """
     mask, ids_keep = training_mask(labels, strategy, args.mix, args.mask_ratio, args.patch_size,
-                                   args.background_class, generator, args.unknown_first)
+                                   args.background_class, generator, args.unknown_first, uniforms)
     grid = (labels.shape[1] // args.patch_size, labels.shape[2] // args.patch_size)
     return mask, ids_keep, pixel_mask(mask, args.patch_size, grid)
 
@@ -891,8 +908,8 @@ def most_frequent_known_class(labels, known, num_classes):
     """
     B = labels.shape[0]
     ids = torch.where(known & (labels != IGNORE), labels, num_classes).flatten(1)  # (B, H*W), K = not counted
-    counts = torch.zeros(B, num_classes + 1, device=labels.device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))  # (B, K + 1) pixels per class
+    counts = torch.zeros(B, num_classes + 1, dtype=torch.int64, device=labels.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids))  # (B, K + 1) pixels per class
     return counts[:, :num_classes].argmax(dim=1)
 
 
@@ -928,9 +945,10 @@ def nearest_known_fill(labels, known, chunk=2 ** 22):
 
 # --- loops ---
 
-def train_step(model, optimizer, images, labels, args, runtime, generator=None):
-    """One step: draw masks (Sec. III-B), forward, Eqs. (10)-(12), Adam. Returns the loss (0-dim, on device)."""
-    _, ids_keep, hidden = draw_mask(labels, args.mask_strategy, args, generator)  # (B, L_vis), (B, H, W)
+def train_step(model, optimizer, images, labels, args, runtime, generator=None, uniforms=None):
+    """One step: draw masks (Sec. III-B; per-item draws `uniforms` or `generator`), forward, Eqs. (10)-(12), Adam.
+    Returns the loss (0-dim, on device)."""
+    _, ids_keep, hidden = draw_mask(labels, args.mask_strategy, args, generator, uniforms)  # (B, L_vis), (B, H, W)
     with autocast(runtime):
         logits = model(images, labels, ids_keep)  # (B, K, H, W)
     weighting = unwrap(model).class_weighting if args.class_weighting == "paper" else None
@@ -945,19 +963,24 @@ def train_step(model, optimizer, images, labels, args, runtime, generator=None):
 def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch):
     """One pass over the training loader; returns the mean loss over all ranks (float).
 
-    Masks and stochastic depth draw from generators derived from (seed, epoch, rank): a resumed epoch replays them.
+    Each image's mask draws from a generator keyed by (seed, epoch, item) (item_uniforms), stochastic depth from
+    one keyed by (seed, epoch, rank): a resumed epoch replays both.
     """
     model.train()
     device = runtime.device
     torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # DropPath's global RNG
-    generator = make_generator(args.seed, "masks", epoch, runtime.rank, device=device)
     total = torch.zeros(2, device=device)  # loss sum, steps
+    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
     for images, labels in progress(loader, runtime, f"epoch {epoch}"):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        loss = step(model, optimizer, images, labels, args, runtime, generator)
+        keys = [(args.seed, "masks", epoch, index) for index in indices[seen:seen + images.shape[0]]]
+        seen += images.shape[0]
+        uniforms = item_uniforms(keys, (labels.shape[1] // args.patch_size) * (labels.shape[2] // args.patch_size),
+                                 device)  # (B, 1 + L)
+        loss = step(model, optimizer, images, labels, args, runtime, None, uniforms)
         guard.observe(loss)
         total[0] += loss
         total[1] += 1
@@ -967,7 +990,8 @@ def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch)
 
 @torch.no_grad()
 def evaluate(model, loader, args, runtime, num_classes):
-    """Validation with masks from a generator derived from (seed, rank): the same masks every epoch (CHOICE C10).
+    """Validation with masks keyed by (seed, item): the same masks every epoch (CHOICE C10), and for any process
+    count.
 
     Returns, over all ranks: loss; pa_miou, the mIoU of the hidden pixels (PA-mIoU, Sec. IV-B); miou, the mIoU of
     the completed label (given label on visible patches, prediction on hidden ones: what `complete` writes; the
@@ -978,7 +1002,7 @@ def evaluate(model, loader, args, runtime, num_classes):
     """
     model.eval()
     device = runtime.device
-    generator = make_generator(args.seed, "eval-masks", runtime.rank, device=device)
+    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
     names = ("model", "completed", "prediction", "nearest", "frequent", "blank")
     matrices = {name: ConfusionMatrix(num_classes, device=device) for name in names}
     total = torch.zeros(2, device=device)  # loss sum, batches
@@ -988,7 +1012,11 @@ def evaluate(model, loader, args, runtime, num_classes):
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        _, ids_keep, hidden = draw_mask(labels, args.eval_mask_strategy, args, generator)  # (B, L_vis), (B, H, W)
+        keys = [(args.seed, "eval-masks", index) for index in indices[seen:seen + images.shape[0]]]
+        seen += images.shape[0]
+        uniforms = item_uniforms(keys, (labels.shape[1] // args.patch_size) * (labels.shape[2] // args.patch_size),
+                                 device)  # (B, 1 + L)
+        _, ids_keep, hidden = draw_mask(labels, args.eval_mask_strategy, args, None, uniforms)  # (B, L_vis), (B, H, W)
         with autocast(runtime):
             logits = model(images, labels, ids_keep)  # (B, K, H, W)
             blank_logits = model(images, torch.full_like(labels, IGNORE), ids_keep)  # no visible label at all

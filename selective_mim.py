@@ -59,7 +59,9 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         reflect-padded to a multiple of 32 and cropped back. The authors' pytorch-toolbelt model predicts at 1/4
         resolution and upsamples.
     C11 Jaccard loss as pytorch-toolbelt's JaccardLoss (authors' code): softmax, soft IoU per class over the batch,
-        smooth 1e-3, classes absent from the batch contribute 0, mean over all K; ignore pixels left out.
+        smooth 1e-3, classes absent from the batch contribute 0, mean over all K; ignore pixels left out. Under
+        torchrun the batch is the global one (per-class sums all-reduced), so the loss does not change with the
+        process count.
     C12 Pre-training split: "unlabeled" where the reader has it, as in Sec. 2.3 (VOC: all VOC2012 JPEGs;
         Cityscapes: train_extra + trainvaltest, which holds the downstream test images, as in the paper; Nassar,
         Sugarbeets, shapes), else "train", never "test" (--pretrain-split overrides). Downstream (--split-protocol
@@ -115,6 +117,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
@@ -601,18 +604,24 @@ def score_patches(reconstructions, images, grid, window_size=3):
     return ((1 - ssim) + l1).flatten(1)  # (N, L)
 
 
-def jaccard_loss(logits, labels, ignore_index=255, smooth=1e-3):
-    """Multi-class soft Jaccard loss (Sec. 2.4, CHOICE C11): logits (B, K, H, W), labels (B, H, W) -> scalar."""
+def jaccard_loss(logits, labels, ignore_index=255, smooth=1e-3, over_ranks=False):
+    """Multi-class soft Jaccard loss (Sec. 2.4, CHOICE C11): logits (B, K, H, W), labels (B, H, W) -> scalar.
+
+    over_ranks (training under DDP): the per-class sums are all-reduced with their gradients, so the loss is that
+    of the global batch, as with one process (a per-rank IoU would differ: the sums pool the batch)."""
     num_classes = logits.shape[1]
     probs = logits.float().softmax(dim=1).flatten(2)  # (B, K, HW)
     labels = labels.flatten(1)  # (B, HW)
     valid = labels != ignore_index
     probs = probs * valid[:, None]
     targets = F.one_hot(labels.masked_fill(~valid, 0), num_classes).transpose(1, 2) * valid[:, None]  # (B, K, HW)
-    intersection = (probs * targets).sum((0, 2))  # (K,)
-    union = (probs + targets).sum((0, 2)) - intersection
+    sums = torch.stack([(probs * targets).sum((0, 2)), (probs + targets).sum((0, 2)), targets.sum((0, 2)).float()])
+    if over_ranks:  # every rank then holds the same loss; DDP's mean of the ranks' gradients is its gradient
+        sums = all_reduce_with_grad(sums)
+    intersection, total, present = sums  # (K,) each
+    union = total - intersection
     loss = 1 - (intersection + smooth) / (union + smooth).clamp_min(1e-7)
-    return (loss * (targets.sum((0, 2)) > 0)).mean()  # classes absent from the batch contribute 0
+    return (loss * (present > 0)).mean()  # classes absent from the batch contribute 0
 
 
 
@@ -635,7 +644,7 @@ def selective_masks(model, images, grid, samples=5, mask_ratio=0.5, generator=No
         hidden = copy_masks(batch, samples, num_patches, mask_ratio, generator, images.device, cover_all)  # (B, S, L)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         reconstructions = model(apply_mask(copies, grid.to_pixels(hidden.flatten(0, 1))))  # (B*S, 3, H, W)
-    losses = score_patches(to_unit(reconstructions.float()), to_unit(copies), grid, ssim_window)  # (B*S, L)
+    losses = score_patches(to_unit(reconstructions.float()), to_unit(copies.float()), grid, ssim_window)  # (B*S, L)
     losses = losses.view(batch, samples, num_patches)
     # Eq. (1) summed over the copies i: L(n) = sum_i L_i(n); CHOICE C2: all-mean divides by S (the authors' mean).
     if aggregation in ("all-mean", "all-sum"):
@@ -781,21 +790,25 @@ def train_step(model, optimizer, inputs, targets, loss_fn, runtime):
 
 
 def train_one_epoch(stage, model, loader, optimizer, step_fn, loss_fn, args, runtime, guard, random_grid=None,
-                    generator=None):
+                    mask_key=()):
     """One epoch of either stage. pretrain: batches (images, hidden) -> reconstruct the masked images (Eq. 2);
-    with random_grid the masks are drawn on the device here (random partitions). finetune: batches (images,
-    labels), Jaccard loss. loss_fn is created once per run, so that a compiled train_step is not recompiled.
-    Returns (mean loss over the ranks, images seen)."""
+    with random_grid the masks are drawn on the device here (random partitions), each image's from a generator
+    keyed by mask_key + (item,), so 2 processes with batch B hide what 1 process with batch 2B hides. finetune:
+    batches (images, labels), Jaccard loss. loss_fn is created once per run, so that a compiled train_step is not
+    recompiled. Returns (mean loss over the ranks, images seen)."""
     model.train()
     device = runtime.device
     loss_sum, seen = torch.zeros((), device=device), 0
+    indices = loader.sampler.indices()  # this rank's items in loader order: each item's mask key
     for images, targets in progress(loader, runtime, f"{stage} batches"):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if stage == "pretrain":
             hidden = targets  # (B, S, S): the partition's selective masks, cropped with the image
             if random_grid is not None:
-                mask = random_masks(images.shape[0], random_grid.num_patches, args.mask_ratio, generator, device)
+                mask = torch.cat([random_masks(1, random_grid.num_patches, args.mask_ratio,
+                                               make_generator(*mask_key, index, device=device), device)
+                                  for index in indices[seen:seen + images.shape[0]]])  # (B, L)
                 hidden = random_grid.to_pixels(mask)  # (B, S, S)
             inputs, targets = apply_mask(images, hidden), images
         else:
@@ -1029,8 +1042,8 @@ def train(args, runtime, splits, models, state, log, out):
             else:
                 train_set, masks, random_grid, selective = splits["train"], None, None, False
                 val_loader = make_loader(splits["val"], 1, args, runtime, train=False)  # CHOICE C6: batch 1
-                batch_size, lr, lr_flag, loss_fn, sampler_stage = args.batch_size, args.lr, "--lr", jaccard_loss, \
-                    "finetune"
+                loss_fn = functools.partial(jaccard_loss, over_ranks=runtime.world_size > 1)
+                batch_size, lr, lr_flag, sampler_stage = args.batch_size, args.lr, "--lr", "finetune"
             train_loader = make_loader(train_set, batch_size, args, runtime, train=True)
             optimizer, scheduler = make_optimizer(ddp_model, lr, epochs, args)  # CHOICE C8: fresh per phase
             if resumed is not None:
@@ -1042,10 +1055,9 @@ def train(args, runtime, splits, models, state, log, out):
                                        f": {len(train_set)} train / {len(splits['val'])} val images, init {args.init}"))
             for epoch in range((resumed["epoch"] if resumed else 0) + 1, epochs + 1):
                 train_loader.sampler.set_epoch(sampler_stage, epoch)
-                generator = make_generator(args.seed, "masks", partition, epoch, runtime.rank, device=runtime.device)
                 start = time.time()
                 loss, seen = train_one_epoch(stage, ddp_model, train_loader, optimizer, step_fn, loss_fn, args,
-                                             runtime, guard, random_grid, generator)
+                                             runtime, guard, random_grid, (args.seed, "masks", partition, epoch))
                 guard.check(stage, epoch, lr_flag)
                 lr_now = scheduler.get_last_lr()[0]
                 scheduler.step()
@@ -1627,7 +1639,7 @@ def main(args):
         for name, model in models.items():
             model = model.to(runtime.device)
             models[name] = model.to(memory_format=torch.channels_last) if args.channels_last else model
-        config = {key: value for key, value in vars(args).items()}
+        config = {**vars(args), "world_size": runtime.world_size}
         out = create_run_dir(args, SCRIPT, config, runtime)
         if runtime.main:
             (out / "samples").mkdir(exist_ok=True)

@@ -24,10 +24,24 @@ TINY = ["--preset", "tiny", "--batch-size", "8", "--workers", "0"]
 STEPS = 100  # optimisation steps of the short learning test
 CPU = lmae.Runtime(torch.device("cpu"))
 
+
+class Batches(list):
+    """A list of (images, labels) batches used as a loader: its sampler names the items 0, 1, ... in order, the
+    keys evaluate() draws each item's mask from."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        count = sum(len(images) for images, _ in batches)
+        self.sampler = type("Sampler", (), {"indices": lambda self: list(range(count))})()
+
 # tests/test_contract.py: a whole synthetic run, 2 epochs, a few seconds on one thread (diverges with --lr 1e30)
 CONTRACT_TINY = ["--epochs", "2", "--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--preset", "tiny",
                  "--workers", "0"]
 # ... and the flags that make lmae.py read --data folder from the --data-root the test supplies
+# ... and one step (8 training images) for the torchrun equivalence test: 2 processes with these batches
+# vs 1 with twice them
+CONTRACT_ONE_STEP = ["--epochs", "1", "--img-size", "32x48", "--limit", "8", "--preset", "tiny", "--workers", "0",
+                     "--batch-size", "4"]
 CONTRACT_FOLDER = ["--data", "folder", "--epochs", "1", "--img-size", "32", "--patch-size", "8", "--batch-size", "2",
                    "--preset", "tiny", "--workers", "0"]
 
@@ -407,7 +421,8 @@ def test_every_ablation_switch_trains():
 
 def test_short_training_beats_the_most_frequent_class_fill():
     """Loss falls and PA-mIoU beats the most-frequent-class fill. Trained and scored on 16 fixed shapes images with
-    fresh validation masks (Sec. IV-C completes the training set itself)."""
+    fresh validation masks (Sec. IV-C completes the training set itself). Measured margin over the fill with the
+    validation masks of --seed 0..3: 0.086, 0.137, 0.104, 0.110 (hence 0.05)."""
     from common import build_dataset, joint_transform
     args = lmae.get_args(["--img-size", "32x48"])  # the synthetic defaults otherwise
     dataset, info = build_dataset("shapes", split="train", transform=joint_transform(), image_size=(32, 48), limit=16)
@@ -419,9 +434,9 @@ def test_short_training_beats_the_most_frequent_class_fill():
     model.train()
     generator = torch.Generator().manual_seed(0)
     losses = [lmae.train_step(model, optimizer, images, labels, args, CPU, generator).item() for _ in range(STEPS)]
-    metrics = lmae.evaluate(model, [(images, labels)], args, CPU, info.num_classes)
+    metrics = lmae.evaluate(model, Batches([(images, labels)]), args, CPU, info.num_classes)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
-    assert metrics["pa_miou"] > metrics["frequent_pa_miou"] + 0.1, metrics
+    assert metrics["pa_miou"] > metrics["frequent_pa_miou"] + 0.05, metrics
 
 
 def test_visible_labels_beat_blanked_labels_after_a_short_run():
@@ -441,8 +456,32 @@ def test_visible_labels_beat_blanked_labels_after_a_short_run():
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         lmae.train_step(model, optimizer, images, labels, args, CPU, generator)
-    metrics = lmae.evaluate(model, [(images, labels)], args, CPU, info.num_classes)
+    metrics = lmae.evaluate(model, Batches([(images, labels)]), args, CPU, info.num_classes)
     assert metrics["pa_miou"] > metrics["blank_pa_miou"] + 0.05, metrics
+
+
+def test_masks_are_keyed_by_item_not_by_batch():
+    """Each image's training and validation mask comes from its own key, so batches of 4 + 4 score exactly what one
+    batch of 8 scores (what lets 2 processes with batch B match 1 with batch 2B, tests/test_contract.py); with one
+    generator per batch (the old rank-keyed draw) the second batch would get other masks."""
+    from common import build_dataset, joint_transform
+    args = lmae.get_args(["--img-size", "32x48", "--mask-strategy", "mixed"])
+    dataset, info = build_dataset("shapes", split="val", transform=joint_transform(), image_size=(32, 48), limit=8)
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    labels = torch.stack([dataset[i][1] for i in range(8)])
+    keys = [(0, "masks", 1, index) for index in range(8)]
+    whole = lmae.item_uniforms(keys, 24, "cpu")
+    assert torch.equal(whole, torch.cat([lmae.item_uniforms(keys[:3], 24, "cpu"), lmae.item_uniforms(keys[3:], 24, "cpu")]))
+    assert not torch.equal(whole[:4], whole[4:])
+    mask = lmae.draw_mask(labels, "mixed", args, None, whole)[0]
+    assert torch.equal(mask[5:], lmae.draw_mask(labels[5:], "mixed", args, None, whole[5:])[0])
+    torch.manual_seed(0)
+    model = lmae.build_model(args, info.num_classes).eval()
+    one = lmae.evaluate(model, Batches([(images, labels)]), args, CPU, info.num_classes)
+    two = lmae.evaluate(model, Batches([(images[:4], labels[:4]), (images[4:], labels[4:])]), args, CPU,
+                        info.num_classes)
+    for key in ("pa_miou", "miou", "nearest_pa_miou", "frequent_pa_miou"):
+        assert one[key] == pytest.approx(two[key], abs=1e-9), key
 
 
 @pytest.fixture(scope="module")
@@ -497,20 +536,6 @@ def test_eval_every_validates_only_those_epochs(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert ["pa_miou" in r for r in records] == [False, True, True]  # epoch 2, and the last
     assert results["best_epoch"] in (2, 3)
-
-
-def test_torchrun_two_processes_gloo(tmp_path):
-    out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "lmae.py"), "--out", str(out), "--epochs", "1", "--img-size", "32", "--limit", "8",
-         "--batch-size", "2", "--preset", "tiny", "--device", "cpu", "--workers", "0"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sum(line.startswith("epoch=1 ") for line in result.stdout.splitlines()) == 1  # only rank 0 prints
-    config = json.loads((out / "config.json").read_text())
-    assert config["world_size"] == 2 and config["val_images"] == 8
-    assert (out / "last.pt").is_file() and (out / "results.json").is_file()
 
 
 def test_cli_subprocess_smoke_and_bad_data(tmp_path):
@@ -599,11 +624,11 @@ def test_completion_equals_evaluate_on_the_same_masks(trained, degraded, tmp_pat
     unknown = torch.stack([torch.from_numpy(read_png(degraded / "unknown" / f"{n}.png") > 0) for n in names])
     mask = unknown.view(4, 6, 8, 8, 8).any(4).any(2).flatten(1)  # degrade's patches on the model's grid
 
-    def degrade_masks(labels, strategy, args, generator=None):
+    def degrade_masks(labels, strategy, args, generator=None, uniforms=None):
         return mask, (~mask).nonzero()[:, 1].view(4, -1), unknown
 
     monkeypatch.setattr(lmae, "draw_mask", degrade_masks)
-    metrics = lmae.evaluate(model.eval(), [(images, labels)], args, CPU, 5)
+    metrics = lmae.evaluate(model.eval(), Batches([(images, labels)]), args, CPU, 5)
     summary = lmae.main(complete_args(trained, degraded, tmp_path / "done"))
     assert config["patch_size"] == 8
     assert math.isclose(summary["pa_miou"], metrics["pa_miou"], abs_tol=1e-9)
