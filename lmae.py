@@ -1616,6 +1616,15 @@ def distribute(model, runtime):
     return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
 
+def sync_batch_norm(model, enabled, runtime):
+    """`enabled` under torchrun on CUDA: every BatchNorm normalises over the batches of all ranks (SyncBatchNorm, the
+    same parameters and buffers), so 2 processes with batch B normalise as 1 process with batch 2B. Otherwise the
+    model itself: one process, or the CPU (SyncBatchNorm has no CPU kernel; statistics per rank)."""
+    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def unwrap(model):
     """The bare module inside DDP and torch.compile wrappers (what checkpoints hold)."""
     model = model.module if isinstance(model, DistributedDataParallel) else model

@@ -196,6 +196,10 @@ def get_args(argv=None):
     model.add_argument("--levit-weights", default=None, metavar="FILE|none",
                        help="ImageNet LeViT checkpoint of the same variant (facebookresearch/LeViT: "
                             + ", ".join(LEVIT_WEIGHTS.values()) + "); none = random weights, no warning")
+    model.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                       help="BatchNorm over the batches of all processes under torchrun on CUDA (SyncBatchNorm: 2 "
+                            "processes with batch B normalise as 1 with batch 2B); --no-sync-bn: per process. No "
+                            "effect on one process or on the CPU")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=None, help="paper: 200. None: 200, shapes 20")
@@ -1198,6 +1202,15 @@ def distribute(model, runtime):
     return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
 
+def sync_batch_norm(model, enabled, runtime):
+    """`enabled` under torchrun on CUDA: every BatchNorm normalises over the batches of all ranks (SyncBatchNorm, the
+    same parameters and buffers), so 2 processes with batch B normalise as 1 process with batch 2B. Otherwise the
+    model itself: one process, or the CPU (SyncBatchNorm has no CPU kernel; statistics per rank)."""
+    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def unwrap(model):
     """The bare module inside DDP and torch.compile wrappers (what checkpoints hold)."""
     model = model.module if isinstance(model, DistributedDataParallel) else model
@@ -1584,7 +1597,7 @@ def run(args, runtime, resume_path):
         set_rng_states(state["rng"])
     if runtime.main:
         (out / "samples").mkdir(exist_ok=True)
-    train_model = distribute(model, runtime)
+    train_model = distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # (in place: `model` too)
     step_fn = torch.compile(train_step) if args.compile else train_step  # fuses the step's kernels on GPU
     guard = FiniteGuard()
 

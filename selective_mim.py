@@ -235,6 +235,10 @@ def get_args(argv=None):
     train.add_argument("--selection", choices=("best-val", "last"), default="best-val",
                        help="best.pt = the epoch of the highest val mIoU (authors, default) or the last epoch (for "
                             "sets whose only held-out split is the one reported, e.g. the shared CamVid sample)")
+    train.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                       help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
+                            "(SyncBatchNorm: 2 processes with batch B normalise as 1 with batch 2B); --no-sync-bn: "
+                            "per process. No effect on one process or on the CPU")
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
 
@@ -994,7 +998,8 @@ def train(args, runtime, splits, models, state, log, out):
     FiniteGuard.check -> evaluate -> log record -> last.pt -> best.pt (downstream, when val mIoU improves)."""
     step_fn = torch.compile(train_step) if args.compile else train_step
     phases, guard = phases_of(args), FiniteGuard()
-    wrapped = {name: distribute(model, runtime) for name, model in models.items()}
+    wrapped = {name: distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # (in place: models too)
+               for name, model in models.items()}
     reconstruction_fn = functools.partial(reconstruction_loss, window_size=args.msssim_window)  # Eq. (2)
     base = splits.get("pretrain")
     partitions = partition_indices(len(base), args.partitions) if base is not None else []
@@ -1278,6 +1283,15 @@ def distribute(model, runtime):
     if runtime.world_size == 1:
         return model
     return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def sync_batch_norm(model, enabled, runtime):
+    """`enabled` under torchrun on CUDA: every BatchNorm normalises over the batches of all ranks (SyncBatchNorm, the
+    same parameters and buffers), so 2 processes with batch B normalise as 1 process with batch 2B. Otherwise the
+    model itself: one process, or the CPU (SyncBatchNorm has no CPU kernel; statistics per rank)."""
+    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def unwrap(model):

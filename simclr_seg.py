@@ -44,7 +44,8 @@ Choices (the paper is silent or vague; grep "CHOICE C")
         BatchNorm (every tensor with one dimension) are excluded from both decay and trust ratio; batch 120,
         20 epochs, 224 px (authors' code and config); schedule: linear warm-up for 10 % of the epochs, then cosine.
     C5  Under DDP the loss of each rank's anchors uses the projections of all ranks as negatives (gathered with
-        gradients) and BatchNorm is synchronised across GPUs (SimCLR's global BN; --no-sync-bn to turn it off).
+        gradients) and BatchNorm is synchronised across GPUs (SimCLR's global BN; --no-sync-bn to turn it off),
+        in fine-tuning too (where it normalises as one process with the global batch would).
     C6  U-Net decoder as in segmentation_models_pytorch's Unet (the authors' fine-tuning model): 5 blocks of
         nearest x2 upsampling + skip concatenation + 2 x (conv3x3-BN-ReLU), widths 256-128-64-32-16, skips from the
         stem (/2) and layers 1-3 (/4, /8, /16), layer 4 (/32) as the bottleneck; a 3x3 conv gives one logit.
@@ -213,7 +214,9 @@ def get_args(argv=None):
                      help="encoder at the start of pre-training: none (authors' code, the default) | imagenet | "
                           "imagenet:PATH")
     pre.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                     help="SyncBatchNorm while pre-training under DDP on CUDA (SimCLR's global BN; on by default)")
+                     help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
+                          "(SyncBatchNorm: SimCLR's global BN; 2 processes with batch B normalise as 1 with batch "
+                          "2B); --no-sync-bn: per process. No effect on one process or on the CPU")
 
     fine = parser.add_argument_group("fine-tuning (Sec. 2.2, 3.1)")
     fine.add_argument("--init", default=None,
@@ -1069,9 +1072,7 @@ def fit(stage, args, runtime, data, out, log, resume_state=None, model=None):
         start_epoch, best, best_epoch = resume_state["epoch"] + 1, resume_state["best"], resume_state["best_epoch"]
         last_loss = resume_state["loss"]
         say(runtime, f"{stage}: resumed at epoch {start_epoch}")
-    if pretrain and args.sync_bn and runtime.world_size > 1 and runtime.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CHOICE C5: BN statistics over the global batch
-    model = distribute(model, runtime)
+    model = distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # CHOICE C5: BN over the global batch
     step_fn = torch.compile(train_step) if args.compile else train_step
     val_loader = None if pretrain else make_loader(data["val"], args.batch_size, args, runtime, train=False)
     guard = FiniteGuard()
@@ -1490,6 +1491,15 @@ def distribute(model, runtime):
     if runtime.world_size == 1:
         return model
     return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def sync_batch_norm(model, enabled, runtime):
+    """`enabled` under torchrun on CUDA: every BatchNorm normalises over the batches of all ranks (SyncBatchNorm, the
+    same parameters and buffers), so 2 processes with batch B normalise as 1 process with batch 2B. Otherwise the
+    model itself: one process, or the CPU (SyncBatchNorm has no CPU kernel; statistics per rank)."""
+    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def unwrap(model):

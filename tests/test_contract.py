@@ -611,3 +611,40 @@ def test_torchrun_two_processes_take_the_step_of_one_with_twice_the_batch(name, 
             assert relative_difference({k: a["model"][k] for k in buffers},
                                        {k: b["model"][k] for k in buffers}) < 1e-5, (step, "BatchNorm statistics")
     assert stages == {"masksup": 1, "lmae": 1, "simclr_seg": 2, "selective_mim": 3}[name], steps
+
+
+# --- --sync-bn: SyncBatchNorm under torchrun on CUDA (the conversion; its effect is the global BatchNorm above) ---
+
+def test_sync_batch_norm_only_under_torchrun_on_cuda(monkeypatch):
+    m = method("masksup")  # the plumbing block is identical in the four files
+    converted = []
+    monkeypatch.setattr(torch.nn.SyncBatchNorm, "convert_sync_batchnorm",
+                        classmethod(lambda cls, model, process_group=None: converted.append(model) or "synced"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    cuda_ddp = m.Runtime(torch.device("cuda", 0), rank=0, world_size=2)
+    assert m.sync_batch_norm(model, True, cuda_ddp) == "synced" and converted == [model]
+    for enabled, runtime in [(False, cuda_ddp), (True, m.Runtime(torch.device("cpu"), rank=0, world_size=2)),
+                             (True, m.Runtime(torch.device("cuda", 0), rank=0, world_size=1))]:
+        assert m.sync_batch_norm(model, enabled, runtime) is model, (enabled, runtime)
+    assert len(converted) == 1
+
+
+class Converted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ("masksup", "simclr_seg", "selective_mim"))
+@pytest.mark.parametrize("flag,expected", [(None, True), ("--no-sync-bn", False)])
+def test_sync_bn_flag_reaches_the_conversion(name, flag, expected, tmp_path, monkeypatch):
+    """Every BatchNorm script hands --sync-bn (default on) to sync_batch_norm with the model it then trains."""
+    m = method(name)
+    seen = []
+
+    def spy(model, enabled, runtime):
+        seen.append((enabled, any(isinstance(x, torch.nn.BatchNorm2d) for x in model.modules())))
+        raise Converted
+
+    monkeypatch.setattr(m, "sync_batch_norm", spy)
+    with pytest.raises(Converted):
+        m.main(m.get_args(tiny(name) + ([flag] if flag else []) + ["--out", str(tmp_path / "run")]))
+    assert seen == [(expected, True)]
