@@ -372,10 +372,12 @@ def patch_grid(height, width, num_patches):
     return PatchGrid(row_bands, col_bands, rows, cols)
 
 
-def random_masks(batch_size, num_patches, mask_ratio, generator=None, device=None):
-    """(B, L) bool, exactly int(L * mask_ratio) True per row, uniformly at random (Sec. 2; noise + argsort)."""
+def random_masks(batch_size, num_patches, mask_ratio, generator=None, device=None, noise=None):
+    """(B, L) bool, exactly int(L * mask_ratio) True per row, uniformly at random (Sec. 2; noise + argsort).
+    noise (B, L) uniform: the draws to rank (e.g. one generator per image), else drawn from `generator`."""
     num_hidden = int(num_patches * mask_ratio)
-    noise = torch.rand(batch_size, num_patches, generator=generator, device=device)  # (B, L)
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, generator=generator, device=device)  # (B, L)
     hidden_ids = noise.argsort(dim=1)[:, :num_hidden]  # (B, L * ratio)
     mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
     return mask.scatter_(1, hidden_ids, True)
@@ -810,9 +812,10 @@ def train_one_epoch(stage, model, loader, optimizer, step_fn, loss_fn, args, run
         if stage == "pretrain":
             hidden = targets  # (B, S, S): the partition's selective masks, cropped with the image
             if random_grid is not None:
-                mask = torch.cat([random_masks(1, random_grid.num_patches, args.mask_ratio,
-                                               make_generator(*mask_key, index, device=device), device)
-                                  for index in indices[seen:seen + images.shape[0]]])  # (B, L)
+                L = random_grid.num_patches
+                noise = torch.cat([torch.rand(1, L, generator=make_generator(*mask_key, index, device=device),
+                                              device=device) for index in indices[seen:seen + images.shape[0]]])
+                mask = random_masks(len(noise), L, args.mask_ratio, device=device, noise=noise)  # (B, L)
                 hidden = random_grid.to_pixels(mask)  # (B, S, S)
             inputs, targets = apply_mask(images, hidden), images
         else:

@@ -71,6 +71,17 @@ def test_to_pixels_matches_a_loop():
                 assert pixels[b, y, x] == mask[b, grid.row_bands[y] * grid.cols + grid.col_bands[x]]
 
 
+def test_random_masks_from_given_noise_are_the_per_image_draws():
+    """The training loop ranks one noise row per image (its own generator) in one batched call: the same masks as
+    drawing each image alone, so they do not depend on the batch or the rank."""
+    generators = [lambda i=i: torch.Generator().manual_seed(100 + i) for i in range(5)]
+    noise = torch.cat([torch.rand(1, 16, generator=make()) for make in generators])
+    batched = sm.random_masks(5, 16, 0.5, noise=noise)
+    alone = torch.cat([sm.random_masks(1, 16, 0.5, make()) for make in generators])
+    assert torch.equal(batched, alone) and batched.sum(1).eq(8).all()
+    assert not torch.equal(batched, sm.random_masks(5, 16, 0.5, torch.Generator().manual_seed(100)))
+
+
 def test_random_masks_hide_exactly_half_and_repeat_with_the_seed():
     masks = sm.random_masks(64, 441, 0.5, torch.Generator().manual_seed(3))
     assert masks.dtype == torch.bool and masks.shape == (64, 441)
