@@ -589,13 +589,14 @@ def pixel_mask(mask, patch_size, grid):
     return mask.view(B, gh, 1, gw, 1).expand(B, gh, P, gw, P).reshape(B, gh * P, gw * P)
 
 
-def item_uniforms(keys, num_patches, device):
-    """(len(keys), 1 + L) uniform draws, row i from a generator seeded by keys[i], e.g. (seed, "masks", epoch,
-    index): an image gets the same mask whatever the batch size, the process count or the worker count, so 2
-    processes with batch B train on the masks of 1 process with batch 2B."""
-    rows = [torch.rand(1, 1 + num_patches, generator=make_generator(*key, device=device), device=device)
-            for key in keys]
-    return torch.cat(rows) if rows else torch.zeros(0, 1 + num_patches, device=device)
+def item_uniforms(key, items, labels, patch_size):
+    """(len(items), 1 + L) uniform draws for the batch `labels` (B, H, W), L its patch count; row i from a generator
+    seeded by key + (items[i],), e.g. (seed, "masks", epoch, index): an image gets the same mask whatever the batch
+    size, the process count or the worker count, so 2 processes with batch B train on the masks of 1 process with
+    batch 2B."""
+    num_patches = (labels.shape[1] // patch_size) * (labels.shape[2] // patch_size)
+    return torch.cat([torch.rand(1, 1 + num_patches, generator=make_generator(*key, item, device=labels.device),
+                                 device=labels.device) for item in items])
 
 
 def draw_mask(labels, strategy, args, generator=None, uniforms=None):
@@ -976,10 +977,9 @@ def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch)
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        keys = [(args.seed, "masks", epoch, index) for index in indices[seen:seen + images.shape[0]]]
-        seen += images.shape[0]
-        uniforms = item_uniforms(keys, (labels.shape[1] // args.patch_size) * (labels.shape[2] // args.patch_size),
-                                 device)  # (B, 1 + L)
+        uniforms = item_uniforms((args.seed, "masks", epoch), indices[seen:seen + len(images)], labels,
+                                 args.patch_size)  # (B, 1 + L)
+        seen += len(images)
         loss = step(model, optimizer, images, labels, args, runtime, None, uniforms)
         guard.observe(loss)
         total[0] += loss
@@ -1012,10 +1012,9 @@ def evaluate(model, loader, args, runtime, num_classes):
         labels = labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        keys = [(args.seed, "eval-masks", index) for index in indices[seen:seen + images.shape[0]]]
-        seen += images.shape[0]
-        uniforms = item_uniforms(keys, (labels.shape[1] // args.patch_size) * (labels.shape[2] // args.patch_size),
-                                 device)  # (B, 1 + L)
+        uniforms = item_uniforms((args.seed, "eval-masks"), indices[seen:seen + len(images)], labels,
+                                 args.patch_size)  # (B, 1 + L)
+        seen += len(images)
         _, ids_keep, hidden = draw_mask(labels, args.eval_mask_strategy, args, None, uniforms)  # (B, L_vis), (B, H, W)
         with autocast(runtime):
             logits = model(images, labels, ids_keep)  # (B, K, H, W)

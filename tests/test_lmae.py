@@ -469,9 +469,11 @@ def test_masks_are_keyed_by_item_not_by_batch():
     dataset, info = build_dataset("shapes", split="val", transform=joint_transform(), image_size=(32, 48), limit=8)
     images = torch.stack([dataset[i][0] for i in range(8)])
     labels = torch.stack([dataset[i][1] for i in range(8)])
-    keys = [(0, "masks", 1, index) for index in range(8)]
-    whole = lmae.item_uniforms(keys, 24, "cpu")
-    assert torch.equal(whole, torch.cat([lmae.item_uniforms(keys[:3], 24, "cpu"), lmae.item_uniforms(keys[3:], 24, "cpu")]))
+    key = (0, "masks", 1)
+    whole = lmae.item_uniforms(key, range(8), labels, 8)  # (8, 1 + 24): 4 x 6 patches of 8 px
+    assert whole.shape == (8, 25)
+    assert torch.equal(whole, torch.cat([lmae.item_uniforms(key, range(3), labels[:3], 8),
+                                         lmae.item_uniforms(key, range(3, 8), labels[3:], 8)]))
     assert not torch.equal(whole[:4], whole[4:])
     mask = lmae.draw_mask(labels, "mixed", args, None, whole)[0]
     assert torch.equal(mask[5:], lmae.draw_mask(labels[5:], "mixed", args, None, whole[5:])[0])
