@@ -1048,21 +1048,34 @@ def prepare_model(args, num_outputs, runtime):
     return model, pretrained
 
 
+# --- helpers for the loops (moved out of the plumbing block) ---
+
+def sync_batch_norm(model, enabled, runtime):
+    """`enabled` under torchrun on CUDA: BatchNorm over the batches of all ranks (SyncBatchNorm), so 2 processes with
+    batch B normalise as 1 with batch 2B; otherwise the model itself (SyncBatchNorm has no CPU kernel)."""
+    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def colorize(labels, palette):
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
+    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
-# Seeding and replayable generators, device/AMP/DDP, RNG states, checkpoints, the run directory, the metrics log,
-# the non-finite-loss guard, progress bars, data loaders and the one error style. Nothing here knows the method:
-# the script name, the architecture, the stages and what picks best.pt are passed in. A reader learns this block
-# once; tests/test_contract.py checks that the four copies are byte-identical. It uses argparse, hashlib, json, math,
-# os, random, shutil, sys, dataclass, Path, np, torch, dist, DistributedDataParallel, DataLoader, Dataset, Sampler,
-# tqdm and common's DatasetError, all imported at the top of each file.
+# Seeding, device/AMP/DDP, data loaders, checkpoints, the run directory, the metrics log, the non-finite-loss guard
+# and the one error style. Nothing here knows the method: script name, architecture, stages and what picks best.pt
+# are passed in. tests/test_contract.py checks that the four copies are byte-identical; read it once.
 
 class UsageError(Exception):
     """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """--help shows each default once: "(default: X)" is appended where the help text does not state it already;
-    None and False defaults are not shown (None = derived from the data or a preset, as the help says)."""
+    """--help shows each default once: appended unless the help states it or it is None/False."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -1072,8 +1085,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the one error style: `error: <message>` on one line (no usage dump), exit code 2, and the
-    one --help style (HelpFormatter)."""
+    """argparse with the one error style (`error: <message> (see --help)`, exit code 2) and HelpFormatter."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -1083,8 +1095,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def add_run_arguments(parser, script):
-    """The run flags, with one meaning in all four scripts (README 'Conventions')."""
+def add_run_arguments(parser, script):  # one meaning in all four scripts (README 'Conventions')
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0,
                      help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
@@ -1093,7 +1104,7 @@ def add_run_arguments(parser, script):
                           f"--checkpoint, the checkpoint's folder)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     run.add_argument("--eval-only", action="store_true",
-                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_<split>.json")
+                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_test.json")
     run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
     run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
     run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
@@ -1107,8 +1118,7 @@ def add_run_arguments(parser, script):
     return run
 
 
-def check_run_arguments(parser, args, script):
-    """Refuse run-flag combinations that would be ignored or cannot work; resolve --out."""
+def check_run_arguments(parser, args, script):  # refuse combinations that would be ignored; resolve --out
     if args.checkpoint and not args.eval_only:
         parser.error("--checkpoint is only read with --eval-only; to continue a run pass --resume and its --out")
     if args.eval_only and args.resume:
@@ -1118,10 +1128,8 @@ def check_run_arguments(parser, args, script):
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive number of images, got {args.limit}")
     if args.out is None:
-        if args.eval_only and args.checkpoint:
-            args.out = str(Path(args.checkpoint).parent)
-        else:
-            args.out = os.path.join("runs", f"{script.removesuffix('.py')}-{args.data}")
+        default = os.path.join("runs", f"{script.removesuffix('.py')}-{args.data}")
+        args.out = str(Path(args.checkpoint).parent) if args.eval_only and args.checkpoint else default
 
 
 def seed_everything(seed):
@@ -1131,16 +1139,13 @@ def seed_everything(seed):
 
 
 def derive_seed(*parts):
-    """A stable 62-bit seed from any tuple, e.g. (seed, "masks", stage, epoch, rank): the same parts, the same seed,
-    in any process and after any --resume."""
+    """A stable 62-bit seed from a key like (seed, "masks", stage, epoch, item): every random draw of a run is
+    keyed this way, identically in every process and after --resume, so checkpoints need no RNG states."""
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:16], 16) >> 2
 
 
 def make_generator(*parts, device="cpu"):
-    """A torch.Generator seeded with derive_seed(*parts)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(*parts))
-    return generator
+    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
 @dataclass
@@ -1161,8 +1166,7 @@ def cpu_supports_bf16():
 
 
 def setup_runtime(args):
-    """-> Runtime. torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (nccl) or per CPU slot (gloo).
-    Resolves args.device, args.amp and args.channels_last in place, so config.json records what ran."""
+    """-> Runtime; resolves args.device/amp/channels_last in place. torchrun: one process per GPU (nccl) or CPU slot."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -1173,8 +1177,7 @@ def setup_runtime(args):
         raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
     if args.channels_last is None:
         args.channels_last = use_cuda
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     owns_process_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
@@ -1190,29 +1193,17 @@ def setup_runtime(args):
     return Runtime(device, rank, world_size, bool(args.amp), owns_process_group)
 
 
-def autocast(runtime):
-    """bf16 autocast on the run's device with --amp; a no-op context otherwise."""
+def autocast(runtime):  # bf16 with --amp, a no-op context otherwise
     return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
 
 
-def distribute(model, runtime):
-    """DistributedDataParallel under torchrun (gradients averaged over ranks), the model itself otherwise."""
+def distribute(model, runtime):  # DDP under torchrun: gradients averaged over ranks
     if runtime.world_size == 1:
         return model
     return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
 
-def sync_batch_norm(model, enabled, runtime):
-    """`enabled` under torchrun on CUDA: every BatchNorm normalises over the batches of all ranks (SyncBatchNorm, the
-    same parameters and buffers), so 2 processes with batch B normalise as 1 process with batch 2B. Otherwise the
-    model itself: one process, or the CPU (SyncBatchNorm has no CPU kernel; statistics per rank)."""
-    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
-def unwrap(model):
-    """The bare module inside DDP and torch.compile wrappers (what checkpoints hold)."""
+def unwrap(model):  # the bare module inside DDP and torch.compile wrappers: what checkpoints hold
     model = model.module if isinstance(model, DistributedDataParallel) else model
     return getattr(model, "_orig_mod", model)
 
@@ -1234,28 +1225,19 @@ def shutdown(runtime):
 
 
 def say(runtime, message):
-    """Print on rank 0 only."""
-    if runtime.main:
+    if runtime.main:  # rank 0 prints
         print(message, flush=True)
 
 
-def progress(iterable, runtime, desc, total=None):
-    """A tqdm bar on rank 0 when stderr is a terminal (tqdm's disable=None), nothing in logs or on other ranks."""
+def progress(iterable, runtime, desc, total=None):  # a tqdm bar on rank 0 when stderr is a terminal
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
                 disable=None if runtime.main else True)
 
 
-# Data order and augmentation: a pure function of (seed, stage, epoch, index), whatever the worker count, so that a
-# resumed epoch replays the interrupted one exactly.
-
 class EpochSampler(Sampler):
-    """Yields (index, item_seed) pairs of this rank's share of one epoch.
-
-    Training (shuffle=True): a permutation drawn from (seed, stage, epoch), padded by wrapping so every rank gets
-    the same number of items, split rank::world; a lone last item is dropped when there is more than one batch,
-    so BatchNorm never sees a batch of one. Evaluation (shuffle=False): exactly the items rank, rank+world, ... in
-    order (no padding: summed metrics count every item once; a rank may get none).
-    """
+    """(index, item_seed) pairs of this rank's share of an epoch, a pure function of (seed, stage, epoch, rank).
+    Training: a permutation padded by wrapping so ranks get equal shares, minus a lone last item (BatchNorm never
+    sees a batch of one). Evaluation: items rank, rank+world, ... in order, unpadded (a rank may get none)."""
 
     def __init__(self, num_items, seed, runtime, shuffle, batch_size):
         self.num_items, self.seed, self.shuffle, self.batch_size = num_items, seed, shuffle, batch_size
@@ -1268,11 +1250,10 @@ class EpochSampler(Sampler):
     def indices(self):
         if not self.shuffle:
             return list(range(self.rank, self.num_items, self.world_size))
-        generator = make_generator(self.seed, "order", self.stage, self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
+        order = torch.randperm(self.num_items, generator=make_generator(self.seed, "order", self.stage, self.epoch))
         per_rank = -(-self.num_items // self.world_size)
-        order = (order * (per_rank * self.world_size // max(len(order), 1) + 1))[:per_rank * self.world_size]
-        mine = order[self.rank::self.world_size]
+        order = order.tolist() * (per_rank * self.world_size // max(self.num_items, 1) + 1)
+        mine = order[:per_rank * self.world_size][self.rank::self.world_size]
         if len(mine) > self.batch_size and len(mine) % self.batch_size == 1:
             mine = mine[:-1]
         return mine
@@ -1286,8 +1267,7 @@ class EpochSampler(Sampler):
 
 
 class SeededItems(Dataset):
-    """dataset[(index, item_seed)] = dataset[index] with Python, NumPy and torch seeded by item_seed for the
-    random transforms; the caller's RNG states are restored afterwards (workers=0 shares them with training)."""
+    """dataset[(index, item_seed)] = dataset[index] drawn under item_seed; the caller's RNG states are kept."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -1306,85 +1286,50 @@ class SeededItems(Dataset):
         return item
 
 
-def make_loader(dataset, batch_size, args, runtime, train):
-    """DataLoader over this rank's share (EpochSampler); call loader.sampler.set_epoch(stage, epoch) each epoch."""
+def make_loader(dataset, batch_size, args, runtime, train):  # call loader.sampler.set_epoch(stage, epoch)
     sampler = EpochSampler(len(dataset), args.seed, runtime, shuffle=train, batch_size=batch_size)
     return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=args.workers,
                       pin_memory=runtime.device.type == "cuda",  # page-locked memory: asynchronous host-to-GPU copies
                       persistent_workers=args.workers > 0)  # workers (and their open files) live across epochs
 
 
-# RNG states, checkpoints and files
-
-def rng_states():
-    """Python, NumPy, torch (and CUDA) RNG states, as tensors and ints only (torch.load(weights_only=True))."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
-                                                     has_gauss, cached), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def json_safe(value):
-    """JSON-ready copy: non-finite floats -> None, tensors -> numbers/lists, paths -> str, tuples -> lists."""
+def json_safe(value):  # non-finite floats -> None, tensors -> lists, other objects -> str
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, np.generic)):
         return json_safe(value.tolist())
-    if isinstance(value, (np.generic,)):
-        return json_safe(value.item())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
+    return value if value is None or isinstance(value, (bool, int, str)) else str(value)
 
 
-def write_json(path, record):
-    """Atomic JSON write (temporary file, then os.replace); non-finite numbers become null."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
+def write_json(path, record):  # atomic: a temporary file, then os.replace
+    with open(f"{path}.tmp", "w") as handle:
         json.dump(json_safe(record), handle, indent=2, sort_keys=True, allow_nan=False)
-    os.replace(temporary, path)
+    os.replace(f"{path}.tmp", path)
 
 
 def save_checkpoint(path, state, script, arch, log=None):
-    """Atomically write `state` (state dicts, epoch, best, ...) plus what load_checkpoint checks: the script, the
-    architecture string, the RNG states and how many metrics.jsonl records the run had (a resume drops later ones)."""
-    payload = {**state, "script": script, "arch": arch, "rng": rng_states(),
-               "log_records": None if log is None else log.count}
-    temporary = f"{path}.tmp"
-    torch.save(payload, temporary)
-    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+    """Atomically write `state` + what load_checkpoint checks + the count of metrics.jsonl records (for --resume)."""
+    torch.save({**state, "script": script, "arch": arch, "log_records": None if log is None else log.count},
+               f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # a crash mid-write never leaves a truncated checkpoint under the real name
 
 
 def link_checkpoint(source, target):
     """target = the same bytes as source (best.pt from last.pt): a hard link, a copy where links are refused."""
-    temporary = f"{target}.tmp"
-    if os.path.exists(temporary):
-        os.remove(temporary)
+    Path(f"{target}.tmp").unlink(missing_ok=True)
     try:
-        os.link(source, temporary)
+        os.link(source, f"{target}.tmp")
     except OSError:
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+        shutil.copyfile(source, f"{target}.tmp")
+    os.replace(f"{target}.tmp", target)
 
 
 def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
-    """-> the dict save_checkpoint wrote; one UsageError naming the file for a missing, truncated or foreign file,
-    or one of another architecture (arch=None skips that check)."""
+    """-> the dict save_checkpoint wrote; a UsageError for a missing, truncated, foreign or other-`arch` file."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{flag}: no checkpoint {path}; pass the path of a {script} checkpoint (last.pt or best.pt)")
@@ -1403,8 +1348,7 @@ def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
     return state
 
 
-def load_state(module, state_dict, path):
-    """module.load_state_dict with a mismatch reported as one error line naming the checkpoint."""
+def load_state(module, state_dict, path):  # a mismatch -> one error line naming the checkpoint
     try:
         unwrap(module).load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError) as error:
@@ -1412,24 +1356,18 @@ def load_state(module, state_dict, path):
         raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
 
 
-def run_of(out):
-    """The script that made run directory `out` (its config.json's "script"), or None."""
-    try:
-        return json.loads((Path(out) / "config.json").read_text()).get("script")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def check_run_dir(args, script, resume_files=("last.pt",)):
-    """Validate --out before anything is written -> the checkpoint to resume from (None for a fresh run).
-    Refuses a file, a non-empty folder that is not a run of this script, an existing run without --resume, and
-    --resume without a checkpoint. --eval-only may write into an empty folder or a run of this script."""
+    """Validate --out before anything is written -> the checkpoint to resume from, or None; never overwrites."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the run")
-    ours = run_of(out) == script
+    try:
+        ours = json.loads((out / "config.json").read_text()).get("script") == script
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    filled = out.is_dir() and any(out.iterdir())
     if args.eval_only:
-        if out.is_dir() and any(out.iterdir()) and not ours:
+        if filled and not ours:
             raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
         return None
     if args.resume:
@@ -1440,15 +1378,14 @@ def check_run_dir(args, script, resume_files=("last.pt",)):
                 return out / name
         raise UsageError(f"--resume: {out} has no checkpoint yet ({', '.join(resume_files)}); remove the folder or "
                          f"pass another --out to start afresh")
-    if out.is_dir() and any(out.iterdir()):
+    if filled:
         what = "already holds a run" if ours else f"is not empty and not a {script} run"
         raise UsageError(f"--out {out} {what}; pass --resume to continue a run, or another --out")
     return None
 
 
 def create_run_dir(args, script, config, runtime):
-    """After flags and data are validated: make --out and write config.json (fresh runs; a resume keeps the first
-    one). Prints the resolved config. Rank 0 writes; every rank waits until it has."""
+    """After flags and data are checked: print the config, make --out, write config.json (a resume keeps it)."""
     out = Path(args.out)
     say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
     if runtime.main:
@@ -1460,17 +1397,15 @@ def create_run_dir(args, script, config, runtime):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON record per epoch (non-finite numbers as null), echoed as a `key=value` line.
-    `resume_state` (a checkpoint) truncates the file to the records that checkpoint had seen."""
+    """metrics.jsonl, one record per epoch, echoed as `key=value`; a resume truncates it to its checkpoint's count."""
 
     def __init__(self, out, runtime, resume_state=None):
         self.path, self.main = Path(out) / "metrics.jsonl", runtime.main
         lines = self.path.read_text().splitlines(keepends=True) if self.path.is_file() else []
         keep = resume_state.get("log_records") if resume_state is not None else None
         if keep is not None and len(lines) > keep and self.main:
-            temporary = f"{self.path}.tmp"
-            Path(temporary).write_text("".join(lines[:keep]))
-            os.replace(temporary, self.path)
+            Path(f"{self.path}.tmp").write_text("".join(lines[:keep]))
+            os.replace(f"{self.path}.tmp", self.path)
         self.count = len(lines) if keep is None else min(keep, len(lines))
 
     def write(self, record):
@@ -1486,8 +1421,7 @@ class MetricsLog:
 
 
 class FiniteGuard:
-    """Notes the first step whose loss is not finite without a host sync per step; check() (at the epoch's end,
-    before anything is saved) stops the run, so no checkpoint ever holds the diverged weights."""
+    """Notes the first non-finite loss without a host sync; check() at the epoch's end stops before any save."""
 
     def __init__(self):
         self.steps, self.first_bad = 0, None
@@ -1495,9 +1429,8 @@ class FiniteGuard:
     def observe(self, loss):
         self.steps += 1
         bad = ~torch.isfinite(loss.detach().float())
-        if self.first_bad is None:
-            self.first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
-        self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+        first = torch.zeros((), dtype=torch.long, device=loss.device) if self.first_bad is None else self.first_bad
+        self.first_bad = torch.where(bad & (first == 0), self.steps, first)
 
     def check(self, stage, epoch, lr_flag="--lr"):
         """Raise UsageError naming stage, epoch and step if a loss was not finite (on any rank); sync point."""
@@ -1509,15 +1442,7 @@ class FiniteGuard:
                              f"check the data")
 
 
-def colorize(labels, palette):
-    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
-    table = torch.ones(256, 3)
-    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
-    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
-
-
-def main_guard(main, get_args):
-    """Entry point: a user's mistake (UsageError, DatasetError) -> one `error: ...` line on stderr, exit code 2."""
+def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on stderr, exit code 2
     try:
         main(get_args())
     except (UsageError, DatasetError) as error:
@@ -1593,8 +1518,6 @@ def run(args, runtime, resume_path):
                                                                "per_bin": folder_masks.counts}}
     out = create_run_dir(args, SCRIPT, config, runtime)
     log = MetricsLog(out, runtime, resume_state=state)
-    if state is not None:
-        set_rng_states(state["rng"])
     if runtime.main:
         (out / "samples").mkdir(exist_ok=True)
     train_model = distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # (in place: `model` too)
