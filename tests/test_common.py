@@ -627,6 +627,18 @@ def test_folder_auto_mask_mode_reads_0_255_masks_as_binary(tmp_path):
     assert set(np.unique(raw(ids)).tolist()) == {0, 1, 2, 255} and info.num_classes == 3
 
 
+def test_folder_auto_mask_mode_keeps_binary_when_a_mask_is_all_background(tmp_path):
+    """A polyp set with one frame holding no polyp (an all-0 mask): still binary, 255 still foreground. A rule that
+    asks every mask to hold both 0 and 255 would read the whole folder as ids, 255 as ignore."""
+    for i in range(4):
+        write_rgb(tmp_path / "images" / f"{i}.png")
+        mask = np.zeros_like(label_map([0, 1])) if i == 2 else np.where(label_map([0, 1]) == 1, 255, 0)
+        write_label(tmp_path / "masks" / f"{i}.png", mask)
+    auto, info = build_dataset("folder", tmp_path, "trainval", mask_mode="auto")
+    assert info.binary and info.num_classes == 2
+    assert set(np.unique(raw(auto)).tolist()) == {0, 1}
+
+
 
 # --- simclr_seg.py: the catsdogs pre-training reader (full decode, balanced limit, class-folder exports) ---
 
