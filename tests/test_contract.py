@@ -9,6 +9,7 @@ import ast
 import importlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -69,6 +70,59 @@ def test_no_plumbing_name_is_defined_twice(name):
     rest_names = [node.name for node in ast.parse(rest).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     assert not block_names & set(rest_names), f"{name}.py redefines {sorted(block_names & set(rest_names))}"
     assert len(rest_names) == len(set(rest_names)), f"{name}.py defines a name twice"
+
+
+# --- the block's parts, one by one (the copies are identical, so masksup's copy stands for all four) ---
+
+def test_finite_guard_stops_on_inf_and_nan_and_names_the_first_bad_step():
+    m = method("masksup")
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        guard = m.FiniteGuard()
+        for loss in (1.0, 2.0, bad, 3.0, bad):
+            guard.observe(torch.tensor(loss))
+        with pytest.raises(m.UsageError, match=r"pretrain epoch 4 step 3: the loss is not finite.*--pretrain-lr"):
+            guard.check("pretrain", 4, "--pretrain-lr")
+        guard.observe(torch.tensor(1.0))
+        guard.check("pretrain", 5)  # a new epoch starts clean
+    m.FiniteGuard().check("finetune", 1)  # an epoch without steps
+
+
+def test_epoch_sampler_orders_are_keyed_by_seed_stage_and_epoch():
+    m = method("masksup")
+    solo = m.Runtime(torch.device("cpu"))
+
+    def order(seed=0, stage="pretrain", epoch=1, runtime=solo, shuffle=True, items=10, batch=4):
+        sampler = m.EpochSampler(items, seed, runtime, shuffle=shuffle, batch_size=batch)
+        sampler.set_epoch(stage, epoch)
+        return list(sampler)
+
+    first = order()
+    assert first == order() and sorted(i for i, _ in first) == list(range(10))
+    for other in (order(epoch=2), order(stage="finetune"), order(seed=1)):
+        assert [i for i, _ in other] != [i for i, _ in first]
+    assert len({s for _, s in first}) == 10 and {s for _, s in first} != {s for _, s in order(epoch=2)}
+    ranks = [order(runtime=m.Runtime(torch.device("cpu"), rank, 2), items=9, batch=5) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and {i for r in ranks for i, _ in r} == set(range(9))
+    assert [i for i, _ in order(shuffle=False, runtime=m.Runtime(torch.device("cpu"), 1, 2), items=5)] == [1, 3]
+    assert len(order(items=9, batch=4)) == 8  # a lone last item is dropped (BatchNorm never sees a batch of one)
+
+
+def test_seeded_items_draw_from_the_item_seed_and_keep_the_callers_state():
+    m = method("masksup")
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return (index, random.random(), float(np.random.rand()), float(torch.rand(())))
+
+    items = m.SeededItems(Draws())
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    assert items[(1, 11)] == items[(1, 11)]
+    assert all(a != b for a, b in zip(items[(1, 11)][1:], items[(1, 12)][1:]))
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.get_rng_state(), states[2])
 
 
 # --- one meaning per shared flag (README Conventions table) ---
