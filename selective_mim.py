@@ -1,102 +1,41 @@
-"""Selective Masking Image Reconstruction: self-supervised pre-training for semantic segmentation.
+r"""Selective Masking Image Reconstruction: self-supervised pre-training for semantic segmentation.
 
 Wang & Stavness (University of Saskatchewan), "Selective Masking based Self-Supervised Learning for Image Semantic
 Segmentation"; the authors' code: https://github.com/yuw422/Selective_Masking_Image_Reconstruction.
 
-A ResNet-34 U-Net learns to reconstruct images whose patches are partly hidden. The pre-training set is cut into
-equal partitions that are trained one after another: partition 0 with random masks, every later partition with
-masks chosen by the model trained so far, which hides the patches it reconstructs worst (Fig. 1-2). The
-pre-trained weights then initialise a segmentation U-Net trained with a Jaccard loss (Sec. 2.4).
+A ResNet-34 U-Net learns to reconstruct images with half of their patches hidden, loss (1 - MS-SSIM) + L1 (Eq. 2).
+The pre-training set is cut into equal partitions trained one after another: partition 0 with random masks, every
+later partition with masks chosen by the model trained so far. That model reconstructs 5 randomly masked copies of
+each image, scores every patch with (1 - SSIM) + L1 (Eq. 1), and the half it reconstructs worst is hidden (Fig. 1-2).
+The pre-trained weights, all but the last layer, then initialise a segmentation U-Net trained with a Jaccard loss.
 
 Implemented (component -> function -> paper place)
-    patch grid, "512 patches" (authors' step rule), any aspect -> patch_grid        -> Sec. 2
-    random masking, 50 % of patches, mean-colour fill  -> random_masks, apply_mask -> Sec. 2, Fig. 3
-    per-patch loss (1 - SSIM 3x3) + L1, batched       -> score_patches           -> Sec. 2.1, Eq. (1)
-    5 masked copies, mean over all copies, top 50 %    -> copy_masks, selective_masks, top_patches -> Eq. (1), Fig. 2
-    partitions, train one after another, scored by the previous model -> partition_indices, score_partition,
-                                                          train (the one epoch loop of both stages) -> Sec. 2, Fig. 1
-    U-Net on a ResNet-34 encoder, 3 or K outputs       -> ResNetUNet, PRESETS     -> Sec. 2.2
-    copy every pre-trained tensor but the last layer   -> transfer_weights        -> Sec. 2.2
-    reconstruction loss (1 - MS-SSIM 11x11) + L1       -> reconstruction_loss, ms_ssim, ssim_maps -> Sec. 2.4, Eq. (2)
-    downstream Jaccard loss, mIoU, class IoU           -> jaccard_loss, evaluate_segmentation -> Sec. 2.4, Tables 2-6
-    baselines: random masking / ImageNet / none        -> --masking random, --init imagenet|none -> Table 2
-    self- vs cross-pre-training                        -> --pretrain-data          -> Table 7
-    downstream protocols per dataset                   -> build_splits, --split-protocol, --train-fraction -> Sec. 2.3
-    augmentations: flip, colour jitter, random crop    -> PretrainImages, build_splits -> Sec. 2.4
-
-Choices (the paper is silent or vague; grep "CHOICE C")
-    C1  Patch grid: step = ceil(side / sqrt(--num-patches)) per axis; a last band shorter than half a step is
-        merged into the one before it (authors' get_patch_loc). 256 x 256 -> 21 x 21 = 441 patches, not 512;
-        256 x 512 -> 21 x 22 (the grid follows the image's aspect).
-    C2  A patch's score is the mean of its Eq. (1) losses over all S copies (--score-aggregation all-mean, Eq. (1)
-        and the authors' code), visible or hidden in each copy. hidden-mean (only the copies that hid the patch),
-        hidden-sum and all-sum are options. With independent 50 % draws 0.5^5 = 3 % of patches are hidden in no copy;
-        --cover-all draws the copies so that every patch is hidden in at least one. Every scoring step logs how far
-        the selection follows the hide count (hide_count_overlap, hide_count_spearman) instead of the model's errors.
-    C3  Images are normalised with ImageNet statistics, so hidden pixels take the ImageNet mean colour (the authors
-        use Pascal VOC statistics for all four sets). Losses and scores are computed in [0, 1] pixel space (images
-        denormalised), data range 1, SSIM constants K1 = 0.01, K2 = 0.03, Gaussian windows with sigma 1.5; the
-        authors apply pytorch-msssim with data_range 1 to the normalised tensors.
-    C4  MS-SSIM follows pytorch-msssim: valid Gaussian filtering, 2x2 average pooling between the 5 scales, weights
-        (0.0448, 0.2856, 0.3001, 0.2363, 0.1333); negative contrast-structure values are floored at 1e-6 (their
-        relu) so that the fractional powers keep a finite gradient.
-    C5  The reconstruction loss covers the whole image, hidden and visible pixels alike (authors' code).
-    C6  Geometry: every image is resized so that its shortest side is --img-size, the aspect kept (authors'
-        SmallestMaxSize): scoring and the selective masks use that canvas and its own patch grid; training applies
-        the random crop (--img-size square, scale 0.25-1), flip and jitter to the canvas and its mask together, so
-        the hidden share of a crop varies (paper Fig. 4 caption); with --no-augment a centre square is taken.
-        Colour jitter changes input and target alike. Validation and test images are scored at their canvas
-        (aspect kept) one image per batch, as the authors' batch-1 test loader.
-    C7  Partitions are strided, partition i = items i, i+P, i+2P ... in dataset order (authors' data_list[i::10]);
-        the last --pretrain-val-fraction (10 %) of each partition is its reconstruction validation set (90/10).
-    C8  Each partition starts a fresh Adam and learning-rate schedule from the previous partition's weights
-        (authors: one trainer per partition). Schedule: linear warm-up from 1 % to 100 % over --warmup-epochs,
-        then cosine to 1 %, stepped per epoch (authors' LambdaLR). The same for the downstream stage.
-    C9  The random-masking baseline trains once on the whole pre-training set for --pretrain-epochs epochs (authors'
-        config), the same number of image passes as selective masking.
-    C10 Decoder: ours, U-Net style (nearest x2 upsampling, concatenated skip, 2 x conv3x3-BN-ReLU), widths
-        256-128-64-32-16 with skips from layer3, layer2, layer1 and the stem, full-resolution output; inputs are
-        reflect-padded to a multiple of 32 and cropped back. The authors' pytorch-toolbelt model predicts at 1/4
-        resolution and upsamples.
-    C11 Jaccard loss as pytorch-toolbelt's JaccardLoss (authors' code): softmax, soft IoU per class over the batch,
-        smooth 1e-3, classes absent from the batch contribute 0, mean over all K; ignore pixels left out. Under
-        torchrun the batch is the global one (per-class sums all-reduced), so the loss does not change with the
-        process count.
-    C12 Pre-training split: "unlabeled" where the reader has it, as in Sec. 2.3 (VOC: all VOC2012 JPEGs;
-        Cityscapes: train_extra + trainvaltest, which holds the downstream test images, as in the paper; Nassar,
-        Sugarbeets, shapes), else "train", never "test" (--pretrain-split overrides). Downstream (--split-protocol
-        paper, the authors' lists): Cityscapes trains on the first 80 % of official train, selects on the last 20 %
-        and tests on official val; Nassar keeps the first fifth of train and val (--train-fraction 0.2), all of test;
-        Sugarbeets 70/10/20 in the order of sugarbeets_weeds.txt; VOC trains on VOC2012 train (1,464 images; the
-        paper's "2,913" is train + val, and val is only used to pick the checkpoint), selects on VOC2012 val, tests
-        on VOC2007 test. Other sets: the reader's train / val / test ("val" when there is no test).
-    C13 Pre-training batch sizes of Table 1 (VOC 128, Cityscapes 128, Nassar 256, Sugarbeets 64), 64 elsewhere.
-        Downstream: 500 epochs, batch 8, Adam 3e-3 (authors' configs), best epoch by validation mIoU.
-    C14 Synthetic default (--data shapes): 64 px, 3 partitions of the 512 unlabeled shapes, 3 epochs each,
-        nominal 64 patches (8 x 8 grid of 8 px), MS-SSIM window 3 (an 11 x 11 window over 5 scales needs sides
-        > 160 px), batch 8 in both stages, downstream 20 epochs at Adam 1e-3, no warm-up.
-    C15 --init imagenet loads torchvision's ResNet-34 ImageNet weights (resnet34-b627a593.pth) from
-        --imagenet-weights or the torch hub cache; the paper used pytorch-toolbelt's copy. Nothing is downloaded.
-    C16 One downstream run per invocation (--seed); the paper's three seeds 0, 1234, 3741 are three runs, e.g.
-        sharing one pre-training through --stage finetune --pretrained (experiments/selective/run.py).
-
-Deviations (grep "DEVIATION")
-    - Selective masks are kept exactly in memory and in the checkpoint; the authors write the masked images as
-      JPEGs (which blurs the hidden patches' edges).
+    patch grid, "512 patches" (441 at 256 x 256)          -> patch_grid, grid_bands             -> Sec. 2
+    random masks, 50 %, mean-colour fill                   -> random_masks, apply_mask           -> Sec. 2, Fig. 3
+    5 randomly masked copies of an image                   -> copy_masks                         -> Fig. 2
+    per-patch score (1 - SSIM 3x3) + L1, all at once        -> score_patches                      -> Eq. (1)
+    mean over the copies, hide the top 50 %                 -> selective_masks, top_patches       -> Sec. 2.1
+    equal strided partitions                                -> partition_indices                  -> Sec. 2, Fig. 1
+    U-Net on a ResNet-34 encoder, 3 or K outputs            -> ResNetUNet, PRESETS                -> Sec. 2.2
+    copy every pre-trained tensor but the last layer        -> transfer_weights                   -> Sec. 2.2
+    reconstruction loss (1 - MS-SSIM 11x11) + L1            -> reconstruction_loss, ms_ssim       -> Eq. (2)
+    downstream Jaccard loss; mIoU and class IoU             -> jaccard_loss, evaluate_segmentation -> Sec. 2.4
+    partitions in turn, each scored by the previous model   -> pretrain, score_partition, train   -> Sec. 2, Fig. 1
+    downstream stage; baselines random / ImageNet / none    -> finetune, --masking, --init        -> Table 2
+    self- vs cross-pre-training                             -> --pretrain-data, --pretrain-root   -> Table 7
+    flip, colour jitter, random crop (both stages)          -> PretrainImages, train_transform    -> Sec. 2.4
 
 Usage
-    python selective_mim.py                                   # synthetic shapes, both stages, a few CPU minutes
-    python selective_mim.py --data voc --data-root data/voc   # paper settings: 10 partitions x 1000 epochs, ...
-    python selective_mim.py --data voc --masking random       # the random-masking baseline (Table 2)
-    python selective_mim.py --data voc --stage finetune --init imagenet      # ImageNet baseline
-    python selective_mim.py --data voc --stage finetune --pretrained runs/x/pretrained.pt --seed 1234
-    python selective_mim.py --data nassar --pretrain-data sugarbeets ...     # cross-pre-training (Table 7)
+    python selective_mim.py                                    # synthetic shapes, both stages, a few CPU minutes
+    python selective_mim.py --data voc --data-root data/voc    # paper settings: 10 partitions x 1000 epochs
+    python selective_mim.py --data voc --stage finetune --pretrained runs/voc/pretrained.pt --seed 1234
     torchrun --nproc_per_node=4 selective_mim.py --data cityscapes --data-root data/cityscapes
-    python selective_mim.py --resume --out runs/selective_mim-shapes         # continue where it stopped
-    python selective_mim.py --eval-only --out runs/selective_mim-shapes      # best.pt on the test split
+    python selective_mim.py --resume --out runs/selective_mim-shapes   # continue where it stopped
 
 Shapes: B batch, S copies per image (--samples), C channels, H W height width, L patches, K classes.
 Masks are (B, L) bool, True = hidden; pixel masks (B, H, W) the same.
+Choices and deviations: README 'Selective Masking Image Reconstruction' and
+`grep -n "CHOICE\|DEVIATION" selective_mim.py`.
 """
 import argparse
 import functools
@@ -128,208 +67,11 @@ from tqdm import tqdm
 from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
                     joint_transform)
 
-# --- command line ---
-
 SCRIPT = "selective_mim.py"
-# Table 1: pre-training batch sizes ("smaller than the partition size").
-PAPER_PRETRAIN_BATCH = {"voc": 128, "cityscapes": 128, "nassar": 256, "sugarbeets": 64}
-# Readers that have an image-only "unlabeled" split (common.py).
-UNLABELED_SPLIT_DATASETS = ("shapes", "voc", "cityscapes", "nassar", "sugarbeets", "folder")
-# Readers without labels: pre-training data only.
-IMAGE_ONLY_DATASETS = ("cifar10", "catsdogs")
 IMAGENET_FILE = "resnet34-b627a593.pth"  # CHOICE C15: torchvision's ResNet34_Weights.IMAGENET1K_V1
-# CHOICE C12: the authors' downstream fractions of train and val (Nassar: data_list[:len / 5]).
-PAPER_TRAIN_FRACTION = {"nassar": 0.2}
 
 
-def get_args(argv=None):
-    parser = ArgumentParser(description="Selective Masking Image Reconstruction pre-training + downstream "
-                                        "segmentation (Wang & Stavness)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="shapes", choices=DATASET_NAMES,
-                      help="downstream dataset (common.py reader); default shapes (synthetic)")
-    data.add_argument("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
-    data.add_argument("--download", action="store_true", help="let torchvision download the datasets it can")
-    data.add_argument("--pretrain-data", default=None, choices=DATASET_NAMES,
-                      help="pre-training dataset; default --data (self-pre-training; another name = cross-pre-training,"
-                           " Table 7)")
-    data.add_argument("--pretrain-data-root", default=None, help="root of --pretrain-data (default --data-root when "
-                                                                 "the two names agree, else ./data/<name>)")
-    data.add_argument("--pretrain-split", default=None,
-                      help="split used for pre-training; default 'unlabeled' where the reader has it, else 'train' "
-                           "(CHOICE C12)")
-    data.add_argument("--split-protocol", choices=("paper", "reader"), default="paper",
-                      help="paper: the authors' downstream splits (cityscapes: train = first 80 %% of official train, "
-                           "val = last 20 %%, test = official val; nassar: --train-fraction 0.2); reader: the "
-                           "reader's own train/val/test (CHOICE C12); default paper")
-    data.add_argument("--test-split", default=None,
-                      help="split reported as the test result (default: the protocol's test, or 'val' where the "
-                           "reader has no test); model selection always uses 'val'")
-    data.add_argument("--train-fraction", type=float, default=None,
-                      help="keep the first fraction of the downstream train and val splits in list order, all of "
-                           "test (paper: nassar 0.2 = 389 images, the default there; 1.0 elsewhere)")
-    data.add_argument("--split-seed", type=int, default=0,
-                      help="seed of the readers' seeded train/val/test splits (kvasir, folder, ...), kept apart from "
-                           "--seed so that every run seed meets the same test images; default 0")
-    data.add_argument("--img-size", type=int, default=None,
-                      help="shortest image side in px, the aspect kept; training crops are squares of this side "
-                           "(paper 256; shapes 64; CHOICE C6)")
-    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                      help="random crop, flip and colour jitter in both stages (Sec. 2.4); --no-augment takes the "
-                           "centre square (for checks)")
-
-    stages = parser.add_argument_group("stages")
-    stages.add_argument("--stage", choices=("pretrain", "finetune", "both"), default="both",
-                        help="pretrain: reconstruction only; finetune: downstream only; both (default)")
-    stages.add_argument("--init", choices=("selective", "random", "imagenet", "none"), default=None,
-                        help="downstream initialisation (Table 2): selective/random = a pre-trained reconstruction "
-                             "model (--stage both: the one just trained, the default; --stage finetune: "
-                             "--pretrained), imagenet = torchvision ImageNet ResNet-34 encoder, none = random init")
-    stages.add_argument("--pretrained", default=None, metavar="PATH",
-                        help="pretrained.pt of an earlier pre-training run (for --stage finetune --init selective|random)")
-    stages.add_argument("--imagenet-weights", default=None, metavar="PATH",
-                        help=f"ImageNet ResNet-34 state dict for --init imagenet (default: the torch hub cache, "
-                             f"<TORCH_HOME>/hub/checkpoints/{IMAGENET_FILE}); never downloaded")
-
-    masking = parser.add_argument_group("masking (Sec. 2, 2.1)")
-    masking.add_argument("--masking", choices=("selective", "random"), default="selective",
-                         help="selective: the method; random: the random-masking baseline, one partition (Table 2, "
-                              "CHOICE C9)")
-    masking.add_argument("--partitions", type=int, default=None,
-                         help="equal partitions of the pre-training set (paper 10; shapes 3)")
-    masking.add_argument("--samples", type=int, default=5,
-                         help="randomly masked copies reconstructed per image to score its patches (paper 5, Fig. 2)")
-    masking.add_argument("--mask-ratio", type=float, default=0.5,
-                         help="fraction of patches hidden, random and selective (paper 0.5, Sec. 2)")
-    masking.add_argument("--num-patches", type=int, default=None,
-                         help="nominal patches per image (paper 512 -> 441 at 256 px, CHOICE C1; shapes 64)")
-    masking.add_argument("--score-aggregation", choices=("all-mean", "hidden-mean", "hidden-sum", "all-sum"),
-                         default="all-mean",
-                         help="how a patch's Eq. (1) losses over the copies are combined (CHOICE C2); default "
-                              "all-mean (Eq. (1), the authors' code)")
-    masking.add_argument("--cover-all", action="store_true",
-                         help="draw the copies so that every patch is hidden in at least one (CHOICE C2)")
-    masking.add_argument("--ssim-window", type=int, default=3, help="SSIM window of the patch score (paper 3, Eq. 1)")
-    masking.add_argument("--msssim-window", type=int, default=None,
-                         help="MS-SSIM window of the reconstruction loss (paper 11, Eq. 2; shapes 3, CHOICE C14)")
-    masking.add_argument("--pretrain-val-fraction", type=float, default=0.1,
-                         help="share of each partition kept for reconstruction validation (authors 0.1, CHOICE C7)")
-
-    pretrain = parser.add_argument_group("pre-training")
-    pretrain.add_argument("--pretrain-epochs", type=int, default=None,
-                          help="pre-training epochs per partition (paper 1000; shapes 3)")
-    pretrain.add_argument("--pretrain-batch-size", type=int, default=None,
-                          help="pre-training batch per process (Table 1; shapes 8; CHOICE C13)")
-    pretrain.add_argument("--pretrain-lr", type=float, default=None, help="pre-training Adam learning rate "
-                                                                          "(authors 3e-3)")
-    pretrain.add_argument("--warmup-epochs", type=int, default=None,
-                          help="linear warm-up epochs of every partition and of the downstream stage (authors 10; "
-                               "shapes 0; CHOICE C8)")
-
-    train = parser.add_argument_group("downstream segmentation")
-    train.add_argument("--model", choices=sorted(PRESETS), default="resnet34-unet", help="network preset (Sec. 2.2)")
-    train.add_argument("--epochs", type=int, default=None, help="downstream epochs (paper 500; shapes 20)")
-    train.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
-    train.add_argument("--lr", type=float, default=None, help="downstream Adam learning rate (authors 3e-3; "
-                                                              "shapes 1e-3)")
-    train.add_argument("--selection", choices=("best-val", "last"), default="best-val",
-                       help="best.pt = the epoch of the highest val mIoU (authors, default) or the last epoch (for "
-                            "sets whose only held-out split is the one reported, e.g. the shared CamVid sample)")
-    train.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                       help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
-                            "(SyncBatchNorm: 2 processes with batch B normalise as 1 with batch 2B); --no-sync-bn: "
-                            "per process. No effect on one process or on the CPU")
-    add_run_arguments(parser, SCRIPT)
-    args = parser.parse_args(argv)
-
-    synthetic = args.data == "shapes"
-    args.pretrain_data = args.pretrain_data or args.data
-    if args.pretrain_data_root is None and args.pretrain_data == args.data:
-        args.pretrain_data_root = args.data_root
-    # CHOICE C14: the synthetic preset; real data gets the paper's settings.
-    defaults = dict(img_size=64, partitions=3, pretrain_epochs=3, pretrain_lr=3e-3, num_patches=64, msssim_window=3,
-                    epochs=20, batch_size=8, lr=1e-3, warmup_epochs=0, pretrain_batch_size=8) if synthetic else \
-        dict(img_size=256, partitions=10, pretrain_epochs=1000, pretrain_lr=3e-3, num_patches=512, msssim_window=11,
-             epochs=500, batch_size=8, lr=3e-3, warmup_epochs=10,
-             pretrain_batch_size=PAPER_PRETRAIN_BATCH.get(args.pretrain_data, 64))  # CHOICE C13
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.train_fraction is None:
-        args.train_fraction = PAPER_TRAIN_FRACTION.get(args.data, 1.0) if args.split_protocol == "paper" else 1.0
-    if args.masking == "random":
-        args.partitions = 1  # CHOICE C9
-    if args.init is None:  # --stage finetune without --pretrained: no pre-training (Table 2 "None")
-        args.init = args.masking if args.stage != "finetune" or args.pretrained else "none"
-    # CHOICE C12: the "unlabeled" split where there is one (as the paper, Sec. 2.3), else "train" (never "test").
-    args.pretrain_split = args.pretrain_split or (
-        "unlabeled" if args.pretrain_data in UNLABELED_SPLIT_DATASETS else "train")
-
-    for flag in ("img_size", "partitions", "pretrain_epochs", "pretrain_batch_size", "epochs", "batch_size",
-                 "samples", "num_patches"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if args.img_size <= 32:
-        parser.error(f"--img-size must be more than 32 px (the encoder halves it 5 times; a 1 x 1 map cannot be "
-                     f"batch-normalised), got {args.img_size}")
-    if args.warmup_epochs < 0:
-        parser.error(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
-    if not 0.0 < args.mask_ratio < 1.0:
-        parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
-    if not 0.0 <= args.pretrain_val_fraction < 0.5:
-        parser.error(f"--pretrain-val-fraction must be in [0, 0.5), got {args.pretrain_val_fraction}")
-    if not 0.0 < args.train_fraction <= 1.0:
-        parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
-    for flag in ("lr", "pretrain_lr"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("ssim_window", "msssim_window"):
-        if getattr(args, flag) < 1 or getattr(args, flag) % 2 == 0:
-            parser.error(f"--{flag.replace('_', '-')} must be an odd positive integer, got {getattr(args, flag)}")
-    if (args.msssim_window - 1) * 2 ** (len(MS_SSIM_WEIGHTS) - 1) >= args.img_size:
-        parser.error(f"--msssim-window {args.msssim_window} needs images larger than "
-                     f"{(args.msssim_window - 1) * 16} px for its 5 scales; raise --img-size or lower --msssim-window")
-    grid = patch_grid(args.img_size, args.img_size, args.num_patches)
-    if grid.smallest_band < args.ssim_window:
-        parser.error(f"--num-patches {args.num_patches} at --img-size {args.img_size} gives {grid.smallest_band}-px "
-                     f"patches, smaller than --ssim-window {args.ssim_window}; use fewer patches or larger images")
-    if int(grid.num_patches * args.mask_ratio) < 1:
-        parser.error(f"--mask-ratio {args.mask_ratio} hides no patch of the {grid.num_patches}-patch grid")
-    if args.cover_all and args.samples * args.mask_ratio < 1:
-        parser.error(f"--cover-all needs --samples x --mask-ratio >= 1 (every patch hidden once), got "
-                     f"{args.samples} x {args.mask_ratio}")
-    if args.data in IMAGE_ONLY_DATASETS and args.stage != "pretrain":
-        parser.error(f"--data {args.data} has no segmentation labels; use it as --pretrain-data (cross-pre-training) "
-                     f"or with --stage pretrain")
-    if args.data == "cityscapes" and args.test_split == "test":
-        parser.error("--test-split test: the public Cityscapes test labels are all 'ignore', so no mIoU can be "
-                     "computed; the paper's protocol tests on official val (the default)")
-    if args.stage == "both" and args.init in ("imagenet", "none"):
-        parser.error(f"--init {args.init} skips pre-training: use --stage finetune --init {args.init}")
-    if args.stage == "both" and args.init != args.masking:
-        parser.error(f"--stage both initialises from the model it pre-trains with --masking {args.masking}; "
-                     f"drop --init or use --init {args.masking}")
-    if args.stage == "finetune" and args.init in ("selective", "random") and not args.eval_only:
-        if args.pretrained is None or not os.path.isfile(args.pretrained):
-            parser.error(f"--stage finetune --init {args.init} needs --pretrained PATH, the pretrained.pt of a "
-                         f"pre-training run (got {args.pretrained})")
-    if args.pretrained is not None and args.stage != "finetune":
-        parser.error("--pretrained is only read with --stage finetune")
-    if args.init == "imagenet" and not args.eval_only:
-        args.imagenet_weights = args.imagenet_weights or os.path.join(torch.hub.get_dir(), "checkpoints",
-                                                                      IMAGENET_FILE)
-        if not os.path.isfile(args.imagenet_weights):
-            parser.error(f"--init imagenet: no ImageNet weights at {args.imagenet_weights}; pass --imagenet-weights "
-                         f"PATH, or fetch them once with: python -c \"import torchvision; "
-                         f"torchvision.models.resnet34(weights='IMAGENET1K_V1')\"")
-    if args.eval_only and args.stage == "pretrain":
-        parser.error("--eval-only scores a segmentation checkpoint; drop --stage pretrain")
-    check_run_arguments(parser, args, SCRIPT)
-    args.patch_grid = f"{grid.rows}x{grid.cols}={grid.num_patches}"  # derived (square crops), printed and saved
-    return args
-
-
-# --- masking (Sec. 2, 2.1) ---
+# --- masking (Sec. 2, Fig. 3) ---
 
 @dataclass
 class PatchGrid:
@@ -498,7 +240,7 @@ def transfer_weights(pretrained_state, model):
     missing = [k for k in target if not k.startswith("head.") and k not in copied]
     if missing:
         raise UsageError(f"pre-trained weights lack {len(missing)} tensors of the model, e.g. {missing[:3]}; "
-                         f"was it pre-trained with the same --model?")
+                         f"was it pre-trained with the same --arch?")
     model.load_state_dict(copied, strict=False)
     return len(copied), len(target)
 
@@ -630,8 +372,6 @@ def jaccard_loss(logits, labels, ignore_index=255, smooth=1e-3, over_ranks=False
     return (loss * (present > 0)).mean()  # classes absent from the batch contribute 0
 
 
-
-
 # --- selective masking (Sec. 2.1, Fig. 2) ---
 
 @torch.no_grad()
@@ -662,6 +402,8 @@ def selective_masks(model, images, grid, samples=5, mask_ratio=0.5, generator=No
     return scores, top_patches(scores, mask_ratio), hidden.sum(1)
 
 
+# --- not in the paper: does a selection follow the random hide count? (CHOICE C2) ---
+
 def hide_count_agreement(scores, mask, hide_count):
     """How far a selection follows the random hide count instead of the model's errors (CHOICE C2).
 
@@ -679,107 +421,6 @@ def hide_count_agreement(scores, mask, hide_count):
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     spearman = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     return overlap, spearman, (hide_count == 0).double().mean(1)
-
-
-# --- data ---
-
-def shortest_side(size):
-    """CHOICE C6: resize so that the shortest side is `size` px, the aspect kept (authors' SmallestMaxSize)."""
-    return v2.Resize(size, antialias=True)
-
-
-def eval_transform(size):
-    """Validation/test items at their canvas: shortest side `size`, aspect kept, labels resized with nearest."""
-    return v2.Compose([shortest_side(size), joint_transform()])
-
-
-def train_transform(size, augment):
-    """Sec. 2.4: random resized crop (scale 0.25-1, a `size` square), flip, colour jitter 0.2 (authors' values);
-    without augment the centre square of the canvas."""
-    if augment:
-        return joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2)
-    return v2.Compose([shortest_side(size), v2.CenterCrop(size), joint_transform()])
-
-
-class PretrainImages(Dataset):
-    """Pre-training view of image-only `base` items `indices`, each on its canvas (CHOICE C6).
-
-    mode "train": (image (3, S, S), hidden (S, S) bool), the canvas and its mask cropped/flipped together (or the
-    centre square without augment); `masks` is a list of (L_i,) bool per item (selective partitions) or None (the
-    training loop draws random masks on the device). mode "canvas": (image (3, H, W) at the canvas, hidden (H, W)
-    bool) for scoring (masks None: nothing hidden) and validation (masks: the item's fixed masks on its grid).
-    """
-
-    def __init__(self, base, indices, size, num_patches, masks=None, mode="train", augment=True):
-        self.base, self.indices, self.size, self.masks = base, list(map(int, indices)), size, masks
-        self.num_patches, self.mode = num_patches, mode
-        self.transform = joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2) if augment \
-            else v2.Compose([v2.CenterCrop(size), joint_transform()])
-        if mode == "canvas":
-            self.transform = joint_transform()
-
-    def __len__(self):
-        return len(self.indices)
-
-    def canvas(self, index):
-        return TF.resize(self.base[self.indices[index]], self.size, antialias=True)  # (3, H, W) uint8, aspect kept
-
-    def __getitem__(self, index):
-        image = self.canvas(index)
-        height, width = image.shape[-2:]
-        if self.masks is None:
-            hidden = torch.zeros(height, width, dtype=torch.uint8)
-        else:
-            hidden = patch_grid(height, width, self.num_patches).to_pixels(self.masks[index][None])[0].to(torch.uint8)
-        image, hidden = self.transform(image, tv_tensors.Mask(hidden))
-        return image, hidden.bool()
-
-
-def identity(image):
-    return image
-
-
-def first_fraction(dataset, fraction):
-    """The first max(1, int(N * fraction)) items in list order (authors' data_list[:len / 5] for Nassar)."""
-    if fraction >= 1.0:
-        return dataset
-    return Subset(dataset, range(max(1, int(len(dataset) * fraction))))
-
-
-def build_splits(args, runtime):
-    """Every dataset split the run uses, labels checked before any step (run contract) -> dict.
-
-    Keys: "pretrain" (image-only base), "train", "val", "test" (labelled, CHOICE C12), "info", "test_split".
-    """
-    splits = {}
-    if args.stage in ("pretrain", "both") and not args.eval_only:
-        splits["pretrain"], _ = build_dataset(args.pretrain_data, args.pretrain_data_root, args.pretrain_split,
-                                              transform=identity, image_only=True, download=args.download,
-                                              limit=args.limit, seed=args.split_seed, image_size=args.img_size)
-        if len(splits["pretrain"]) < args.partitions:  # never an empty partition: one image each at least
-            say(runtime, f"--partitions {args.partitions}: the pre-training split has only {len(splits['pretrain'])} "
-                         f"images, so {len(splits['pretrain'])} partitions are used (saved in config.json)")
-            args.partitions = len(splits["pretrain"])
-    if args.stage in ("finetune", "both") or args.eval_only:
-        options = dict(download=args.download, limit=args.limit, seed=args.split_seed, image_size=args.img_size)
-        if args.data == "cityscapes" and args.split_protocol == "paper":
-            options["train_holdout"] = 0.2  # CHOICE C12: train 80 % / val 20 % of official train, test = official val
-        info = None
-        for name in ("test",) if args.eval_only else ("train", "val", "test"):
-            if name == "test":
-                if info is None:  # --eval-only: the reader's split names come with any split it builds
-                    _, info = build_dataset(args.data, args.data_root, "val", transform=eval_transform(args.img_size),
-                                            **options)
-                test_split = args.test_split or ("test" if "test" in info.splits else "val")
-            split = test_split if name == "test" else name
-            transform = train_transform(args.img_size, args.augment) if name == "train" else \
-                eval_transform(args.img_size)
-            dataset, info = build_dataset(args.data, args.data_root, split, transform=transform, **options)
-            splits[name] = first_fraction(dataset, args.train_fraction) if name != "test" else dataset
-            say(runtime, f"{args.data}/{split} as {name}: {len(splits[name])} images")
-            check_labels(splits[name], desc=f"checking {args.data}/{split} labels")
-        splits["info"], splits["test_split"] = info, test_split
-    return splits
 
 
 # --- loops ---
@@ -875,23 +516,173 @@ def evaluate_segmentation(model, loader, num_classes, args, runtime, split):
     return metrics
 
 
-def warmup_cosine(epochs, warmup_epochs):
-    """Per-epoch LR factor: linear 1 % -> 100 % over the warm-up, then cosine down to 1 % (CHOICE C8)."""
-    def factor(epoch):
-        if epoch < warmup_epochs:
-            return 0.01 + 0.99 * epoch / warmup_epochs
-        progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+@torch.no_grad()
+def save_pretrain_samples(path, model, base, indices, train_masks, args, runtime, partition):
+    """Rows (paper Fig. 3-5): the centre square of each canvas, random mask, selective mask (selective partitions),
+    reconstruction of the last masked row."""
+    device = runtime.device
+    plain = PretrainImages(base, indices, args.img_size, args.num_patches, train_masks, augment=False)
+    items = [plain[i] for i in range(len(indices))]
+    images = torch.stack([image for image, _ in items]).to(device)
+    grid = patch_grid(args.img_size, args.img_size, args.num_patches).to(device)
+    random_hidden = grid.to_pixels(random_masks(len(images), grid.num_patches, args.mask_ratio,
+                                                make_generator(args.seed, "samples", partition, device=device), device))
+    rows, hidden = [images, apply_mask(images, random_hidden)], random_hidden
+    if train_masks is not None:
+        hidden = torch.stack([h for _, h in items]).to(device)
+        rows.append(apply_mask(images, hidden))
+    model.eval()
+    with autocast(runtime):
+        rows.append(model(apply_mask(images, hidden)).float())
+    save_samples(path, [to_unit(r) for r in rows])
 
 
-def make_optimizer(model, lr, epochs, args):
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs, min(args.warmup_epochs, epochs - 1)))
-    return optimizer, scheduler
+@torch.no_grad()
+def save_finetune_samples(path, model, dataset, info, runtime, count=4):
+    """Rows: input, prediction, ground truth (palette colours; ignore = white), the first test canvases."""
+    model.eval()
+    rows = []
+    for index in range(min(count, len(dataset))):
+        image, label = dataset[index]
+        with autocast(runtime):
+            prediction = model(image[None].to(runtime.device)).argmax(1).cpu()
+        rows.append(torch.cat([to_unit(image[None]).clamp(0, 1), colorize(prediction, info.palette),
+                               colorize(label[None], info.palette)], dim=3))  # side by side, aspect kept
+    torchvision.utils.save_image(torch.cat([F.interpolate(r, size=rows[0].shape[-2:]) for r in rows]), path, nrow=1,
+                                 padding=2, pad_value=1.0)
 
 
-# --- stages: partitions of pre-training, then the downstream task, in one epoch loop ---
+def save_samples(path, rows):
+    """rows: list of (N, 3, H, W) tensors in [0, 1] -> one PNG grid, one row per tensor."""
+    torchvision.utils.save_image(torch.cat([r.float().cpu().clamp(0, 1) for r in rows]), path, nrow=len(rows[0]),
+                                 padding=2, pad_value=1.0)
+
+
+def colorize(labels, palette):
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
+    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
+# --- phases: data, the partitions of pre-training and the downstream stage in one epoch loop ---
+
+def shortest_side(size):
+    """CHOICE C6: resize so that the shortest side is `size` px, the aspect kept (authors' SmallestMaxSize)."""
+    return v2.Resize(size, antialias=True)
+
+
+def eval_transform(size):
+    """Validation/test items at their canvas: shortest side `size`, aspect kept, labels resized with nearest."""
+    return v2.Compose([shortest_side(size), joint_transform()])
+
+
+def train_transform(size, augment):
+    """Sec. 2.4: random resized crop (scale 0.25-1, a `size` square), flip, colour jitter 0.2 (authors' values);
+    without augment the centre square of the canvas."""
+    if augment:
+        return joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2)
+    return v2.Compose([shortest_side(size), v2.CenterCrop(size), joint_transform()])
+
+
+class PretrainImages(Dataset):
+    """Pre-training view of image-only `base` items `indices`, each on its canvas (CHOICE C6).
+
+    mode "train": (image (3, S, S), hidden (S, S) bool), the canvas and its mask cropped/flipped together (or the
+    centre square without augment); `masks` is a list of (L_i,) bool per item (selective partitions) or None (the
+    training loop draws random masks on the device). mode "canvas": (image (3, H, W) at the canvas, hidden (H, W)
+    bool) for scoring (masks None: nothing hidden) and validation (masks: the item's fixed masks on its grid).
+    """
+
+    def __init__(self, base, indices, size, num_patches, masks=None, mode="train", augment=True):
+        self.base, self.indices, self.size, self.masks = base, list(map(int, indices)), size, masks
+        self.num_patches, self.mode = num_patches, mode
+        self.transform = joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2) if augment \
+            else v2.Compose([v2.CenterCrop(size), joint_transform()])
+        if mode == "canvas":
+            self.transform = joint_transform()
+
+    def __len__(self):
+        return len(self.indices)
+
+    def canvas(self, index):
+        return TF.resize(self.base[self.indices[index]], self.size, antialias=True)  # (3, H, W) uint8, aspect kept
+
+    def __getitem__(self, index):
+        image = self.canvas(index)
+        height, width = image.shape[-2:]
+        if self.masks is None:
+            hidden = torch.zeros(height, width, dtype=torch.uint8)
+        else:
+            hidden = patch_grid(height, width, self.num_patches).to_pixels(self.masks[index][None])[0].to(torch.uint8)
+        image, hidden = self.transform(image, tv_tensors.Mask(hidden))
+        return image, hidden.bool()
+
+
+def identity(image):
+    return image
+
+
+def first_fraction(dataset, fraction):
+    """The first max(1, int(N * fraction)) items in list order (authors' data_list[:len / 5] for Nassar)."""
+    if fraction >= 1.0:
+        return dataset
+    return Subset(dataset, range(max(1, int(len(dataset) * fraction))))
+
+
+def build_splits(args, runtime, num_classes=None):
+    """Every dataset split the run uses, labels checked before any step (run contract) -> dict.
+
+    Keys: "pretrain" (image-only base), "train", "val", "test" (labelled, CHOICE C12), "info", "test_split",
+    "num_classes": `num_classes` (--num-classes or the checkpoint's) where given, else the count of ALL labelled
+    splits read (a folder's test split may lack a class that train has), never that of one split.
+    """
+    splits = {}
+    if args.stage in ("pretrain", "both") and not args.eval_only:
+        splits["pretrain"], _ = build_dataset(args.pretrain_data, args.pretrain_root, args.pretrain_split,
+                                              transform=identity, image_only=True, download=args.download,
+                                              limit=args.limit, seed=args.split_seed, image_size=args.img_size)
+        if len(splits["pretrain"]) < args.partitions:  # never an empty partition: one image each at least
+            say(runtime, f"--partitions {args.partitions}: the pre-training split has only {len(splits['pretrain'])} "
+                         f"images, so {len(splits['pretrain'])} partitions are used (saved in config.json)")
+            args.partitions = len(splits["pretrain"])
+    if args.stage in ("finetune", "both") or args.eval_only:
+        options = dict(download=args.download, limit=args.limit, seed=args.split_seed, image_size=args.img_size)
+        if args.data == "cityscapes" and args.split_protocol == "paper":
+            options["train_holdout"] = 0.2  # CHOICE C12: train 80 % / val 20 % of official train, test = official val
+        if args.data == "folder" and num_classes is not None:
+            options["num_classes"] = num_classes  # ids >= K are then a DatasetError naming the mask
+        labelled, counts = read_labelled(args, options)
+        if args.data == "folder" and num_classes is None and len(set(counts)) > 1:  # each split scanned its own masks
+            options["num_classes"] = max(counts)
+            labelled, counts = read_labelled(args, options)
+        splits.update(labelled)
+        for name in ("train", "val", "test"):
+            if name in splits:
+                split = splits["test_split"] if name == "test" else name
+                say(runtime, f"{args.data}/{split} as {name}: {len(splits[name])} images")
+                check_labels(splits[name], desc=f"checking {args.data}/{split} labels")
+        splits["num_classes"] = splits["info"].num_classes
+    return splits
+
+
+def read_labelled(args, options):
+    """The labelled splits (train, val, test; only test with --eval-only) -> (dict, their class counts)."""
+    splits, counts, info = {}, [], None
+    for name in ("test",) if args.eval_only else ("train", "val", "test"):
+        if name == "test":
+            if info is None:  # --eval-only: the reader's split names come with any split it builds
+                _, info = build_dataset(args.data, args.data_root, "val", transform=eval_transform(args.img_size),
+                                        **options)
+            splits["test_split"] = args.test_split or ("test" if "test" in info.splits else "val")
+        split = splits["test_split"] if name == "test" else name
+        transform = train_transform(args.img_size, args.augment) if name == "train" else eval_transform(args.img_size)
+        dataset, info = build_dataset(args.data, args.data_root, split, transform=transform, **options)
+        splits[name] = first_fraction(dataset, args.train_fraction) if name != "test" else dataset
+        counts.append(info.num_classes)
+    splits["info"] = info
+    return splits, counts
+
 
 def score_partition(model, base, indices, args, runtime, partition):
     """Selective masks of the images `indices` with `model` (Sec. 2.1): a list of (L_i,) bool masks in the order
@@ -930,43 +721,28 @@ def score_partition(model, base, indices, args, runtime, partition):
     masks = [entry[1] for entry in found]
     seconds = time.time() - start
     mean = lambda column: float(np.mean([entry[column] for entry in found]))  # noqa: E731
-    record = {"stage": "score", "partition": partition, "epoch": 1, "images": len(found),  # before its epoch 1 "copies": args.samples,
-              "aggregation": args.score_aggregation, "hidden_per_image": float(np.mean([m.sum().item() for m in masks])),
+    record = {"stage": "score", "partition": partition, "epoch": 1, "images": len(found), "copies": args.samples,
+              "aggregation": args.score_aggregation,  # "epoch": 1, logged before its epoch 1
+              "hidden_per_image": float(np.mean([m.sum().item() for m in masks])),
               "mean_score": mean(2), "hide_count_overlap": mean(3), "hide_count_spearman": mean(4),
               "never_hidden": mean(5), "time": seconds}
     return masks, record
 
 
-@torch.no_grad()
-def save_pretrain_samples(path, model, base, indices, train_masks, args, runtime, partition):
-    """Rows (paper Fig. 3-5): the centre square of each canvas, random mask, selective mask (selective partitions),
-    reconstruction of the last masked row."""
-    device = runtime.device
-    plain = PretrainImages(base, indices, args.img_size, args.num_patches, train_masks, augment=False)
-    items = [plain[i] for i in range(len(indices))]
-    images = torch.stack([image for image, _ in items]).to(device)
-    grid = patch_grid(args.img_size, args.img_size, args.num_patches).to(device)
-    random_hidden = grid.to_pixels(random_masks(len(images), grid.num_patches, args.mask_ratio,
-                                                make_generator(args.seed, "samples", partition, device=device), device))
-    rows, hidden = [images, apply_mask(images, random_hidden)], random_hidden
-    if train_masks is not None:
-        hidden = torch.stack([h for _, h in items]).to(device)
-        rows.append(apply_mask(images, hidden))
-    model.eval()
-    with autocast(runtime):
-        rows.append(model(apply_mask(images, hidden)).float())
-    save_samples(path, [to_unit(r) for r in rows])
-
-
-def save_samples(path, rows):
-    """rows: list of (N, 3, H, W) tensors in [0, 1] -> one PNG grid, one row per tensor."""
-    torchvision.utils.save_image(torch.cat([r.float().cpu().clamp(0, 1) for r in rows]), path, nrow=len(rows[0]),
-                                 padding=2, pad_value=1.0)
+def fixed_random_masks(base, indices, args):
+    """A fixed random mask per validation image on its own canvas grid, drawn from (seed, image): the same in
+    every partition that holds the image and after any --resume (the Table 8 reference condition)."""
+    masks = []
+    for index in indices:
+        height, width = TF.get_size(TF.resize(base[index], args.img_size, antialias=True))
+        grid = patch_grid(height, width, args.num_patches)
+        masks.append(random_masks(1, grid.num_patches, args.mask_ratio, make_generator(args.seed, "val", index))[0])
+    return masks
 
 
 def load_pretrained(path, args, flag="--pretrained"):
-    """The reconstruction weights of a pretrained.pt, checked: this script, this --model, the --init masking."""
-    state = load_checkpoint(path, SCRIPT, args.model, flag=flag)
+    """The reconstruction weights of a pretrained.pt, checked: this script, this --arch, the --init masking."""
+    state = load_checkpoint(path, SCRIPT, args.arch, flag=flag)
     if state.get("kind") != "pretrained":
         raise UsageError(f"{flag}: {path} is not a pretrained.pt (it holds a {state.get('stage', 'other')} state); "
                          f"pass the pretrained.pt of a pre-training run")
@@ -981,12 +757,107 @@ def build_segmentation_model(args, num_classes, pretrained_model=None):
     or the ImageNet encoder."""
     # CHOICE C16: one downstream seed per run (the paper's 0, 1234, 3741 are three runs of one pre-training).
     torch.manual_seed(derive_seed(args.seed, "init", "finetune"))
-    model = build_model(num_classes, args.model)
+    model = build_model(num_classes, args.arch)
     if pretrained_model is not None:
         transfer_weights(pretrained_model, model)
     elif args.init == "imagenet":
         load_imagenet_encoder(model, args.imagenet_weights)
     return model
+
+
+def sync_batch_norm(model, enabled, runtime):
+    """`enabled` under torchrun on CUDA: BatchNorm over the batches of all ranks (SyncBatchNorm), so 2 processes with
+    batch B normalise as 1 with batch 2B; otherwise the model itself (SyncBatchNorm has no CPU kernel)."""
+    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def warmup_cosine(epochs, warmup_epochs):
+    """Per-epoch LR factor: linear 1 % -> 100 % over the warm-up, then cosine down to 1 % (CHOICE C8)."""
+    def factor(epoch):
+        if epoch < warmup_epochs:
+            return 0.01 + 0.99 * epoch / warmup_epochs
+        progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def make_optimizer(model, lr, epochs, args):
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs, min(args.warmup_epochs, epochs - 1)))
+    return optimizer, scheduler
+
+
+@dataclass
+class Phase:
+    """What the one epoch loop needs of a phase: a pre-training partition or the downstream stage."""
+    stage: str  # "pretrain" | "finetune": the metrics.jsonl stage of its epochs
+    partition: object  # int (pretrain) or None
+    train_set: Dataset
+    batch_size: int
+    lr: float
+    lr_flag: str  # the flag a non-finite loss message names
+    epochs: int
+    loss_fn: object  # (outputs, targets) -> scalar, one object per run (a compiled train_step is not recompiled)
+    validate: object  # (epoch, train loss, lr) -> the epoch's record
+    summary: str  # printed when the phase starts
+    masks: object = None  # the partition's selective masks {"train": [...], "val": [...]} (checkpointed)
+    random_grid: object = None  # PatchGrid of the training crops when train_one_epoch draws random masks
+
+
+def pretrain(partition, model, base, masks, loss_fn, args, runtime, log):
+    """Pre-training partition `partition` (Sec. 2, Fig. 1) -> Phase. A selective partition (not 0, not the random
+    baseline) is scored by `model` as it stands, the weights after partition - 1, unless its masks come from a
+    --resume checkpoint; the last --pretrain-val-fraction of the partition is its reconstruction validation set."""
+    indices = partition_indices(len(base), args.partitions)[partition].tolist()
+    num_val = min(int(round(len(indices) * args.pretrain_val_fraction)), len(indices) - 1)
+    train_ids, val_ids = indices[:len(indices) - num_val], indices[len(indices) - num_val:]
+    selective = args.masking == "selective" and partition > 0
+    if selective and masks is None:  # scored by the model of partition - 1 (Sec. 2.1)
+        scored, record = score_partition(model, base, indices, args, runtime, partition)
+        # DEVIATION: the masks stay exact bool tensors (memory + checkpoint) because the authors' JPEG
+        # copies of the masked images blur the hidden patches' edges.
+        masks = {"train": scored[:len(train_ids)], "val": scored[len(train_ids):]}
+        log.write(record)
+    train_set = PretrainImages(base, train_ids, args.img_size, args.num_patches,
+                               masks["train"] if selective else None, augment=args.augment)
+    val_sets = {"val_random": PretrainImages(base, val_ids, args.img_size, args.num_patches, mode="canvas",
+                                             masks=fixed_random_masks(base, val_ids, args))}
+    if selective:  # the partition's own masks are the random ones in random partitions
+        val_sets["val"] = PretrainImages(base, val_ids, args.img_size, args.num_patches, mode="canvas",
+                                         masks=masks["val"])
+    val_loaders = {key: make_loader(value, 1, args, runtime, train=False) for key, value in val_sets.items()
+                   if len(value)}
+
+    def validate(epoch, loss, lr):
+        val = {key: evaluate_reconstruction(model, loader, args, runtime) for key, loader in val_loaders.items()}
+        chance = val.get("val_random", {})
+        own = val.get("val", chance)
+        return {"stage": "pretrain", "partition": partition, "epoch": epoch,
+                "masking": "selective" if selective else "random", "rec_loss": loss,
+                "val_rec_loss": own.get("rec_loss"), "val_ms_ssim": own.get("ms_ssim"),
+                "val_rec_loss_random": chance.get("rec_loss"), "lr": lr}
+
+    random_grid = None if selective else patch_grid(args.img_size, args.img_size, args.num_patches).to(runtime.device)
+    summary = (f"pretrain partition {partition}: {len(train_ids)} train / {len(val_ids)} val images, "
+               f"{'selective' if selective else 'random'} masks")
+    return Phase("pretrain", partition, train_set, args.pretrain_batch_size, args.pretrain_lr, "--pretrain-lr",
+                 args.pretrain_epochs, loss_fn, validate, summary, masks, random_grid)
+
+
+def finetune(model, splits, loss_fn, args, runtime):
+    """The downstream stage (Sec. 2.4) -> Phase: train split, Jaccard loss, val mIoU per epoch (picks best.pt)."""
+    val_loader = make_loader(splits["val"], 1, args, runtime, train=False)  # CHOICE C6: batch 1
+
+    def validate(epoch, loss, lr):
+        val = evaluate_segmentation(model, val_loader, splits["num_classes"], args, runtime, "val")
+        return {"stage": "finetune", "epoch": epoch, "loss": loss, "val_miou": val["miou"],
+                "val_pixel_acc": val["pixel_acc"], "lr": lr}
+
+    summary = f"finetune: {len(splits['train'])} train / {len(splits['val'])} val images, init {args.init}"
+    return Phase("finetune", None, splits["train"], args.batch_size, args.lr, "--lr", args.epochs, loss_fn, validate,
+                 summary)
 
 
 def phases_of(args):
@@ -1004,150 +875,353 @@ def train(args, runtime, splits, models, state, log, out):
     wrapped = {name: distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # (in place: models too)
                for name, model in models.items()}
     reconstruction_fn = functools.partial(reconstruction_loss, window_size=args.msssim_window)  # Eq. (2)
-    base = splits.get("pretrain")
-    partitions = partition_indices(len(base), args.partitions) if base is not None else []
+    jaccard_fn = functools.partial(jaccard_loss, over_ranks=runtime.world_size > 1)
     summary = state.get("pretrain_summary") if state else None
     best, best_epoch = (state.get("best"), state.get("best_epoch")) if state else (None, None)
     for index in range(state["phase"] if state else 0, len(phases)):
         stage, partition = phases[index]
         resumed = state if state is not None and state["phase"] == index else None
-        epochs = args.pretrain_epochs if stage == "pretrain" else args.epochs
         name = "reconstruction" if stage == "pretrain" else "segmentation"
         if stage == "finetune" and resumed is None and "reconstruction" in models:  # straight after pre-training
             transfer_weights(models["reconstruction"].state_dict(), models["segmentation"])
         model, ddp_model = models[name], wrapped[name]
         if resumed is not None:
             load_state(model, resumed["model"], "--resume")
-        masks = resumed.get("masks") if resumed is not None else None
-        if stage == "pretrain":
-            indices = partitions[partition].tolist()
-            num_val = min(int(round(len(indices) * args.pretrain_val_fraction)), len(indices) - 1)
-            train_ids, val_ids = indices[:len(indices) - num_val], indices[len(indices) - num_val:]
-            selective = args.masking == "selective" and partition > 0
-        if resumed is None or resumed["epoch"] < epochs:  # (a finished phase of a resumed run is not repeated)
-            if stage == "pretrain":
-                if selective and masks is None:  # scored by the model of partition - 1 (Sec. 2.1)
-                    scored, record = score_partition(model, base, indices, args, runtime, partition)
-                    # DEVIATION: the masks stay exact bool tensors (memory + checkpoint) because the authors' JPEG
-                    # copies of the masked images blur the hidden patches' edges.
-                    masks = {"train": scored[:len(train_ids)], "val": scored[len(train_ids):]}
-                    log.write(record)
-                train_set = PretrainImages(base, train_ids, args.img_size, args.num_patches,
-                                           masks["train"] if selective else None, augment=args.augment)
-                random_val = PretrainImages(base, val_ids, args.img_size, args.num_patches, mode="canvas",
-                                            masks=fixed_random_masks(base, val_ids, args))
-                val_sets = {"val_random": random_val}  # the partition's own masks are these in random partitions
-                if selective:
-                    val_sets["val"] = PretrainImages(base, val_ids, args.img_size, args.num_patches, mode="canvas",
-                                                     masks=masks["val"])
-                val_loaders = {key: make_loader(value, 1, args, runtime, train=False) for key, value in
-                               val_sets.items() if len(value)}
-                random_grid = None if selective else patch_grid(args.img_size, args.img_size,
-                                                                args.num_patches).to(runtime.device)
-                batch_size, lr, lr_flag, loss_fn = args.pretrain_batch_size, args.pretrain_lr, "--pretrain-lr", \
-                    reconstruction_fn
-                sampler_stage = f"pretrain{partition}"
-            else:
-                train_set, masks, random_grid, selective = splits["train"], None, None, False
-                val_loader = make_loader(splits["val"], 1, args, runtime, train=False)  # CHOICE C6: batch 1
-                loss_fn = functools.partial(jaccard_loss, over_ranks=runtime.world_size > 1)
-                batch_size, lr, lr_flag, sampler_stage = args.batch_size, args.lr, "--lr", "finetune"
-            train_loader = make_loader(train_set, batch_size, args, runtime, train=True)
-            optimizer, scheduler = make_optimizer(ddp_model, lr, epochs, args)  # CHOICE C8: fresh per phase
+        phase = pretrain(partition, model, splits["pretrain"], resumed.get("masks") if resumed else None,
+                         reconstruction_fn, args, runtime, log) if stage == "pretrain" else \
+            finetune(model, splits, jaccard_fn, args, runtime)
+        first = (resumed["epoch"] if resumed else 0) + 1
+        if first <= phase.epochs:  # (a finished phase of a resumed run is not repeated)
+            train_loader = make_loader(phase.train_set, phase.batch_size, args, runtime, train=True)
+            optimizer, scheduler = make_optimizer(ddp_model, phase.lr, phase.epochs, args)  # CHOICE C8: fresh
             if resumed is not None:
                 optimizer.load_state_dict(resumed["optimizer"])
                 scheduler.load_state_dict(resumed["scheduler"])
-            say(runtime, f"{stage}" + (f" partition {partition}: {len(train_ids)} train / {len(val_ids)} val images, "
-                                       f"{'selective' if selective else 'random'} masks" if stage == "pretrain" else
-                                       f": {len(train_set)} train / {len(splits['val'])} val images, init {args.init}"))
-            for epoch in range((resumed["epoch"] if resumed else 0) + 1, epochs + 1):
-                train_loader.sampler.set_epoch(sampler_stage, epoch)
-                start = time.time()
-                loss, seen = train_one_epoch(stage, ddp_model, train_loader, optimizer, step_fn, loss_fn, args,
-                                             runtime, guard, random_grid, (args.seed, "masks", partition, epoch))
-                guard.check(stage, epoch, lr_flag)
-                lr_now = scheduler.get_last_lr()[0]
-                scheduler.step()
-                if stage == "pretrain":
-                    val = {key: evaluate_reconstruction(model, loader, args, runtime) for key, loader in
-                           val_loaders.items()}
-                    chance = val.get("val_random", {})
-                    own = val.get("val", chance)
-                    record = {"stage": "pretrain", "partition": partition, "epoch": epoch,
-                              "masking": "selective" if selective else "random", "rec_loss": loss,
-                              "val_rec_loss": own.get("rec_loss"), "val_ms_ssim": own.get("ms_ssim"),
-                              "val_rec_loss_random": chance.get("rec_loss"), "lr": lr_now}
-                    summary = {key: value for key, value in record.items() if key not in ("stage", "epoch", "lr")}
-                else:
-                    val = evaluate_segmentation(model, val_loader, splits["info"].num_classes, args, runtime, "val")
-                    record = {"stage": "finetune", "epoch": epoch, "loss": loss, "val_miou": val["miou"],
-                              "val_pixel_acc": val["pixel_acc"], "lr": lr_now}
-                record.update(images=seen, time=time.time() - start)
-                log.write(record)
-                improved = stage == "finetune" and (best is None or val["miou"] > best or args.selection == "last")
+            say(runtime, phase.summary)
+        for epoch in range(first, phase.epochs + 1):
+            train_loader.sampler.set_epoch(f"pretrain{partition}" if stage == "pretrain" else stage, epoch)
+            start = time.time()
+            loss, seen = train_one_epoch(stage, ddp_model, train_loader, optimizer, step_fn, phase.loss_fn, args,
+                                         runtime, guard, phase.random_grid, (args.seed, "masks", partition, epoch))
+            guard.check(stage, epoch, phase.lr_flag)
+            lr_now = scheduler.get_last_lr()[0]
+            scheduler.step()
+            record = phase.validate(epoch, loss, lr_now)
+            if stage == "pretrain":
+                summary = {key: value for key, value in record.items() if key not in ("stage", "epoch", "lr")}
+            record.update(images=seen, time=time.time() - start)
+            log.write(record)
+            improved = stage == "finetune" and (best is None or record["val_miou"] > best or args.select_by == "last")
+            if improved:
+                best, best_epoch = record["val_miou"], epoch
+            if runtime.main:
+                save_checkpoint(out / "last.pt", {
+                    "phase": index, "stage": stage, "partition": partition, "epoch": epoch,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "masks": phase.masks, "best": best, "best_epoch": best_epoch,
+                    "pretrain_summary": summary}, SCRIPT, args.arch, log)
                 if improved:
-                    best, best_epoch = val["miou"], epoch
-                if runtime.main:
-                    save_checkpoint(out / "last.pt", {
-                        "phase": index, "stage": stage, "partition": partition, "epoch": epoch,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "masks": masks, "best": best, "best_epoch": best_epoch,
-                        "pretrain_summary": summary}, SCRIPT, args.model, log)
-                    if improved:
-                        link_checkpoint(out / "last.pt", out / "best.pt")
-                barrier()
+                    link_checkpoint(out / "last.pt", out / "best.pt")
+            barrier()
         if stage == "pretrain" and runtime.main:
-            save_pretrain_samples(out / "samples" / f"pretrain-partition{partition}.png", model, base, train_ids[:8],
-                                  masks["train"] if masks else None, args, runtime, partition)
+            save_pretrain_samples(out / "samples" / f"pretrain_partition{partition}_epoch_{phase.epochs:03d}.png",
+                                  model, splits["pretrain"], phase.train_set.indices[:8],
+                                  phase.masks["train"] if phase.masks else None, args, runtime, partition)
             if partition == args.partitions - 1:
                 save_checkpoint(out / "pretrained.pt", {"kind": "pretrained", "model": model.state_dict(),
                                                         "masking": args.masking, "summary": summary},
-                                SCRIPT, args.model)
+                                SCRIPT, args.arch)
         barrier()
     return summary, best, best_epoch
 
 
-def fixed_random_masks(base, indices, args):
-    """A fixed random mask per validation image on its own canvas grid, drawn from (seed, image): the same in
-    every partition that holds the image and after any --resume (the Table 8 reference condition)."""
-    masks = []
-    for index in indices:
-        height, width = TF.get_size(TF.resize(base[index], args.img_size, antialias=True))
-        grid = patch_grid(height, width, args.num_patches)
-        masks.append(random_masks(1, grid.num_patches, args.mask_ratio, make_generator(args.seed, "val", index))[0])
-    return masks
+def classes_of(state):
+    """K of a segmentation checkpoint (its head's output channels), None for a reconstruction one or none."""
+    if state is None or state.get("stage") != "finetune":
+        return None
+    return int(state["model"]["head.weight"].shape[0])
 
 
-@torch.no_grad()
-def save_finetune_samples(path, model, dataset, info, runtime, count=4):
-    """Rows: input, prediction, ground truth (palette colours; ignore = white), the first test canvases."""
-    model.eval()
-    rows = []
-    for index in range(min(count, len(dataset))):
-        image, label = dataset[index]
-        with autocast(runtime):
-            prediction = model(image[None].to(runtime.device)).argmax(1).cpu()
-        rows.append(torch.cat([to_unit(image[None]).clamp(0, 1), colorize(prediction, info.palette),
-                               colorize(label[None], info.palette)], dim=3))  # side by side, aspect kept
-    torchvision.utils.save_image(torch.cat([F.interpolate(r, size=rows[0].shape[-2:]) for r in rows]), path, nrow=1,
-                                 padding=2, pad_value=1.0)
+def evaluate_checkpoint(args, runtime, splits, state, path):
+    """--eval-only: score the checkpoint `state` (read from `path`) on the test split -> eval_test.json."""
+    if state.get("stage") != "finetune":
+        raise UsageError(f"--checkpoint {path} holds a reconstruction model, not a segmentation one; pass the best.pt "
+                         f"or last.pt of a downstream run")
+    model = build_model(splits["num_classes"], args.arch)
+    load_state(model, state["model"], path)
+    model = model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    test = evaluate_segmentation(model, make_loader(splits["test"], 1, args, runtime, train=False),
+                                 splits["num_classes"], args, runtime, splits["test_split"])
+    result = {"checkpoint": str(path), "test": test}
+    if runtime.main:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "eval_test.json", result)
+    say(runtime, f"test mIoU {test['miou']:.4f} (chance {test['chance_miou']:.4f}) of {path}")
+    return result
 
 
-# --- helpers for the loops (moved out of the plumbing block) ---
+# --- command line ---
 
-def sync_batch_norm(model, enabled, runtime):
-    """`enabled` under torchrun on CUDA: BatchNorm over the batches of all ranks (SyncBatchNorm), so 2 processes with
-    batch B normalise as 1 with batch 2B; otherwise the model itself (SyncBatchNorm has no CPU kernel)."""
-    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+# Table 1: pre-training batch sizes ("smaller than the partition size").
+PAPER_PRETRAIN_BATCH = {"voc": 128, "cityscapes": 128, "nassar": 256, "sugarbeets": 64}
+# Readers that have an image-only "unlabeled" split (common.py).
+UNLABELED_SPLIT_DATASETS = ("shapes", "voc", "cityscapes", "nassar", "sugarbeets", "folder")
+# Readers without labels: pre-training data only.
+IMAGE_ONLY_DATASETS = ("cifar10", "catsdogs")
+# CHOICE C12: the authors' downstream fractions of train and val (Nassar: data_list[:len / 5]).
+PAPER_TRAIN_FRACTION = {"nassar": 0.2}
 
 
-def colorize(labels, palette):
-    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
-    table = torch.ones(256, 3)
-    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
-    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+def get_args(argv=None):
+    parser = ArgumentParser(description="Selective Masking Image Reconstruction pre-training + downstream "
+                                        "segmentation (Wang & Stavness)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="shapes", choices=DATASET_NAMES,
+                      help="downstream dataset (common.py reader); default shapes (synthetic)")
+    data.add_argument("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
+    data.add_argument("--download", action="store_true", help="let torchvision download the datasets it can")
+    data.add_argument("--pretrain-data", default=None, choices=DATASET_NAMES,
+                      help="pre-training dataset; default --data (self-pre-training; another name = cross-pre-training,"
+                           " Table 7)")
+    data.add_argument("--pretrain-root", default=None, help="folder of --pretrain-data (default --data-root when the "
+                                                            "two names agree, else ./data/<name>)")
+    data.add_argument("--pretrain-split", default=None,
+                      help="split used for pre-training; default 'unlabeled' where the reader has it, else 'train' "
+                           "(CHOICE C12)")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="classes K of --data folder masks (ids 0..K-1, 255 = ignore); default: the checkpoint's "
+                           "(--eval-only, --resume), else the largest id over ALL labelled splits + 1")
+    data.add_argument("--split-protocol", choices=("paper", "reader"), default="paper",
+                      help="paper: the authors' downstream splits (cityscapes: train = first 80 %% of official train, "
+                           "val = last 20 %%, test = official val; nassar: --train-fraction 0.2); reader: the "
+                           "reader's own train/val/test (CHOICE C12); default paper")
+    data.add_argument("--test-split", default=None,
+                      help="split reported as the test result (default: the protocol's test, or 'val' where the "
+                           "reader has no test); model selection always uses 'val'")
+    data.add_argument("--train-fraction", type=float, default=None,
+                      help="keep the first fraction of the downstream train and val splits in list order, all of "
+                           "test (paper: nassar 0.2 = 389 images, the default there; 1.0 elsewhere)")
+    data.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the readers' seeded train/val/test splits (kvasir, folder, ...), kept apart from "
+                           "--seed so that every run seed meets the same test images; default 0")
+    data.add_argument("--img-size", type=int, default=None,
+                      help="shortest image side in px, the aspect kept; training crops are squares of this side "
+                           "(paper 256; shapes 64; CHOICE C6)")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                      help="random crop, flip and colour jitter in both stages (Sec. 2.4); --no-augment takes the "
+                           "centre square (for checks)")
+
+    stages = parser.add_argument_group("stages")
+    stages.add_argument("--stage", choices=("pretrain", "finetune", "both"), default="both",
+                        help="pretrain: reconstruction only; finetune: downstream only; both (default)")
+    stages.add_argument("--init", choices=("selective", "random", "imagenet", "none"), default=None,
+                        help="downstream initialisation (Table 2): selective/random = a pre-trained reconstruction "
+                             "model (--stage both: the one just trained, the default; --stage finetune: "
+                             "--pretrained), imagenet = torchvision ImageNet ResNet-34 encoder, none = random init")
+    stages.add_argument("--pretrained", default=None, metavar="PATH",
+                        help="pretrained.pt of an earlier pre-training run (--stage finetune --init selective|random)")
+    stages.add_argument("--imagenet-weights", default=None, metavar="PATH",
+                        help=f"ImageNet ResNet-34 state dict for --init imagenet (default: the torch hub cache, "
+                             f"<TORCH_HOME>/hub/checkpoints/{IMAGENET_FILE}); never downloaded")
+
+    masking = parser.add_argument_group("masking (Sec. 2, 2.1)")
+    masking.add_argument("--masking", choices=("selective", "random"), default="selective",
+                         help="selective: the method; random: the random-masking baseline, one partition (Table 2, "
+                              "CHOICE C9)")
+    masking.add_argument("--partitions", type=int, default=None,
+                         help="equal partitions of the pre-training set (paper 10; shapes 3)")
+    masking.add_argument("--samples", type=int, default=5,
+                         help="randomly masked copies reconstructed per image to score its patches (paper 5, Fig. 2)")
+    masking.add_argument("--mask-ratio", type=float, default=0.5,
+                         help="fraction of patches hidden, random and selective (paper 0.5, Sec. 2)")
+    masking.add_argument("--num-patches", type=int, default=None,
+                         help="nominal patches per image (paper 512 -> 441 at 256 px, CHOICE C1; shapes 64)")
+    masking.add_argument("--score-aggregation", choices=("all-mean", "hidden-mean", "hidden-sum", "all-sum"),
+                         default="all-mean",
+                         help="how a patch's Eq. (1) losses over the copies are combined (CHOICE C2); default "
+                              "all-mean (Eq. (1), the authors' code)")
+    masking.add_argument("--cover-all", action="store_true",
+                         help="draw the copies so that every patch is hidden in at least one (CHOICE C2)")
+    masking.add_argument("--ssim-window", type=int, default=3, help="SSIM window of the patch score (paper 3, Eq. 1)")
+    masking.add_argument("--msssim-window", type=int, default=None,
+                         help="MS-SSIM window of the reconstruction loss (paper 11, Eq. 2; shapes 3, CHOICE C14)")
+    masking.add_argument("--pretrain-val-fraction", type=float, default=0.1,
+                         help="share of each partition kept for reconstruction validation (authors 0.1, CHOICE C7)")
+
+    pre = parser.add_argument_group("pre-training")
+    pre.add_argument("--pretrain-epochs", type=int, default=None,
+                          help="pre-training epochs per partition (paper 1000; shapes 3)")
+    pre.add_argument("--pretrain-batch-size", type=int, default=None,
+                          help="pre-training batch per process (Table 1; shapes 8; CHOICE C13)")
+    pre.add_argument("--pretrain-lr", type=float, default=None, help="pre-training Adam learning rate "
+                                                                          "(authors 3e-3)")
+    pre.add_argument("--warmup-epochs", type=int, default=None,
+                          help="linear warm-up epochs of every partition and of the downstream stage (authors 10; "
+                               "shapes 0; CHOICE C8)")
+
+    down = parser.add_argument_group("downstream segmentation")
+    down.add_argument("--arch", choices=sorted(PRESETS), default="resnet34-unet",
+                      help="the U-Net of both stages (paper resnet34-unet, Sec. 2.2)")
+    down.add_argument("--epochs", type=int, default=None, help="downstream epochs (paper 500; shapes 20)")
+    down.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
+    down.add_argument("--lr", type=float, default=None, help="downstream Adam learning rate (authors 3e-3; "
+                                                              "shapes 1e-3)")
+    down.add_argument("--select-by", choices=("best-val", "last"), default="best-val",
+                       help="best.pt = the epoch of the highest val mIoU (authors, default) or the last epoch (for "
+                            "sets whose only held-out split is the one reported, e.g. the shared CamVid sample)")
+    down.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                       help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
+                            "(SyncBatchNorm: 2 processes with batch B normalise as 1 with batch 2B); --no-sync-bn: "
+                            "per process. No effect on one process or on the CPU")
+    add_run_arguments(parser, SCRIPT)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Fill the derived defaults (the synthetic preset or the paper's settings) and refuse impossible flags."""
+
+    synthetic = args.data == "shapes"
+    args.pretrain_data = args.pretrain_data or args.data
+    if args.pretrain_root is None and args.pretrain_data == args.data:
+        args.pretrain_root = args.data_root
+    # CHOICE C14: the synthetic preset; real data gets the paper's settings.
+    defaults = dict(img_size=64, partitions=3, pretrain_epochs=3, pretrain_lr=3e-3, num_patches=64, msssim_window=3,
+                    epochs=20, batch_size=8, lr=1e-3, warmup_epochs=0, pretrain_batch_size=8) if synthetic else \
+        dict(img_size=256, partitions=10, pretrain_epochs=1000, pretrain_lr=3e-3, num_patches=512, msssim_window=11,
+             epochs=500, batch_size=8, lr=3e-3, warmup_epochs=10,
+             pretrain_batch_size=PAPER_PRETRAIN_BATCH.get(args.pretrain_data, 64))  # CHOICE C13
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.train_fraction is None:
+        args.train_fraction = PAPER_TRAIN_FRACTION.get(args.data, 1.0) if args.split_protocol == "paper" else 1.0
+    if args.masking == "random":
+        args.partitions = 1  # CHOICE C9
+    if args.init is None:  # --stage finetune without --pretrained: no pre-training (Table 2 "None")
+        args.init = args.masking if args.stage != "finetune" or args.pretrained else "none"
+    # CHOICE C12: the "unlabeled" split where there is one (as the paper, Sec. 2.3), else "train" (never "test").
+    args.pretrain_split = args.pretrain_split or (
+        "unlabeled" if args.pretrain_data in UNLABELED_SPLIT_DATASETS else "train")
+
+    for flag in ("img_size", "partitions", "pretrain_epochs", "pretrain_batch_size", "epochs", "batch_size",
+                 "samples", "num_patches"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.img_size <= 32:
+        parser.error(f"--img-size must be more than 32 px (the encoder halves it 5 times; a 1 x 1 map cannot be "
+                     f"batch-normalised), got {args.img_size}")
+    if args.warmup_epochs < 0:
+        parser.error(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
+    if not 0.0 < args.mask_ratio < 1.0:
+        parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
+    if not 0.0 <= args.pretrain_val_fraction < 0.5:
+        parser.error(f"--pretrain-val-fraction must be in [0, 0.5), got {args.pretrain_val_fraction}")
+    if not 0.0 < args.train_fraction <= 1.0:
+        parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    for flag in ("lr", "pretrain_lr"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("ssim_window", "msssim_window"):
+        if getattr(args, flag) < 1 or getattr(args, flag) % 2 == 0:
+            parser.error(f"--{flag.replace('_', '-')} must be an odd positive integer, got {getattr(args, flag)}")
+    if (args.msssim_window - 1) * 2 ** (len(MS_SSIM_WEIGHTS) - 1) >= args.img_size:
+        parser.error(f"--msssim-window {args.msssim_window} needs images larger than "
+                     f"{(args.msssim_window - 1) * 16} px for its 5 scales; raise --img-size or lower --msssim-window")
+    grid = patch_grid(args.img_size, args.img_size, args.num_patches)
+    if grid.smallest_band < args.ssim_window:
+        parser.error(f"--num-patches {args.num_patches} at --img-size {args.img_size} gives {grid.smallest_band}-px "
+                     f"patches, smaller than --ssim-window {args.ssim_window}; use fewer patches or larger images")
+    if int(grid.num_patches * args.mask_ratio) < 1:
+        parser.error(f"--mask-ratio {args.mask_ratio} hides no patch of the {grid.num_patches}-patch grid")
+    if args.cover_all and args.samples * args.mask_ratio < 1:
+        parser.error(f"--cover-all needs --samples x --mask-ratio >= 1 (every patch hidden once), got "
+                     f"{args.samples} x {args.mask_ratio}")
+    if args.data in IMAGE_ONLY_DATASETS and args.stage != "pretrain":
+        parser.error(f"--data {args.data} has no segmentation labels; use it as --pretrain-data (cross-pre-training) "
+                     f"or with --stage pretrain")
+    if args.data == "cityscapes" and args.test_split == "test":
+        parser.error("--test-split test: the public Cityscapes test labels are all 'ignore', so no mIoU can be "
+                     "computed; the paper's protocol tests on official val (the default)")
+    if args.stage == "both" and args.init in ("imagenet", "none"):
+        parser.error(f"--init {args.init} skips pre-training: use --stage finetune --init {args.init}")
+    if args.stage == "both" and args.init != args.masking:
+        parser.error(f"--stage both initialises from the model it pre-trains with --masking {args.masking}; "
+                     f"drop --init or use --init {args.masking}")
+    if args.stage == "finetune" and args.init in ("selective", "random") and not args.eval_only:
+        if args.pretrained is None or not os.path.isfile(args.pretrained):
+            parser.error(f"--stage finetune --init {args.init} needs --pretrained PATH, the pretrained.pt of a "
+                         f"pre-training run (got {args.pretrained})")
+    if args.pretrained is not None and args.stage != "finetune":
+        parser.error("--pretrained is only read with --stage finetune")
+    if args.init == "imagenet" and not args.eval_only:
+        args.imagenet_weights = args.imagenet_weights or os.path.join(torch.hub.get_dir(), "checkpoints",
+                                                                      IMAGENET_FILE)
+        if not os.path.isfile(args.imagenet_weights):
+            parser.error(f"--init imagenet: no ImageNet weights at {args.imagenet_weights}; pass --imagenet-weights "
+                         f"PATH, or fetch them once with: python -c \"import torchvision; "
+                         f"torchvision.models.resnet34(weights='IMAGENET1K_V1')\"")
+    if args.num_classes is not None and (args.data != "folder" or args.num_classes < 2):
+        parser.error(f"--num-classes describes --data folder masks (at least 2 classes); the other readers know "
+                     f"theirs, got --data {args.data} --num-classes {args.num_classes}")
+    if args.eval_only and args.stage == "pretrain":
+        parser.error("--eval-only scores a segmentation checkpoint; drop --stage pretrain")
+    check_run_arguments(parser, args, SCRIPT)
+    args.patch_grid = f"{grid.rows}x{grid.cols}={grid.num_patches}"  # derived (square crops), printed and saved
+
+
+def main(args):
+    resume_path = check_run_dir(args, SCRIPT)  # nothing written yet
+    runtime = setup_runtime(args)
+    try:
+        seed_everything(args.seed)
+        path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else \
+            resume_path
+        state = load_checkpoint(path, SCRIPT, args.arch, flag="--checkpoint" if args.eval_only else "--resume") \
+            if path else None
+        # K: --num-classes, else the checkpoint's, else all labelled splits' (build_splits)
+        splits = build_splits(args, runtime, args.num_classes or classes_of(state))
+        if args.eval_only:
+            return evaluate_checkpoint(args, runtime, splits, state, path)
+        models = {}
+        if args.stage in ("pretrain", "both"):
+            torch.manual_seed(derive_seed(args.seed, "init", "pretrain"))  # identical initial weights on every rank
+            models["reconstruction"] = build_model(3, args.arch)
+        if args.stage in ("finetune", "both"):
+            pretrained = load_pretrained(args.pretrained, args)["model"] if args.stage == "finetune" and \
+                args.init in ("selective", "random") else None
+            models["segmentation"] = build_segmentation_model(args, splits["num_classes"], pretrained)
+        for name, model in models.items():
+            model = model.to(runtime.device)
+            models[name] = model.to(memory_format=torch.channels_last) if args.channels_last else model
+        config = {**vars(args), "world_size": runtime.world_size}
+        out = create_run_dir(args, SCRIPT, config, runtime)
+        if runtime.main:
+            (out / "samples").mkdir(exist_ok=True)
+        log = MetricsLog(out, runtime, resume_state=state)
+        summary, best, best_epoch = train(args, runtime, splits, models, state, log, out)
+        results = {"pretrain": summary, "init": args.init, "masking": args.masking, "patch_grid": args.patch_grid}
+        if "segmentation" in models:
+            model, info = models["segmentation"], splits["info"]
+            load_state(model, load_checkpoint(out / "best.pt", SCRIPT, args.arch)["model"], out / "best.pt")
+            test = evaluate_segmentation(model, make_loader(splits["test"], 1, args, runtime, train=False),
+                                         splits["num_classes"], args, runtime, splits["test_split"])
+            results.update(test=test, test_split=splits["test_split"], best_epoch=best_epoch, best_val_miou=best,
+                           class_names=list(info.class_names),
+                           per_class_iou={n: v for n, v in zip(info.class_names, test["per_class_iou"])})
+            log.write({"stage": "test", "epoch": best_epoch, "miou": test["miou"], "pixel_acc": test["pixel_acc"],
+                       "chance_miou": test["chance_miou"]})
+            if runtime.main:  # best.pt on the first test images: the picture of the finetune record of best_epoch
+                save_finetune_samples(out / "samples" / f"finetune_epoch_{best_epoch:03d}.png", model, splits["test"],
+                                      info, runtime)
+            say(runtime, f"test mIoU {test['miou']:.4f} (chance {test['chance_miou']:.4f}) on {args.data}/"
+                         f"{splits['test_split']}, best val mIoU {best:.4f} at epoch {best_epoch}")
+        if runtime.main:
+            write_json(out / "results.json", results)
+        return results
+    finally:
+        shutdown(runtime)
 
 
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
@@ -1537,76 +1611,6 @@ def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on 
         sys.exit(130)
 
 # --- end of plumbing ---
-
-
-def evaluate_checkpoint(args, runtime, splits):
-    """--eval-only: score --checkpoint (default --out's best.pt) on the test split -> eval_test.json."""
-    path = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt"
-    state = load_checkpoint(path, SCRIPT, args.model)
-    if state.get("stage") != "finetune":
-        raise UsageError(f"--checkpoint {path} holds a reconstruction model, not a segmentation one; pass the best.pt "
-                         f"or last.pt of a downstream run")
-    info = splits["info"]
-    model = build_model(info.num_classes, args.model)
-    load_state(model, state["model"], path)
-    model = model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    test = evaluate_segmentation(model, make_loader(splits["test"], 1, args, runtime, train=False), info.num_classes,
-                                 args, runtime, splits["test_split"])
-    result = {"checkpoint": str(path), "test": test}
-    if runtime.main:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out) / f"eval_test.json", result)
-    say(runtime, f"test mIoU {test['miou']:.4f} (chance {test['chance_miou']:.4f}) of {path}")
-    return result
-
-
-def main(args):
-    resume_path = check_run_dir(args, SCRIPT)  # nothing written yet
-    runtime = setup_runtime(args)
-    try:
-        seed_everything(args.seed)
-        splits = build_splits(args, runtime)  # every split the run uses, labels checked
-        if args.eval_only:
-            return evaluate_checkpoint(args, runtime, splits)
-        state = load_checkpoint(resume_path, SCRIPT, args.model, flag="--resume") if resume_path else None
-        models = {}
-        if args.stage in ("pretrain", "both"):
-            torch.manual_seed(derive_seed(args.seed, "init", "pretrain"))  # identical initial weights on every rank
-            models["reconstruction"] = build_model(3, args.model)
-        if args.stage in ("finetune", "both"):
-            pretrained = load_pretrained(args.pretrained, args)["model"] if args.stage == "finetune" and \
-                args.init in ("selective", "random") else None
-            models["segmentation"] = build_segmentation_model(args, splits["info"].num_classes, pretrained)
-        for name, model in models.items():
-            model = model.to(runtime.device)
-            models[name] = model.to(memory_format=torch.channels_last) if args.channels_last else model
-        config = {**vars(args), "world_size": runtime.world_size}
-        out = create_run_dir(args, SCRIPT, config, runtime)
-        if runtime.main:
-            (out / "samples").mkdir(exist_ok=True)
-        log = MetricsLog(out, runtime, resume_state=state)
-        summary, best, best_epoch = train(args, runtime, splits, models, state, log, out)
-        results = {"pretrain": summary, "init": args.init, "masking": args.masking, "patch_grid": args.patch_grid}
-        if "segmentation" in models:
-            model = models["segmentation"]
-            load_state(model, load_checkpoint(out / "best.pt", SCRIPT, args.model)["model"], out / "best.pt")
-            info = splits["info"]
-            test = evaluate_segmentation(model, make_loader(splits["test"], 1, args, runtime, train=False),
-                                         info.num_classes, args, runtime, splits["test_split"])
-            results.update(test=test, test_split=splits["test_split"], best_epoch=best_epoch, best_val_miou=best,
-                           class_names=list(info.class_names),
-                           per_class_iou={n: v for n, v in zip(info.class_names, test["per_class_iou"])})
-            log.write({"stage": "test", "epoch": best_epoch, "miou": test["miou"], "pixel_acc": test["pixel_acc"],
-                       "chance_miou": test["chance_miou"]})
-            if runtime.main:
-                save_finetune_samples(out / "samples" / "finetune-test.png", model, splits["test"], info, runtime)
-            say(runtime, f"test mIoU {test['miou']:.4f} (chance {test['chance_miou']:.4f}) on {args.data}/"
-                         f"{splits['test_split']}, best val mIoU {best:.4f} at epoch {best_epoch}")
-        if runtime.main:
-            write_json(out / "results.json", results)
-        return results
-    finally:
-        shutdown(runtime)
 
 
 if __name__ == "__main__":

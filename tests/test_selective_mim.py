@@ -21,7 +21,7 @@ import selective_mim as sm
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # A run small enough for a loaded 2-core CPU: 40 px, 4 x 4 patch grid, ResNet-18 U-Net.
-TINY = ["--img-size", "40", "--num-patches", "16", "--msssim-window", "3", "--model", "resnet18-unet", "--workers", "0",
+TINY = ["--img-size", "40", "--num-patches", "16", "--msssim-window", "3", "--arch", "resnet18-unet", "--workers", "0",
         "--pretrain-batch-size", "4", "--batch-size", "4"]
 # The run contract (tests/test_contract.py): both stages, 2 + 2 pre-training epochs, 2 downstream epochs, seconds.
 CONTRACT_TINY = TINY + ["--limit", "12", "--partitions", "2", "--pretrain-epochs", "2", "--epochs", "2"]
@@ -224,7 +224,7 @@ def test_transfer_weights_copies_everything_but_the_head():
             continue
         assert torch.equal(target[name], tensor), name
     assert torch.equal(downstream.head.weight, head_before) and downstream.head.weight.shape[0] == 5
-    with pytest.raises(sm.UsageError, match="same --model"):
+    with pytest.raises(sm.UsageError, match="same --arch"):
         sm.transfer_weights(pretrained.state_dict(), sm.build_model(5, "resnet34-unet"))
 
 
@@ -519,7 +519,8 @@ def test_two_stage_run_scores_with_the_previous_model_and_transfers_it(tmp_path,
         assert 0 <= abs(score_record[0][key]) <= 1
     assert set(results["test"]) >= {"miou", "per_class_iou", "pixel_acc", "chance_miou"}
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "pretrained.pt", "results.json",
-                 "samples/pretrain-partition0.png", "samples/pretrain-partition1.png", "samples/finetune-test.png"):
+                 "samples/pretrain_partition0_epoch_003.png", "samples/pretrain_partition1_epoch_003.png",
+                 f"samples/finetune_epoch_{results['best_epoch']:03d}.png"):
         assert os.path.exists(os.path.join(out, name)), name
     # --eval-only scores best.pt on the test split with the same metric names as results.json.
     evaluated = sm.main(sm.get_args(CONTRACT_TINY + ["--out", out, "--eval-only"]))
