@@ -1,132 +1,41 @@
-"""L-MAE: Masked Autoencoders are Semantic Segmentation Datasets Augmenter.
+r"""L-MAE: Masked Autoencoders are Semantic Segmentation Datasets Augmenter.
 
-Jia, Liu, Xie, Chen, Zhang, Zhao, Yang, arXiv 2211.11242 (v2). No official code exists; this file is written from
-the paper (section numbers below are the paper's).
+Jia, Liu, Xie, Chen, Zhang, Zhao, Yang, arXiv 2211.11242 (v2), https://arxiv.org/abs/2211.11242. No official code.
 
-L-MAE completes segmentation labels that have missing pixels. The label, one-hot per class, is stacked with its
-image into a "fuse map"; whole fuse-map patches are hidden, an MAE-style ViT encoder sees only the visible patches,
-and a ViT decoder, whose hidden positions receive an embedding of the *image* patch there (Image Patch Supplement),
-predicts the class of every pixel. It is trained by hiding patches of the labels it has (complete ones, or partial
-ones whose unknown pixels are neither input nor target); to complete a dataset the patches holding unknown pixels
-are hidden, predicted, and only the unknown pixels are filled in.
+L-MAE completes segmentation labels that have missing pixels. The label, one-hot per class, is stacked with its image
+into a fuse map (Stack Fuse) and whole fuse-map patches are hidden. An MAE-style ViT encoder sees only the visible
+patches; a ViT decoder, whose hidden positions receive an embedding of the image patch there (Image Patch
+Supplement), predicts the class of every pixel. It trains by hiding patches of the labels it has; to complete a
+dataset, the patches holding unknown pixels are hidden and predicted, and only the unknown pixels are written.
 
 Implemented (component -> function -> paper place)
-    Stack Fuse (layer / direct / insert concat)      -> stack_fuse                 -> Sec. III-A, Eq. (1), Table III
-    patch embedding + fixed sin-cos positions         -> LMAE.encode, sincos_pos_embed -> Sec. III-A, Eqs. (2)-(3)
-    mask strategies random / label-first /
-      background-first / mixed 1:2:2                  -> draw_mask, training_mask, patch_fractions, rank_patches
-                                                                                     -> Sec. III-B
-    encoder on visible tokens, decoder on all         -> LMAE.encode, LMAE.decode   -> Sec. III-C, Fig. 3
-    LMMSA block x + DropPath(MHA(x)), x + DropPath(FFN(x)), ReLU FFN -> LMMSABlock, Attention -> Eqs. (4)-(9)
-    Image Patch Supplement (--no-ips: MAE mask token) -> LMAE.decoder_input        -> Sec. III-C, Fig. 5, Fig. 6
-    presets EB/DB/ED/DD                               -> PRESETS                    -> Table IV
-    class-weighted CE with learnable beta, gamma      -> ClassWeighting, lmae_loss  -> Sec. III-E, Eqs. (10)-(12)
-    PA-mIoU (hidden pixels only) and global mIoU      -> evaluate                   -> Sec. IV-B, Table IV
-    Adam, weight decay 1e-4, ReduceLROnPlateau(min, patience 5, threshold 1e-3, factor 0.8), VOC crop 448 ->
-      resize 224, Cityscapes crop 448, batch 24 / 48, 400 epochs -> train, get_args, build_splits -> Sec. IV-A
-    inference phase: route each image to the checkpoint whose mask ratio fits, hide the unknown patches (or,
-      with --missing background, the most-background ones), fill only unknown (background) pixels
-                                                      -> complete, complete_batch, completion_grid -> Sec. III-D, Fig. 4
-    label degradation for the augmentation experiment -> degrade, degrade_label    -> Sec. IV-C
-    baselines: nearest known pixel, most frequent known class -> nearest_known_fill, most_frequent_known_class
-    pixel head: linear per token (paper) or --head conv (ours, CHOICE C15) -> LMAE.head, ConvHead
-
-Choices (the paper is silent or contradicts itself; grep "CHOICE C")
-    C1  Void pixels (255) are all-zero in the one-hot fuse channels; --fuse direct stores (id + 1) / K in one
-        channel (void 0), --fuse insert copies that channel after each of R, G, B.
-    C2  Positions: fixed 2-D sin-cos (MAE) by default, computed for any grid so non-square inputs work;
-        --pos-embed 1d is the paper's 1-D formula over the row-major patch index, Eqs. (2)-(3).
-    C3  Mask strategies rank patches by the fraction of object pixels (label-first: not background, not void) or
-        of background pixels (background-first); ties are broken uniformly at random; exactly
-        round(mask_ratio * L) patches are hidden in every sample. --mix draws the strategy per sample.
-        --unknown-first ranks patches by their share of unknown (255) pixels before the strategy, so partial labels
-        hide their unknown patches first, as `complete` will (off by default: the paper trains on complete labels).
-    C4  "Background" is class --background-class (default 0: background in VOC and shapes; sky in CamVid, road in
-        Cityscapes, whose 0 is not a background class).
-    C5  Heads: head width 64 for 1024/512-wide and 72 for 1440/720-wide stacks (a multiple of 8, so the fused
-        attention kernels apply); Table IV's parameter counts do not depend on the head count. MLP ratio 4, patch
-        16, qkv bias, pre-norm LayerNorm (eps 1e-6), no class token, MAE's xavier initialisation.
-    C6  Stochastic depth rises linearly from 0 to --drop-path over the blocks (0.1 for the paper presets, 0 for
-        the small ones); the paper names DropPath but not its rate.
-    C7  Eq. (10) (--class-weighting paper): x_i = the proportion of class i among the pixels the loss counts in
-        the batch, E and V their mean and population variance over the K classes, xi = 1e-6; beta = exp(log_beta)
-        stays positive; beta and gamma start at --beta-init 1 and --gamma-init 1 and are learned without weight
-        decay (--freeze-weights keeps them fixed). Evaluated as sigmoid(log beta - gamma * (x_i - E) / (V + xi)),
-        the same value without overflow.
-    C8  Which pixels the loss counts: those of hidden patches (--loss-region masked, MAE's loss; the region
-        PA-mIoU scores and `complete` fills); --loss-region all adds the visible ones. Unknown (255) pixels never
-        count. The paper's "global mIoU" is read as the mIoU of the completed label (given label on visible
-        patches, prediction on hidden ones), which is why it exceeds PA-mIoU in Table IV; the mIoU of the raw
-        prediction everywhere is logged as pred_miou. Background stays in the loss: Eq. (12) names the
-        background as ignore index, but Background-First exists to strengthen background predictions and both
-        metrics include background (Table IV) -> --ignore-background-in-loss.
-    C9  Learning rate (not given): Adam 1e-4 for the paper presets, 1e-3 for the tiny preset (shapes, and the
-        CPU-sized defaults of other sets). ReduceLROnPlateau steps on the epoch's mean training loss ("threshold
-        of loss dropping").
-    C10 Validation: every image resized to --eval-size (VOC 224, Cityscapes 1024x2048, other sets --img-size);
-        masks drawn with --eval-mask-strategy (default random, as in the Table III/IV ablations), each image's from a
-        generator keyed by (seed, "eval-masks", image index), so every epoch and every process count sees the same
-        masks. best.pt = highest validation
-        PA-mIoU. The same evaluation also scores two fills of the hidden pixels that need no model (nearest known
-        pixel, each image's most frequent known class) and the model with every visible label blanked
-        (blank_pa_miou: how much the visible labels help).
-    C11 Sets other than VOC and Cityscapes: the whole image resized to --img-size for training and validation
-        (with --crop: a random crop first); no flips or colour changes anywhere (the paper names only the crops).
-    C12 Completion (`complete`): every image is resized by --scale (aspect kept) and padded at the right and
-        bottom to a multiple of the patch size, so the model's grid covers the image undistorted and, at scale
-        1, is `degrade`'s grid. Hidden patches: exactly those holding unknown pixels; with --missing background
-        also the most-background patches up to the model's ratio (Sec. III-D), whose background pixels may be
-        overwritten. Routing (Fig. 4) by the share of patches holding unknown pixels (--route unknown) or of
-        background + unknown pixels (--route background, the paper's words, the default with --missing
-        background); nearest mask ratio wins, ties go to the larger ratio. Logits are cropped, resized back
-        bilinearly and only the writable pixels are changed. Images of one size and hidden count run as a batch.
-    C13 Degradation (`degrade`): the label's patch grid (partial patches at the right/bottom edge count as
-        patches) has round(ratio * patches) patches set to 255, chosen with --strategy (default random: "randomly
-        obscuring 50 %", Sec. IV-C). Its --patch-size should be the model's patch size divided by complete's
-        --scale (16 / 1 by default), so that both grids are the same.
-    C14 Synthetic default (--data shapes): preset "tiny" (4/2 blocks, 128/96 wide), patch 8 at 64 x 64, batch
-        16, 40 epochs, Adam 1e-3.
-    C15 --head conv (not in the paper; default linear, the paper's per-token linear map): after the linear head,
-        four dilated 3x3 convolutions (dilation 1, 2, 4, 8, width --head-width) see the logits, the image and
-        the visible labels (hidden pixels blank) and add a correction, so pixels inside a hidden patch can follow
-        image edges and neighbouring labels; a 1x1 skip from its inputs is a linear path. --nearest-prior also
-        feeds the nearest-known-pixel fill (one-hot) to that head, and the skip starts as PRIOR_SCALE (4) times
-        that one-hot, so an untrained model already reproduces the nearest fill and training learns corrections
-        to it. Both only ever see visible labels.
-    C16 complete --windows (issue 10 item 1; off by default, see the README's measurement): the scaled, padded
-        image is cut into windows of the checkpoint's training --img-size, stride half a window rounded down to a
-        multiple of P (the last window flush with the edge), so every window's patch grid is part of the one grid
-        `degrade` used; each window hides exactly the hidden patches inside it (a window with all patches hidden
-        keeps its first one visible, whose labels are unknown anyway), windows with equal visible counts run as one
-        batch, and the softmax probabilities are averaged where windows overlap before the argmax.
-
-Deviations (grep "DEVIATION")
-    - The default loss is plain cross-entropy, Eqs. (11)-(12) with w_i = 1 (--class-weighting none); Eq. (10)'s
-      learnable class weights are --class-weighting paper. Read as printed, Eq. (10) divides by the variance of
-      the class proportions, so the majority class gets a weight near 0 (background: ~1e-3 on shapes, ~1e-14 at
-      VOC's 70 % background share), and learned beta/gamma in a weight-normalised loss drift towards easy
-      classes. Measured on shapes (16 images at 32 x 48, 100 Adam steps, masked-patch loss; PA-mIoU): plain CE
-      0.54 vs Eq. (10) 0.30 (gamma 1) and 0.34 (gamma 0) at lr 3e-3; 0.36 vs 0.25 (gamma 1) at lr 1e-3. A 64 x 64
-      run with Eq. (10) and --loss-region all predicted background on 5 % of the hidden pixels after 4 epochs.
+    Stack Fuse: layer / direct / insert concat      -> stack_fuse                     -> Sec. III-A, Eq. (1), Table III
+    masks random / label-first / background-first, mixed 1:2:2 -> training_mask, rank_patches -> Sec. III-B
+    patch embedding, fixed sin-cos positions         -> LMAE.encode, sincos_pos_embed  -> Sec. III-A, Eqs. (2)-(3)
+    LMMSA block: attention, ReLU FFN, DropPath       -> LMMSABlock, Attention          -> Sec. III-C, Eqs. (4)-(9)
+    encoder on visible tokens, decoder on all L      -> LMAE.encode, LMAE.decode       -> Sec. III-C, Fig. 3
+    Image Patch Supplement (--no-ips: mask token)    -> LMAE.decoder_input             -> Sec. III-C, Figs. 5-6
+    presets EB/DB/ED/DD                              -> PRESETS, count_parameters      -> Table IV
+    class-weighted CE, learnable beta and gamma      -> ClassWeighting, lmae_loss      -> Sec. III-E, Eqs. (10)-(12)
+    Adam, ReduceLROnPlateau, crops, batch sizes      -> train_step, train, get_args    -> Sec. IV-A
+    PA-mIoU (hidden pixels) and global mIoU          -> evaluate                       -> Sec. IV-B, Table IV
+    completion, routing by mask ratio                -> complete, plan_hidden, complete_batch -> Sec. III-D, Fig. 4
+    label degradation (augmentation experiment)      -> degrade, degrade_label         -> Sec. IV-C
+    not in the paper: conv head + nearest prior      -> LMAEWithConvHead, ConvHead     -> CHOICE C15
+    not in the paper: model-free fills (baselines)   -> nearest_known_fill, most_frequent_known_class
 
 Usage
-    python lmae.py                                              # synthetic shapes, a few minutes on 2 CPU cores
-    python lmae.py --data voc --data-root data/VOCdevkit --mask-ratio 0.5          # Sec. IV-A settings
-    python lmae.py --data cityscapes --data-root data/cityscapes --mask-ratio 0.6
+    python lmae.py                                                  # synthetic shapes, minutes on 2 CPU cores
+    python lmae.py --data voc --data-root data/VOCdevkit --mask-ratio 0.5                   # Sec. IV-A settings
     torchrun --nproc_per_node=4 lmae.py --data voc --data-root data/VOCdevkit --compile --channels-last
-    python lmae.py --resume --out runs/lmae-voc                 # continue at the next epoch
-    python lmae.py --eval-only --checkpoint runs/lmae-voc/best.pt --data voc --data-root data/VOCdevkit  # test split
-  Partial labels only (255 = unknown): degrade writes a folder that --data folder reads; train on it, complete it.
-    python lmae.py degrade --data camvid --data-root data/CamVid --split train --ratio 0.5 --out deg
-    python lmae.py --data folder --data-root deg --num-classes 11 --val-split train --test-split train \\
-        --unknown-first --mask-ratio 0.75 --out runs/partial
-    python lmae.py complete --checkpoint runs/partial/best.pt --images deg/train/images --labels deg/train/masks \\
-        --unknown deg/train/unknown --truth deg/train/truth --out completed
-  The first word picks the job: none (training), `complete` or `degrade`; `python lmae.py complete -h` lists its flags.
+    python lmae.py --resume --out runs/lmae-voc                     # continue at the next epoch
+    python lmae.py degrade --data camvid --data-root data/CamVid --ratio 0.5 --out deg      # partial labels, then
+    python lmae.py complete --checkpoint runs/x/best.pt --images deg/train/images --labels deg/train/masks --out done
 
-Shapes: B batch, C channels (C_f fuse-map channels), H W height width, P patch size, gh gw = H/P, W/P,
-L = gh * gw patches, L_vis visible patches, D embedding width (D_e encoder, D_d decoder), K classes.
-mask (B, L) bool, True = hidden; pixel masks (B, H, W) bool, same meaning; labels int64 with 255 = void/unknown.
+Shapes: B batch, C_f fuse-map channels, H W height width, P patch size, gh gw = H/P, W/P, L = gh * gw patches,
+L_vis visible patches, D embedding width (D_e encoder, D_d decoder), K classes. mask (B, L) bool, True = hidden;
+pixel masks (B, H, W) bool, same meaning; labels (B, H, W) int64 with 255 = void / unknown.
+Choices and deviations: README 'L-MAE' (Choices, Deviations) and `grep -n "CHOICE\|DEVIATION" lmae.py`.
 """
 
 import argparse
@@ -156,19 +65,315 @@ from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError,
                     denormalize, joint_transform)
 
 SCRIPT = "lmae.py"
-
-# --- configuration ---
-
 IGNORE = 255  # void in the given labels, unknown in labels to complete
 STRATEGIES = ("random", "label-first", "background-first")  # Sec. III-B; index = strategy id
-FUSES = ("layer", "direct", "insert")  # Table III: Layer Concat (ours), Directly Concat, Insert Concat
-HEADS = ("linear", "conv")  # CHOICE C15
-IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
-LABELLED_SETS = [n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")  # files `complete` reads
+FUSES = ("layer", "direct", "insert")  # Table III: Layer Concat (the paper's), Directly Concat, Insert Concat
 GAMMA_INIT = 1.0  # Eq. (10) gamma at the start (CHOICE C7)
-PRIOR_SCALE = 4.0  # --nearest-prior: initial logit given to the nearest-known-pixel class (CHOICE C15)
-RATIO_WARNING = 0.15  # `complete` warns when the hidden share exceeds the checkpoint's ratio by more than this
+
+
+# --- Stack Fuse (Sec. III-A, Eq. 1) ---
+def one_hot_layers(labels, num_classes, dtype):
+    """labels (B, H, W) int64 (255 = void) -> (B, K, H, W) one-hot layers, void all-zero (CHOICE C1)."""
+    void = labels == IGNORE
+    one_hot = F.one_hot(torch.where(void, num_classes, labels), num_classes + 1)[..., :num_classes]  # (B, H, W, K)
+    return one_hot.permute(0, 3, 1, 2).to(dtype)
+
+
+def fuse_channels(fuse, num_classes):
+    """C_f, the number of fuse-map channels of each Stack Fuse variant."""
+    return {"layer": num_classes + 3, "direct": 4, "insert": 6}[fuse]
+
+
+def stack_fuse(images, labels, num_classes, fuse="layer"):
+    """Fuse map of images (B, 3, H, W) float and labels (B, H, W) int64 (255 = void) -> (B, C_f, H, W).
+
+    layer  (Eq. 1): FuseMap = Concat(l_1, ..., l_N, image), l_i the one-hot layer of class i; void all-zero
+            (CHOICE C1).
+    direct: Concat(image, label) with label = (id + 1) / K, void 0 (Table III "Directly Concat").
+    insert: (R, label, G, label, B, label), the label copied after each RGB channel (Table III "Insert Concat").
+    """
+    void = labels == IGNORE
+    if fuse == "layer":
+        return torch.cat([one_hot_layers(labels, num_classes, images.dtype), images], dim=1)  # (B, K + 3, H, W)
+    level = torch.where(void, 0.0, (labels.to(images.dtype) + 1) / num_classes).unsqueeze(1)  # (B, 1, H, W)
+    if fuse == "direct":
+        return torch.cat([images, level], dim=1)  # (B, 4, H, W)
+    red, green, blue = images.split(1, dim=1)
+    return torch.cat([red, level, green, level, blue, level], dim=1)  # (B, 6, H, W)
+
+
+# --- masking (Sec. III-B) ---
+
+def patch_fractions(labels, patch_size, background_class):
+    """labels (B, H, W) int64 -> (object fraction, background fraction) per patch, each (B, L) float in [0, 1].
+
+    Object = neither background nor void; patches are numbered row-major.
+    """
+    B, H, W = labels.shape
+    P = patch_size
+    patches = labels.reshape(B, H // P, P, W // P, P)
+    background = (patches == background_class).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
+    objects = ((patches != background_class) & (patches != IGNORE)).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
+    return objects, background
+
+
+def rank_patches(keys, generator=None, noise=None):
+    """Order of the patches, most preferred first: by keys[0] descending, then keys[1], ...; remaining ties in a
+    uniformly random order (CHOICE C3).
+
+    keys: list of (B, L) float tensors; noise (B, L) uniform draws of the tie-break (drawn from `generator` when
+    None). Returns ids (B, L) int64, a permutation of 0..L-1 per sample.
+    """
+    B, L = keys[0].shape
+    if noise is None:
+        noise = torch.rand(B, L, device=keys[0].device, generator=generator)
+    order = noise.argsort(dim=1)  # a random permutation: the tie-break
+    for key in reversed(keys):  # least significant key first; a stable sort keeps the previous order among ties
+        order = order.gather(1, key.gather(1, order).argsort(dim=1, descending=True, stable=True))
+    return order
+
+
+def hide_first(ranked, num_hidden):
+    """ranked (B, L) patch ids, most preferred first -> mask (B, L) bool (True = hidden), ids_keep (B, L - n)."""
+    mask = torch.zeros(ranked.shape, dtype=torch.bool, device=ranked.device)
+    mask.scatter_(1, ranked[:, :num_hidden], True)
+    return mask, ranked[:, num_hidden:]
+
+
+def draw_strategies(batch_size, strategy, mix, device, generator=None, u=None):
+    """(B,) int64 strategy id per sample (index into STRATEGIES); `mixed` draws with weights `mix` (Sec. III-B)
+    from u (B,) uniform (drawn from `generator` when None)."""
+    if strategy != "mixed":
+        return torch.full((batch_size,), STRATEGIES.index(strategy), dtype=torch.int64, device=device)
+    total = sum(mix)
+    first, second = mix[0] / total, (mix[0] + mix[1]) / total  # cumulative weights as Python floats: no host copy
+    if u is None:
+        u = torch.rand(batch_size, device=device, generator=generator)
+    return (u >= first).long() + (u >= second).long()
+
+
+def training_mask(labels, strategy, mix, mask_ratio, patch_size, background_class, generator=None,
+                  unknown_first=False, uniforms=None):
+    """Hide exactly round(mask_ratio * L) patches of every sample with the chosen strategy (Sec. III-B).
+
+    labels (B, H, W) int64. Returns mask (B, L) bool, True = hidden, and ids_keep (B, L_vis) int64.
+    random: every patch alike; label-first: most object pixels first; background-first: most background first.
+    unknown_first: patches with more unknown (255) pixels go before all others (CHOICE C3).
+    uniforms (B, 1 + L): each sample's own draws (strategy, then tie-break; item_uniforms), else from `generator`.
+    """
+    B = labels.shape[0]
+    objects, background = patch_fractions(labels, patch_size, background_class)  # (B, L) each
+    u, noise = (None, None) if uniforms is None else (uniforms[:, 0], uniforms[:, 1:])
+    ids = draw_strategies(B, strategy, mix, labels.device, generator, u)[:, None]  # (B, 1)
+    score = torch.where(ids == 1, objects, torch.where(ids == 2, background, torch.zeros_like(objects)))  # (B, L)
+    keys = [(1 - objects - background).clamp(min=0), score] if unknown_first else [score]
+    num_hidden = round(mask_ratio * score.shape[1])
+    return hide_first(rank_patches(keys, generator, noise), num_hidden)
+
+
+def pixel_mask(mask, patch_size, grid):
+    """Patch mask (B, L) bool -> pixel mask (B, H, W) bool, H = gh * P, W = gw * P."""
+    gh, gw = grid
+    P = patch_size
+    B = mask.shape[0]
+    return mask.view(B, gh, 1, gw, 1).expand(B, gh, P, gw, P).reshape(B, gh * P, gw * P)
+
+
+def hidden_of(ids_keep, num_patches):
+    """ids_keep (B, L_vis) -> mask (B, L) bool, True = hidden."""
+    mask = torch.ones(ids_keep.shape[0], num_patches, dtype=torch.bool, device=ids_keep.device)
+    return mask.scatter(1, ids_keep, False)
+
+
+# --- model (Sec. III-C) ---
+
+def sincos_1d(dim, positions, interleave):
+    """Fixed sin-cos embedding of positions (N,) float -> (N, dim).
+
+    Eqs. (2)-(3): PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)).
+    interleave=False puts all sines before all cosines (MAE's layout; same values).
+    """
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) * 2 / dim)
+    angles = positions.double()[:, None] * omega[None, :]  # (N, dim/2)
+    if interleave:
+        return torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1).float()  # (N, dim)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()  # (N, dim)
+
+
+def sincos_pos_embed(dim, grid, kind="2d", device=None):
+    """(L, dim) fixed positions for a gh x gw patch grid (any aspect ratio, CHOICE C2).
+
+    2d (MAE): half the channels encode the row, half the column. 1d: the paper's Eqs. (2)-(3) over the
+    row-major patch index pos = row * gw + column.
+    """
+    gh, gw = grid
+    if kind == "1d":
+        return sincos_1d(dim, torch.arange(gh * gw, device=device), interleave=True)
+    rows = torch.arange(gh, device=device).repeat_interleave(gw)  # (L,)
+    columns = torch.arange(gw, device=device).repeat(gh)  # (L,)
+    return torch.cat([sincos_1d(dim // 2, rows, False), sincos_1d(dim // 2, columns, False)], dim=1)  # (L, dim)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p (scaled at training)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p  # (B, 1, 1)
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+class Attention(nn.Module):
+    """MulAttn: h heads of scaled dot-product attention, Eqs. (6)-(8)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # W^Q, W^K, W^V of all heads at once, Eq. (6)
+        self.proj = nn.Linear(dim, dim)  # W^O, Eq. (8)
+
+    def forward(self, x):  # x (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
+        # Eq. (7): Z_i = softmax(Q_i K_i^T / sqrt(d_k)) V_i; the fused kernels (flash / memory-efficient on GPU)
+        # never build the N x N matrix.
+        z = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D/h)
+        return self.proj(z.transpose(1, 2).reshape(B, N, D))  # Eq. (8): concat(Z_1..Z_h) W^O, (B, N, D)
+
+
+class LMMSABlock(nn.Module):
+    """L-MAE Multi-Head Attention block, Eqs. (4)-(5), pre-norm: x + DropPath(MulAttn(LN(x))), then
+    x + DropPath(FFN(LN(x))) with FFN(x) = ReLU(x W1 + b1) W2 + b2, Eq. (9), hidden width 4 D."""
+
+    def __init__(self, dim, heads, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):  # (B, N, D)
+        x = x + self.drop_path(self.attn(self.norm1(x)))  # Eq. (4)
+        return x + self.drop_path(self.ffn(self.norm2(x)))  # Eq. (5)
+
+
+class ClassWeighting(nn.Module):
+    """Eq. (10) class weights w_i from class proportions x_i, with learnable beta (as log beta) and gamma (C7).
+
+    Lives inside LMAE so that the optimizer, DDP and the checkpoints see beta and gamma.
+    """
+
+    def __init__(self, learnable=True, beta=1.0, gamma=GAMMA_INIT, xi=1e-6):
+        super().__init__()
+        self.log_beta = nn.Parameter(torch.tensor(math.log(beta)), requires_grad=learnable)
+        self.gamma = nn.Parameter(torch.tensor(float(gamma)), requires_grad=learnable)
+        self.xi = xi
+
+    def forward(self, proportions):  # (K,) float, sums to 1 -> (K,) weights in (0, 1)
+        standardised = (proportions - proportions.mean()) / (proportions.var(unbiased=False) + self.xi)
+        # Eq. (10): w_i = 1 - 1 / (1 + beta * exp(-(x_i - E(x)) / (V(x) + xi))^gamma)
+        #               = sigmoid(log beta - gamma * (x_i - E(x)) / (V(x) + xi))
+        return torch.sigmoid(self.log_beta - self.gamma * standardised)
+
+
+class LMAE(nn.Module):
+    """Label Masked Autoencoder (Fig. 3): Stack Fuse -> patch embedding + positions -> encoder on visible tokens
+    -> Image Patch Supplement (or mask token) -> decoder on all L tokens -> per-pixel class logits.
+
+    The paper's ablation switches: fuse (Table III), ips (Fig. 6), pos_embed (CHOICE C2), drop_path (C6) and the
+    Eq. (10) class_weighting module (a ClassWeighting; default: learnable beta = gamma = 1).
+    """
+
+    def __init__(self, num_classes, patch_size=16, encoder_depth=8, decoder_depth=6, encoder_dim=1440,
+                 decoder_dim=720, encoder_heads=20, decoder_heads=10, fuse="layer", ips=True, pos_embed="2d",
+                 drop_path=0.0, class_weighting=None):
+        super().__init__()
+        self.num_classes, self.patch_size, self.fuse, self.ips, self.pos_embed = (num_classes, patch_size, fuse,
+                                                                                   ips, pos_embed)
+        P = patch_size
+        # A P x P convolution with stride P is the per-patch linear map of Sec. III-A (fast with channels_last).
+        self.patch_embed = nn.Conv2d(fuse_channels(fuse, num_classes), encoder_dim, P, stride=P)
+        depth = encoder_depth + decoder_depth
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # CHOICE C6: 0 -> drop_path
+        self.encoder = nn.ModuleList([LMMSABlock(encoder_dim, encoder_heads, rates[i])
+                                      for i in range(encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(encoder_dim, eps=1e-6)
+        self.decoder_embed = nn.Linear(encoder_dim, decoder_dim)
+        if ips:  # Sec. III-C: F_di, a patch embedding of the image into the decoder width
+            self.image_patch_embed = nn.Conv2d(3, decoder_dim, P, stride=P)
+        else:  # MAE's learned mask token (the "w/o IPS" rows of Fig. 6)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder = nn.ModuleList([LMMSABlock(decoder_dim, decoder_heads, rates[encoder_depth + i])
+                                      for i in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.head = nn.Linear(decoder_dim, P * P * num_classes)  # every token -> K logits for each of its pixels
+        # Eq. (10)'s beta and gamma live in the model, so that the optimizer, DDP and the checkpoints see them
+        self.class_weighting = ClassWeighting() if class_weighting is None else class_weighting
+        self.initialize()
+
+    def initialize(self):
+        """MAE's initialisation: xavier-uniform linear maps (patch convolutions seen as linear), zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if not self.ips:
+            nn.init.normal_(self.mask_token, std=0.02)
+    def encode(self, fuse_map, ids_keep):
+        """fuse_map (B, C_f, H, W), ids_keep (B, L_vis) -> encoded visible tokens (B, L_vis, D_e)."""
+        tokens = self.patch_embed(fuse_map)  # (B, D_e, gh, gw)
+        grid = tokens.shape[-2:]
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, L, D_e)
+        # Eqs. (2)-(3): fixed sin-cos positions, computed for this grid
+        tokens = tokens + sincos_pos_embed(tokens.shape[-1], grid, self.pos_embed, tokens.device).to(tokens.dtype)
+        visible = tokens.gather(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, L_vis, D_e)
+        for block in self.encoder:
+            visible = block(visible)
+        return self.encoder_norm(visible)
+
+    def decoder_input(self, latent, images, ids_keep):
+        """Full token sequence for the decoder (B, L, D_d), positions not yet added.
+
+        Visible positions: the encoder output mapped to the decoder width. Hidden positions: with IPS the
+        embedding of the image patch at that position (Sec. III-C, Fig. 5), else the mask token.
+        """
+        visible = self.decoder_embed(latent)  # (B, L_vis, D_d)
+        if self.ips:
+            tokens = self.image_patch_embed(images).flatten(2).transpose(1, 2).to(visible.dtype)  # (B, L, D_d)
+        else:
+            B, L = images.shape[0], (images.shape[2] // self.patch_size) * (images.shape[3] // self.patch_size)
+            tokens = self.mask_token.to(visible.dtype).expand(B, L, -1)  # (B, L, D_d)
+        # "insert these patches into F_e": visible positions take the encoder's tokens, hidden keep the supplement
+        return tokens.scatter(1, ids_keep[..., None].expand(-1, -1, visible.shape[-1]), visible)  # (B, L, D_d)
+
+    def decode(self, tokens, grid):
+        """tokens (B, L, D_d) -> logits (B, K, H, W) for the gh x gw grid."""
+        gh, gw = grid
+        P, K = self.patch_size, self.num_classes
+        tokens = tokens + sincos_pos_embed(tokens.shape[-1], grid, self.pos_embed, tokens.device).to(tokens.dtype)
+        for block in self.decoder:
+            tokens = block(tokens)
+        logits = self.head(self.decoder_norm(tokens))  # (B, L, P*P*K)
+        B = logits.shape[0]
+        return logits.view(B, gh, gw, P, P, K).permute(0, 5, 1, 3, 2, 4).reshape(B, K, gh * P, gw * P)
+
+    def forward(self, images, labels, ids_keep):
+        """images (B, 3, H, W) normalised, labels (B, H, W) int64 (255 = void/unknown; hidden patches' labels are
+        never seen), ids_keep (B, L_vis) visible patch ids -> logits (B, K, H, W)."""
+        grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
+        fuse_map = stack_fuse(images, labels, self.num_classes, self.fuse)  # (B, C_f, H, W), Eq. (1)
+        latent = self.encode(fuse_map, ids_keep)  # (B, L_vis, D_e)
+        return self.decode(self.decoder_input(latent, images, ids_keep), grid)  # (B, K, H, W)
+
 
 # Table IV. Parameter counts measured by tests/test_lmae.py (count_parameters: K = 21 VOC classes, 24 fuse
 # channels, patch 16) next to the paper's figure. CHOICE C5: heads of width 64 (1024/512) or 72 (1440/720).
@@ -192,15 +397,890 @@ PRESETS = {
 }
 PAPER_PRESET = "eb8-db6-ed1440-dd720"  # Table I, Sec. IV-E1: "we choose EB=8, DB=6, ED=1440, DD=720"
 
+
+def count_parameters(preset, num_classes=21, patch_size=16, fuse="layer", ips=True):
+    """Parameters of a preset, counted on the meta device (no memory), without Eq. (10)'s beta and gamma."""
+    with torch.device("meta"):
+        model = LMAE(num_classes, patch_size, **PRESETS[preset], fuse=fuse, ips=ips)
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("class_weighting"))
+
+
+# --- loss (Sec. III-E) ---
+
+def lmae_loss(logits, labels, hidden_pixels, class_weighting, loss_region="all", ignore_background=False,
+              background_class=0):
+    """Class-weighted cross-entropy, Eqs. (10)-(12).
+
+    logits (B, K, H, W) float, labels (B, H, W) int64 (255 = void), hidden_pixels (B, H, W) bool.
+    class_weighting: ClassWeighting module, or None for plain CE (--class-weighting none). Returns a scalar.
+    """
+    K = logits.shape[1]
+    counted = labels != IGNORE  # which pixels count: CHOICE C8
+    if loss_region == "masked":
+        counted = counted & hidden_pixels
+    if ignore_background:
+        counted = counted & (labels != background_class)
+    targets = torch.where(counted, labels, 0)  # (B, H, W), in range everywhere
+    per_pixel = F.cross_entropy(logits.float(), targets, reduction="none")  # -log softmax(x_n)[y_n], Eq. (11)
+    if class_weighting is None:  # DEVIATION: the default, w_i = 1 (module docstring, "Deviations")
+        weights = torch.ones(K, device=logits.device)
+    else:
+        counts = torch.zeros(K, device=logits.device).scatter_add_(0, targets.flatten(), counted.flatten().float())
+        weights = class_weighting(counts / counts.sum().clamp(min=1.0))  # Eq. (10), x_i = class proportions (C7)
+    pixel_weights = weights[targets] * counted  # w_{y_n} * 1{y_n != ignore}, (B, H, W)
+    # Eq. (12): l = sum_n w_{y_n} l_n / sum_n w_{y_n}, over the counted pixels
+    return (pixel_weights * per_pixel).sum() / pixel_weights.sum().clamp(min=1e-12)
+
+
+# --- not in the paper: model-free fills (the baselines every score is compared with) ---
+
+def most_frequent_known_class(labels, known, num_classes):
+    """Baseline completion: per image the most frequent class among its known pixels -> (B,) int64.
+
+    labels (B, H, W) int64, known (B, H, W) bool (labelled and visible). Ties go to the lowest id.
+    """
+    B = labels.shape[0]
+    ids = torch.where(known & (labels != IGNORE), labels, num_classes).flatten(1)  # (B, H*W), K = not counted
+    counts = torch.zeros(B, num_classes + 1, dtype=torch.int64, device=labels.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids))  # (B, K + 1) pixels per class
+    return counts[:, :num_classes].argmax(dim=1)
+
+
+@torch.no_grad()
+def nearest_known_fill(labels, known, chunk=2 ** 22):
+    """Baseline completion: every pixel takes the class of its nearest known pixel (exact Euclidean distance).
+
+    labels (B, H, W) int64, known (B, H, W) bool -> (B, H, W) int64; known pixels keep their class, an image
+    without any known pixel gets class 0. Two passes of the exact distance transform: the nearest known pixel of
+    every column (vertical distance dy), then per pixel the column x' minimising (x - x')^2 + dy(x')^2, in chunks
+    of rows (B x rows x W x W values at a time).
+    """
+    B, H, W = labels.shape
+    known = known & (labels != IGNORE)
+    rows = torch.arange(H, device=labels.device).view(1, H, 1).expand(B, H, W)
+    far = 4 * (H + W)  # a row index no known pixel has
+    above = torch.where(known, rows, -far).cummax(dim=1).values  # nearest known row at or above, (B, H, W)
+    below = torch.where(known, rows, H + far).flip(1).cummin(dim=1).values.flip(1)  # at or below
+    nearest_row = torch.where(rows - above <= below - rows, above, below)  # (B, H, W)
+    dy2 = (nearest_row - rows).float() ** 2  # huge in columns without a known pixel
+    columns = torch.arange(W, device=labels.device, dtype=torch.float32)
+    dx2 = (columns[:, None] - columns[None, :]) ** 2  # (W, W') over (x, x')
+    flat = labels.flatten(1)  # (B, H*W)
+    filled = torch.empty_like(labels)
+    step = max(1, chunk // max(B * W * W, 1))
+    for start in range(0, H, step):
+        part = slice(start, start + step)
+        column = (dx2[None, None] + dy2[:, part, None, :]).argmin(dim=-1)  # (B, h, W): best x' per pixel
+        row = nearest_row[:, part].gather(2, column).clamp(0, H - 1)  # (B, h, W): its known row in column x'
+        filled[:, part] = flat.gather(1, (row * W + column).flatten(1)).view(B, -1, W)
+    any_known = known.flatten(1).any(dim=1)[:, None, None]  # (B, 1, 1)
+    return torch.where(any_known, filled, 0)
+
+
+# --- not in the paper: a convolutional head with the nearest-known-pixel prior (--head conv, CHOICE C15) ---
+
+HEADS = ("linear", "conv")  # --head: linear = LMAE's own per-token head (the paper's), conv = LMAEWithConvHead
+PRIOR_SCALE = 4.0  # --nearest-prior: initial logit given to the nearest-known-pixel class (CHOICE C15)
+
+
+class ConvHead(nn.Module):
+    """CHOICE C15: four 3x3 convolutions with dilation 1, 2, 4, 8 (receptive field 31 px) and a 1x1 output, plus
+    a 1x1 skip from the inputs (a linear path: the visible labels or the nearest fill can be copied at once)."""
+
+    def __init__(self, in_channels, num_classes, width):
+        super().__init__()
+        layers, channels = [], in_channels
+        for dilation in (1, 2, 4, 8):
+            layers += [nn.Conv2d(channels, width, 3, padding=dilation, dilation=dilation), nn.ReLU()]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(width, num_classes, 1)
+        self.skip = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, K, H, W)
+        return self.out(self.body(x)) + self.skip(x)
+
+
+class LMAEWithConvHead(nn.Module):
+    """The paper's LMAE (self.lmae) plus a correction of its logits by a ConvHead (self.refine) that sees the
+    logits, the image and the visible labels (hidden pixels blank), and with nearest_prior the nearest-known-pixel
+    fill too, so that pixels inside a hidden patch can follow image edges and neighbouring labels (CHOICE C15).
+    The correction starts at zero; with nearest_prior its 1x1 skip starts at PRIOR_SCALE x the fill's one-hot, so
+    an untrained model reproduces that fill. It never sees a hidden label."""
+
+    def __init__(self, lmae, width=32, nearest_prior=False):
+        super().__init__()
+        K = lmae.num_classes
+        self.lmae, self.nearest_prior = lmae, nearest_prior
+        self.refine = ConvHead(K * (3 if nearest_prior else 2) + 3, K, width)
+        for module in self.refine.modules():  # LMAE's initialisation, then the correction's start
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.refine.out.weight)
+        nn.init.zeros_(self.refine.skip.weight)
+        if nearest_prior:
+            self.refine.skip.weight.data[:, -K:, 0, 0] = PRIOR_SCALE * torch.eye(K)
+        self.register_load_state_dict_pre_hook(remap_old_conv_head_keys)
+
+    @property
+    def class_weighting(self):  # Eq. (10)'s beta and gamma, where the loops look for them
+        return self.lmae.class_weighting
+
+    def forward(self, images, labels, ids_keep):  # as LMAE.forward: -> logits (B, K, H, W)
+        logits = self.lmae(images, labels, ids_keep)  # (B, K, H, W)
+        P, K = self.lmae.patch_size, self.lmae.num_classes
+        grid = (images.shape[2] // P, images.shape[3] // P)
+        hidden = pixel_mask(hidden_of(ids_keep, grid[0] * grid[1]), P, grid)  # (B, H, W)
+        visible_labels = torch.where(hidden, IGNORE, labels)  # the head never sees a hidden label
+        parts = [logits, images.to(logits.dtype), one_hot_layers(visible_labels, K, logits.dtype)]
+        if self.nearest_prior:
+            fill = nearest_known_fill(visible_labels, visible_labels != IGNORE)  # (B, H, W)
+            parts.append(one_hot_layers(fill, K, logits.dtype))
+        return logits + self.refine(torch.cat(parts, dim=1))  # (B, K, H, W)
+
+
+def remap_old_conv_head_keys(module, state_dict, prefix, *_):
+    """Checkpoints written while the conv head lived inside LMAE hold the paper's weights at the top level
+    (`patch_embed.weight`, ...); they now live under `lmae.` (the head's own weights stay under `refine.`)."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith((prefix + "lmae.",
+                                                                                    prefix + "refine."))]:
+        state_dict[prefix + "lmae." + key[len(prefix):]] = state_dict.pop(key)
+
+
+# --- loops ---
+
+def item_uniforms(key, items, labels, patch_size):
+    """(len(items), 1 + L) uniform draws for the batch `labels` (B, H, W), L its patch count; row i from a generator
+    seeded by key + (items[i],), e.g. (seed, "masks", epoch, index): an image gets the same mask whatever the batch
+    size, the process count or the worker count, so 2 processes with batch B train on the masks of 1 process with
+    batch 2B."""
+    num_patches = (labels.shape[1] // patch_size) * (labels.shape[2] // patch_size)
+    return torch.cat([torch.rand(1, 1 + num_patches, generator=make_generator(*key, item, device=labels.device),
+                                 device=labels.device) for item in items])
+
+
+def draw_mask(labels, strategy, args, generator=None, uniforms=None):
+    """The masks of one batch, the one sequence training, evaluation and the sample grids use (Sec. III-B).
+
+    labels (B, H, W) int64 -> mask (B, L) bool (True = hidden), ids_keep (B, L_vis) int64, hidden pixels (B, H, W).
+    uniforms (B, 1 + L) from item_uniforms: per-item draws; otherwise one generator for the batch.
+    """
+    mask, ids_keep = training_mask(labels, strategy, args.mix, args.mask_ratio, args.patch_size,
+                                   args.background_class, generator, args.unknown_first, uniforms)
+    grid = (labels.shape[1] // args.patch_size, labels.shape[2] // args.patch_size)
+    return mask, ids_keep, pixel_mask(mask, args.patch_size, grid)
+
+
+def train_step(model, optimizer, images, labels, args, runtime, generator=None, uniforms=None):
+    """One step: draw masks (Sec. III-B; per-item draws `uniforms` or `generator`), forward, Eqs. (10)-(12), Adam.
+    Returns the loss (0-dim, on device)."""
+    _, ids_keep, hidden = draw_mask(labels, args.masking, args, generator, uniforms)  # (B, L_vis), (B, H, W)
+    with autocast(runtime):
+        logits = model(images, labels, ids_keep)  # (B, K, H, W)
+    weighting = unwrap(model).class_weighting if args.class_weighting == "paper" else None
+    loss = lmae_loss(logits, labels, hidden, weighting, args.loss_region, args.ignore_background_in_loss,
+                     args.background_class)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch):
+    """One pass over the training loader; returns the mean loss over all ranks (float).
+
+    Each image's mask draws from a generator keyed by (seed, epoch, item) (item_uniforms), stochastic depth from
+    one keyed by (seed, epoch, rank): a resumed epoch replays both.
+    """
+    model.train()
+    device = runtime.device
+    torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # DropPath's global RNG
+    total = torch.zeros(2, device=device)  # loss sum, steps
+    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
+    for images, labels in progress(loader, runtime, f"epoch {epoch}"):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        uniforms = item_uniforms((args.seed, "masks", epoch), indices[seen:seen + len(images)], labels,
+                                 args.patch_size)  # (B, 1 + L)
+        seen += len(images)
+        loss = step(model, optimizer, images, labels, args, runtime, None, uniforms)
+        guard.observe(loss)
+        total[0] += loss
+        total[1] += 1
+    all_reduce_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()  # sync point
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, runtime, num_classes):
+    """Validation with masks keyed by (seed, item): the same masks every epoch (CHOICE C10), and for any process
+    count.
+
+    Returns, over all ranks: loss; pa_miou, the mIoU of the hidden pixels (PA-mIoU, Sec. IV-B); miou, the mIoU of
+    the completed label (given label on visible patches, prediction on hidden ones: what `complete` writes; the
+    paper's "global mIoU", CHOICE C8); pred_miou, the mIoU of the raw prediction on every pixel; the same PA-mIoU
+    for two fills without a model, nearest_pa_miou (each hidden pixel takes its nearest known pixel's class) and
+    frequent_pa_miou (each image's most frequent known class); blank_pa_miou, the model with every visible label
+    blanked (the label-context control: how much the visible labels help); pixel accuracies and per-class IoUs.
+    """
+    model.eval()
+    device = runtime.device
+    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
+    names = ("model", "completed", "prediction", "nearest", "frequent", "blank")
+    matrices = {name: ConfusionMatrix(num_classes, device=device) for name in names}
+    total = torch.zeros(2, device=device)  # loss sum, batches
+    weighting = model.class_weighting if args.class_weighting == "paper" else None
+    for images, labels in progress(loader, runtime, "evaluating"):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        uniforms = item_uniforms((args.seed, "eval-masks"), indices[seen:seen + len(images)], labels,
+                                 args.patch_size)  # (B, 1 + L)
+        seen += len(images)
+        _, ids_keep, hidden = draw_mask(labels, args.eval_masking, args, None, uniforms)  # (B, L_vis), (B, H, W)
+        with autocast(runtime):
+            logits = model(images, labels, ids_keep)  # (B, K, H, W)
+            blank_logits = model(images, torch.full_like(labels, IGNORE), ids_keep)  # no visible label at all
+        total[0] += lmae_loss(logits, labels, hidden, weighting, args.loss_region, args.ignore_background_in_loss,
+                              args.background_class)
+        total[1] += 1
+        preds = logits.argmax(dim=1)  # (B, H, W)
+        known = ~hidden & (labels != IGNORE)
+        matrices["model"].update(preds, labels, region=hidden)  # PA-mIoU: only the hidden (predicted) area
+        matrices["completed"].update(torch.where(hidden, preds, labels), labels)
+        matrices["prediction"].update(preds, labels)
+        matrices["nearest"].update(nearest_known_fill(labels, known), labels, region=hidden)
+        frequent = most_frequent_known_class(labels, known, num_classes)[:, None, None].expand_as(labels)
+        matrices["frequent"].update(frequent, labels, region=hidden)
+        matrices["blank"].update(blank_logits.argmax(dim=1), labels, region=hidden)
+    all_reduce_sum(total)
+    scores = {name: matrix.all_reduce().compute() for name, matrix in matrices.items()}
+    return {
+        "loss": (total[0] / total[1].clamp(min=1)).item(),  # sync point
+        "pa_miou": scores["model"]["miou"],
+        "miou": scores["completed"]["miou"],
+        "pred_miou": scores["prediction"]["miou"],
+        "nearest_pa_miou": scores["nearest"]["miou"],
+        "frequent_pa_miou": scores["frequent"]["miou"],
+        "blank_pa_miou": scores["blank"]["miou"],
+        "pa_pixel_acc": scores["model"]["pixel_acc"],
+        "nearest_pa_pixel_acc": scores["nearest"]["pixel_acc"],
+        "frequent_pa_pixel_acc": scores["frequent"]["pixel_acc"],
+        "pa_per_class_iou": scores["model"]["per_class_iou"],
+        "per_class_iou": scores["completed"]["per_class_iou"],
+    }
+
+
+def colorize(labels, palette):
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
+    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def save_samples(model, images, labels, args, runtime, palette, path):
+    """PNG grid, one row per image: image | masked fuse map (visible label over the image, hidden patches dark) |
+    completed label (prediction in hidden patches, given label elsewhere) | truth."""
+    model.eval()
+    generator = make_generator(args.seed, "eval-masks", "samples", device=images.device)
+    _, ids_keep, hidden = draw_mask(labels, args.eval_masking, args, generator)
+    with autocast(runtime):
+        preds = model(images, labels, ids_keep).argmax(dim=1)  # (B, H, W)
+    hidden = hidden[:, None].cpu()  # (B, 1, H, W)
+    image = denormalize(images.float(), "imagenet").cpu()  # (B, 3, H, W) in [0, 1]
+    truth = colorize(labels, palette)
+    masked_fuse = torch.where(hidden, image * 0.25, 0.5 * image + 0.5 * truth)
+    completed = torch.where(hidden, colorize(preds, palette), truth)
+    rows = torch.cat([image, masked_fuse, completed, truth], dim=3)  # (B, 3, H, 4W)
+    picture = (rows.permute(0, 2, 3, 1).reshape(-1, rows.shape[3], 3) * 255).round().byte().numpy()
+    Image.fromarray(picture).save(path)
+
+
+# --- phases: label degradation (Sec. IV-C) ---
+
+def degrade_label(label, ratio, patch_size, strategy="random", mix=(1.0, 2.0, 2.0), background_class=0,
+                  generator=None):
+    """label (H, W) int64 of any size -> (degraded label with round(ratio * patches) patches set to 255,
+    hidden pixels (H, W) bool). The patch grid covers the image; edge patches may be partial (CHOICE C13)."""
+    H, W = label.shape
+    P = patch_size
+    gh, gw = math.ceil(H / P), math.ceil(W / P)
+    padded = F.pad(label, (0, gw * P - W, 0, gh * P - H), value=IGNORE)[None]  # (1, gh*P, gw*P)
+    mask, _ = training_mask(padded, strategy, mix, ratio, P, background_class, generator)
+    hidden = pixel_mask(mask, P, (gh, gw))[0, :H, :W]  # (H, W)
+    return torch.where(hidden, IGNORE, label), hidden
+
+
+def save_label_png(path, label, palette):
+    """uint8 (H, W) class ids -> palette PNG (indices are the ids; 255 white)."""
+    image = Image.fromarray(np.asarray(label, dtype=np.uint8))
+    colours = [c for colour in palette[:255] for c in colour]
+    image.putpalette(colours + [0] * (765 - len(colours)) + [255, 255, 255])
+    image.save(path)
+
+
+def keep_pixels(image, label):
+    """Identity transform: the dataset's own uint8 image (3, H, W) and label (H, W), untouched."""
+    return image, label
+
+
+def degrade(args):
+    """Write <out>/<split>/images, masks (degraded, 255 = unknown), unknown (255 = hidden), truth, and
+    <out>/degrade.json (Sec. IV-C). `--data folder --data-root <out>` reads the degraded masks directly."""
+    runtime = Runtime(torch.device("cpu"))
+    options = {"image_size": args.img_size} if args.data == "shapes" else {}
+    datasets = {}
+    for split in args.split:  # every label is read and checked before anything is written
+        datasets[split] = build_dataset(args.data, args.data_root, split, transform=keep_pixels,
+                                        download=args.download, limit=args.limit, seed=args.seed, **options)
+        check_labels(datasets[split][0], desc=f"checking {split} labels")
+    out = Path(args.out)
+    summary = {"data": args.data, "ratio": args.ratio, "patch_size": args.patch_size, "strategy": args.strategy,
+               "seed": args.seed, "splits": {}}
+    for split, (dataset, info) in datasets.items():
+        folders = {name: out / split / name for name in ("images", "masks", "unknown", "truth")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        generator = make_generator(args.seed, "degrade", split)
+        hidden_pixels = total_pixels = 0
+        for index in progress(range(len(dataset)), runtime, f"degrading {split}"):
+            image, label = dataset[index]  # uint8 (3, H, W), (H, W) class ids with 255 = void
+            image, label = image.permute(1, 2, 0).numpy(), label.long()  # (H, W, 3), (H, W) int64
+            degraded, hidden = degrade_label(label, args.ratio, args.patch_size, args.strategy, args.mix,
+                                             args.background_class, generator)
+            name = dataset.names[index].replace("/", "__")
+            Image.fromarray(image).save(folders["images"] / f"{name}.png")
+            save_label_png(folders["masks"] / f"{name}.png", degraded.numpy(), info.palette)
+            save_label_png(folders["truth"] / f"{name}.png", label.numpy(), info.palette)
+            Image.fromarray(hidden.numpy().astype(np.uint8) * 255).save(folders["unknown"] / f"{name}.png")
+            hidden_pixels += int(hidden.sum())
+            total_pixels += hidden.numel()
+        summary["splits"][split] = {"images": len(dataset), "hidden_pixel_fraction": hidden_pixels / total_pixels}
+        summary.update(num_classes=info.num_classes, class_names=list(info.class_names))
+        say(runtime, f"degraded {len(dataset)} labels of {args.data}/{split}: {args.ratio:.0%} of the patches, "
+                     f"{hidden_pixels / total_pixels:.1%} of the pixels -> {out / split}")
+    write_json(out / "degrade.json", summary)
+    return summary
+
+
+# --- phases: completing a dataset (Sec. III-D, Fig. 4) ---
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")  # files `complete` reads
+RATIO_WARNING = 0.15  # `complete` warns when the hidden share exceeds the checkpoint's ratio by more than this
+
+
+def files_by_stem(folder):
+    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def read_label_file(path, num_classes, what="label"):
+    """Single-channel class-id PNG (grey or palette) -> uint8 (H, W); one DatasetError naming the file."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "1"):
+                raise DatasetError(f"{what} {path} has mode {image.mode}; labels must be single-channel class-id "
+                                   f"images (grey or palette PNG, 255 = unknown)")
+            array = np.array(image.convert("L") if image.mode == "1" else image, dtype=np.uint8)
+    except DatasetError:
+        raise
+    except Exception as error:
+        raise DatasetError(f"cannot read {what} {path} ({type(error).__name__}: {error}); replace the file") from None
+    if what != "unknown mask":
+        bad = (array >= num_classes) & (array != IGNORE)
+        if bad.any():
+            raise DatasetError(f"{what} {path} has class ids {sorted(np.unique(array[bad]).tolist())[:5]} outside "
+                               f"0..{num_classes - 1} (255 = unknown); the checkpoint knows {num_classes} classes")
+    return array
+
+
+def read_image_file(path):
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except Exception as error:
+        raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
+
+
+def image_size_of(path):
+    """(H, W) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except Exception as error:
+        raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
+
+
+def load_completion_models(paths, device):
+    """[(model, saved config, path)] sorted by mask ratio, and the dataset info; all must share the classes."""
+    models, info = [], None
+    for path in paths:
+        state = load_checkpoint(path, SCRIPT)
+        if info is not None and state["info"]["num_classes"] != info["num_classes"]:
+            raise UsageError(f"--checkpoint {path} has {state['info']['num_classes']} classes but {paths[0]} has "
+                             f"{info['num_classes']}; all --checkpoint files must be trained on the same classes")
+        info = info or state["info"]
+        model = build_model(state["config"], state["info"]["num_classes"])
+        load_state(model, state["model"], path)
+        models.append((model.to(device).eval(), state["config"], str(path)))
+    return sorted(models, key=lambda m: m[1]["mask_ratio"]), info
+
+
+def completion_grid(height, width, scale, patch_size):
+    """CHOICE C12: the size (h, w) an H x W image is resized to (aspect kept) and the padded size, a multiple of P."""
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    return (h, w), (math.ceil(h / patch_size) * patch_size, math.ceil(w / patch_size) * patch_size)
+
+
+def to_model_grid(labels, unknown, size, padded):
+    """labels (B, H, W) int64, unknown (B, H, W) bool -> both at the model's padded grid (B, H_p, W_p).
+
+    Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any native pixel it
+    covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void, not unknown.
+    """
+    h, w = size
+    pad = (0, padded[1] - w, 0, padded[0] - h)
+    small_unknown = F.interpolate(unknown[:, None].float(), size=size, mode="area")[:, 0] > 0  # (B, h, w)
+    small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()  # (B, h, w)
+    small_labels = torch.where(small_unknown, IGNORE, small_labels)
+    return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False)
+
+
+def pixel_fraction(pixels, patch_size):
+    """(B, H, W) bool -> (B, L) fraction of True pixels per patch."""
+    B, H, W = pixels.shape
+    P = patch_size
+    return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
+
+
+def plan_hidden(labels, unknown, config, args):
+    """How many patches to hide and the routing share of one image at a checkpoint's grid (Sec. III-D, Fig. 4).
+
+    labels, unknown (1, H_p, W_p) at the model grid -> dict(num_hidden, share, patches, keys for rank_patches).
+    """
+    P, ratio = config["patch_size"], config["mask_ratio"]
+    holds_unknown = pixel_fraction(unknown, P) > 0  # (1, L)
+    background = patch_fractions(labels, P, config["background_class"])[1]  # (1, L)
+    L = holds_unknown.shape[1]
+    n_unknown = int(holds_unknown.sum())
+    if args.missing == "background":  # Sec. III-D: the most-background patches next, up to the model's ratio
+        n_background = int(((background > 0) & ~holds_unknown).sum())
+        num_hidden = max(n_unknown, min(round(ratio * L), n_unknown + n_background))
+    else:  # exactly the patches holding unknown pixels
+        num_hidden = n_unknown
+    if args.route == "background":
+        share = float(((labels == config["background_class"]) | unknown).float().mean())
+    else:
+        share = n_unknown / L
+    return dict(num_hidden=min(num_hidden, L - 1), share=share, patches=L, keys=[holds_unknown.float(), background])
+
+
+def window_starts(length, window, patch_size):
+    """CHOICE C16: offsets of windows of `window` pixels covering `length` (both multiples of P), stride half a
+    window rounded down to a multiple of P, the last window flush with the end; one window when it fits."""
+    if length <= window:
+        return [0]
+    stride = max(patch_size, window // 2 // patch_size * patch_size)
+    return sorted(set(range(0, length - window, stride)) | {length - window})
+
+
+def window_logits(model, config, images, labels, mask, amp, device):
+    """Sliding-window forward (CHOICE C16): probabilities averaged over the windows covering each pixel.
+
+    images (B, 3, H_p, W_p) normalised, labels (B, H_p, W_p) int64, mask (B, L) bool on the global grid ->
+    probabilities (B, K, H_p, W_p). Each window hides exactly the global hidden patches inside it; windows with the
+    same visible count form one batch.
+    """
+    B, _, Hp, Wp = images.shape
+    P = config["patch_size"]
+    wh, ww = min(config["img_size"][0], Hp), min(config["img_size"][1], Wp)
+    boxes = [(top, left) for top in window_starts(Hp, wh, P) for left in window_starts(Wp, ww, P)]
+    grid_mask = mask.view(B, Hp // P, Wp // P)  # (B, gh, gw)
+    window_images = torch.stack([images[:, :, t:t + wh, l:l + ww] for t, l in boxes], 1).flatten(0, 1)  # (B N, 3, h, w)
+    window_labels = torch.stack([labels[:, t:t + wh, l:l + ww] for t, l in boxes], 1).flatten(0, 1)  # (B N, h, w)
+    window_mask = torch.stack([grid_mask[:, t // P:(t + wh) // P, l // P:(l + ww) // P] for t, l in boxes],
+                              1).flatten(0, 1).flatten(1)  # (B N, l)
+    # a window whose patches are all hidden keeps its first patch visible: its labels there are unknown (255) or,
+    # with --missing background, known background, so nothing beyond the given labels is revealed
+    window_mask[window_mask.all(1), 0] = False
+    probabilities = None
+    visible = (~window_mask).sum(1)  # (B N,)
+    for count in visible.unique().tolist():
+        rows = (visible == count).nonzero()[:, 0]  # windows with `count` visible patches
+        ids_keep = (~window_mask[rows]).nonzero()[:, 1].view(len(rows), count)  # (n, count), ascending
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp)):
+            logits = model(window_images[rows], window_labels[rows], ids_keep).float()  # (n, K, h, w)
+        if probabilities is None:
+            probabilities = logits.new_zeros(len(boxes) * B, logits.shape[1], wh, ww)
+        probabilities[rows] = logits.softmax(1)
+    probabilities = probabilities.view(B, len(boxes), -1, wh, ww)
+    total = images.new_zeros(B, probabilities.shape[2], Hp, Wp)
+    count = images.new_zeros(1, 1, Hp, Wp)
+    for n, (t, l) in enumerate(boxes):
+        total[:, :, t:t + wh, l:l + ww] += probabilities[:, n]
+        count[:, :, t:t + wh, l:l + ww] += 1
+    return total / count  # (B, K, H_p, W_p)
+
+
+@torch.no_grad()
+def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, device, generator):
+    """Fill one batch of same-size images with one checkpoint (Sec. III-D).
+
+    images uint8 (B, H, W, 3), labels int64 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
+    rank_patches keys (B, L) at the model grid. Returns the prediction (B, H, W) int64 and the hidden pixels
+    (B, H, W) bool at the native size.
+    """
+    B, H, W = labels.shape
+    P = config["patch_size"]
+    size, padded = completion_grid(H, W, args.scale, P)
+    model_labels, _ = to_model_grid(labels, unknown, size, padded)  # (B, H_p, W_p)
+    mask, ids_keep = hide_first(rank_patches(keys, generator), num_hidden)  # unknown patches first, then background
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
+    small = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+    if size != (H, W):
+        small = F.interpolate(small, size=size, mode="bilinear", antialias=True)
+    small = F.pad((small - mean) / std, (0, padded[1] - size[1], 0, padded[0] - size[0]))  # (B, 3, H_p, W_p)
+    if args.windows:
+        logits = window_logits(model, config, small, model_labels, mask, args.amp, device)[:, :, :size[0], :size[1]]
+    else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
+            logits = model(small, model_labels, ids_keep)[:, :, :size[0], :size[1]].float()  # (B, K, h, w)
+    hidden = pixel_mask(mask, P, (padded[0] // P, padded[1] // P))[:, None, :size[0], :size[1]].float()
+    if size != (H, W):
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear")  # (B, K, H, W)
+        hidden = F.interpolate(hidden, size=(H, W), mode="nearest")
+    return logits.argmax(dim=1), hidden[:, 0].bool()
+
+
+def completion_inputs(args, num_classes):
+    """The input files by name (every label must have its image, --unknown mask and --truth label) and
+    read_pair(stem) -> label uint8 (H, W), unknown bool (H, W), each checked against its image's size."""
+    images, labels = files_by_stem(args.images), files_by_stem(args.labels)
+    unknowns = files_by_stem(args.unknown) if args.unknown else {}
+    truths = files_by_stem(args.truth) if args.truth else {}
+    if not labels:
+        raise DatasetError(f"--labels {args.labels} holds no label images; give a folder of <name>.png labels")
+    for stem in labels:
+        if stem not in images:
+            raise DatasetError(f"label {labels[stem]} has no image named {stem}.* in --images {args.images}; "
+                               f"every label needs its image")
+        for folder, files, flag in ((args.unknown, unknowns, "--unknown"), (args.truth, truths, "--truth")):
+            if folder and stem not in files:
+                raise DatasetError(f"{flag} {folder} has no file {stem}.png for label {labels[stem]}")
+
+    def read_pair(stem):
+        size = image_size_of(images[stem])
+        label = read_label_file(labels[stem], num_classes)
+        unknown = read_label_file(unknowns[stem], num_classes, "unknown mask") > 0 if args.unknown else label == IGNORE
+        for array, path in ((label, labels[stem]), (unknown, unknowns.get(stem))):
+            if array.shape != size:
+                raise DatasetError(f"{path} is {array.shape[1]}x{array.shape[0]} but image {images[stem]} is "
+                                   f"{size[1]}x{size[0]}; labels and masks must have their image's size")
+        return label, unknown
+
+    return images, labels, truths, read_pair
+
+
+def route(models, label, unknown, args, device):
+    """Fig. 4: plan one image (label uint8 (H, W), unknown bool (H, W)) at every checkpoint's grid and pick the
+    checkpoint whose mask ratio is nearest the image's share; ties go to the larger ratio."""
+    label_t = torch.from_numpy(label).long()[None].to(device)
+    unknown_t = torch.from_numpy(unknown)[None].to(device)
+    candidates = []
+    for index, (model, config, path) in enumerate(models):
+        size, padded = completion_grid(*label.shape, args.scale, config["patch_size"])
+        grid_labels, grid_unknown = to_model_grid(label_t, unknown_t, size, padded)
+        candidates.append((index, plan_hidden(grid_labels, grid_unknown, config, args)))
+    index, plan = min(candidates, key=lambda c: (abs(models[c[0]][1]["mask_ratio"] - c[1]["share"]),
+                                                  -models[c[0]][1]["mask_ratio"]))
+    return dict(plan, checkpoint=index, shape=label.shape)
+
+
+def completion_summary(args, rows, models, scores, without_label):
+    """report.csv (one row per image) and the summary dict of a `complete` run (with --truth: its scores)."""
+    with open(Path(args.out) / "report.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"images": len(rows), "missing": args.missing, "scale": args.scale, "windows": args.windows,
+               **{key: sum(r[key] for r in rows) for key in ("unknown_pixels", "written_pixels", "changed_pixels")},
+               "hidden_share": sum(r["hidden_share"] for r in rows) / len(rows),
+               "images_without_label": len(without_label),
+               "checkpoints": {path: sum(r["checkpoint"] == path for r in rows) for _, _, path in models}}
+    for _, config, path in models:
+        over = [r for r in rows if r["checkpoint"] == path and r["hidden_share"] > config["mask_ratio"] + RATIO_WARNING]
+        if over:
+            print(f"warning: {len(over)} images routed to {path} hid {max(r['hidden_share'] for r in over):.0%} of "
+                  f"their patches, far above the ratio {config['mask_ratio']} it was trained at; train a checkpoint "
+                  f"at a higher --mask-ratio for them", file=sys.stderr)
+    if args.truth:
+        result = {name: matrix.compute() for name, matrix in scores.items()}
+        summary.update(pa_miou=result["model"]["miou"], pa_pixel_acc=result["model"]["pixel_acc"],
+                       miou=result["completed"]["miou"], pixel_acc=result["completed"]["pixel_acc"],
+                       nearest_pa_miou=result["nearest"]["miou"], nearest_pa_pixel_acc=result["nearest"]["pixel_acc"],
+                       frequent_pa_miou=result["frequent"]["miou"],
+                       frequent_pa_pixel_acc=result["frequent"]["pixel_acc"],
+                       pa_per_class_iou=result["model"]["per_class_iou"])
+    return summary
+
+
+def complete(args):
+    """`lmae.py complete`: write completed palette PNGs, report.csv and summary.json to --out (Sec. III-D)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    if args.amp and device.type == "cpu" and not cpu_supports_bf16():
+        raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
+    runtime = Runtime(device)
+    models, info = load_completion_models(args.checkpoint, device)
+    K = info["num_classes"]
+    images, labels, truths, read_pair = completion_inputs(args, K)
+    without_label = sorted(set(images) - set(labels))
+    # plan: every label is read and checked, routed to a checkpoint, and given its hidden count (nothing written)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    plans = {stem: route(models, *read_pair(stem), args, device) for stem in progress(sorted(labels), runtime,
+                                                                                       "planning")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # with --truth: PA-mIoU of these fills over the unknown pixels, and the mIoU of the completed labels
+    scores = {name: ConfusionMatrix(K, device=device) for name in ("model", "completed", "nearest", "frequent")}
+    groups = {}
+    for stem, plan in plans.items():  # images of one size, checkpoint and hidden count form batches
+        groups.setdefault((plan["shape"], plan["checkpoint"], plan["num_hidden"]), []).append(stem)
+    rows = []
+    bar = progress(total=len(plans), iterable=None, runtime=runtime, desc="completing")
+    for (_, index, num_hidden), stems in groups.items():
+        model, config, path = models[index]
+        for start in range(0, len(stems), args.batch_size):
+            batch = stems[start:start + args.batch_size]
+            pairs = [read_pair(stem) for stem in batch]
+            label_t = torch.from_numpy(np.stack([p[0] for p in pairs])).long().to(device)  # (B, H, W)
+            unknown_t = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)  # (B, H, W)
+            image_t = torch.from_numpy(np.stack([read_image_file(images[s]) for s in batch])).to(device)
+            keys = [torch.cat([plans[s]["keys"][k] for s in batch]) for k in range(2)]  # (B, L) each
+            prediction, hidden = complete_batch(model, config, image_t, label_t, unknown_t, keys, num_hidden, args,
+                                                device, generator)
+            writable = unknown_t.clone()
+            if args.missing == "background":  # Sec. III-D: background pixels of hidden patches may be missing
+                writable |= hidden & (label_t == config["background_class"])
+            completed = torch.where(writable, prediction, label_t)  # known pixels are copied, never predicted
+            if args.truth:
+                truth_t = torch.from_numpy(np.stack([read_label_file(truths[s], K, "truth label") for s in batch]))
+                if truth_t.shape != label_t.shape:
+                    raise DatasetError(f"--truth {args.truth}: a truth label's size differs from its label in "
+                                       f"{', '.join(batch)}; sizes must match")
+                truth_t = truth_t.long().to(device)
+                known = ~unknown_t & (label_t != IGNORE)
+                nearest = nearest_known_fill(label_t, known)
+                frequent = most_frequent_known_class(label_t, known, K)[:, None, None].expand_as(label_t)
+                scores["model"].update(completed, truth_t, region=unknown_t)
+                scores["completed"].update(completed, truth_t)
+                scores["nearest"].update(nearest, truth_t, region=unknown_t)
+                scores["frequent"].update(frequent, truth_t, region=unknown_t)
+            for i, stem in enumerate(batch):
+                save_label_png(out / f"{stem}.png", completed[i].to(torch.uint8).cpu().numpy(), info["palette"])
+                plan = plans[stem]
+                row = {"name": stem, "checkpoint": path, "mask_ratio": config["mask_ratio"], "scale": args.scale,
+                       "share": round(plan["share"], 4), "patches": plan["patches"], "hidden_patches": num_hidden,
+                       "hidden_share": round(num_hidden / plan["patches"], 4),
+                       "unknown_pixels": int(unknown_t[i].sum()), "written_pixels": int(writable[i].sum()),
+                       "changed_pixels": int((completed[i] != label_t[i]).sum()), "pixels": label_t[i].numel()}
+                if args.truth:  # sync points: per-image accuracies of the completion and the nearest fill
+                    scored = unknown_t[i] & (truth_t[i] != IGNORE)
+                    count = max(int(scored.sum()), 1)
+                    row["filled_accuracy"] = round(int((completed[i] == truth_t[i])[scored].sum()) / count, 6)
+                    row["nearest_accuracy"] = round(int((nearest[i] == truth_t[i])[scored].sum()) / count, 6)
+                rows.append(row)
+            bar.update(len(batch))
+    bar.close()
+    rows.sort(key=lambda r: r["name"])
+    summary = completion_summary(args, rows, models, scores, without_label)
+    write_json(out / "summary.json", summary)
+    if without_label:
+        print(f"note: {len(without_label)} images in --images have no label and were skipped "
+              f"(first: {images[without_label[0]].name})")
+    print("completed " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in summary.items() if not isinstance(v, (list, dict))) + f" out={out}")
+    return summary
+
+
+# --- phases: training (Sec. IV-A) ---
+
+def config_of(args):
+    """args as a JSON-able dict (what checkpoints and config.json hold; complete rebuilds the model from it)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def arch_of(config):
+    """The preset name of a config; checkpoints written before --preset was renamed --arch carry `preset`."""
+    return config["arch"] if "arch" in config else config["preset"]
+
+
+def build_model(config, num_classes):
+    """The network of a config dict or Namespace (arch, patch_size, fuse, ips, pos_embed, drop_path, class
+    weighting, head): the paper's LMAE, wrapped in LMAEWithConvHead with --head conv."""
+    config = config if isinstance(config, dict) else vars(config)
+    weighting = ClassWeighting(config["class_weighting"] == "paper" and not config["freeze_weights"],
+                               config["beta_init"], config["gamma_init"])
+    model = LMAE(num_classes, config["patch_size"], **PRESETS[arch_of(config)], fuse=config["fuse"],
+                 ips=config["ips"], pos_embed=config["pos_embed"], drop_path=config["drop_path"],
+                 class_weighting=weighting)
+    if config.get("head", "linear") == "conv":
+        return LMAEWithConvHead(model, config.get("head_width", 32), config.get("nearest_prior", False))
+    return model
+
+
+def architecture(config, num_classes):
+    """The architecture string checkpoints carry: what must match to load the weights."""
+    config = config if isinstance(config, dict) else vars(config)
+    head = config["head"] + (f"{config['head_width']}" if config["head"] == "conv" else "")
+    return (f"lmae-{arch_of(config)}-p{config['patch_size']}-{config['fuse']}-{'ips' if config['ips'] else 'token'}"
+            f"-pos{config['pos_embed']}-{head}{'-nearest' if config['nearest_prior'] else ''}-k{num_classes}")
+
+
+def build_splits(args, splits):
+    """{split: dataset} for the named splits ("train" with the training transform, the others resized to
+    --eval-size; CHOICE C10, C11) and the dataset info. Every label of every split is checked first."""
+    shapes = args.data == "shapes"
+    crop_only = args.crop is not None and tuple(args.crop) == tuple(args.img_size)  # Cityscapes: crop 448, no resize
+    options = dict(root=args.data_root, download=args.download, limit=args.limit, seed=args.seed)
+    if args.data == "folder" and args.num_classes is not None:
+        options["num_classes"] = args.num_classes
+    datasets, info = {}, None
+    for role, split in splits.items():
+        train = role == "train"
+        transform = joint_transform(size=None if shapes or (train and crop_only) else
+                                    (args.img_size if train else args.eval_size), crop=args.crop if train else None)
+        size = {"image_size": args.img_size if train else args.eval_size} if shapes else {}
+        datasets[role], split_info = build_dataset(args.data, split=split, transform=transform, **options, **size)
+        if info is not None and split_info.num_classes != info.num_classes:
+            raise DatasetError(f"{args.data}: split {split} has {split_info.num_classes} classes but another split "
+                               f"has {info.num_classes}; pass --num-classes")
+        info = split_info
+        check_labels(datasets[role], desc=f"checking {split} labels")
+    if not 0 <= args.background_class < info.num_classes:
+        raise UsageError(f"--background-class {args.background_class} is not a class of {args.data} "
+                         f"(0..{info.num_classes - 1})")
+    return datasets, info
+
+
+def train(args, runtime, resume_path):
+    """Training (Sec. IV-A), then the test split scored with best.pt; or, with --eval-only, only that score."""
+    device = runtime.device
+    splits = {"test": args.test_split} if args.eval_only else {"train": "train", "val": args.val_split,
+                                                                "test": args.test_split}
+    datasets, info = build_splits(args, splits)
+    K = info.num_classes
+    eval_batch = max(1, args.batch_size * args.img_size[0] * args.img_size[1]
+                     // (args.eval_size[0] * args.eval_size[1]))  # about the same pixels per batch as training
+    loaders = {role: make_loader(dataset, args.batch_size if role == "train" else eval_batch, args, runtime,
+                                 train=role == "train") for role, dataset in datasets.items()}
+    seed_everything(args.seed)  # identical initial weights on every rank
+    model = build_model(args, K).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    arch = architecture(args, K)
+    out = Path(args.out)
+
+    if args.eval_only:
+        path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
+        state = load_checkpoint(path, SCRIPT, arch)
+        load_state(model, state["model"], path)
+        metrics = evaluate(model, loaders["test"], args, runtime, K)
+        results = {"checkpoint": str(path), "test_split": args.test_split, "test": metrics}
+        if runtime.main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "eval_test.json", results)
+        say(runtime, f"eval checkpoint={path} split={args.test_split} pa_miou={metrics['pa_miou']:.4f} "
+                     f"nearest_pa_miou={metrics['nearest_pa_miou']:.4f}")
+        return results
+
+    weighting = list(model.class_weighting.parameters())
+    others = [p for p in model.parameters() if all(p is not w for w in weighting)]
+    optimizer = torch.optim.Adam([{"params": others}, {"params": weighting, "weight_decay": 0.0}],  # C7
+                                 lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(  # Sec. IV-A
+        optimizer, mode="min", patience=args.plateau_patience, threshold=args.plateau_threshold,
+        factor=args.plateau_factor)
+    start_epoch, best, state = 1, None, None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, SCRIPT, arch, flag="--resume")
+        load_state(model, state["model"], resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+    config = {**config_of(args), "num_classes": K, "class_names": list(info.class_names), "architecture": arch,
+              "world_size": runtime.world_size, "parameters": sum(p.numel() for p in model.parameters()),
+              **{f"{role}_images": len(dataset) for role, dataset in datasets.items()}}
+    out = create_run_dir(args, SCRIPT, config, runtime)
+    log = MetricsLog(out, runtime, resume_state=state)
+    if runtime.main:
+        (out / "samples").mkdir(exist_ok=True)
+        sample_set = datasets["val"]
+        sample_images, sample_labels = (torch.stack(t).to(device) for t in
+                                        zip(*[sample_set[i] for i in range(min(6, len(sample_set)))]))
+    net = model
+    model = distribute(model, runtime)
+    step = torch.compile(train_step) if args.compile else train_step  # one compiled graph per step
+    guard = FiniteGuard()
+    info_state = {"num_classes": K, "class_names": list(info.class_names), "palette": [list(c) for c in info.palette]}
+    for epoch in range(start_epoch, args.epochs + 1):
+        loaders["train"].sampler.set_epoch("train", epoch)
+        started = time.time()
+        train_loss = train_one_epoch(model, optimizer, loaders["train"], step, args, runtime, guard, epoch)
+        guard.check("train", epoch)  # before anything is evaluated or saved
+        validated = epoch % args.eval_every == 0 or epoch == args.epochs
+        metrics = evaluate(net, loaders["val"], args, runtime, K) if validated else {}
+        scheduler.step(train_loss)  # "threshold of loss dropping" (CHOICE C9)
+        improved = validated and (best is None or metrics["pa_miou"] > best)
+        best = metrics["pa_miou"] if improved else best
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+                  **{("val_loss" if k == "loss" else k): v for k, v in metrics.items() if not isinstance(v, list)},
+                  "beta": math.exp(net.class_weighting.log_beta.item()), "gamma": net.class_weighting.gamma.item(),
+                  "time": time.time() - started}  # sync point
+        log.write(record)  # before the checkpoint: a kill between the two loses nothing (the count drops it)
+        if runtime.main:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "config": config_of(args),
+                     "info": info_state}
+            save_checkpoint(out / "last.pt", state, SCRIPT, arch, log)
+            if improved:
+                link_checkpoint(out / "last.pt", out / "best.pt")
+                save_samples(net, sample_images, sample_labels, args, runtime, info.palette,
+                             out / "samples" / f"epoch_{epoch:03d}.png")
+        barrier()
+
+    best_state = load_checkpoint(out / "best.pt", SCRIPT, arch)
+    load_state(net, best_state["model"], out / "best.pt")
+    test = evaluate(net, loaders["test"], args, runtime, K)
+    results = {"test": test, "test_split": args.test_split, "best_epoch": best_state["epoch"],
+               "best_val_pa_miou": best_state["best"], "epochs": args.epochs}
+    if runtime.main:
+        write_json(out / "results.json", results)
+    say(runtime, f"done best_epoch={best_state['epoch']} test_pa_miou={test['pa_miou']:.4f} "
+                 f"test_nearest_pa_miou={test['nearest_pa_miou']:.4f} out={out}")
+    return results
+
+
+# --- command line ---
+
+IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
+LABELLED_SETS = [n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
 # Data-dependent defaults, resolved in get_args (Sec. IV-A for voc and cityscapes; CHOICE C11, C14 otherwise).
 DATA_DEFAULTS = {
-    "shapes": dict(img_size=(64, 64), crop=None, eval_size=None, patch_size=8, preset="tiny", epochs=40,
+    "shapes": dict(img_size=(64, 64), crop=None, eval_size=None, patch_size=8, arch="tiny", epochs=40,
                    batch_size=16, lr=1e-3, drop_path=0.0),
-    "voc": dict(img_size=(224, 224), crop=(448, 448), eval_size=(224, 224), patch_size=16, preset=PAPER_PRESET,
+    "voc": dict(img_size=(224, 224), crop=(448, 448), eval_size=(224, 224), patch_size=16, arch=PAPER_PRESET,
                 epochs=400, batch_size=24, lr=1e-4, drop_path=0.1),
     "cityscapes": dict(img_size=(448, 448), crop=(448, 448), eval_size=(1024, 2048), patch_size=16,
-                       preset=PAPER_PRESET, epochs=400, batch_size=48, lr=1e-4, drop_path=0.1),
-    "other": dict(img_size=(224, 224), crop=None, eval_size=None, patch_size=16, preset=PAPER_PRESET,
+                       arch=PAPER_PRESET, epochs=400, batch_size=48, lr=1e-4, drop_path=0.1),
+    "other": dict(img_size=(224, 224), crop=None, eval_size=None, patch_size=16, arch=PAPER_PRESET,
                   epochs=400, batch_size=24, lr=1e-4, drop_path=0.1),
 }
 
@@ -267,8 +1347,8 @@ def get_args(argv=None):
                       help="class id treated as background by the mask strategies (CHOICE C4; default 0)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", default=None, choices=tuple(PRESETS),
-                       help=f"EB/DB/ED/DD from Table IV (paper's choice {PAPER_PRESET}, the default for real "
+    model.add_argument("--arch", default=None, choices=tuple(PRESETS),
+                       help=f"network EB/DB/ED/DD from Table IV (paper's choice {PAPER_PRESET}, the default for real "
                             "data) or small/tiny (tiny: the shapes default)")
     model.add_argument("--patch-size", type=int, default=None,
                        help="patch side P in pixels; Table IV's counts fix P=16 (default; shapes 8)")
@@ -291,12 +1371,12 @@ def get_args(argv=None):
     masking = parser.add_argument_group("masking")
     masking.add_argument("--mask-ratio", type=float, default=0.5,
                          help="fraction of patches hidden (paper: 0.5 and 0.6 in Table I, 0.5-0.8 in Table II/Fig. 6)")
-    masking.add_argument("--mask-strategy", default="mixed", choices=STRATEGIES + ("mixed",),
+    masking.add_argument("--masking", default="mixed", choices=STRATEGIES + ("mixed",),
                          help="Sec. III-B: random, label-first, background-first, or mixed per sample (default)")
     masking.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
-                         help="mixing weights random:label-first:background-first for --mask-strategy mixed "
+                         help="mixing weights random:label-first:background-first for --masking mixed "
                               "(paper: 1:2:2, the default)")
-    masking.add_argument("--eval-mask-strategy", default="random", choices=STRATEGIES + ("mixed",),
+    masking.add_argument("--eval-masking", default="random", choices=STRATEGIES + ("mixed",),
                          help="strategy of the validation masks (CHOICE C10; default random)")
     masking.add_argument("--unknown-first", action=argparse.BooleanOptionalAction, default=False,
                          help="hide the patches with the most unknown (255) pixels first, as complete does "
@@ -305,7 +1385,7 @@ def get_args(argv=None):
     loss = parser.add_argument_group("loss (Eqs. 10-12)")
     loss.add_argument("--class-weighting", default="none", choices=("paper", "none"),
                       help="paper: Eq. (10) weights from class proportions with learnable beta, gamma; none: "
-                           "w_i = 1 in Eqs. (11)-(12), plain CE (default; see DEVIATION in the docstring)")
+                           "w_i = 1 in Eqs. (11)-(12), plain CE (default; see the README's Deviations)")
     loss.add_argument("--freeze-weights", action="store_true",
                       help="keep beta and gamma at their initial values (CHOICE C7)")
     loss.add_argument("--beta-init", type=float, default=1.0, help="initial beta of Eq. (10), > 0 (CHOICE C7)")
@@ -334,6 +1414,12 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     args.command = "train"
 
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Resolve the data-dependent defaults and derived values of a training run; refuse impossible flags."""
     defaults = DATA_DEFAULTS.get(args.data, DATA_DEFAULTS["other"])
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -372,9 +1458,9 @@ def get_args(argv=None):
         parser.error(f"--num-classes is read with --data folder only and must be in 2..254, got {args.num_classes}")
     if args.nearest_prior and args.head != "conv":
         parser.error("--nearest-prior feeds the conv head; pass it with --head conv")
-    dims = PRESETS[args.preset]
+    dims = PRESETS[args.arch]
     if dims["encoder_dim"] % 4 or dims["decoder_dim"] % 4:
-        parser.error(f"--preset {args.preset}: widths must be multiples of 4 for the sin-cos positions")
+        parser.error(f"--arch {args.arch}: widths must be multiples of 4 for the sin-cos positions")
     check_run_arguments(parser, args, SCRIPT)
     args.num_patches = patches  # derived, printed and saved with the run
     args.num_hidden = round(args.mask_ratio * patches)
@@ -487,987 +1573,17 @@ def get_degrade_args(argv):
     return args
 
 
-# --- Stack Fuse (Sec. III-A) ---
-
-def fuse_channels(fuse, num_classes):
-    """C_f, the number of fuse-map channels of each Stack Fuse variant."""
-    return {"layer": num_classes + 3, "direct": 4, "insert": 6}[fuse]
-
-
-def stack_fuse(images, labels, num_classes, fuse="layer"):
-    """Fuse map of images (B, 3, H, W) float and labels (B, H, W) int64 (255 = void) -> (B, C_f, H, W).
-
-    layer  (Eq. 1): FuseMap = Concat(l_1, ..., l_N, image), l_i the one-hot layer of class i; void all-zero
-            (CHOICE C1).
-    direct: Concat(image, label) with label = (id + 1) / K, void 0 (Table III "Directly Concat").
-    insert: (R, label, G, label, B, label), the label copied after each RGB channel (Table III "Insert Concat").
-    """
-    void = labels == IGNORE
-    if fuse == "layer":
-        return torch.cat([one_hot_layers(labels, num_classes, images.dtype), images], dim=1)  # (B, K + 3, H, W)
-    level = torch.where(void, 0.0, (labels.to(images.dtype) + 1) / num_classes).unsqueeze(1)  # (B, 1, H, W)
-    if fuse == "direct":
-        return torch.cat([images, level], dim=1)  # (B, 4, H, W)
-    red, green, blue = images.split(1, dim=1)
-    return torch.cat([red, level, green, level, blue, level], dim=1)  # (B, 6, H, W)
-
-
-# --- masking (Sec. III-B) ---
-
-def patch_fractions(labels, patch_size, background_class):
-    """labels (B, H, W) int64 -> (object fraction, background fraction) per patch, each (B, L) float in [0, 1].
-
-    Object = neither background nor void; patches are numbered row-major.
-    """
-    B, H, W = labels.shape
-    P = patch_size
-    patches = labels.reshape(B, H // P, P, W // P, P)
-    background = (patches == background_class).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
-    objects = ((patches != background_class) & (patches != IGNORE)).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
-    return objects, background
-
-
-def rank_patches(keys, generator=None, noise=None):
-    """Order of the patches, most preferred first: by keys[0] descending, then keys[1], ...; remaining ties in a
-    uniformly random order (CHOICE C3).
-
-    keys: list of (B, L) float tensors; noise (B, L) uniform draws of the tie-break (drawn from `generator` when
-    None). Returns ids (B, L) int64, a permutation of 0..L-1 per sample.
-    """
-    B, L = keys[0].shape
-    if noise is None:
-        noise = torch.rand(B, L, device=keys[0].device, generator=generator)
-    order = noise.argsort(dim=1)  # a random permutation: the tie-break
-    for key in reversed(keys):  # least significant key first; a stable sort keeps the previous order among ties
-        order = order.gather(1, key.gather(1, order).argsort(dim=1, descending=True, stable=True))
-    return order
-
-
-def hide_first(ranked, num_hidden):
-    """ranked (B, L) patch ids, most preferred first -> mask (B, L) bool (True = hidden), ids_keep (B, L - n)."""
-    mask = torch.zeros(ranked.shape, dtype=torch.bool, device=ranked.device)
-    mask.scatter_(1, ranked[:, :num_hidden], True)
-    return mask, ranked[:, num_hidden:]
-
-
-def draw_strategies(batch_size, strategy, mix, device, generator=None, u=None):
-    """(B,) int64 strategy id per sample (index into STRATEGIES); `mixed` draws with weights `mix` (Sec. III-B)
-    from u (B,) uniform (drawn from `generator` when None)."""
-    if strategy != "mixed":
-        return torch.full((batch_size,), STRATEGIES.index(strategy), dtype=torch.int64, device=device)
-    total = sum(mix)
-    first, second = mix[0] / total, (mix[0] + mix[1]) / total  # cumulative weights as Python floats: no host copy
-    if u is None:
-        u = torch.rand(batch_size, device=device, generator=generator)
-    return (u >= first).long() + (u >= second).long()
-
-
-def training_mask(labels, strategy, mix, mask_ratio, patch_size, background_class, generator=None,
-                  unknown_first=False, uniforms=None):
-    """Hide exactly round(mask_ratio * L) patches of every sample with the chosen strategy (Sec. III-B).
-
-    labels (B, H, W) int64. Returns mask (B, L) bool, True = hidden, and ids_keep (B, L_vis) int64.
-    random: every patch alike; label-first: most object pixels first; background-first: most background first.
-    unknown_first: patches with more unknown (255) pixels go before all others (CHOICE C3).
-    uniforms (B, 1 + L): each sample's own draws (strategy, then tie-break; item_uniforms), else from `generator`.
-    """
-    B = labels.shape[0]
-    objects, background = patch_fractions(labels, patch_size, background_class)  # (B, L) each
-    u, noise = (None, None) if uniforms is None else (uniforms[:, 0], uniforms[:, 1:])
-    ids = draw_strategies(B, strategy, mix, labels.device, generator, u)[:, None]  # (B, 1)
-    score = torch.where(ids == 1, objects, torch.where(ids == 2, background, torch.zeros_like(objects)))  # (B, L)
-    keys = [(1 - objects - background).clamp(min=0), score] if unknown_first else [score]
-    num_hidden = round(mask_ratio * score.shape[1])
-    return hide_first(rank_patches(keys, generator, noise), num_hidden)
-
-
-def pixel_mask(mask, patch_size, grid):
-    """Patch mask (B, L) bool -> pixel mask (B, H, W) bool, H = gh * P, W = gw * P."""
-    gh, gw = grid
-    P = patch_size
-    B = mask.shape[0]
-    return mask.view(B, gh, 1, gw, 1).expand(B, gh, P, gw, P).reshape(B, gh * P, gw * P)
-
-
-def item_uniforms(key, items, labels, patch_size):
-    """(len(items), 1 + L) uniform draws for the batch `labels` (B, H, W), L its patch count; row i from a generator
-    seeded by key + (items[i],), e.g. (seed, "masks", epoch, index): an image gets the same mask whatever the batch
-    size, the process count or the worker count, so 2 processes with batch B train on the masks of 1 process with
-    batch 2B."""
-    num_patches = (labels.shape[1] // patch_size) * (labels.shape[2] // patch_size)
-    return torch.cat([torch.rand(1, 1 + num_patches, generator=make_generator(*key, item, device=labels.device),
-                                 device=labels.device) for item in items])
-
-
-def draw_mask(labels, strategy, args, generator=None, uniforms=None):
-    """The masks of one batch, the one sequence training, evaluation and the sample grids use (Sec. III-B).
-
-    labels (B, H, W) int64 -> mask (B, L) bool (True = hidden), ids_keep (B, L_vis) int64, hidden pixels (B, H, W).
-    uniforms (B, 1 + L) from item_uniforms: per-item draws; otherwise one generator for the batch.
-    """
-    mask, ids_keep = training_mask(labels, strategy, args.mix, args.mask_ratio, args.patch_size,
-                                   args.background_class, generator, args.unknown_first, uniforms)
-    grid = (labels.shape[1] // args.patch_size, labels.shape[2] // args.patch_size)
-    return mask, ids_keep, pixel_mask(mask, args.patch_size, grid)
-
-
-def hidden_of(ids_keep, num_patches):
-    """ids_keep (B, L_vis) -> mask (B, L) bool, True = hidden."""
-    mask = torch.ones(ids_keep.shape[0], num_patches, dtype=torch.bool, device=ids_keep.device)
-    return mask.scatter(1, ids_keep, False)
-
-
-def one_hot_layers(labels, num_classes, dtype):
-    """labels (B, H, W) int64 (255 = void) -> (B, K, H, W) one-hot layers, void all-zero (CHOICE C1)."""
-    void = labels == IGNORE
-    one_hot = F.one_hot(torch.where(void, num_classes, labels), num_classes + 1)[..., :num_classes]  # (B, H, W, K)
-    return one_hot.permute(0, 3, 1, 2).to(dtype)
-
-
-# --- model (Sec. III-C) ---
-
-def sincos_1d(dim, positions, interleave):
-    """Fixed sin-cos embedding of positions (N,) float -> (N, dim).
-
-    Eqs. (2)-(3): PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)).
-    interleave=False puts all sines before all cosines (MAE's layout; same values).
-    """
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) * 2 / dim)
-    angles = positions.double()[:, None] * omega[None, :]  # (N, dim/2)
-    if interleave:
-        return torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1).float()  # (N, dim)
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()  # (N, dim)
-
-
-def sincos_pos_embed(dim, grid, kind="2d", device=None):
-    """(L, dim) fixed positions for a gh x gw patch grid (any aspect ratio, CHOICE C2).
-
-    2d (MAE): half the channels encode the row, half the column. 1d: the paper's Eqs. (2)-(3) over the
-    row-major patch index pos = row * gw + column.
-    """
-    gh, gw = grid
-    if kind == "1d":
-        return sincos_1d(dim, torch.arange(gh * gw, device=device), interleave=True)
-    rows = torch.arange(gh, device=device).repeat_interleave(gw)  # (L,)
-    columns = torch.arange(gw, device=device).repeat(gh)  # (L,)
-    return torch.cat([sincos_1d(dim // 2, rows, False), sincos_1d(dim // 2, columns, False)], dim=1)  # (L, dim)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p (scaled at training)."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p  # (B, 1, 1)
-        return x * keep.to(x.dtype) / (1.0 - self.p)
-
-
-class Attention(nn.Module):
-    """MulAttn: h heads of scaled dot-product attention, Eqs. (6)-(8)."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)  # W^Q, W^K, W^V of all heads at once, Eq. (6)
-        self.proj = nn.Linear(dim, dim)  # W^O, Eq. (8)
-
-    def forward(self, x):  # x (B, N, D)
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
-        # Eq. (7): Z_i = softmax(Q_i K_i^T / sqrt(d_k)) V_i; the fused kernels (flash / memory-efficient on GPU)
-        # never build the N x N matrix.
-        z = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D/h)
-        return self.proj(z.transpose(1, 2).reshape(B, N, D))  # Eq. (8): concat(Z_1..Z_h) W^O, (B, N, D)
-
-
-class LMMSABlock(nn.Module):
-    """L-MAE Multi-Head Attention block, Eqs. (4)-(5), pre-norm: x + DropPath(MulAttn(LN(x))), then
-    x + DropPath(FFN(LN(x))) with FFN(x) = ReLU(x W1 + b1) W2 + b2, Eq. (9), hidden width 4 D."""
-
-    def __init__(self, dim, heads, drop_path=0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x):  # (B, N, D)
-        x = x + self.drop_path(self.attn(self.norm1(x)))  # Eq. (4)
-        return x + self.drop_path(self.ffn(self.norm2(x)))  # Eq. (5)
-
-
-class ClassWeighting(nn.Module):
-    """Eq. (10) class weights w_i from class proportions x_i, with learnable beta (as log beta) and gamma (C7).
-
-    Lives inside LMAE so that the optimizer, DDP and the checkpoints see beta and gamma.
-    """
-
-    def __init__(self, learnable=True, beta=1.0, gamma=GAMMA_INIT, xi=1e-6):
-        super().__init__()
-        self.log_beta = nn.Parameter(torch.tensor(math.log(beta)), requires_grad=learnable)
-        self.gamma = nn.Parameter(torch.tensor(float(gamma)), requires_grad=learnable)
-        self.xi = xi
-
-    def forward(self, proportions):  # (K,) float, sums to 1 -> (K,) weights in (0, 1)
-        standardised = (proportions - proportions.mean()) / (proportions.var(unbiased=False) + self.xi)
-        # Eq. (10): w_i = 1 - 1 / (1 + beta * exp(-(x_i - E(x)) / (V(x) + xi))^gamma)
-        #               = sigmoid(log beta - gamma * (x_i - E(x)) / (V(x) + xi))
-        return torch.sigmoid(self.log_beta - self.gamma * standardised)
-
-
-class ConvHead(nn.Module):
-    """CHOICE C15: four 3x3 convolutions with dilation 1, 2, 4, 8 (receptive field 31 px) and a 1x1 output, plus
-    a 1x1 skip from the inputs (a linear path: the visible labels or the nearest fill can be copied at once)."""
-
-    def __init__(self, in_channels, num_classes, width):
-        super().__init__()
-        layers, channels = [], in_channels
-        for dilation in (1, 2, 4, 8):
-            layers += [nn.Conv2d(channels, width, 3, padding=dilation, dilation=dilation), nn.ReLU()]
-            channels = width
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Conv2d(width, num_classes, 1)
-        self.skip = nn.Conv2d(in_channels, num_classes, 1)
-
-    def forward(self, x):  # (B, C_in, H, W) -> (B, K, H, W)
-        return self.out(self.body(x)) + self.skip(x)
-
-
-class LMAE(nn.Module):
-    """Label Masked Autoencoder (Fig. 3): Stack Fuse -> patch embedding + positions -> encoder on visible tokens
-    -> Image Patch Supplement (or mask token) -> decoder on all L tokens -> per-pixel class logits."""
-
-    def __init__(self, num_classes, patch_size=16, encoder_depth=8, decoder_depth=6, encoder_dim=1440,
-                 decoder_dim=720, encoder_heads=20, decoder_heads=10, fuse="layer", ips=True, pos_embed="2d",
-                 drop_path=0.0, learn_class_weights=True, beta_init=1.0, gamma_init=GAMMA_INIT, head="linear",
-                 head_width=32, nearest_prior=False):
-        super().__init__()
-        self.num_classes, self.patch_size, self.fuse, self.ips, self.pos_embed = (num_classes, patch_size, fuse,
-                                                                                   ips, pos_embed)
-        P = patch_size
-        # A P x P convolution with stride P is the per-patch linear map of Sec. III-A (fast with channels_last).
-        self.patch_embed = nn.Conv2d(fuse_channels(fuse, num_classes), encoder_dim, P, stride=P)
-        depth = encoder_depth + decoder_depth
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # CHOICE C6: 0 -> drop_path
-        self.encoder = nn.ModuleList([LMMSABlock(encoder_dim, encoder_heads, rates[i])
-                                      for i in range(encoder_depth)])
-        self.encoder_norm = nn.LayerNorm(encoder_dim, eps=1e-6)
-        self.decoder_embed = nn.Linear(encoder_dim, decoder_dim)
-        if ips:  # Sec. III-C: F_di, a patch embedding of the image into the decoder width
-            self.image_patch_embed = nn.Conv2d(3, decoder_dim, P, stride=P)
-        else:  # MAE's learned mask token (the "w/o IPS" rows of Fig. 6)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder = nn.ModuleList([LMMSABlock(decoder_dim, decoder_heads, rates[encoder_depth + i])
-                                      for i in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.head = nn.Linear(decoder_dim, P * P * num_classes)  # every token -> K logits for each of its pixels
-        self.nearest_prior = nearest_prior
-        # CHOICE C15: a dilated-convolution correction over (logits, image, visible labels[, nearest-known fill])
-        self.refine = ConvHead(num_classes * (3 if nearest_prior else 2) + 3, num_classes, head_width) \
-            if head == "conv" else None
-        self.class_weighting = ClassWeighting(learn_class_weights, beta_init, gamma_init)
-        self.initialize()
-
-    def initialize(self):
-        """MAE's initialisation: xavier-uniform linear maps (patch convolutions seen as linear), zero biases."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if not self.ips:
-            nn.init.normal_(self.mask_token, std=0.02)
-        if self.refine is not None:  # the correction starts at zero: training begins from the linear head ...
-            nn.init.zeros_(self.refine.out.weight)
-            nn.init.zeros_(self.refine.skip.weight)
-            if self.nearest_prior:  # ... plus PRIOR_SCALE x the nearest fill's one-hot: it starts at that fill
-                K = self.num_classes
-                self.refine.skip.weight.data[:, -K:, 0, 0] = PRIOR_SCALE * torch.eye(K)
-
-    def encode(self, fuse_map, ids_keep):
-        """fuse_map (B, C_f, H, W), ids_keep (B, L_vis) -> encoded visible tokens (B, L_vis, D_e)."""
-        tokens = self.patch_embed(fuse_map)  # (B, D_e, gh, gw)
-        grid = tokens.shape[-2:]
-        tokens = tokens.flatten(2).transpose(1, 2)  # (B, L, D_e)
-        # Eqs. (2)-(3): fixed sin-cos positions, computed for this grid
-        tokens = tokens + sincos_pos_embed(tokens.shape[-1], grid, self.pos_embed, tokens.device).to(tokens.dtype)
-        visible = tokens.gather(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, L_vis, D_e)
-        for block in self.encoder:
-            visible = block(visible)
-        return self.encoder_norm(visible)
-
-    def decoder_input(self, latent, images, ids_keep):
-        """Full token sequence for the decoder (B, L, D_d), positions not yet added.
-
-        Visible positions: the encoder output mapped to the decoder width. Hidden positions: with IPS the
-        embedding of the image patch at that position (Sec. III-C, Fig. 5), else the mask token.
-        """
-        visible = self.decoder_embed(latent)  # (B, L_vis, D_d)
-        if self.ips:
-            tokens = self.image_patch_embed(images).flatten(2).transpose(1, 2).to(visible.dtype)  # (B, L, D_d)
-        else:
-            B, L = images.shape[0], (images.shape[2] // self.patch_size) * (images.shape[3] // self.patch_size)
-            tokens = self.mask_token.to(visible.dtype).expand(B, L, -1)  # (B, L, D_d)
-        # "insert these patches into F_e": visible positions take the encoder's tokens, hidden keep the supplement
-        return tokens.scatter(1, ids_keep[..., None].expand(-1, -1, visible.shape[-1]), visible)  # (B, L, D_d)
-
-    def decode(self, tokens, grid):
-        """tokens (B, L, D_d) -> logits (B, K, H, W) for the gh x gw grid."""
-        gh, gw = grid
-        P, K = self.patch_size, self.num_classes
-        tokens = tokens + sincos_pos_embed(tokens.shape[-1], grid, self.pos_embed, tokens.device).to(tokens.dtype)
-        for block in self.decoder:
-            tokens = block(tokens)
-        logits = self.head(self.decoder_norm(tokens))  # (B, L, P*P*K)
-        B = logits.shape[0]
-        return logits.view(B, gh, gw, P, P, K).permute(0, 5, 1, 3, 2, 4).reshape(B, K, gh * P, gw * P)
-
-    def forward(self, images, labels, ids_keep):
-        """images (B, 3, H, W) normalised, labels (B, H, W) int64 (255 = void/unknown; hidden patches' labels are
-        never seen), ids_keep (B, L_vis) visible patch ids -> logits (B, K, H, W)."""
-        grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
-        fuse_map = stack_fuse(images, labels, self.num_classes, self.fuse)  # (B, C_f, H, W), Eq. (1)
-        latent = self.encode(fuse_map, ids_keep)  # (B, L_vis, D_e)
-        logits = self.decode(self.decoder_input(latent, images, ids_keep), grid)  # (B, K, H, W)
-        if self.refine is None:
-            return logits
-        hidden = pixel_mask(hidden_of(ids_keep, grid[0] * grid[1]), self.patch_size, grid)  # (B, H, W)
-        visible_labels = torch.where(hidden, IGNORE, labels)  # the head never sees a hidden label
-        parts = [logits, images.to(logits.dtype), one_hot_layers(visible_labels, self.num_classes, logits.dtype)]
-        if self.nearest_prior:
-            fill = nearest_known_fill(visible_labels, visible_labels != IGNORE)  # (B, H, W)
-            parts.append(one_hot_layers(fill, self.num_classes, logits.dtype))
-        return logits + self.refine(torch.cat(parts, dim=1))  # (B, K, H, W)
-
-
-def build_model(config, num_classes):
-    """LMAE from a config dict or Namespace (preset, patch_size, fuse, ips, pos_embed, drop_path, ...)."""
-    config = config if isinstance(config, dict) else vars(config)
-    return LMAE(num_classes, config["patch_size"], **PRESETS[config["preset"]], fuse=config["fuse"],
-                ips=config["ips"], pos_embed=config["pos_embed"], drop_path=config["drop_path"],
-                learn_class_weights=config["class_weighting"] == "paper" and not config["freeze_weights"],
-                beta_init=config["beta_init"], gamma_init=config["gamma_init"], head=config.get("head", "linear"),
-                head_width=config.get("head_width", 32), nearest_prior=config.get("nearest_prior", False))
-
-
-def architecture(config, num_classes):
-    """The architecture string checkpoints carry: what must match to load the weights."""
-    config = config if isinstance(config, dict) else vars(config)
-    head = config["head"] + (f"{config['head_width']}" if config["head"] == "conv" else "")
-    return (f"lmae-{config['preset']}-p{config['patch_size']}-{config['fuse']}-{'ips' if config['ips'] else 'token'}"
-            f"-pos{config['pos_embed']}-{head}{'-nearest' if config['nearest_prior'] else ''}-k{num_classes}")
-
-
-def count_parameters(preset, num_classes=21, patch_size=16, fuse="layer", ips=True):
-    """Parameters of a preset, counted on the meta device (no memory), without Eq. (10)'s beta and gamma."""
-    with torch.device("meta"):
-        model = LMAE(num_classes, patch_size, **PRESETS[preset], fuse=fuse, ips=ips)
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("class_weighting"))
-
-
-# --- loss (Sec. III-E) ---
-
-def lmae_loss(logits, labels, hidden_pixels, class_weighting, loss_region="all", ignore_background=False,
-              background_class=0):
-    """Class-weighted cross-entropy, Eqs. (10)-(12).
-
-    logits (B, K, H, W) float, labels (B, H, W) int64 (255 = void), hidden_pixels (B, H, W) bool.
-    class_weighting: ClassWeighting module, or None for plain CE (--class-weighting none). Returns a scalar.
-    """
-    K = logits.shape[1]
-    counted = labels != IGNORE  # which pixels count: CHOICE C8
-    if loss_region == "masked":
-        counted = counted & hidden_pixels
-    if ignore_background:
-        counted = counted & (labels != background_class)
-    targets = torch.where(counted, labels, 0)  # (B, H, W), in range everywhere
-    per_pixel = F.cross_entropy(logits.float(), targets, reduction="none")  # -log softmax(x_n)[y_n], Eq. (11)
-    if class_weighting is None:  # DEVIATION: the default, w_i = 1 (module docstring, "Deviations")
-        weights = torch.ones(K, device=logits.device)
-    else:
-        counts = torch.zeros(K, device=logits.device).scatter_add_(0, targets.flatten(), counted.flatten().float())
-        weights = class_weighting(counts / counts.sum().clamp(min=1.0))  # Eq. (10), x_i = class proportions (C7)
-    pixel_weights = weights[targets] * counted  # w_{y_n} * 1{y_n != ignore}, (B, H, W)
-    # Eq. (12): l = sum_n w_{y_n} l_n / sum_n w_{y_n}, over the counted pixels
-    return (pixel_weights * per_pixel).sum() / pixel_weights.sum().clamp(min=1e-12)
-
-
-# --- baselines: fills that need no model ---
-
-def most_frequent_known_class(labels, known, num_classes):
-    """Baseline completion: per image the most frequent class among its known pixels -> (B,) int64.
-
-    labels (B, H, W) int64, known (B, H, W) bool (labelled and visible). Ties go to the lowest id.
-    """
-    B = labels.shape[0]
-    ids = torch.where(known & (labels != IGNORE), labels, num_classes).flatten(1)  # (B, H*W), K = not counted
-    counts = torch.zeros(B, num_classes + 1, dtype=torch.int64, device=labels.device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids))  # (B, K + 1) pixels per class
-    return counts[:, :num_classes].argmax(dim=1)
-
-
-@torch.no_grad()
-def nearest_known_fill(labels, known, chunk=2 ** 22):
-    """Baseline completion: every pixel takes the class of its nearest known pixel (exact Euclidean distance).
-
-    labels (B, H, W) int64, known (B, H, W) bool -> (B, H, W) int64; known pixels keep their class, an image
-    without any known pixel gets class 0. Two passes of the exact distance transform: the nearest known pixel of
-    every column (vertical distance dy), then per pixel the column x' minimising (x - x')^2 + dy(x')^2, in chunks
-    of rows (B x rows x W x W values at a time).
-    """
-    B, H, W = labels.shape
-    known = known & (labels != IGNORE)
-    rows = torch.arange(H, device=labels.device).view(1, H, 1).expand(B, H, W)
-    far = 4 * (H + W)  # a row index no known pixel has
-    above = torch.where(known, rows, -far).cummax(dim=1).values  # nearest known row at or above, (B, H, W)
-    below = torch.where(known, rows, H + far).flip(1).cummin(dim=1).values.flip(1)  # at or below
-    nearest_row = torch.where(rows - above <= below - rows, above, below)  # (B, H, W)
-    dy2 = (nearest_row - rows).float() ** 2  # huge in columns without a known pixel
-    columns = torch.arange(W, device=labels.device, dtype=torch.float32)
-    dx2 = (columns[:, None] - columns[None, :]) ** 2  # (W, W') over (x, x')
-    flat = labels.flatten(1)  # (B, H*W)
-    filled = torch.empty_like(labels)
-    step = max(1, chunk // max(B * W * W, 1))
-    for start in range(0, H, step):
-        part = slice(start, start + step)
-        column = (dx2[None, None] + dy2[:, part, None, :]).argmin(dim=-1)  # (B, h, W): best x' per pixel
-        row = nearest_row[:, part].gather(2, column).clamp(0, H - 1)  # (B, h, W): its known row in column x'
-        filled[:, part] = flat.gather(1, (row * W + column).flatten(1)).view(B, -1, W)
-    any_known = known.flatten(1).any(dim=1)[:, None, None]  # (B, 1, 1)
-    return torch.where(any_known, filled, 0)
-
-# --- loops ---
-
-def train_step(model, optimizer, images, labels, args, runtime, generator=None, uniforms=None):
-    """One step: draw masks (Sec. III-B; per-item draws `uniforms` or `generator`), forward, Eqs. (10)-(12), Adam.
-    Returns the loss (0-dim, on device)."""
-    _, ids_keep, hidden = draw_mask(labels, args.mask_strategy, args, generator, uniforms)  # (B, L_vis), (B, H, W)
-    with autocast(runtime):
-        logits = model(images, labels, ids_keep)  # (B, K, H, W)
-    weighting = unwrap(model).class_weighting if args.class_weighting == "paper" else None
-    loss = lmae_loss(logits, labels, hidden, weighting, args.loss_region, args.ignore_background_in_loss,
-                     args.background_class)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch):
-    """One pass over the training loader; returns the mean loss over all ranks (float).
-
-    Each image's mask draws from a generator keyed by (seed, epoch, item) (item_uniforms), stochastic depth from
-    one keyed by (seed, epoch, rank): a resumed epoch replays both.
-    """
-    model.train()
-    device = runtime.device
-    torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # DropPath's global RNG
-    total = torch.zeros(2, device=device)  # loss sum, steps
-    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
-    for images, labels in progress(loader, runtime, f"epoch {epoch}"):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        uniforms = item_uniforms((args.seed, "masks", epoch), indices[seen:seen + len(images)], labels,
-                                 args.patch_size)  # (B, 1 + L)
-        seen += len(images)
-        loss = step(model, optimizer, images, labels, args, runtime, None, uniforms)
-        guard.observe(loss)
-        total[0] += loss
-        total[1] += 1
-    all_reduce_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()  # sync point
-
-
-@torch.no_grad()
-def evaluate(model, loader, args, runtime, num_classes):
-    """Validation with masks keyed by (seed, item): the same masks every epoch (CHOICE C10), and for any process
-    count.
-
-    Returns, over all ranks: loss; pa_miou, the mIoU of the hidden pixels (PA-mIoU, Sec. IV-B); miou, the mIoU of
-    the completed label (given label on visible patches, prediction on hidden ones: what `complete` writes; the
-    paper's "global mIoU", CHOICE C8); pred_miou, the mIoU of the raw prediction on every pixel; the same PA-mIoU
-    for two fills without a model, nearest_pa_miou (each hidden pixel takes its nearest known pixel's class) and
-    frequent_pa_miou (each image's most frequent known class); blank_pa_miou, the model with every visible label
-    blanked (the label-context control: how much the visible labels help); pixel accuracies and per-class IoUs.
-    """
-    model.eval()
-    device = runtime.device
-    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
-    names = ("model", "completed", "prediction", "nearest", "frequent", "blank")
-    matrices = {name: ConfusionMatrix(num_classes, device=device) for name in names}
-    total = torch.zeros(2, device=device)  # loss sum, batches
-    weighting = model.class_weighting if args.class_weighting == "paper" else None
-    for images, labels in progress(loader, runtime, "evaluating"):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        uniforms = item_uniforms((args.seed, "eval-masks"), indices[seen:seen + len(images)], labels,
-                                 args.patch_size)  # (B, 1 + L)
-        seen += len(images)
-        _, ids_keep, hidden = draw_mask(labels, args.eval_mask_strategy, args, None, uniforms)  # (B, L_vis), (B, H, W)
-        with autocast(runtime):
-            logits = model(images, labels, ids_keep)  # (B, K, H, W)
-            blank_logits = model(images, torch.full_like(labels, IGNORE), ids_keep)  # no visible label at all
-        total[0] += lmae_loss(logits, labels, hidden, weighting, args.loss_region, args.ignore_background_in_loss,
-                              args.background_class)
-        total[1] += 1
-        preds = logits.argmax(dim=1)  # (B, H, W)
-        known = ~hidden & (labels != IGNORE)
-        matrices["model"].update(preds, labels, region=hidden)  # PA-mIoU: only the hidden (predicted) area
-        matrices["completed"].update(torch.where(hidden, preds, labels), labels)
-        matrices["prediction"].update(preds, labels)
-        matrices["nearest"].update(nearest_known_fill(labels, known), labels, region=hidden)
-        frequent = most_frequent_known_class(labels, known, num_classes)[:, None, None].expand_as(labels)
-        matrices["frequent"].update(frequent, labels, region=hidden)
-        matrices["blank"].update(blank_logits.argmax(dim=1), labels, region=hidden)
-    all_reduce_sum(total)
-    scores = {name: matrix.all_reduce().compute() for name, matrix in matrices.items()}
-    return {
-        "loss": (total[0] / total[1].clamp(min=1)).item(),  # sync point
-        "pa_miou": scores["model"]["miou"],
-        "miou": scores["completed"]["miou"],
-        "pred_miou": scores["prediction"]["miou"],
-        "nearest_pa_miou": scores["nearest"]["miou"],
-        "frequent_pa_miou": scores["frequent"]["miou"],
-        "blank_pa_miou": scores["blank"]["miou"],
-        "pa_pixel_acc": scores["model"]["pixel_acc"],
-        "nearest_pa_pixel_acc": scores["nearest"]["pixel_acc"],
-        "frequent_pa_pixel_acc": scores["frequent"]["pixel_acc"],
-        "pa_per_class_iou": scores["model"]["per_class_iou"],
-        "per_class_iou": scores["completed"]["per_class_iou"],
-    }
-
-
-@torch.no_grad()
-def save_samples(model, images, labels, args, runtime, palette, path):
-    """PNG grid, one row per image: image | masked fuse map (visible label over the image, hidden patches dark) |
-    completed label (prediction in hidden patches, given label elsewhere) | truth."""
-    model.eval()
-    generator = make_generator(args.seed, "eval-masks", "samples", device=images.device)
-    _, ids_keep, hidden = draw_mask(labels, args.eval_mask_strategy, args, generator)
-    with autocast(runtime):
-        preds = model(images, labels, ids_keep).argmax(dim=1)  # (B, H, W)
-    hidden = hidden[:, None].cpu()  # (B, 1, H, W)
-    image = denormalize(images.float(), "imagenet").cpu()  # (B, 3, H, W) in [0, 1]
-    truth = colorize(labels, palette)
-    masked_fuse = torch.where(hidden, image * 0.25, 0.5 * image + 0.5 * truth)
-    completed = torch.where(hidden, colorize(preds, palette), truth)
-    rows = torch.cat([image, masked_fuse, completed, truth], dim=3)  # (B, 3, H, 4W)
-    picture = (rows.permute(0, 2, 3, 1).reshape(-1, rows.shape[3], 3) * 255).round().byte().numpy()
-    Image.fromarray(picture).save(path)
-
-
-# --- label degradation (Sec. IV-C) ---
-
-def degrade_label(label, ratio, patch_size, strategy="random", mix=(1.0, 2.0, 2.0), background_class=0,
-                  generator=None):
-    """label (H, W) int64 of any size -> (degraded label with round(ratio * patches) patches set to 255,
-    hidden pixels (H, W) bool). The patch grid covers the image; edge patches may be partial (CHOICE C13)."""
-    H, W = label.shape
-    P = patch_size
-    gh, gw = math.ceil(H / P), math.ceil(W / P)
-    padded = F.pad(label, (0, gw * P - W, 0, gh * P - H), value=IGNORE)[None]  # (1, gh*P, gw*P)
-    mask, _ = training_mask(padded, strategy, mix, ratio, P, background_class, generator)
-    hidden = pixel_mask(mask, P, (gh, gw))[0, :H, :W]  # (H, W)
-    return torch.where(hidden, IGNORE, label), hidden
-
-
-def save_label_png(path, label, palette):
-    """uint8 (H, W) class ids -> palette PNG (indices are the ids; 255 white)."""
-    image = Image.fromarray(np.asarray(label, dtype=np.uint8))
-    colours = [c for colour in palette[:255] for c in colour]
-    image.putpalette(colours + [0] * (765 - len(colours)) + [255, 255, 255])
-    image.save(path)
-
-
-def keep_pixels(image, label):
-    """Identity transform: the dataset's own uint8 image (3, H, W) and label (H, W), untouched."""
-    return image, label
-
-
-def degrade(args):
-    """Write <out>/<split>/images, masks (degraded, 255 = unknown), unknown (255 = hidden), truth, and
-    <out>/degrade.json (Sec. IV-C). `--data folder --data-root <out>` reads the degraded masks directly."""
-    runtime = Runtime(torch.device("cpu"))
-    options = {"image_size": args.img_size} if args.data == "shapes" else {}
-    datasets = {}
-    for split in args.split:  # every label is read and checked before anything is written
-        datasets[split] = build_dataset(args.data, args.data_root, split, transform=keep_pixels,
-                                        download=args.download, limit=args.limit, seed=args.seed, **options)
-        check_labels(datasets[split][0], desc=f"checking {split} labels")
-    out = Path(args.out)
-    summary = {"data": args.data, "ratio": args.ratio, "patch_size": args.patch_size, "strategy": args.strategy,
-               "seed": args.seed, "splits": {}}
-    for split, (dataset, info) in datasets.items():
-        folders = {name: out / split / name for name in ("images", "masks", "unknown", "truth")}
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        generator = make_generator(args.seed, "degrade", split)
-        hidden_pixels = total_pixels = 0
-        for index in progress(range(len(dataset)), runtime, f"degrading {split}"):
-            image, label = dataset[index]  # uint8 (3, H, W), (H, W) class ids with 255 = void
-            image, label = image.permute(1, 2, 0).numpy(), label.long()  # (H, W, 3), (H, W) int64
-            degraded, hidden = degrade_label(label, args.ratio, args.patch_size, args.strategy, args.mix,
-                                             args.background_class, generator)
-            name = dataset.names[index].replace("/", "__")
-            Image.fromarray(image).save(folders["images"] / f"{name}.png")
-            save_label_png(folders["masks"] / f"{name}.png", degraded.numpy(), info.palette)
-            save_label_png(folders["truth"] / f"{name}.png", label.numpy(), info.palette)
-            Image.fromarray(hidden.numpy().astype(np.uint8) * 255).save(folders["unknown"] / f"{name}.png")
-            hidden_pixels += int(hidden.sum())
-            total_pixels += hidden.numel()
-        summary["splits"][split] = {"images": len(dataset), "hidden_pixel_fraction": hidden_pixels / total_pixels}
-        summary.update(num_classes=info.num_classes, class_names=list(info.class_names))
-        say(runtime, f"degraded {len(dataset)} labels of {args.data}/{split}: {args.ratio:.0%} of the patches, "
-                     f"{hidden_pixels / total_pixels:.1%} of the pixels -> {out / split}")
-    write_json(out / "degrade.json", summary)
-    return summary
-
-
-# --- inference phase: completing a dataset (Sec. III-D, Fig. 4) ---
-
-def files_by_stem(folder):
-    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-
-
-def read_label_file(path, num_classes, what="label"):
-    """Single-channel class-id PNG (grey or palette) -> uint8 (H, W); one DatasetError naming the file."""
+def main(args):
+    if args.command == "complete":
+        return complete(args)
+    if args.command == "degrade":
+        return degrade(args)
+    resume_path = check_run_dir(args, SCRIPT)  # nothing is written before flags, run folder and data are checked
+    runtime = setup_runtime(args)
     try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P", "1"):
-                raise DatasetError(f"{what} {path} has mode {image.mode}; labels must be single-channel class-id "
-                                   f"images (grey or palette PNG, 255 = unknown)")
-            array = np.array(image.convert("L") if image.mode == "1" else image, dtype=np.uint8)
-    except DatasetError:
-        raise
-    except Exception as error:
-        raise DatasetError(f"cannot read {what} {path} ({type(error).__name__}: {error}); replace the file") from None
-    if what != "unknown mask":
-        bad = (array >= num_classes) & (array != IGNORE)
-        if bad.any():
-            raise DatasetError(f"{what} {path} has class ids {sorted(np.unique(array[bad]).tolist())[:5]} outside "
-                               f"0..{num_classes - 1} (255 = unknown); the checkpoint knows {num_classes} classes")
-    return array
-
-
-def read_image_file(path):
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except Exception as error:
-        raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
-
-
-def image_size_of(path):
-    """(H, W) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size[1], image.size[0]
-    except Exception as error:
-        raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
-
-
-def load_completion_models(paths, device):
-    """[(model, saved config, path)] sorted by mask ratio, and the dataset info; all must share the classes."""
-    models, info = [], None
-    for path in paths:
-        state = load_checkpoint(path, SCRIPT)
-        if info is not None and state["info"]["num_classes"] != info["num_classes"]:
-            raise UsageError(f"--checkpoint {path} has {state['info']['num_classes']} classes but {paths[0]} has "
-                             f"{info['num_classes']}; all --checkpoint files must be trained on the same classes")
-        info = info or state["info"]
-        model = build_model(state["config"], state["info"]["num_classes"])
-        load_state(model, state["model"], path)
-        models.append((model.to(device).eval(), state["config"], str(path)))
-    return sorted(models, key=lambda m: m[1]["mask_ratio"]), info
-
-
-def completion_grid(height, width, scale, patch_size):
-    """CHOICE C12: the size (h, w) an H x W image is resized to (aspect kept) and the padded size, a multiple of P."""
-    h, w = max(1, round(height * scale)), max(1, round(width * scale))
-    return (h, w), (math.ceil(h / patch_size) * patch_size, math.ceil(w / patch_size) * patch_size)
-
-
-def to_model_grid(labels, unknown, size, padded):
-    """labels (B, H, W) int64, unknown (B, H, W) bool -> both at the model's padded grid (B, H_p, W_p).
-
-    Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any native pixel it
-    covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void, not unknown.
-    """
-    h, w = size
-    pad = (0, padded[1] - w, 0, padded[0] - h)
-    small_unknown = F.interpolate(unknown[:, None].float(), size=size, mode="area")[:, 0] > 0  # (B, h, w)
-    small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()  # (B, h, w)
-    small_labels = torch.where(small_unknown, IGNORE, small_labels)
-    return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False)
-
-
-def plan_hidden(labels, unknown, config, args):
-    """How many patches to hide and the routing share of one image at a checkpoint's grid (Sec. III-D, Fig. 4).
-
-    labels, unknown (1, H_p, W_p) at the model grid -> dict(num_hidden, share, patches, keys for rank_patches).
-    """
-    P, ratio = config["patch_size"], config["mask_ratio"]
-    holds_unknown = pixel_fraction(unknown, P) > 0  # (1, L)
-    background = patch_fractions(labels, P, config["background_class"])[1]  # (1, L)
-    L = holds_unknown.shape[1]
-    n_unknown = int(holds_unknown.sum())
-    if args.missing == "background":  # Sec. III-D: the most-background patches next, up to the model's ratio
-        n_background = int(((background > 0) & ~holds_unknown).sum())
-        num_hidden = max(n_unknown, min(round(ratio * L), n_unknown + n_background))
-    else:  # exactly the patches holding unknown pixels
-        num_hidden = n_unknown
-    if args.route == "background":
-        share = float(((labels == config["background_class"]) | unknown).float().mean())
-    else:
-        share = n_unknown / L
-    return dict(num_hidden=min(num_hidden, L - 1), share=share, patches=L, keys=[holds_unknown.float(), background])
-
-
-def pixel_fraction(pixels, patch_size):
-    """(B, H, W) bool -> (B, L) fraction of True pixels per patch."""
-    B, H, W = pixels.shape
-    P = patch_size
-    return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
-
-
-def window_starts(length, window, patch_size):
-    """CHOICE C16: offsets of windows of `window` pixels covering `length` (both multiples of P), stride half a
-    window rounded down to a multiple of P, the last window flush with the end; one window when it fits."""
-    if length <= window:
-        return [0]
-    stride = max(patch_size, window // 2 // patch_size * patch_size)
-    return sorted(set(range(0, length - window, stride)) | {length - window})
-
-
-def window_logits(model, config, images, labels, mask, amp, device):
-    """Sliding-window forward (CHOICE C16): probabilities averaged over the windows covering each pixel.
-
-    images (B, 3, H_p, W_p) normalised, labels (B, H_p, W_p) int64, mask (B, L) bool on the global grid ->
-    probabilities (B, K, H_p, W_p). Each window hides exactly the global hidden patches inside it; windows with the
-    same visible count form one batch.
-    """
-    B, _, Hp, Wp = images.shape
-    P = config["patch_size"]
-    wh, ww = min(config["img_size"][0], Hp), min(config["img_size"][1], Wp)
-    boxes = [(top, left) for top in window_starts(Hp, wh, P) for left in window_starts(Wp, ww, P)]
-    grid_mask = mask.view(B, Hp // P, Wp // P)  # (B, gh, gw)
-    window_images = torch.stack([images[:, :, t:t + wh, l:l + ww] for t, l in boxes], 1).flatten(0, 1)  # (B N, 3, h, w)
-    window_labels = torch.stack([labels[:, t:t + wh, l:l + ww] for t, l in boxes], 1).flatten(0, 1)  # (B N, h, w)
-    window_mask = torch.stack([grid_mask[:, t // P:(t + wh) // P, l // P:(l + ww) // P] for t, l in boxes],
-                              1).flatten(0, 1).flatten(1)  # (B N, l)
-    # a window whose patches are all hidden keeps its first patch visible: its labels there are unknown (255) or,
-    # with --missing background, known background, so nothing beyond the given labels is revealed
-    window_mask[window_mask.all(1), 0] = False
-    probabilities = None
-    visible = (~window_mask).sum(1)  # (B N,)
-    for count in visible.unique().tolist():
-        rows = (visible == count).nonzero()[:, 0]  # windows with `count` visible patches
-        ids_keep = (~window_mask[rows]).nonzero()[:, 1].view(len(rows), count)  # (n, count), ascending
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp)):
-            logits = model(window_images[rows], window_labels[rows], ids_keep).float()  # (n, K, h, w)
-        if probabilities is None:
-            probabilities = logits.new_zeros(len(boxes) * B, logits.shape[1], wh, ww)
-        probabilities[rows] = logits.softmax(1)
-    probabilities = probabilities.view(B, len(boxes), -1, wh, ww)
-    total = images.new_zeros(B, probabilities.shape[2], Hp, Wp)
-    count = images.new_zeros(1, 1, Hp, Wp)
-    for n, (t, l) in enumerate(boxes):
-        total[:, :, t:t + wh, l:l + ww] += probabilities[:, n]
-        count[:, :, t:t + wh, l:l + ww] += 1
-    return total / count  # (B, K, H_p, W_p)
-
-
-@torch.no_grad()
-def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, device, generator):
-    """Fill one batch of same-size images with one checkpoint (Sec. III-D).
-
-    images uint8 (B, H, W, 3), labels int64 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
-    rank_patches keys (B, L) at the model grid. Returns the prediction (B, H, W) int64 and the hidden pixels
-    (B, H, W) bool at the native size.
-    """
-    B, H, W = labels.shape
-    P = config["patch_size"]
-    size, padded = completion_grid(H, W, args.scale, P)
-    model_labels, _ = to_model_grid(labels, unknown, size, padded)  # (B, H_p, W_p)
-    mask, ids_keep = hide_first(rank_patches(keys, generator), num_hidden)  # unknown patches first, then background
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
-    small = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
-    if size != (H, W):
-        small = F.interpolate(small, size=size, mode="bilinear", antialias=True)
-    small = F.pad((small - mean) / std, (0, padded[1] - size[1], 0, padded[0] - size[0]))  # (B, 3, H_p, W_p)
-    if args.windows:
-        logits = window_logits(model, config, small, model_labels, mask, args.amp, device)[:, :, :size[0], :size[1]]
-    else:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
-            logits = model(small, model_labels, ids_keep)[:, :, :size[0], :size[1]].float()  # (B, K, h, w)
-    hidden = pixel_mask(mask, P, (padded[0] // P, padded[1] // P))[:, None, :size[0], :size[1]].float()
-    if size != (H, W):
-        logits = F.interpolate(logits, size=(H, W), mode="bilinear")  # (B, K, H, W)
-        hidden = F.interpolate(hidden, size=(H, W), mode="nearest")
-    return logits.argmax(dim=1), hidden[:, 0].bool()
-
-
-def complete(args):
-    """`lmae.py complete`: write completed palette PNGs, report.csv and summary.json to --out (Sec. III-D)."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    if args.amp and device.type == "cpu" and not cpu_supports_bf16():
-        raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
-    runtime = Runtime(device)
-    models, info = load_completion_models(args.checkpoint, device)
-    K = info["num_classes"]
-    images, labels = files_by_stem(args.images), files_by_stem(args.labels)
-    unknowns = files_by_stem(args.unknown) if args.unknown else {}
-    truths = files_by_stem(args.truth) if args.truth else {}
-    if not labels:
-        raise DatasetError(f"--labels {args.labels} holds no label images; give a folder of <name>.png labels")
-    for stem in labels:
-        if stem not in images:
-            raise DatasetError(f"label {labels[stem]} has no image named {stem}.* in --images {args.images}; "
-                               f"every label needs its image")
-        for folder, files, flag in ((args.unknown, unknowns, "--unknown"), (args.truth, truths, "--truth")):
-            if folder and stem not in files:
-                raise DatasetError(f"{flag} {folder} has no file {stem}.png for label {labels[stem]}")
-    without_label = sorted(set(images) - set(labels))
-
-    def read_pair(stem):
-        """-> label uint8 (H, W), unknown bool (H, W), each checked against the image's size."""
-        size = image_size_of(images[stem])
-        label = read_label_file(labels[stem], K)
-        unknown = read_label_file(unknowns[stem], K, "unknown mask") > 0 if args.unknown else label == IGNORE
-        for array, path in ((label, labels[stem]), (unknown, unknowns.get(stem))):
-            if array.shape != size:
-                raise DatasetError(f"{path} is {array.shape[1]}x{array.shape[0]} but image {images[stem]} is "
-                                   f"{size[1]}x{size[0]}; labels and masks must have their image's size")
-        return label, unknown
-
-    # plan: every label is read and checked, routed to a checkpoint, and given its hidden count (nothing written)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    plans = {}
-    for stem in progress(sorted(labels), runtime, "planning"):
-        label, unknown = read_pair(stem)
-        label_t = torch.from_numpy(label).long()[None].to(device)
-        unknown_t = torch.from_numpy(unknown)[None].to(device)
-        candidates = []
-        for index, (model, config, path) in enumerate(models):
-            size, padded = completion_grid(*label.shape, args.scale, config["patch_size"])
-            grid_labels, grid_unknown = to_model_grid(label_t, unknown_t, size, padded)
-            candidates.append((index, plan_hidden(grid_labels, grid_unknown, config, args)))
-        # Fig. 4: the checkpoint whose mask ratio is nearest the image's share; ties go to the larger ratio
-        index, plan = min(candidates, key=lambda c: (abs(models[c[0]][1]["mask_ratio"] - c[1]["share"]),
-                                                      -models[c[0]][1]["mask_ratio"]))
-        plans[stem] = dict(plan, checkpoint=index, shape=label.shape)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = ("model", "completed", "nearest", "frequent")  # with --truth: PA-mIoU of these fills, mIoU of completed
-    scores = {name: ConfusionMatrix(K, device=device) for name in names}
-    groups = {}
-    for stem, plan in plans.items():  # images of one size, checkpoint and hidden count form batches
-        groups.setdefault((plan["shape"], plan["checkpoint"], plan["num_hidden"]), []).append(stem)
-    rows = []
-    bar = progress(total=len(plans), iterable=None, runtime=runtime, desc="completing")
-    for (_, index, num_hidden), stems in groups.items():
-        model, config, path = models[index]
-        for start in range(0, len(stems), args.batch_size):
-            batch = stems[start:start + args.batch_size]
-            pairs = [read_pair(stem) for stem in batch]
-            label_t = torch.from_numpy(np.stack([p[0] for p in pairs])).long().to(device)  # (B, H, W)
-            unknown_t = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)  # (B, H, W)
-            image_t = torch.from_numpy(np.stack([read_image_file(images[s]) for s in batch])).to(device)
-            keys = [torch.cat([plans[s]["keys"][k] for s in batch]) for k in range(2)]  # (B, L) each
-            prediction, hidden = complete_batch(model, config, image_t, label_t, unknown_t, keys, num_hidden, args,
-                                                device, generator)
-            writable = unknown_t.clone()
-            if args.missing == "background":  # Sec. III-D: background pixels of hidden patches may be missing
-                writable |= hidden & (label_t == config["background_class"])
-            completed = torch.where(writable, prediction, label_t)  # known pixels are copied, never predicted
-            if args.truth:
-                truth_t = torch.from_numpy(np.stack([read_label_file(truths[s], K, "truth label") for s in batch]))
-                if truth_t.shape != label_t.shape:
-                    raise DatasetError(f"--truth {args.truth}: a truth label's size differs from its label in "
-                                       f"{', '.join(batch)}; sizes must match")
-                truth_t = truth_t.long().to(device)
-                known = ~unknown_t & (label_t != IGNORE)
-                nearest = nearest_known_fill(label_t, known)
-                frequent = most_frequent_known_class(label_t, known, K)[:, None, None].expand_as(label_t)
-                scores["model"].update(completed, truth_t, region=unknown_t)
-                scores["completed"].update(completed, truth_t)
-                scores["nearest"].update(nearest, truth_t, region=unknown_t)
-                scores["frequent"].update(frequent, truth_t, region=unknown_t)
-            for i, stem in enumerate(batch):
-                save_label_png(out / f"{stem}.png", completed[i].to(torch.uint8).cpu().numpy(), info["palette"])
-                plan = plans[stem]
-                row = {"name": stem, "checkpoint": path, "mask_ratio": config["mask_ratio"], "scale": args.scale,
-                       "share": round(plan["share"], 4), "patches": plan["patches"], "hidden_patches": num_hidden,
-                       "hidden_share": round(num_hidden / plan["patches"], 4),
-                       "unknown_pixels": int(unknown_t[i].sum()), "written_pixels": int(writable[i].sum()),
-                       "changed_pixels": int((completed[i] != label_t[i]).sum()), "pixels": label_t[i].numel()}
-                if args.truth:  # sync points: per-image accuracies of the completion and the nearest fill
-                    scored = unknown_t[i] & (truth_t[i] != IGNORE)
-                    count = max(int(scored.sum()), 1)
-                    row["filled_accuracy"] = round(int((completed[i] == truth_t[i])[scored].sum()) / count, 6)
-                    row["nearest_accuracy"] = round(int((nearest[i] == truth_t[i])[scored].sum()) / count, 6)
-                rows.append(row)
-            bar.update(len(batch))
-    bar.close()
-    rows.sort(key=lambda r: r["name"])
-    with open(out / "report.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = {"images": len(rows), "missing": args.missing, "scale": args.scale, "windows": args.windows,
-               "unknown_pixels": sum(r["unknown_pixels"] for r in rows),
-               "written_pixels": sum(r["written_pixels"] for r in rows),
-               "changed_pixels": sum(r["changed_pixels"] for r in rows),
-               "hidden_share": sum(r["hidden_share"] for r in rows) / len(rows),
-               "images_without_label": len(without_label),
-               "checkpoints": {path: sum(r["checkpoint"] == path for r in rows) for _, _, path in models}}
-    for _, config, path in models:
-        over = [r for r in rows if r["checkpoint"] == path and r["hidden_share"] > config["mask_ratio"] + RATIO_WARNING]
-        if over:
-            print(f"warning: {len(over)} images routed to {path} hid {max(r['hidden_share'] for r in over):.0%} of "
-                  f"their patches, far above the ratio {config['mask_ratio']} it was trained at; train a checkpoint "
-                  f"at a higher --mask-ratio for them", file=sys.stderr)
-    if args.truth:
-        result = {name: scores[name].compute() for name in names}
-        summary.update(pa_miou=result["model"]["miou"], pa_pixel_acc=result["model"]["pixel_acc"],
-                       miou=result["completed"]["miou"], pixel_acc=result["completed"]["pixel_acc"],
-                       nearest_pa_miou=result["nearest"]["miou"], nearest_pa_pixel_acc=result["nearest"]["pixel_acc"],
-                       frequent_pa_miou=result["frequent"]["miou"],
-                       frequent_pa_pixel_acc=result["frequent"]["pixel_acc"],
-                       pa_per_class_iou=result["model"]["per_class_iou"])
-    write_json(out / "summary.json", summary)
-    if without_label:
-        print(f"note: {len(without_label)} images in --images have no label and were skipped "
-              f"(first: {images[without_label[0]].name})")
-    print("completed " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in summary.items() if not isinstance(v, (list, dict))) + f" out={out}")
-    return summary
-
-
-# --- helpers for the loops (moved out of the plumbing block) ---
-
-def colorize(labels, palette):
-    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
-    table = torch.ones(256, 3)
-    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
-    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+        return train(args, runtime, resume_path)
+    finally:
+        shutdown(runtime)
 
 
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
@@ -1857,150 +1973,6 @@ def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on 
         sys.exit(130)
 
 # --- end of plumbing ---
-
-
-# --- main: training ---
-
-def config_of(args):
-    """args as a JSON-able dict (what checkpoints and config.json hold; complete rebuilds the model from it)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-
-
-def build_splits(args, splits):
-    """{split: dataset} for the named splits ("train" with the training transform, the others resized to
-    --eval-size; CHOICE C10, C11) and the dataset info. Every label of every split is checked first."""
-    shapes = args.data == "shapes"
-    crop_only = args.crop is not None and tuple(args.crop) == tuple(args.img_size)  # Cityscapes: crop 448, no resize
-    options = dict(root=args.data_root, download=args.download, limit=args.limit, seed=args.seed)
-    if args.data == "folder" and args.num_classes is not None:
-        options["num_classes"] = args.num_classes
-    datasets, info = {}, None
-    for role, split in splits.items():
-        train = role == "train"
-        transform = joint_transform(size=None if shapes or (train and crop_only) else
-                                    (args.img_size if train else args.eval_size), crop=args.crop if train else None)
-        size = {"image_size": args.img_size if train else args.eval_size} if shapes else {}
-        datasets[role], split_info = build_dataset(args.data, split=split, transform=transform, **options, **size)
-        if info is not None and split_info.num_classes != info.num_classes:
-            raise DatasetError(f"{args.data}: split {split} has {split_info.num_classes} classes but another split "
-                               f"has {info.num_classes}; pass --num-classes")
-        info = split_info
-        check_labels(datasets[role], desc=f"checking {split} labels")
-    if not 0 <= args.background_class < info.num_classes:
-        raise UsageError(f"--background-class {args.background_class} is not a class of {args.data} "
-                         f"(0..{info.num_classes - 1})")
-    return datasets, info
-
-
-def main(args):
-    if args.command == "complete":
-        return complete(args)
-    if args.command == "degrade":
-        return degrade(args)
-    resume_path = check_run_dir(args, SCRIPT)  # nothing is written before flags, run folder and data are checked
-    runtime = setup_runtime(args)
-    try:
-        return train(args, runtime, resume_path)
-    finally:
-        shutdown(runtime)
-
-
-def train(args, runtime, resume_path):
-    """Training (Sec. IV-A), then the test split scored with best.pt; or, with --eval-only, only that score."""
-    device = runtime.device
-    splits = {"test": args.test_split} if args.eval_only else {"train": "train", "val": args.val_split,
-                                                                "test": args.test_split}
-    datasets, info = build_splits(args, splits)
-    K = info.num_classes
-    eval_batch = max(1, args.batch_size * args.img_size[0] * args.img_size[1]
-                     // (args.eval_size[0] * args.eval_size[1]))  # about the same pixels per batch as training
-    loaders = {role: make_loader(dataset, args.batch_size if role == "train" else eval_batch, args, runtime,
-                                 train=role == "train") for role, dataset in datasets.items()}
-    seed_everything(args.seed)  # identical initial weights on every rank
-    model = build_model(args, K).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    arch = architecture(args, K)
-    out = Path(args.out)
-
-    if args.eval_only:
-        path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
-        state = load_checkpoint(path, SCRIPT, arch)
-        load_state(model, state["model"], path)
-        metrics = evaluate(model, loaders["test"], args, runtime, K)
-        results = {"checkpoint": str(path), "test": metrics}
-        if runtime.main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / f"eval_{args.test_split}.json", results)
-        say(runtime, f"eval checkpoint={path} split={args.test_split} pa_miou={metrics['pa_miou']:.4f} "
-                     f"nearest_pa_miou={metrics['nearest_pa_miou']:.4f}")
-        return results
-
-    weighting = list(model.class_weighting.parameters())
-    others = [p for name, p in model.named_parameters() if not name.startswith("class_weighting")]
-    optimizer = torch.optim.Adam([{"params": others}, {"params": weighting, "weight_decay": 0.0}],  # C7
-                                 lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(  # Sec. IV-A
-        optimizer, mode="min", patience=args.plateau_patience, threshold=args.plateau_threshold,
-        factor=args.plateau_factor)
-    start_epoch, best, state = 1, None, None
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, SCRIPT, arch, flag="--resume")
-        load_state(model, state["model"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-    config = {**config_of(args), "num_classes": K, "class_names": list(info.class_names), "arch": arch,
-              "world_size": runtime.world_size, "parameters": sum(p.numel() for p in model.parameters()),
-              **{f"{role}_images": len(dataset) for role, dataset in datasets.items()}}
-    out = create_run_dir(args, SCRIPT, config, runtime)
-    log = MetricsLog(out, runtime, resume_state=state)
-    if runtime.main:
-        (out / "samples").mkdir(exist_ok=True)
-        sample_set = datasets["val"]
-        sample_images, sample_labels = (torch.stack(t).to(device) for t in
-                                        zip(*[sample_set[i] for i in range(min(6, len(sample_set)))]))
-    net = model
-    model = distribute(model, runtime)
-    step = torch.compile(train_step) if args.compile else train_step  # one compiled graph per step
-    guard = FiniteGuard()
-    info_state = {"num_classes": K, "class_names": list(info.class_names), "palette": [list(c) for c in info.palette]}
-    for epoch in range(start_epoch, args.epochs + 1):
-        loaders["train"].sampler.set_epoch("train", epoch)
-        started = time.time()
-        train_loss = train_one_epoch(model, optimizer, loaders["train"], step, args, runtime, guard, epoch)
-        guard.check("train", epoch)  # before anything is evaluated or saved
-        validated = epoch % args.eval_every == 0 or epoch == args.epochs
-        metrics = evaluate(net, loaders["val"], args, runtime, K) if validated else {}
-        scheduler.step(train_loss)  # "threshold of loss dropping" (CHOICE C9)
-        improved = validated and (best is None or metrics["pa_miou"] > best)
-        best = metrics["pa_miou"] if improved else best
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-                  **{("val_loss" if k == "loss" else k): v for k, v in metrics.items() if not isinstance(v, list)},
-                  "beta": math.exp(net.class_weighting.log_beta.item()), "gamma": net.class_weighting.gamma.item(),
-                  "time": time.time() - started}  # sync point
-        log.write(record)  # before the checkpoint: a kill between the two loses nothing (the count drops it)
-        if runtime.main:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "config": config_of(args),
-                     "info": info_state}
-            save_checkpoint(out / "last.pt", state, SCRIPT, arch, log)
-            if improved:
-                link_checkpoint(out / "last.pt", out / "best.pt")
-                save_samples(net, sample_images, sample_labels, args, runtime, info.palette,
-                             out / "samples" / f"epoch_{epoch:03d}.png")
-        barrier()
-
-    best_state = load_checkpoint(out / "best.pt", SCRIPT, arch)
-    load_state(net, best_state["model"], out / "best.pt")
-    test = evaluate(net, loaders["test"], args, runtime, K)
-    results = {"test": test, "test_split": args.test_split, "best_epoch": best_state["epoch"],
-               "best_val_pa_miou": best_state["best"], "epochs": args.epochs}
-    if runtime.main:
-        write_json(out / "results.json", results)
-    say(runtime, f"done best_epoch={best_state['epoch']} test_pa_miou={test['pa_miou']:.4f} "
-                 f"test_nearest_pa_miou={test['nearest_pa_miou']:.4f} out={out}")
-    return results
 
 
 if __name__ == "__main__":

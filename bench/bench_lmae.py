@@ -1,6 +1,6 @@
 """Training-step throughput of lmae.py (not a test): images/s and peak GPU memory, one JSON line per configuration.
 
-    python bench/bench_lmae.py --device cuda --steps 200                 # paper preset + small preset, bf16
+    python bench/bench_lmae.py --device cuda --steps 200                 # paper preset + small preset (--arch), bf16
     python bench/bench_lmae.py --device cuda --steps 200 --compile --channels-last
     python bench/bench_lmae.py --device cpu --steps 3                    # tiny sizes, a smoke run
 
@@ -31,8 +31,8 @@ def get_args(argv=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 CUDA, 1 CPU)")
-    parser.add_argument("--presets", nargs="+", default=None, choices=tuple(lmae.PRESETS),
-                        help=f"default: {lmae.PAPER_PRESET} and small on CUDA; small and tiny on CPU")
+    parser.add_argument("--arch", nargs="+", default=None, choices=tuple(lmae.PRESETS),
+                        help=f"lmae.py --arch values to time; default: {lmae.PAPER_PRESET} and small on CUDA; small and tiny on CPU")
     parser.add_argument("--img-size", type=lmae.parse_size, default=None,
                         help="input HxW (default 224 on CUDA, the paper's VOC size; 64 on CPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 24 (paper, VOC) on CUDA, 2 on CPU")
@@ -50,9 +50,9 @@ def get_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
     args.device = torch.device("cuda" if cuda else "cpu")
-    defaults = dict(steps=200, warmup=20, presets=[lmae.PAPER_PRESET, "small"], img_size=(224, 224),
+    defaults = dict(steps=200, warmup=20, arch=[lmae.PAPER_PRESET, "small"], img_size=(224, 224),
                     batch_size=24, patch_size=16) if cuda else dict(
-        steps=3, warmup=1, presets=["small", "tiny"], img_size=(64, 64), batch_size=2, patch_size=8)
+        steps=3, warmup=1, arch=["small", "tiny"], img_size=(64, 64), batch_size=2, patch_size=8)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -61,35 +61,36 @@ def get_args(argv=None):
     return args
 
 
-def step_args(args, preset):
+def step_args(args, arch):
     """The lmae.py training configuration this benchmark runs (its defaults plus the benchmark's sizes)."""
-    config = lmae.get_args(["--data", "voc", "--preset", preset, "--patch-size", str(args.patch_size),
+    config = lmae.get_args(["--data", "voc", "--arch", arch, "--patch-size", str(args.patch_size),
                             "--img-size", f"{args.img_size[0]}x{args.img_size[1]}",
                             "--eval-size", f"{args.img_size[0]}x{args.img_size[1]}",
-                            "--mask-ratio", str(args.mask_ratio), "--batch-size", str(args.batch_size)])
+                            "--mask-ratio", str(args.mask_ratio), "--batch-size", str(args.batch_size),
+                            "--head", args.head])
     config.channels_last = args.channels_last
-    config.head = args.head
     return config
 
 
-def with_timm_blocks(model, preset):
+def with_timm_blocks(model, arch):
     """The same network with timm's ViT Blocks (GELU MLP, ratio 4, qkv bias) as encoder and decoder blocks."""
-    dims = lmae.PRESETS[preset]
-    model.encoder = torch.nn.ModuleList([TimmBlock(dims["encoder_dim"], dims["encoder_heads"], mlp_ratio=4.0,
+    dims = lmae.PRESETS[arch]
+    paper = model.lmae if isinstance(model, lmae.LMAEWithConvHead) else model  # --head conv wraps the paper's LMAE
+    paper.encoder = torch.nn.ModuleList([TimmBlock(dims["encoder_dim"], dims["encoder_heads"], mlp_ratio=4.0,
                                                    qkv_bias=True) for _ in range(dims["encoder_depth"])])
-    model.decoder = torch.nn.ModuleList([TimmBlock(dims["decoder_dim"], dims["decoder_heads"], mlp_ratio=4.0,
+    paper.decoder = torch.nn.ModuleList([TimmBlock(dims["decoder_dim"], dims["decoder_heads"], mlp_ratio=4.0,
                                                    qkv_bias=True) for _ in range(dims["decoder_depth"])])
     return model
 
 
-def measure(args, preset, blocks, amp):
+def measure(args, arch, blocks, amp):
     device = args.device
     runtime = lmae.Runtime(device, amp=amp)
-    config = step_args(args, preset)
+    config = step_args(args, arch)
     torch.manual_seed(0)
     model = lmae.build_model(config, args.num_classes)
     if blocks == "timm":
-        model = with_timm_blocks(model, preset)
+        model = with_timm_blocks(model, arch)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -114,7 +115,7 @@ def measure(args, preset, blocks, amp):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     return {
-        "method": "lmae", "model": "lmae" if blocks == "lmae" else "mae-timm-blocks", "preset": preset,
+        "method": "lmae", "model": "lmae" if blocks == "lmae" else "mae-timm-blocks", "arch": arch,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "img_size": [H, W],
         "batch_size": B, "patch_size": args.patch_size, "num_classes": args.num_classes,
         "mask_ratio": args.mask_ratio, "amp": amp, "head": args.head, "compile": args.compile,
@@ -135,10 +136,10 @@ def main(args):
     if args.device.type == "cpu" and not lmae.cpu_supports_bf16():
         amps = [False]
         print(json.dumps({"note": "this CPU has no bf16 support: --amp not measured"}), flush=True)
-    for preset in args.presets:
+    for arch in args.arch:
         for blocks in variants:
             for amp in amps:
-                print(json.dumps(measure(args, preset, blocks, amp)), flush=True)
+                print(json.dumps(measure(args, arch, blocks, amp)), flush=True)
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -20,7 +20,7 @@ from common import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TINY = ["--preset", "tiny", "--batch-size", "8", "--workers", "0"]
+TINY = ["--arch", "tiny", "--batch-size", "8", "--workers", "0"]
 STEPS = 100  # optimisation steps of the short learning test
 CPU = lmae.Runtime(torch.device("cpu"))
 
@@ -35,15 +35,15 @@ class Batches(list):
         self.sampler = type("Sampler", (), {"indices": lambda self: list(range(count))})()
 
 # tests/test_contract.py: a whole synthetic run, 2 epochs, a few seconds on one thread (diverges with --lr 1e30)
-CONTRACT_TINY = ["--epochs", "2", "--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--preset", "tiny",
+CONTRACT_TINY = ["--epochs", "2", "--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--arch", "tiny",
                  "--workers", "0"]
 # ... and the flags that make lmae.py read --data folder from the --data-root the test supplies
 # ... and one step (8 training images) for the torchrun equivalence test: 2 processes with these batches
 # vs 1 with twice them
-CONTRACT_ONE_STEP = ["--epochs", "1", "--img-size", "32x48", "--limit", "8", "--preset", "tiny", "--workers", "0",
+CONTRACT_ONE_STEP = ["--epochs", "1", "--img-size", "32x48", "--limit", "8", "--arch", "tiny", "--workers", "0",
                      "--batch-size", "4"]
 CONTRACT_FOLDER = ["--data", "folder", "--epochs", "1", "--img-size", "32", "--patch-size", "8", "--batch-size", "2",
-                   "--preset", "tiny", "--workers", "0"]
+                   "--arch", "tiny", "--workers", "0"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,10 +95,10 @@ def test_bad_flags_name_the_flag(argv, words, capsys):
 
 def test_data_dependent_defaults_resolve():
     shapes = lmae.get_args([])
-    assert (shapes.preset, shapes.patch_size, shapes.img_size, shapes.command) == ("tiny", 8, (64, 64), "train")
+    assert (shapes.arch, shapes.patch_size, shapes.img_size, shapes.command) == ("tiny", 8, (64, 64), "train")
     assert shapes.num_hidden == 32 and shapes.num_patches == 64
     voc = lmae.get_args(["--data", "voc"])  # Sec. IV-A: crop 448 -> 224, batch 24, 400 epochs, Table I preset
-    assert (voc.img_size, voc.crop, voc.batch_size, voc.epochs, voc.preset) == (
+    assert (voc.img_size, voc.crop, voc.batch_size, voc.epochs, voc.arch) == (
         (224, 224), (448, 448), 24, 400, "eb8-db6-ed1440-dd720")
     city = lmae.get_args(["--data", "cityscapes"])
     assert (city.img_size, city.crop, city.batch_size) == ((448, 448), (448, 448), 48)
@@ -319,8 +319,8 @@ def test_conv_head_sees_only_visible_labels_and_changes_logits(flags):
     with torch.no_grad():
         logits = model(images, labels, ids_keep)
         changed_hidden = model(images, torch.where(hidden, (labels + 1) % 5, labels), ids_keep)
-        linear = model.decode(model.decoder_input(model.encode(lmae.stack_fuse(images, labels, 5), ids_keep),
-                                                  images, ids_keep), (4, 6))
+        linear = model.lmae(images, labels, ids_keep)  # the paper's LMAE inside the wrapper
+    assert isinstance(model, lmae.LMAEWithConvHead) and type(model.lmae) is lmae.LMAE
     assert torch.equal(logits, changed_hidden)  # hidden labels never reach the conv head
     assert not torch.allclose(logits, linear)  # --head conv changes the logits
 
@@ -350,7 +350,7 @@ def test_train_step_applies_eq_10_weighting():
         torch.manual_seed(0)
         model = lmae.build_model(args, 5).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        _, ids_keep, hidden = lmae.draw_mask(labels, args.mask_strategy, args, torch.Generator().manual_seed(3))
+        _, ids_keep, hidden = lmae.draw_mask(labels, args.masking, args, torch.Generator().manual_seed(3))
         with torch.no_grad():
             logits = model(images, labels, ids_keep)
         weighted = lmae.lmae_loss(logits, labels, hidden, model.class_weighting, "masked")
@@ -363,7 +363,7 @@ def test_train_step_applies_eq_10_weighting():
 
 def test_mixed_1_2_2_is_the_default():
     args = lmae.get_args([])
-    assert args.mask_strategy == "mixed" and args.mix == (1.0, 2.0, 2.0) and args.eval_mask_strategy == "random"
+    assert args.masking == "mixed" and args.mix == (1.0, 2.0, 2.0) and args.eval_masking == "random"
 
 
 def test_unknown_first_hides_unknown_patches_first():
@@ -403,7 +403,7 @@ def test_every_ablation_switch_trains():
     for flags in (["--fuse", "direct"], ["--fuse", "insert"], ["--no-ips"], ["--pos-embed", "1d"],
                   ["--class-weighting", "paper"], ["--class-weighting", "paper", "--freeze-weights"],
                   ["--loss-region", "all", "--ignore-background-in-loss"], ["--head", "conv", "--nearest-prior"],
-                  ["--mask-strategy", "label-first", "--drop-path", "0.2", "--unknown-first"]):
+                  ["--masking", "label-first", "--drop-path", "0.2", "--unknown-first"]):
         args = lmae.get_args(["--img-size", "32x48", *flags])
         torch.manual_seed(0)
         model = lmae.build_model(args, 5).train()
@@ -446,7 +446,7 @@ def test_visible_labels_beat_blanked_labels_after_a_short_run():
     model that ignored its labels (or the prior computed from them) would not."""
     from common import build_dataset, joint_transform
     args = lmae.get_args(["--img-size", "32x48", "--head", "conv", "--head-width", "8", "--nearest-prior",
-                          "--mask-strategy", "random"])
+                          "--masking", "random"])
     dataset, info = build_dataset("shapes", split="train", transform=joint_transform(), image_size=(32, 48), limit=16)
     images = torch.stack([dataset[i][0] for i in range(16)])
     labels = torch.stack([dataset[i][1] for i in range(16)])
@@ -465,7 +465,7 @@ def test_masks_are_keyed_by_item_not_by_batch():
     batch of 8 scores (what lets 2 processes with batch B match 1 with batch 2B, tests/test_contract.py); with one
     generator per batch (the old rank-keyed draw) the second batch would get other masks."""
     from common import build_dataset, joint_transform
-    args = lmae.get_args(["--img-size", "32x48", "--mask-strategy", "mixed"])
+    args = lmae.get_args(["--img-size", "32x48", "--masking", "mixed"])
     dataset, info = build_dataset("shapes", split="val", transform=joint_transform(), image_size=(32, 48), limit=8)
     images = torch.stack([dataset[i][0] for i in range(8)])
     labels = torch.stack([dataset[i][1] for i in range(8)])
@@ -517,7 +517,7 @@ def test_eval_only_scores_the_test_split(trained, tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--preset", "tiny", "--workers", "0",
+    common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--arch", "tiny", "--workers", "0",
               "--drop-path", "0.1"]
     lmae.main(lmae.get_args(["--out", str(tmp_path / "straight"), "--epochs", "2", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "1", *common]))
@@ -533,7 +533,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_eval_every_validates_only_those_epochs(tmp_path):
-    common = ["--img-size", "32x48", "--limit", "4", "--batch-size", "4", "--preset", "tiny", "--workers", "0"]
+    common = ["--img-size", "32x48", "--limit", "4", "--batch-size", "4", "--arch", "tiny", "--workers", "0"]
     results = lmae.main(lmae.get_args(["--out", str(tmp_path / "r"), "--epochs", "3", "--eval-every", "2", *common]))
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert ["pa_miou" in r for r in records] == [False, True, True]  # epoch 2, and the last
@@ -834,7 +834,7 @@ def test_camvid_degrade_train_complete_score(tmp_path):
     before = tree_digest(root)
     run = tmp_path / "run"
     lmae.main(lmae.get_args(["--data", "camvid", "--data-root", str(root), "--out", str(run), "--epochs", "1",
-                             "--limit", "4", "--img-size", "48x64", "--batch-size", "4", "--preset", "tiny",
+                             "--limit", "4", "--img-size", "48x64", "--batch-size", "4", "--arch", "tiny",
                              "--workers", "0", "--test-split", "val"]))
     lmae.main(lmae.get_args(["degrade", "--data", "camvid", "--data-root", str(root), "--split", "val",
                              "--limit", "2", "--ratio", "0.5", "--out", str(tmp_path / "deg")]))

@@ -15,7 +15,7 @@ DATA=${CAMVID:-../shared/data/CamVid}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
-COMMON=(--data camvid --data-root "$DATA" --preset tiny --patch-size 16 --lr 1e-3 --drop-path 0 --batch-size 8
+COMMON=(--data camvid --data-root "$DATA" --arch tiny --patch-size 16 --lr 1e-3 --drop-path 0 --batch-size 8
         --crop 224 --img-size 224 --eval-size 352x480 --test-split val --workers 0)
 lane() {  # name epochs flags...
   local name=$1 epochs=$2; shift 2
@@ -41,8 +41,8 @@ for name in $LANES; do
   case $name in
     linear) lane linear 40 & ;;                                                # the paper's model (linear head)
     conv) lane conv 15 --head conv --head-width 8 --nearest-prior & ;;          # CHOICE C15, paper's 1:2:2 masks
-    convrandom) lane convrandom 15 --head conv --head-width 8 --nearest-prior --mask-strategy random & ;;
-    convlong) lane convlong 60 --head conv --head-width 8 --nearest-prior --mask-strategy random & ;;  # length
+    convrandom) lane convrandom 15 --head conv --head-width 8 --nearest-prior --masking random & ;;
+    convlong) lane convlong 60 --head conv --head-width 8 --nearest-prior --masking random & ;;  # length
     linearlong) lane linearlong 150 & ;;                                                            # lever, SEEDS=0
   esac
 done
