@@ -1,116 +1,49 @@
-"""SimCLR pre-training + U-Net fine-tuning for foreground/background segmentation (Oxford-IIIT Pet).
+r"""SimCLR pre-training + U-Net fine-tuning for foreground/background segmentation (Oxford-IIIT Pet).
 
-"Semantic Segmentation of Images using Self-supervised Learning" (anonymous UCL project report; the authors' code is
-RoboRabbit666/simclr-semantic-segmentation), built on SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework
-for Contrastive Learning of Visual Representations", ICML 2020, https://proceedings.mlr.press/v119/chen20j.html.
+"Semantic Segmentation of Images using Self-supervised Learning" (anonymous UCL project report; authors' code
+RoboRabbit666/simclr-semantic-segmentation), on SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for
+Contrastive Learning of Visual Representations", ICML 2020, https://proceedings.mlr.press/v119/chen20j.html.
 
-A ResNet-50 encoder with a two-layer MLP projection head is pre-trained without labels: two random augmentations of
-each image are pulled together and pushed away from every other image of the batch by the NT-Xent loss (Eq. 2.1).
-The encoder's weights are then transferred into a U-Net (the ResNet-50 as its encoder, a U-Net decoder on its
-feature maps), which is fine-tuned with BCE on Pet foreground masks and compared with the same U-Net trained from
-scratch, for development sets of 80, 50 and 20 % of the data (Table 4.1).
+A ResNet-50 with a two-layer MLP projection head is pre-trained without labels: two random augmentations of each
+image are pulled together and pushed away from every other image of the batch by the NT-Xent loss (Eq. 2.1). The
+encoder is then transferred into a U-Net (ResNet encoder + U-Net decoder, one logit per pixel), which is fine-tuned
+with BCE on Pet foreground masks and compared with the same U-Net trained from scratch, for development sets of 80,
+50 and 20 % of the data with one fixed 20 % test set (Table 4.1; the grid: experiments/simclr_pets/table41.py).
 
 Implemented (component -> function -> paper place)
-    two augmented views (crop, flip, colour, grey, blur) -> simclr_augmentation, TwoViews -> Sec. 2.1 (1)
-    ResNet encoder (torchvision resnet50, fc removed)    -> ResNetEncoder             -> Sec. 2.1 (2)
-    projection head Linear-ReLU-Linear, 2048->512->128   -> ProjectionHead            -> Sec. 2.1 (3)
-    NT-Xent on L2-normalised projections, temperature    -> nt_xent_loss              -> Sec. 2.1 (4), Eq. (2.1)
-    negatives from every DDP rank, with gradients        -> gather_with_grad          -> (SimCLR's global batch)
-    LARS, warm-up + cosine (pre-training optimiser)      -> LARS, build_optimizer     -> (authors' code, SimCLR)
-    load the pre-trained encoder, strict by name         -> transfer_encoder_weights  -> Sec. 2.2 step (1)
-    U-Net decoder on the ResNet feature maps, 1 logit    -> UNetDecoder, SimCLRUNet   -> Sec. 2.2 step (2)
-    BCE (Dice, Focal: the authors' code) + Adam 1e-4     -> segmentation_loss, build_optimizer -> Sec. 2.2 step (3)
-    keep the weights of the lowest validation loss       -> fit (--select-by)         -> Sec. 2.2 step (4)
-    test IoU, F1, Dice, Focal, BCE, recall, accuracy     -> evaluate, table_row       -> Sec. 2.2 step (5), Table 4.1
-    fixed 20 % test, dev 80/50/20 %, train/val 90/10     -> pet_splits                -> Sec. 3.1
-    baseline / CIFAR / Pet x dev 20/50/80 x seeds grid   -> run_table41, summarise    -> Sec. 3.1-3.2, Table 4.1
-    ImageNet-initialised backbone (report: "pre-trained ResNet-50") -> --init / --pretrain-init / --baseline-init
-
-Oxford-IIIT Pet sizes (the release's annotations/trainval.txt and test.txt, which torchvision's OxfordIIITPet reads;
-Parkhi et al., CVPR 2012, https://www.robots.ox.ac.uk/~vgg/data/pets/): trainval 3,680 + test 3,669 = 7,349 images.
-pet_splits on all 7,349 (CHOICE C9): test 1,470; dev 80 % = 5,879 (5,291 train + 588 val), 50 % = 3,674, 20 % = 1,470.
-
-Choices (the paper is silent or vague; grep "CHOICE C")
-    C1  Pre-training starts from random weights, as the authors' code does (`pretrained=False`); the report's
-        "pre-trained ResNet-50 model as the backbone" is available as --pretrain-init imagenet.
-    C2  Augmentation = SimCLR v1's recipe: RandomResizedCrop scale 0.08-1 (aspect 3/4-4/3), horizontal flip p 0.5,
-        colour jitter (brightness 0.8 s, contrast 0.8 s, saturation 0.8 s, hue 0.2 s) with p 0.8, grayscale p 0.2,
-        Gaussian blur with an odd kernel of about 10 % of the view side (23 at 224) and sigma in [0.1, 2] with
-        p 0.5; s = 1.0 (authors' config). Each item's views are drawn from (seed, stage, epoch, index) alone.
-    C3  NT-Xent on L2-normalised projections (the authors' code forgets the normalisation), temperature 0.1
-        (authors' config), computed in fp32 even under bf16 autocast (bf16 logits near cos = 1 at tau 0.1 put
-        about 2 % error into the gradient). Both views go through the encoder as one batch of 2B, as SimCLR does.
-    C4  Pre-training optimiser: LARS, lr 0.3, momentum 0.9, trust coefficient 0.001, weight decay 1e-6; biases and
-        BatchNorm (every tensor with one dimension) are excluded from both decay and trust ratio; batch 120,
-        20 epochs, 224 px (authors' code and config); schedule: linear warm-up for 10 % of the epochs, then cosine.
-    C5  Under DDP the loss of each rank's anchors uses the projections of all ranks as negatives (gathered with
-        gradients) and BatchNorm is synchronised across GPUs (SimCLR's global BN; --no-sync-bn to turn it off),
-        in fine-tuning too (where it normalises as one process with the global batch would).
-    C6  U-Net decoder as in segmentation_models_pytorch's Unet (the authors' fine-tuning model): 5 blocks of
-        nearest x2 upsampling + skip concatenation + 2 x (conv3x3-BN-ReLU), widths 256-128-64-32-16, skips from the
-        stem (/2) and layers 1-3 (/4, /8, /16), layer 4 (/32) as the bottleneck; a 3x3 conv gives one logit.
-    C7  The encoder of the last pre-training epoch (OUT/pretrain.pt) is transferred; the projection head is dropped.
-    C8  Pet trimaps: 1 pet -> 1, 2 background -> 0, 3 border -> foreground (the rule of smp's Pet example, which
-        the authors' smp-based code follows); --border background|ignore switches it. Other values are an error.
-    C9  Pet splits: one seeded permutation (--split-seed) of the whole set; its first 20 % is the test set for every
-        dev fraction, row and --seed; the dev set is the next dev_split * N images (so the 20 % dev set lies inside
-        the 50 % one, which lies inside the 80 % one); its first 10 % is validation, the rest training.
-    C10 Fine-tuning images are resized to img_size x img_size (224), labels with nearest; no augmentation (the paper
-        describes none); ImageNet normalisation.
-    C11 The weights with the lowest validation loss are kept (the report); --select-by val_iou gives the authors'
-        code's rule. Validation runs every epoch (the authors' code: every 2). The test split is scored once, at
-        the end, with best.pt.
-    C12 Test metrics come from dataset-level pixel counts (IoU, F1, recall, accuracy) and pixel means (BCE, Focal
-        with gamma 2) or one soft Dice over all test pixels; the authors' code averaged per-batch scores.
-    C13 Pre-training on `pets` while fine-tuning on Pets uses only the images outside the fixed test set, so no test
-        image is ever seen, not even without its label; `shapes` pre-trains on the synthetic set's own unlabelled
-        split, whose images differ from the labelled pool's.
-    C14 --data shapes preset for a 2-core CPU (minutes): ResNet-18 encoder (512->512->128 head), 48 px; pre-training
-        with Adam 1e-3 (LARS learns no faster in so few steps; Adam 3e-3 collapses), batch 32, 6 epochs on 384
-        unlabelled synthetic images, with milder views (crop 0.3-1, colour strength 0.5: with SimCLR's full views
-        72 steps stay at chance, 4.18 -> 4.13 vs ln 63 = 4.14; the milder ones reach 3.57); fine-tuning with Adam
-        1e-3, batch 16, 10 epochs on a pool of 384 labelled images (276 train / 31 val / 77 test). ResNet-50, SimCLR's
-        views and the paper's settings stay the defaults for real data.
-    C15 The table4.1 grid on shapes runs in minutes (32 px, 192 images, 4 pre-training and 6 fine-tuning epochs,
-        fine-tuning batch 8). "CIFAR" pre-trains on the synthetic scenes drawn at half the size and enlarged by the
-        crop (as CIFAR-10's 32 px images are at 224), "Pet" on the same scenes at full size. The small grid exercises
-        the protocol; it cannot answer the paper's question about data similarity.
-    C16 The grid is fair by construction: every row and seed shares the split (--split-seed) and the fine-tuning
-        recipe; only the encoder's start differs, and the Model column names it (baseline: --baseline-init, default
-        none as in the report; SimCLR rows: pre-trained from --pretrain-init). --seeds runs every row (and every
-        pre-training) once per seed; the table gives mean +- sample standard deviation over the seeds.
-    C17 --pretrain-limit N is a draw seeded by --split-seed and balanced over the classes the set has as folders
-        (catsdogs: Cat/Dog, common.py; folder: its first-level subfolders) or file names (pets: breeds); CIFAR-10
-        (whose reader exposes no labels here) gets a seeded uniform draw. Unreadable pre-training images are found
-        by fully decoding every file when the set is scanned, skipped, counted and reported (results.json).
+    two augmented views (crop, flip, colour, grey, blur) -> simclr_augmentation, TwoViews  -> Sec. 2.1 (1)
+    ResNet encoder (torchvision, fc removed)             -> ResNetEncoder                  -> Sec. 2.1 (2)
+    projection head Linear-ReLU-Linear, 2048->512->128   -> ProjectionHead, SimCLR         -> Sec. 2.1 (3)
+    U-Net decoder on the ResNet feature maps, 1 logit    -> UNetDecoder, SimCLRUNet        -> Sec. 2.2 step (2)
+    load the pre-trained encoder, strict by name         -> transfer_encoder_weights       -> Sec. 2.2 step (1)
+    NT-Xent on L2-normalised projections, temperature    -> nt_xent_loss                   -> Sec. 2.1 (4), Eq. (2.1)
+    negatives from every DDP rank, with gradients        -> gather_with_grad               -> (SimCLR's global batch)
+    BCE (Dice, Focal: the authors' code)                 -> segmentation_loss              -> Sec. 2.2 step (3)
+    LARS, warm-up + cosine (pre-training optimiser)      -> LARS, warmup_cosine            -> (authors' code, SimCLR)
+    pre-training, then fine-tuning, one epoch loop       -> pretrain, finetune, train_one_epoch -> Sec. 2.1-2.2
+    keep the weights of the lowest validation loss       -> finetune (--select-by)         -> Sec. 2.2 step (4)
+    test IoU, F1, Dice, Focal, BCE, recall, accuracy     -> evaluate, table_row            -> Sec. 2.2 (5), Table 4.1
+    fixed 20 % test, dev 80/50/20 %, train/val 90/10     -> pet_splits                     -> Sec. 3.1
 
 Usage
-    python simclr_seg.py                                   # synthetic: pre-train, then fine-tune (a few minutes, CPU)
-    python simclr_seg.py --data pets --data-root data --pretrain-data cifar10 --pretrain-root data/cifar10
-    python simclr_seg.py --data pets --data-root data --stage finetune --init none --dev-split 0.5   # baseline
-    python simclr_seg.py --data pets --data-root data --stage finetune --init simclr:runs/x/pretrain.pt
-    python simclr_seg.py --data pets --data-root data --experiment table4.1 --seeds 0 1 2 \
-        --grid-sources CIFAR=cifar10:data/cifar10 Pet=catsdogs:data/catsdogs --pretrain-limit 23410
-    python simclr_seg.py --experiment table4.1 --seeds 0 1 2     # the same grid in small form on synthetic data
-    torchrun --nproc_per_node=4 simclr_seg.py --data pets --data-root data --compile
+    python simclr_seg.py                                   # synthetic: pre-train, then fine-tune (minutes, CPU)
+    python simclr_seg.py --data pets --data-root data/oxford-iiit-pet --pretrain-data cifar10   # ./data/cifar10
+    python simclr_seg.py --data pets --stage finetune --dev-split 0.5        # the baseline (random init), 50 % dev
+    torchrun --nproc_per_node=4 simclr_seg.py --data pets --compile
     python simclr_seg.py --resume --out runs/simclr_seg-shapes          # continue at the next epoch (or stage)
-    python simclr_seg.py --eval-only --checkpoint runs/simclr_seg-shapes/best.pt
 
 Shapes: B batch (per rank), W ranks, C channels, H W height width, d projection width, D representation width.
 Images (B, 3, H, W) float normalised; labels (B, H, W) int64 in {0, 1, 255 = ignore}; logits (B, 1, H, W).
+Choices and deviations: README 'SimCLR pre-training + U-Net fine-tuning' and `grep -n "CHOICE\|DEVIATION" simclr_seg.py`
 """
 
 import argparse
-import copy
-import csv
 import functools
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -139,272 +72,9 @@ ENCODER_CHANNELS = {  # widths of the stem (/2) and layers 1-4 (/4 ... /32); par
     "resnet50": (64, 256, 512, 1024, 2048),  # SimCLR 24.6 M, U-Net 32.5 M = smp Unet("resnet50") (authors' model)
 }
 TABLE_COLUMNS = ("ID", "Model", "Loss Func", "Dev Split", "IOU", "F1", "Dice", "Focal", "BCE", "Recall", "Accuracy")
-METRIC_COLUMNS = TABLE_COLUMNS[4:]
-PAPER_TABLE41 = {  # Table 4.1 of the report: (source, dev split %) -> test IoU, printed beside the grid's rows
-    ("baseline", 20): 0.758, ("baseline", 50): 0.828, ("baseline", 80): 0.906,
-    ("CIFAR", 20): 0.754, ("CIFAR", 50): 0.852, ("CIFAR", 80): 0.900,
-    ("Pet", 20): 0.759, ("Pet", 50): 0.843, ("Pet", 80): 0.902,
-}
-# --eval-only reads these from the checkpoint, so the test split is the one the model was trained beside
-SPLIT_PROTOCOL = ("img_size", "split_seed", "test_fraction", "val_fraction", "dev_split", "border",
-                  "synthetic_images", "limit", "loss")
 
 
-# --- configuration ---
-
-def get_args(argv=None):
-    parser = ArgumentParser(description="SimCLR pre-training + U-Net fine-tuning (foreground segmentation, "
-                                        "Oxford-IIIT Pet)")
-    parser.add_argument("--data", default="shapes", choices=("shapes", "pets"),
-                        help="fine-tuning set: shapes = built-in synthetic binary set (default), pets = "
-                             "Oxford-IIIT Pet")
-    parser.add_argument("--data-root", default=None, help="folder holding oxford-iiit-pet/ (default ./data/pets)")
-    parser.add_argument("--download", action="store_true",
-                        help="let torchvision download Pets / CIFAR-10, and torchvision ImageNet weights for an "
-                             "imagenet init when they are not in the torch hub cache")
-    parser.add_argument("--stage", default=None, choices=("pretrain", "finetune", "both"),
-                        help="pretrain = SimCLR only (Sec. 2.1); finetune = U-Net only (Sec. 2.2); both (default) = "
-                             "pretrain, then fine-tune from it, in one run directory")
-    parser.add_argument("--experiment", default=None, choices=("table4.1",),
-                        help="run the report's grid: baseline / pre-trained sources x dev splits x seeds "
-                             "(Table 4.1), writing OUT/table4.1.md and .csv")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="fine-tuning image side in px (paper code: 224; shapes preset: 48)")
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (Sec. 2.2: 60; shapes: 10)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="fine-tuning batch per process (authors' code: 32; shapes: 16)")
-    parser.add_argument("--lr", type=float, default=None, help="fine-tuning Adam lr (Sec. 2.2: 1e-4; shapes: 1e-3)")
-    add_run_arguments(parser, SCRIPT)
-
-    pre = parser.add_argument_group("pre-training (Sec. 2.1)")
-    pre.add_argument("--pretrain-data", default=None, choices=("shapes", "cifar10", "catsdogs", "pets", "folder"),
-                     help="unlabelled images for SimCLR (paper: cifar10, catsdogs = CAT&DOG, also its HuggingFace "
-                          "export; pets: with --data pets only the images outside the fixed test set; shapes: the "
-                          "synthetic unlabelled split; folder: every image under --pretrain-root); default shapes "
-                          "for --data shapes, else cifar10")
-    pre.add_argument("--pretrain-root", default=None, help="folder of the pre-training set (default ./data/<name>)")
-    pre.add_argument("--pretrain-limit", type=int, default=None, metavar="N",
-                     help="a seeded, class-balanced draw of N pre-training images (CHOICE C17; the authors used "
-                          "23,410 CAT&DOG images and as many CIFAR-10 ones)")
-    pre.add_argument("--pretrain-epochs", type=int, default=None, help="SimCLR epochs (Sec. 3.1: 20; shapes: 6)")
-    pre.add_argument("--pretrain-batch-size", type=int, default=None,
-                     help="images per process and step, each seen as two views (authors' code: 120; shapes: 32)")
-    pre.add_argument("--pretrain-lr", type=float, default=None,
-                     help="peak lr (LARS 0.3, authors' code; shapes preset: Adam 1e-3)")
-    pre.add_argument("--pretrain-optimizer", default=None, choices=("lars", "adam"),
-                     help="LARS (authors' code, SimCLR; the default) or Adam (the shapes preset)")
-    pre.add_argument("--weight-decay", type=float, default=1e-6,
-                     help="pre-training weight decay of conv and linear weights (authors' code: 1e-6)")
-    pre.add_argument("--warmup-epochs", type=float, default=None,
-                     help="linear lr warm-up before the cosine decay (default: 10 %% of --pretrain-epochs)")
-    pre.add_argument("--pretrain-img-size", type=int, default=None,
-                     help="side of the views in px (authors' config: 224; default: --img-size)")
-    pre.add_argument("--pretrain-source-size", type=int, default=None,
-                     help="--pretrain-data shapes only: side the synthetic images are drawn at before the crop "
-                          "(default: --pretrain-img-size)")
-    pre.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature tau (authors' config: 0.1)")
-    pre.add_argument("--projection-hidden-dim", type=int, default=512, help="projection head hidden width (code: 512)")
-    pre.add_argument("--projection-dim", type=int, default=128, help="projection head output width d (code: 128)")
-    pre.add_argument("--color-strength", type=float, default=None,
-                     help="colour distortion strength s (authors' config: 1.0; shapes preset: 0.5)")
-    pre.add_argument("--blur-prob", type=float, default=0.5, help="probability of the Gaussian blur (SimCLR v1: 0.5)")
-    pre.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                     help="area range of the random resized crop (SimCLR: 0.08 1; shapes preset: 0.3 1)")
-    pre.add_argument("--pretrain-init", default="none",
-                     help="encoder at the start of pre-training: none (authors' code, the default) | imagenet | "
-                          "imagenet:PATH")
-    pre.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                     help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
-                          "(SyncBatchNorm: SimCLR's global BN; 2 processes with batch B normalise as 1 with batch "
-                          "2B); --no-sync-bn: per process. No effect on one process or on the CPU")
-
-    fine = parser.add_argument_group("fine-tuning (Sec. 2.2, 3.1)")
-    fine.add_argument("--init", default=None,
-                      help="--stage finetune: encoder init none (the paper's fully supervised baseline; the default) "
-                           "| imagenet | imagenet:PATH | simclr:PATH (a pre-training checkpoint, e.g. OUT/pretrain.pt)"
-                           "; --stage both always starts from its own OUT/pretrain.pt")
-    fine.add_argument("--model-name", default=None,
-                      help="label in the table row's Model column (default: baseline / imagenet / SimCLR-<set>)")
-    fine.add_argument("--encoder", default=None, choices=sorted(ENCODER_CHANNELS),
-                      help="torchvision ResNet (paper: resnet50; shapes preset: resnet18, a CPU choice)")
-    fine.add_argument("--decoder-channels", type=int, nargs=5, default=(256, 128, 64, 32, 16), metavar="C",
-                      help="U-Net decoder widths, deepest first (smp Unet, the authors' code: 256 128 64 32 16)")
-    fine.add_argument("--loss", default="bce", choices=("bce", "dice", "focal"),
-                      help="fine-tuning loss (paper: bce, the default; the authors' code also offers dice and focal)")
-    fine.add_argument("--select-by", default="val_loss", choices=("val_loss", "val_iou"),
-                      help="best.pt = lowest validation loss (report, the default) or highest validation IoU "
-                           "(authors' code)")
-    fine.add_argument("--dev-split", type=float, default=None,
-                      help="development fraction of the whole set (Sec. 3.1: 0.8, the default, 0.5, 0.2); the rest "
-                           "minus the test set is unused")
-    fine.add_argument("--test-fraction", type=float, default=0.2, help="fixed test fraction (Sec. 3.1: 0.2)")
-    fine.add_argument("--val-fraction", type=float, default=0.1,
-                      help="validation fraction of the dev set (Sec. 3.1: 90/10 train/val, so 0.1)")
-    fine.add_argument("--split-seed", type=int, default=0,
-                      help="seed of the split permutation (the fixed test set) and of --pretrain-limit's draw")
-    fine.add_argument("--border", default="foreground", choices=("foreground", "background", "ignore"),
-                      help="Pet trimap class 3 (the border) becomes this (CHOICE C8; default foreground)")
-    fine.add_argument("--synthetic-images", type=int, default=None,
-                      help="--data shapes / --pretrain-data shapes: images in the labelled synthetic pool that "
-                           "pet_splits divides, and in the unlabelled synthetic pre-training set (default: 384; 192 "
-                           "for the table4.1 grid)")
-
-    grid = parser.add_argument_group("experiment grid (Table 4.1, --experiment table4.1 only)")
-    grid.add_argument("--grid-sources", nargs="+", default=None, metavar="LABEL=DATA[:ROOT]",
-                      help="the pre-trained rows: a label and a --pretrain-data (with its root), e.g. "
-                           "CIFAR=cifar10:data/cifar10 Pet=catsdogs:data/catsdogs (the default for --data pets); "
-                           "shapes: the synthetic stand-ins of CHOICE C15")
-    grid.add_argument("--dev-splits", type=float, nargs="+", default=None,
-                      help="dev fractions of the grid (Sec. 3.1: 0.2 0.5 0.8)")
-    grid.add_argument("--seeds", type=int, nargs="+", default=None,
-                      help="run every row once per seed and report mean and spread (default: --seed alone)")
-    grid.add_argument("--baseline-init", default=None,
-                      help="encoder of the baseline rows: none (the report's randomly initialised U-Net; the "
-                           "default) | imagenet | imagenet:PATH; the SimCLR rows start pre-training from "
-                           "--pretrain-init")
-
-    args = parser.parse_args(argv)
-    given = sys.argv[1:] if argv is None else argv
-    if args.seeds is not None and any(a == "--seed" or a.startswith("--seed=") for a in given):
-        parser.error("--seed and --seeds exclude each other: --seeds runs every row once per seed it lists")
-    synthetic = args.data == "shapes"
-    if args.experiment:  # flags the grid sets per row itself would be silently ignored: refuse them (CHOICE C16)
-        for flag in ("stage", "init", "dev_split", "model_name", "pretrain_data", "pretrain_root"):
-            if getattr(args, flag) is not None:
-                parser.error(f"--experiment table4.1 sets --{flag.replace('_', '-')} per row itself; drop it "
-                             f"(the grid's own flags: --grid-sources, --dev-splits, --seeds, --baseline-init)")
-        if args.eval_only or args.checkpoint:
-            parser.error("--experiment table4.1 trains its rows; --eval-only scores one fine-tuned checkpoint: "
-                         "pass one of them")
-    else:
-        for flag in ("grid_sources", "dev_splits", "seeds", "baseline_init"):
-            if getattr(args, flag) is not None:
-                parser.error(f"--{flag.replace('_', '-')} is only read by --experiment table4.1; add it or drop "
-                             f"the flag")
-
-    # Data-dependent defaults: the paper's settings for real data, a CPU preset for the synthetic set (CHOICE C14).
-    def default(name, shapes_value, paper_value):
-        if getattr(args, name) is None:
-            setattr(args, name, shapes_value if synthetic else paper_value)
-
-    if synthetic and args.experiment:  # the grid's rows in a few minutes on a CPU (CHOICE C15)
-        default("img_size", 32, None)
-        default("epochs", 6, None)
-        default("batch_size", 8, None)
-        default("pretrain_epochs", 4, None)
-        default("synthetic_images", 192, None)
-    default("synthetic_images", 384, 384)
-    default("img_size", 48, 224)
-    default("epochs", 10, 60)
-    default("batch_size", 16, 32)
-    default("lr", 1e-3, 1e-4)
-    default("encoder", "resnet18", "resnet50")
-    default("pretrain_data", "shapes", "cifar10")
-    default("pretrain_epochs", 6, 20)
-    default("pretrain_batch_size", 32, 120)
-    default("pretrain_optimizer", "adam", "lars")
-    default("crop_scale", (0.3, 1.0), (0.08, 1.0))
-    default("color_strength", 0.5, 1.0)
-    args.crop_scale = tuple(args.crop_scale)
-    args.decoder_channels = tuple(args.decoder_channels)
-    if args.pretrain_lr is None:
-        args.pretrain_lr = 0.3 if args.pretrain_optimizer == "lars" else 1e-3
-    if args.pretrain_img_size is None:
-        args.pretrain_img_size = args.img_size
-    if args.pretrain_source_size is None:
-        args.pretrain_source_size = args.pretrain_img_size
-    if args.warmup_epochs is None:
-        args.warmup_epochs = 0.1 * args.pretrain_epochs
-    args.dev_split = 0.8 if args.dev_split is None else args.dev_split
-    args.dev_splits = tuple(args.dev_splits or (0.2, 0.5, 0.8))
-    args.baseline_init = args.baseline_init or "none"
-
-    if args.pretrain_source_size < 8:
-        parser.error(f"--pretrain-source-size must be at least 8 px, got {args.pretrain_source_size}")
-    for flag in ("img_size", "pretrain_img_size"):
-        if getattr(args, flag) < 32:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 32 px (the ResNet downsamples by 32), "
-                         f"got {getattr(args, flag)}")
-    for flag in ("epochs", "batch_size", "pretrain_epochs", "pretrain_batch_size", "synthetic_images"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if args.pretrain_limit is not None and args.pretrain_limit < 1:
-        parser.error(f"--pretrain-limit must be a positive number of images, got {args.pretrain_limit}")
-    if args.batch_size == 1 and args.img_size < 64:
-        # layer4 of the ResNet is (img_size / 32)^2 = 1 value per channel: BatchNorm cannot train on one value
-        parser.error(f"--batch-size 1 needs --img-size 64 or more (at {args.img_size} px the ResNet's last "
-                     f"BatchNorm sees one value per channel); pass --batch-size 2 or a larger --img-size")
-    for flag in ("lr", "pretrain_lr", "temperature"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.weight_decay < 0 or args.warmup_epochs < 0:
-        parser.error("--weight-decay and --warmup-epochs must not be negative")
-    if not 0 < args.test_fraction < 1:
-        parser.error(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
-    for value in (args.dev_split, *args.dev_splits):
-        if not 0 < value <= 1 - args.test_fraction + 1e-9:
-            parser.error(f"--dev-split / --dev-splits must be in (0, 1 - test fraction = {1 - args.test_fraction:g}]"
-                         f", got {value}")
-    if not 0 < args.val_fraction < 1:
-        parser.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
-    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        parser.error(f"--crop-scale needs 0 < LO <= HI <= 1, got {list(args.crop_scale)}")
-    if not 0 <= args.blur_prob <= 1 or args.color_strength < 0:
-        parser.error("--blur-prob must be in [0, 1] and --color-strength must not be negative")
-    if min(args.decoder_channels) < 1 or min(args.projection_dim, args.projection_hidden_dim) < 1:
-        parser.error("--decoder-channels, --projection-dim and --projection-hidden-dim must be positive")
-    for flag in ("init", "pretrain_init", "baseline_init"):
-        spec = getattr(args, flag)
-        if spec is None:
-            continue
-        kind = spec.split(":", 1)[0]
-        allowed = ("none", "imagenet", "simclr") if flag == "init" else ("none", "imagenet")
-        if kind not in allowed or (kind == "simclr" and ":" not in spec) or (kind == "none" and spec != "none"):
-            forms = "none | imagenet | imagenet:PATH" + (" | simclr:PATH (a pre-training checkpoint)"
-                                                         if flag == "init" else "")
-            parser.error(f"--{flag.replace('_', '-')} must be {forms}, got {spec!r}")
-    args.grid = parse_grid_sources(parser, args)
-    if args.experiment is None:
-        args.stage = args.stage or "both"
-        if args.pretrain_data == "folder" and args.pretrain_root is None and args.stage != "finetune":
-            parser.error("--pretrain-data folder needs --pretrain-root DIR (every image under DIR is used)")
-        if args.init is not None and args.stage != "finetune":
-            parser.error("--init is read by --stage finetune only: --stage both fine-tunes the encoder it "
-                         "pre-trains (OUT/pretrain.pt) and --stage pretrain fine-tunes nothing; use --pretrain-init")
-        if args.eval_only and args.stage == "pretrain":
-            parser.error("--eval-only scores a fine-tuned model: drop --stage pretrain")
-    check_run_arguments(parser, args, SCRIPT)
-    if args.experiment is None and args.stage == "both":
-        args.init = f"simclr:{os.path.join(args.out, 'pretrain.pt')}"  # CHOICE C7: the last pre-training epoch
-    elif args.init is None:
-        args.init = "none"
-    return args
-
-
-def parse_grid_sources(parser, args):
-    """--grid-sources LABEL=DATA[:ROOT] ... -> {label: {"pretrain_data": ..., "pretrain_root": ..., ...}}."""
-    if not args.experiment:
-        return None
-    if args.grid_sources is None:
-        if args.data == "shapes":  # CHOICE C15: small synthetic stand-ins for CIFAR-10 and CAT&DOG
-            return {"CIFAR": dict(pretrain_data="shapes", pretrain_source_size=args.pretrain_img_size // 2),
-                    "Pet": dict(pretrain_data="shapes", pretrain_source_size=args.pretrain_img_size)}
-        args.grid_sources = ["CIFAR=cifar10:data/cifar10", "Pet=catsdogs:data/catsdogs"]
-    sources = {}
-    for item in args.grid_sources:
-        label, _, spec = item.partition("=")
-        data, _, root = spec.partition(":")
-        choices = ("shapes", "cifar10", "catsdogs", "pets", "folder")
-        if not label or label == "baseline" or label in sources or data not in choices:
-            parser.error(f"--grid-sources takes LABEL=DATA[:ROOT] with a new label other than 'baseline' and DATA "
-                         f"one of {', '.join(choices)}, got {item!r}")
-        if data == "folder" and not root:
-            parser.error(f"--grid-sources {item!r}: folder needs a ROOT (folder=DIR)")
-        sources[label] = dict(pretrain_data=data, pretrain_root=root or None)
-    return sources
-
-
-# --- data: SimCLR views (Sec. 2.1) and the Pet splits (Sec. 3.1) ---
+# --- SimCLR views (Sec. 2.1 step 1) ---
 
 def simclr_augmentation(size, strength=1.0, blur_prob=0.5, crop_scale=(0.08, 1.0)):
     """SimCLR v1 augmentation (CHOICE C2): tv_tensors.Image uint8 (3, h, w) -> float (3, size, size), normalised."""
@@ -421,16 +91,6 @@ def simclr_augmentation(size, strength=1.0, blur_prob=0.5, crop_scale=(0.08, 1.0
         v2.Normalize(mean, std),
         v2.ToPureTensor(),
     ])
-
-
-def pretrain_augmentation(args):
-    """The views of this run's pre-training: simclr_augmentation with the run's flags."""
-    return simclr_augmentation(args.pretrain_img_size, args.color_strength, args.blur_prob, args.crop_scale)
-
-
-def keep_image(image):
-    """Identity transform for the image-only readers: the raw uint8 image goes to TwoViews (picklable for workers)."""
-    return image
 
 
 class TwoViews(Dataset):
@@ -451,159 +111,7 @@ class TwoViews(Dataset):
         return self.augment(image), self.augment(image)
 
 
-class ImageFolderFiles(Dataset):
-    """Every image file under a folder (recursively), uint8 tv_tensors.Image items, for --pretrain-data folder.
-
-    common.py's `folder` reader wants an images/ + masks/ pair; pre-training needs images only. Every file is fully
-    decoded once when the folder is scanned (common.readable_images): unreadable ones are skipped and counted.
-    """
-
-    EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-    def __init__(self, root):
-        if not os.path.isdir(root):
-            raise DatasetError(f"folder: {root} does not exist; pass --pretrain-root pointing at a folder of images")
-        paths = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in self.EXTENSIONS)
-        self.image_paths, self.skipped = readable_images(paths, desc="folder: decoding")
-        if not self.image_paths:
-            raise DatasetError(f"folder: no readable image files ({', '.join(self.EXTENSIONS)}) under {root}; "
-                               f"point --pretrain-root at a folder of images")
-        if self.skipped:
-            print(f"folder: skipped {len(self.skipped)} unreadable image files of {len(paths)} (e.g. "
-                  f"{self.skipped[0]})", file=sys.stderr)
-        # the class of an image = its first-level subfolder (a flat folder is one class): --pretrain-limit balances it
-        self.classes = [Path(p).relative_to(root).parts[0] if len(Path(p).relative_to(root).parts) > 1 else ""
-                        for p in self.image_paths]
-
-    def __len__(self):
-        return len(self.image_paths)
-
-    def __getitem__(self, index):
-        try:
-            with Image.open(self.image_paths[index]) as image:
-                array = np.asarray(image.convert("RGB"))
-        except Exception as error:  # changed on disk since the scan
-            raise DatasetError(f"folder: cannot read image {self.image_paths[index]} ({type(error).__name__}); "
-                               f"remove or replace the file") from None
-        return torchvision.tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
-
-
-def balanced_draw(classes, limit, seed):
-    """CHOICE C17: a seeded draw of `limit` item indices, round-robin over the classes -> sorted index list.
-
-    classes: one class key per item. Each class is visited in a seeded order; a class that runs out leaves its turns
-    to the others, so the draw is as balanced as the classes' sizes allow.
-    """
-    generator = np.random.default_rng(seed)
-    members = {}
-    for index, key in enumerate(classes):
-        members.setdefault(key, []).append(index)
-    queues = [[members[key][i] for i in generator.permutation(len(members[key]))] for key in sorted(members)]
-    chosen = []
-    while len(chosen) < limit and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < limit:
-                chosen.append(queue.pop(0))
-    return sorted(chosen)
-
-
-def pet_splits(num_images, dev_split, test_fraction=0.2, val_fraction=0.1, seed=0):
-    """Sec. 3.1 splits of a set of num_images -> dict of sorted index lists train, val, test, unused (CHOICE C9).
-
-    One seeded permutation: the first round(test_fraction * N) are the test set, whatever dev_split is; the next
-    round(dev_split * N) are the dev set (nested across dev fractions), split 90/10 into train and validation.
-    On all 7,349 Pet images: test 1,470; dev 80 % 5,879 = 5,291 train + 588 val.
-    """
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
-    num_test = round(test_fraction * num_images)
-    num_dev = min(round(dev_split * num_images), num_images - num_test)
-    num_val = round(val_fraction * num_dev)
-    dev = order[num_test:num_test + num_dev]
-    splits = {"train": dev[num_val:], "val": dev[:num_val], "test": order[:num_test],
-              "unused": order[num_test + num_dev:]}
-    for name in ("train", "val", "test"):
-        if not splits[name]:
-            raise DatasetError(f"the {name} split of {num_images} images is empty (dev {dev_split}, test "
-                               f"{test_fraction}, val {val_fraction}); use more images (--synthetic-images) or "
-                               f"larger fractions")
-    return {name: sorted(indices) for name, indices in splits.items()}
-
-
-def build_pool(args, transform, image_only=False):
-    """The labelled set that pet_splits divides: all 7,349 Pet images (trainval + test), or the synthetic pool."""
-    if args.data == "pets":
-        return build_dataset("pets", args.data_root, split="all", transform=transform, image_only=image_only,
-                             binary=True, border=args.border, download=args.download)[0]
-    return build_dataset("shapes", split="all", transform=transform, image_only=image_only, binary=True,
-                         image_size=args.img_size, num_images=args.synthetic_images, seed=args.split_seed)[0]
-
-
-def run_splits(args, num_images):
-    """pet_splits of the pool, then --limit: the first N indices of each split."""
-    splits = pet_splits(num_images, args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
-    return {name: indices[:args.limit] if args.limit else indices for name, indices in splits.items()}
-
-
-def build_finetune_data(args, runtime, names=("train", "val", "test")):
-    """-> {"train", "val", "test": Subset of the pool, "indices": the splits' pool indices}; every label checked."""
-    pool = build_pool(args, joint_transform(args.img_size))  # CHOICE C10: resize only, ImageNet normalisation
-    splits = run_splits(args, len(pool))
-    data = {"indices": {name: splits[name] for name in names}}
-    for name in names:
-        data[name] = Subset(pool, splits[name])
-        check_labels(data[name], desc=f"checking {name} labels")  # a bad trimap stops the run before any step
-    if "train" in names and args.img_size < 64 and -(-len(splits["train"]) // runtime.world_size) == 1:
-        raise DatasetError(f"the train split holds one image per process, and at --img-size {args.img_size} the "
-                           f"ResNet's last BatchNorm would see one value per channel; use more images or "
-                           f"--img-size 64")
-    return data
-
-
-def build_pretrain_images(args):
-    """The unlabelled pre-training images (uint8 tv_tensors.Image items), never the fine-tuning test set
-    -> (dataset, number of unreadable files skipped)."""
-    name, root = args.pretrain_data, args.pretrain_root
-    classes = None  # one class key per image, for --pretrain-limit's balanced draw (CHOICE C17)
-    if name == "shapes":  # the synthetic set's own unlabelled split: other images than the labelled pool
-        images = build_dataset("shapes", split="unlabeled", transform=keep_image, image_only=True,
-                               image_size=args.pretrain_source_size, num_images=args.synthetic_images,
-                               seed=args.split_seed)[0]
-    elif name == "pets":
-        if args.data == "pets":  # CHOICE C13: in-domain, the fine-tuning pool minus its fixed test set
-            pool = build_pool(args, keep_image, image_only=True)
-            test = set(pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction,
-                                  args.split_seed)["test"])
-            keep = [i for i in range(len(pool)) if i not in test]
-            images, classes = Subset(pool, keep), [pool.names[i].rsplit("_", 1)[0] for i in keep]
-        else:
-            images = build_dataset("pets", root, split="all", transform=keep_image, image_only=True,
-                                   download=args.download)[0]
-            classes = [stem.rsplit("_", 1)[0] for stem in images.names]
-    elif name == "folder":
-        images = ImageFolderFiles(root)
-        classes = images.classes
-    elif name == "catsdogs":  # common.py decodes every file and draws the balanced subset itself
-        options = {} if args.pretrain_limit is None else {"balanced_limit": args.pretrain_limit}
-        images = build_dataset("catsdogs", root, split="all", transform=keep_image, image_only=True,
-                               seed=args.split_seed, **options)[0]
-    else:  # CIFAR-10's 50,000 training images
-        images = build_dataset("cifar10", root, split="train", transform=keep_image, image_only=True,
-                               download=args.download)[0]
-    skipped = len(getattr(images, "skipped", []))
-    if args.pretrain_limit is not None and name != "catsdogs":
-        classes = classes if classes is not None else [""] * len(images)
-        images = Subset(images, balanced_draw(classes, args.pretrain_limit, args.split_seed))
-    if args.limit is not None:
-        images = Subset(images, range(min(len(images), args.limit)))
-    return images, skipped
-
-
-def build_pretrain_data(args):
-    images, skipped = build_pretrain_images(args)
-    return {"train": TwoViews(images, pretrain_augmentation(args)), "images": len(images), "skipped": skipped}
-
-
-# --- model: encoder, projection head (Sec. 2.1), U-Net (Sec. 2.2) ---
+# --- model: ResNet encoder, projection head (Sec. 2.1), U-Net (Sec. 2.2) ---
 
 class ResNetEncoder(nn.Module):
     """torchvision ResNet without avgpool/fc, under torchvision's own names (conv1, bn1, layer1 ... layer4).
@@ -699,28 +207,6 @@ class SimCLRUNet(nn.Module):
         return self.head(self.decoder(features, images.shape[-2:]))  # (B, 1, H, W)
 
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-# --- weights: ImageNet init and the strict transfer (Sec. 2.2 step 1) ---
-
-def load_imagenet_weights(encoder, spec, download=False):
-    """torchvision IMAGENET1K_V1 state_dict for `encoder`, from spec "imagenet:PATH" or the torch hub cache.
-
-    Never downloads unless `download` (--download) is set: a missing file raises UsageError naming where to put it.
-    """
-    weights = torchvision.models.get_model_weights(encoder)["IMAGENET1K_V1"]
-    path = Path(spec.split(":", 1)[1]) if ":" in spec else Path(torch.hub.get_dir()) / "checkpoints" / Path(
-        weights.url).name
-    if not path.is_file():
-        if download and ":" not in spec:
-            return weights.get_state_dict(progress=True)  # torchvision stores it in the hub cache
-        raise UsageError(f"ImageNet weights for {encoder} not found at {path}; download {weights.url} to that path, "
-                         f"pass --init imagenet:PATH, or add --download")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def transfer_encoder_weights(model, state_dict, source="checkpoint"):
     """Copy every encoder tensor (weights and BatchNorm buffers) into model.encoder by name -> number copied.
 
@@ -740,27 +226,12 @@ def transfer_encoder_weights(model, state_dict, source="checkpoint"):
         problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
                     ((missing, "missing"), (surplus, "unexpected"), (wrong_shape, "of another shape")) if keys]
         raise UsageError(f"{source} does not fit the {type(model.encoder).__name__} with {len(target)} tensors: "
-                         f"{', '.join(problems)}; pass a checkpoint of the same --encoder")
+                         f"{', '.join(problems)}; pass a checkpoint of the same --arch")
     model.encoder.load_state_dict({key: found[key] for key in target}, strict=True)
     return len(target)
 
 
-def initialise_encoder(model, spec, args, runtime, stage, flag):
-    """Apply an init spec (none | imagenet[:PATH] | simclr:PATH) to model.encoder; print what was loaded (rank 0)."""
-    if spec == "none":
-        say(runtime, f"{stage}: encoder from random init (no pre-training)")
-        return 0
-    if spec.startswith("imagenet"):
-        state_dict, source = load_imagenet_weights(args.encoder, spec, args.download), f"ImageNet weights ({spec})"
-    else:
-        path = spec.split(":", 1)[1]
-        state_dict, source = load_checkpoint(path, SCRIPT, flag=flag)["model"], path
-    count = transfer_encoder_weights(model, state_dict, source)
-    say(runtime, f"{stage}: loaded {count}/{count} encoder tensors from {source}")
-    return count
-
-
-# --- losses ---
+# --- losses: NT-Xent (Sec. 2.1, Eq. 2.1), segmentation (Sec. 2.2 step 3) ---
 
 class GatherWithGrad(torch.autograd.Function):
     """all_gather that passes gradients back: forward (n, d) per rank -> (W * n, d) in rank order.
@@ -836,6 +307,8 @@ def segmentation_loss(logits, labels, loss="bce", gamma=2.0, eps=1.0):
     return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
 
 
+# --- pre-training optimiser: LARS, warm-up + cosine (CHOICE C4) ---
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al. 2017), SimCLR's optimiser (CHOICE C4).
 
@@ -878,30 +351,6 @@ def warmup_cosine(step, warmup_steps, total_steps):
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def constant_lr(step):
-    return 1.0
-
-
-def build_optimizer(stage, model, args, steps_per_epoch):
-    """pretrain: LARS / Adam with warm-up + cosine; finetune: Adam at a constant lr (Sec. 2.2)."""
-    if stage == "finetune":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, constant_lr)
-    # CHOICE C4: conv and linear weights get weight decay and the trust ratio; biases and BatchNorm get neither
-    adapted = [p for p in model.parameters() if p.ndim > 1]
-    excluded = [p for p in model.parameters() if p.ndim <= 1]
-    if args.pretrain_optimizer == "lars":
-        optimizer = LARS([{"params": adapted}, {"params": excluded, "lars": False, "weight_decay": 0.0}],
-                         lr=args.pretrain_lr, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW([{"params": adapted}, {"params": excluded, "weight_decay": 0.0}],
-                                      lr=args.pretrain_lr, weight_decay=args.weight_decay)
-    total = args.pretrain_epochs * steps_per_epoch
-    schedule = functools.partial(warmup_cosine, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
-                                 total_steps=total)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 # --- loops (one epoch loop for both stages) ---
@@ -991,8 +440,6 @@ def markdown_table(rows, columns=TABLE_COLUMNS):
     return "\n".join(lines)
 
 
-# --- samples ---
-
 @torch.no_grad()
 def save_samples(stage, model, dataset, path, args, runtime, count=8):
     """PNG grid of the first items. pretrain: row 1 view 1, row 2 view 2. finetune: image, prediction, truth
@@ -1013,23 +460,230 @@ def save_samples(stage, model, dataset, path, args, runtime, count=8):
     save_image(grid, path)
 
 
-# --- the two stages ---
+# --- phases: the data of both stages (Sec. 3.1) ---
+
+def keep_image(image):
+    """Identity transform for the image-only readers: the raw uint8 image goes to TwoViews (picklable for workers)."""
+    return image
+
+
+def pet_splits(num_images, dev_split, test_fraction=0.2, val_fraction=0.1, seed=0):
+    """Sec. 3.1 splits of a set of num_images -> dict of sorted index lists train, val, test, unused (CHOICE C9).
+
+    One seeded permutation: the first round(test_fraction * N) are the test set, whatever dev_split is; the next
+    round(dev_split * N) are the dev set (nested across dev fractions), split 90/10 into train and validation.
+    On all 7,349 Pet images: test 1,470; dev 80 % 5,879 = 5,291 train + 588 val.
+    """
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
+    num_test = round(test_fraction * num_images)
+    num_dev = min(round(dev_split * num_images), num_images - num_test)
+    num_val = round(val_fraction * num_dev)
+    dev = order[num_test:num_test + num_dev]
+    splits = {"train": dev[num_val:], "val": dev[:num_val], "test": order[:num_test],
+              "unused": order[num_test + num_dev:]}
+    for name in ("train", "val", "test"):
+        if not splits[name]:
+            raise DatasetError(f"the {name} split of {num_images} images is empty (dev {dev_split}, test "
+                               f"{test_fraction}, val {val_fraction}); use more images (--synthetic-images) or "
+                               f"larger fractions")
+    return {name: sorted(indices) for name, indices in splits.items()}
+
+
+def build_pool(args, transform, image_only=False):
+    """The labelled set that pet_splits divides: all 7,349 Pet images (trainval + test), or the synthetic pool."""
+    if args.data == "pets":
+        return build_dataset("pets", args.data_root, split="all", transform=transform, image_only=image_only,
+                             binary=True, border=args.border, download=args.download)[0]
+    return build_dataset("shapes", split="all", transform=transform, image_only=image_only, binary=True,
+                         image_size=args.img_size, num_images=args.synthetic_images, seed=args.split_seed)[0]
+
+
+def run_splits(args, num_images):
+    """pet_splits of the pool, then --limit: the first N indices of each split."""
+    splits = pet_splits(num_images, args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
+    return {name: indices[:args.limit] if args.limit else indices for name, indices in splits.items()}
+
+
+def build_finetune_data(args, runtime, names=("train", "val", "test")):
+    """-> {"train", "val", "test": Subset of the pool, "indices": the splits' pool indices}; every label checked."""
+    pool = build_pool(args, joint_transform(args.img_size))  # CHOICE C10: resize only, ImageNet normalisation
+    splits = run_splits(args, len(pool))
+    data = {"indices": {name: splits[name] for name in names}}
+    for name in names:
+        data[name] = Subset(pool, splits[name])
+        check_labels(data[name], desc=f"checking {name} labels")  # a bad trimap stops the run before any step
+    if "train" in names and args.img_size < 64 and -(-len(splits["train"]) // runtime.world_size) == 1:
+        raise DatasetError(f"the train split holds one image per process, and at --img-size {args.img_size} the "
+                           f"ResNet's last BatchNorm would see one value per channel; use more images or "
+                           f"--img-size 64")
+    return data
+
+
+class ImageFolderFiles(Dataset):
+    """Every image file under a folder (recursively), uint8 tv_tensors.Image items, for --pretrain-data folder.
+
+    common.py's `folder` reader wants an images/ + masks/ pair; pre-training needs images only. Every file is fully
+    decoded once when the folder is scanned (common.readable_images): unreadable ones are skipped and counted.
+    """
+
+    EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise DatasetError(f"folder: {root} does not exist; pass --pretrain-root pointing at a folder of images")
+        paths = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+        self.image_paths, self.skipped = readable_images(paths, desc="folder: decoding")
+        if not self.image_paths:
+            raise DatasetError(f"folder: no readable image files ({', '.join(self.EXTENSIONS)}) under {root}; "
+                               f"point --pretrain-root at a folder of images")
+        if self.skipped:
+            print(f"folder: skipped {len(self.skipped)} unreadable image files of {len(paths)} (e.g. "
+                  f"{self.skipped[0]})", file=sys.stderr)
+        # the class of an image = its first-level subfolder (a flat folder is one class): --pretrain-limit balances it
+        self.classes = [Path(p).relative_to(root).parts[0] if len(Path(p).relative_to(root).parts) > 1 else ""
+                        for p in self.image_paths]
+
+    def __len__(self):
+        return len(self.image_paths)
+
+    def __getitem__(self, index):
+        try:
+            with Image.open(self.image_paths[index]) as image:
+                array = np.asarray(image.convert("RGB"))
+        except Exception as error:  # changed on disk since the scan
+            raise DatasetError(f"folder: cannot read image {self.image_paths[index]} ({type(error).__name__}); "
+                               f"remove or replace the file") from None
+        return torchvision.tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
+
+
+def balanced_draw(classes, limit, seed):
+    """CHOICE C17: a seeded draw of `limit` item indices, round-robin over the classes -> sorted index list.
+
+    classes: one class key per item. Each class is visited in a seeded order; a class that runs out leaves its turns
+    to the others, so the draw is as balanced as the classes' sizes allow.
+    """
+    generator = np.random.default_rng(seed)
+    members = {}
+    for index, key in enumerate(classes):
+        members.setdefault(key, []).append(index)
+    queues = [[members[key][i] for i in generator.permutation(len(members[key]))] for key in sorted(members)]
+    chosen = []
+    while len(chosen) < limit and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return sorted(chosen)
+
+
+def build_pretrain_images(args):
+    """The unlabelled pre-training images (uint8 tv_tensors.Image items), never the fine-tuning test set
+    -> (dataset, number of unreadable files skipped)."""
+    name, root = args.pretrain_data, args.pretrain_root
+    classes = None  # one class key per image, for --pretrain-limit's balanced draw (CHOICE C17)
+    if name == "shapes":  # the synthetic set's own unlabelled split: other images than the labelled pool
+        images = build_dataset("shapes", split="unlabeled", transform=keep_image, image_only=True,
+                               image_size=args.pretrain_source_size, num_images=args.synthetic_images,
+                               seed=args.split_seed)[0]
+    elif name == "pets":
+        if args.data == "pets":  # CHOICE C13: in-domain, the fine-tuning pool minus its fixed test set
+            pool = build_pool(args, keep_image, image_only=True)
+            test = set(pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction,
+                                  args.split_seed)["test"])
+            keep = [i for i in range(len(pool)) if i not in test]
+            images, classes = Subset(pool, keep), [pool.names[i].rsplit("_", 1)[0] for i in keep]
+        else:
+            images = build_dataset("pets", root, split="all", transform=keep_image, image_only=True,
+                                   download=args.download)[0]
+            classes = [stem.rsplit("_", 1)[0] for stem in images.names]
+    elif name == "folder":
+        images = ImageFolderFiles(root)
+        classes = images.classes
+    elif name == "catsdogs":  # common.py decodes every file and draws the balanced subset itself
+        options = {} if args.pretrain_limit is None else {"balanced_limit": args.pretrain_limit}
+        images = build_dataset("catsdogs", root, split="all", transform=keep_image, image_only=True,
+                               seed=args.split_seed, **options)[0]
+    else:  # CIFAR-10's 50,000 training images
+        images = build_dataset("cifar10", root, split="train", transform=keep_image, image_only=True,
+                               download=args.download)[0]
+    skipped = len(getattr(images, "skipped", []))
+    if args.pretrain_limit is not None and name != "catsdogs":
+        classes = classes if classes is not None else [""] * len(images)
+        images = Subset(images, balanced_draw(classes, args.pretrain_limit, args.split_seed))
+    if args.limit is not None:
+        images = Subset(images, range(min(len(images), args.limit)))
+    return images, skipped
+
+
+def pretrain_augmentation(args):
+    """The views of this run's pre-training: simclr_augmentation with the run's flags."""
+    return simclr_augmentation(args.pretrain_img_size, args.color_strength, args.blur_prob, args.crop_scale)
+
+
+def build_pretrain_data(args):
+    images, skipped = build_pretrain_images(args)
+    return {"train": TwoViews(images, pretrain_augmentation(args)), "images": len(images), "skipped": skipped}
+
+
+# --- phases: models and optimisers ---
+
+def load_imagenet_weights(encoder, spec, download=False):
+    """torchvision IMAGENET1K_V1 state_dict for `encoder`, from spec "imagenet:PATH" or the torch hub cache.
+
+    Never downloads unless `download` (--download) is set: a missing file raises UsageError naming where to put it.
+    """
+    weights = torchvision.models.get_model_weights(encoder)["IMAGENET1K_V1"]
+    path = Path(spec.split(":", 1)[1]) if ":" in spec else Path(torch.hub.get_dir()) / "checkpoints" / Path(
+        weights.url).name
+    if not path.is_file():
+        if download and ":" not in spec:
+            return weights.get_state_dict(progress=True)  # torchvision stores it in the hub cache
+        raise UsageError(f"ImageNet weights for {encoder} not found at {path}; download {weights.url} to that path, "
+                         f"pass --init imagenet:PATH, or add --download")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def initialise_encoder(model, spec, args, runtime, stage, flag):
+    """Apply an init spec (none | imagenet[:PATH] | simclr:PATH) to model.encoder; print what was loaded (rank 0)."""
+    if spec == "none":
+        say(runtime, f"{stage}: encoder from random init (no pre-training)")
+        return 0
+    if spec.startswith("imagenet"):
+        state_dict, source = load_imagenet_weights(args.arch, spec, args.download), f"ImageNet weights ({spec})"
+    else:
+        path = spec.split(":", 1)[1]
+        state_dict, source = load_checkpoint(path, SCRIPT, flag=flag)["model"], path
+    count = transfer_encoder_weights(model, state_dict, source)
+    say(runtime, f"{stage}: loaded {count}/{count} encoder tensors from {source}")
+    return count
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
 
 def arch_of(stage, args):
     """The architecture string checkpoints carry (load_checkpoint refuses a checkpoint of another one)."""
     if stage == "pretrain":
-        return f"SimCLR-{args.encoder}-head{args.projection_hidden_dim}x{args.projection_dim}"
-    return f"SimCLRUNet-{args.encoder}-decoder{'x'.join(map(str, args.decoder_channels))}"
+        return f"SimCLR-{args.arch}-head{args.projection_hidden_dim}x{args.projection_dim}"
+    return f"SimCLRUNet-{args.arch}-decoder{'x'.join(map(str, args.decoder_channels))}"
+
+
+def sync_batch_norm(model, enabled, runtime):
+    """`enabled` under torchrun on CUDA: BatchNorm over the batches of all ranks (SyncBatchNorm), so 2 processes with
+    batch B normalise as 1 with batch 2B; otherwise the model itself (SyncBatchNorm has no CPU kernel)."""
+    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def build_model(stage, args, runtime):
     """SimCLR (pretrain) or SimCLRUNet (finetune), initialised from --pretrain-init / --init, on the device."""
     torch.manual_seed(derive_seed(args.seed, "init", stage))  # identical initial weights on every rank and resume
     if stage == "pretrain":
-        model = SimCLR(args.encoder, args.projection_hidden_dim, args.projection_dim)
+        model = SimCLR(args.arch, args.projection_hidden_dim, args.projection_dim)
         initialise_encoder(model, args.pretrain_init, args, runtime, stage, "--pretrain-init")  # CHOICE C1
     else:
-        model = SimCLRUNet(args.encoder, args.decoder_channels)
+        model = SimCLRUNet(args.arch, args.decoder_channels)
         initialise_encoder(model, args.init, args, runtime, stage, "--init")
     model = model.to(runtime.device)
     if args.channels_last:
@@ -1037,9 +691,31 @@ def build_model(stage, args, runtime):
     return model
 
 
+def constant_lr(step):
+    return 1.0
+
+
+def build_optimizer(stage, model, args, steps_per_epoch):
+    """pretrain: LARS / Adam with warm-up + cosine; finetune: Adam at a constant lr (Sec. 2.2)."""
+    if stage == "finetune":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, constant_lr)
+    # CHOICE C4: conv and linear weights get weight decay and the trust ratio; biases and BatchNorm get neither
+    adapted = [p for p in model.parameters() if p.ndim > 1]
+    excluded = [p for p in model.parameters() if p.ndim <= 1]
+    if args.pretrain_optimizer == "lars":
+        optimizer = LARS([{"params": adapted}, {"params": excluded, "lars": False, "weight_decay": 0.0}],
+                         lr=args.pretrain_lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW([{"params": adapted}, {"params": excluded, "weight_decay": 0.0}],
+                                      lr=args.pretrain_lr, weight_decay=args.weight_decay)
+    total = args.pretrain_epochs * steps_per_epoch
+    schedule = functools.partial(warmup_cosine, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+                                 total_steps=total)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def finetune_model_name(args):
-    if args.model_name:
-        return args.model_name
     if args.init == "none":
         return "baseline"
     if args.init.startswith("imagenet"):
@@ -1052,13 +728,14 @@ def finetune_model_name(args):
     return f"SimCLR-{source}"
 
 
-def fit(stage, args, runtime, data, out, log, resume_state=None, model=None):
-    """Train one stage in run directory `out`, one metrics.jsonl record and one last.pt per epoch.
+# --- phases: the two stages, pretrain and finetune ---
 
-    pretrain -> summary dict (OUT/pretrain.pt = the last epoch, CHOICE C7); finetune -> test metrics of best.pt.
-    resume_state: the checkpoint of this stage to continue from (None: from epoch 1).
+def train_stage(stage, model, args, runtime, data, out, log, resume_state=None):
+    """The epoch loop of either stage in run directory `out`: one metrics.jsonl record and one last.pt per epoch.
+
+    finetune validates every epoch and links best.pt (CHOICE C11). resume_state: this stage's checkpoint to continue
+    from (None: from epoch 1). -> (model, wrapped for DDP, best_epoch, last epoch's training loss).
     """
-    model = model if model is not None else build_model(stage, args, runtime)
     pretrain = stage == "pretrain"
     batch_size = args.pretrain_batch_size if pretrain else args.batch_size
     train_loader = make_loader(data["train"], batch_size, args, runtime, train=True)
@@ -1109,15 +786,29 @@ def fit(stage, args, runtime, data, out, log, resume_state=None, model=None):
             if improved:
                 link_checkpoint(out / "last.pt", out / "best.pt")
             save_samples(stage, unwrap(model), data["train" if pretrain else "val"],
-                         out / "samples" / f"{stage}-epoch{epoch:03d}.png", args, runtime)
+                         out / "samples" / f"{stage}_epoch_{epoch:03d}.png", args, runtime)
         barrier()  # the other ranks wait until the checkpoint exists
-    if pretrain:
-        if runtime.main:
-            link_checkpoint(out / "last.pt", out / "pretrain.pt")  # CHOICE C7: the encoder fine-tuning starts from
-        barrier()
-        return pretrain_summary({"loss": last_loss, "epoch": epochs, "images": data["images"],
-                                 "skipped": data["skipped"]}, out)
-    best_state = load_checkpoint(out / "best.pt", SCRIPT, arch_of(stage, args))
+    return model, best_epoch, last_loss
+
+
+def pretrain(args, runtime, data, out, log, resume_state=None, model=None):
+    """Sec. 2.1: SimCLR on the unlabelled images -> results.json's "pretrain" summary; OUT/pretrain.pt = the last
+    epoch (CHOICE C7), the encoder fine-tuning starts from."""
+    model = model if model is not None else build_model("pretrain", args, runtime)
+    _, _, last_loss = train_stage("pretrain", model, args, runtime, data, out, log, resume_state)
+    if runtime.main:
+        link_checkpoint(out / "last.pt", out / "pretrain.pt")
+    barrier()
+    return pretrain_summary({"loss": last_loss, "epoch": args.pretrain_epochs, "images": data["images"],
+                             "skipped": data["skipped"]}, out)
+
+
+def finetune(args, runtime, data, out, log, resume_state=None, model=None):
+    """Sec. 2.2: the U-Net from --init on the dev split, best.pt by validation, then the test split once
+    -> results.json's "finetune" entry (test metrics of best.pt, the Table 4.1 row, the split sizes and indices)."""
+    model = model if model is not None else build_model("finetune", args, runtime)
+    model, best_epoch, _ = train_stage("finetune", model, args, runtime, data, out, log, resume_state)
+    best_state = load_checkpoint(out / "best.pt", SCRIPT, arch_of("finetune", args))
     load_state(model, best_state["model"], out / "best.pt")  # Sec. 2.2 (5): the selected weights meet the test set
     test = evaluate(unwrap(model), make_loader(data["test"], args.batch_size, args, runtime, train=False), args,
                     runtime)
@@ -1173,7 +864,8 @@ def run(args, runtime, data_cache=None):
         results["pretrain"] = pretrain_summary(load_checkpoint(out / "pretrain.pt", SCRIPT), out)
     for stage in data:  # the first stage gets the model prepare_run built
         state = resume_state if resume_state is not None and resume_state["stage"] == stage else None
-        results[stage] = fit(stage, args, runtime, data[stage], out, log, state, model)
+        results[stage] = (pretrain if stage == "pretrain" else finetune)(args, runtime, data[stage], out, log, state,
+                                                                         model)
         model = None
     if "finetune" in results:
         results["test"] = results["finetune"]["test"]
@@ -1181,6 +873,11 @@ def run(args, runtime, data_cache=None):
         write_json(out / "results.json", results)
     barrier()
     return results
+
+
+# --eval-only reads these from the checkpoint, so the test split is the one the model was trained beside
+SPLIT_PROTOCOL = ("img_size", "split_seed", "test_fraction", "val_fraction", "dev_split", "border",
+                  "synthetic_images", "limit", "loss")
 
 
 def evaluate_checkpoint(args, runtime):
@@ -1191,12 +888,12 @@ def evaluate_checkpoint(args, runtime):
     if saved.get("data", args.data) != args.data:
         raise UsageError(f"--checkpoint {path} was fine-tuned on --data {saved['data']}, not {args.data}; pass "
                          f"--data {saved['data']}")
-    for name in SPLIT_PROTOCOL + ("init", "model_name"):  # the test split the model was trained beside
+    for name in SPLIT_PROTOCOL + ("init",):  # the test split the model was trained beside
         if name in saved:
             setattr(args, name, saved[name])
     say(runtime, f"eval-only: {path}, " + ", ".join(f"{name}={getattr(args, name)}" for name in SPLIT_PROTOCOL))
     data = build_finetune_data(args, runtime, names=("test",))
-    model = SimCLRUNet(args.encoder, args.decoder_channels).to(runtime.device)
+    model = SimCLRUNet(args.arch, args.decoder_channels).to(runtime.device)
     load_state(model, state["model"], path)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -1210,141 +907,200 @@ def evaluate_checkpoint(args, runtime):
     return result
 
 
-# --- the Table 4.1 grid ---
+# --- command line ---
 
-def row_label(source, args):
-    """The Model column names the encoder's start (CHOICE C16): the baseline's init, or the SimCLR source and the
-    init its pre-training started from."""
-    if source == "baseline":
-        return f"baseline (init {args.baseline_init})"
-    return f"{source} (SimCLR from {args.pretrain_init})"
+def get_args(argv=None):
+    parser = ArgumentParser(description="SimCLR pre-training + U-Net fine-tuning (foreground segmentation, "
+                                        "Oxford-IIIT Pet)")
+    parser.add_argument("--data", default="shapes", choices=("shapes", "pets"),
+                        help="fine-tuning set: shapes = built-in synthetic binary set (default), pets = "
+                             "Oxford-IIIT Pet")
+    parser.add_argument("--data-root", default=os.path.join("data", "oxford-iiit-pet"),
+                        help="--data pets: the oxford-iiit-pet folder itself (images/, annotations/)")
+    parser.add_argument("--download", action="store_true",
+                        help="let torchvision download Pets / CIFAR-10, and torchvision ImageNet weights for an "
+                             "imagenet init when they are not in the torch hub cache")
+    parser.add_argument("--stage", default="both", choices=("pretrain", "finetune", "both"),
+                        help="pretrain = SimCLR only (Sec. 2.1); finetune = U-Net only (Sec. 2.2); both = pretrain, "
+                             "then fine-tune from it, in one run directory")
+    parser.add_argument("--arch", default=None, choices=sorted(ENCODER_CHANNELS),
+                        help="the ResNet encoder of both stages (paper: resnet50; shapes preset: resnet18, a CPU "
+                             "choice)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="fine-tuning image side in px (paper code: 224; shapes preset: 48)")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (Sec. 2.2: 60; shapes: 10)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="fine-tuning batch per process (authors' code: 32; shapes: 16)")
+    parser.add_argument("--lr", type=float, default=None, help="fine-tuning Adam lr (Sec. 2.2: 1e-4; shapes: 1e-3)")
+    add_run_arguments(parser, SCRIPT)
 
+    pre = parser.add_argument_group("pre-training (Sec. 2.1)")
+    pre.add_argument("--pretrain-data", default=None, choices=("shapes", "cifar10", "catsdogs", "pets", "folder"),
+                     help="unlabelled images for SimCLR (paper: cifar10, catsdogs = CAT&DOG; pets: with --data pets "
+                          "only the images outside the fixed test set; shapes: the synthetic unlabelled split; "
+                          "folder: every image under --pretrain-root); default shapes for --data shapes, else cifar10")
+    pre.add_argument("--pretrain-root", default=None,
+                     help="the pre-training set's own folder (default ./data/cifar10, ./data/catsdogs, "
+                          "./data/oxford-iiit-pet)")
+    pre.add_argument("--pretrain-limit", type=int, default=None, metavar="N",
+                     help="a seeded, class-balanced draw of N pre-training images (CHOICE C17; the authors used "
+                          "23,410 CAT&DOG images and as many CIFAR-10 ones)")
+    pre.add_argument("--pretrain-epochs", type=int, default=None, help="SimCLR epochs (Sec. 3.1: 20; shapes: 6)")
+    pre.add_argument("--pretrain-batch-size", type=int, default=None,
+                     help="images per process and step, each seen as two views (authors' code: 120; shapes: 32)")
+    pre.add_argument("--pretrain-lr", type=float, default=None,
+                     help="peak lr (LARS 0.3, authors' code; shapes preset: Adam 1e-3)")
+    pre.add_argument("--pretrain-optimizer", default=None, choices=("lars", "adam"),
+                     help="LARS (authors' code, SimCLR; the default) or Adam (the shapes preset)")
+    pre.add_argument("--weight-decay", type=float, default=1e-6,
+                     help="pre-training weight decay of conv and linear weights (authors' code: 1e-6)")
+    pre.add_argument("--warmup-epochs", type=float, default=None,
+                     help="linear lr warm-up before the cosine decay (default: 10 %% of --pretrain-epochs)")
+    pre.add_argument("--pretrain-img-size", type=int, default=None,
+                     help="side of the views in px (authors' config: 224; default: --img-size)")
+    pre.add_argument("--pretrain-source-size", type=int, default=None,
+                     help="--pretrain-data shapes only: side the synthetic images are drawn at before the crop "
+                          "(default: --pretrain-img-size)")
+    pre.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature tau (authors' config: 0.1)")
+    pre.add_argument("--projection-hidden-dim", type=int, default=512, help="projection head hidden width (code: 512)")
+    pre.add_argument("--projection-dim", type=int, default=128, help="projection head output width d (code: 128)")
+    pre.add_argument("--color-strength", type=float, default=None,
+                     help="colour distortion strength s (authors' config: 1.0; shapes preset: 0.5)")
+    pre.add_argument("--blur-prob", type=float, default=0.5, help="probability of the Gaussian blur (SimCLR v1: 0.5)")
+    pre.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                     help="area range of the random resized crop (SimCLR: 0.08 1; shapes preset: 0.3 1)")
+    pre.add_argument("--pretrain-init", default="none",
+                     help="encoder at the start of pre-training: none (authors' code, the default) | imagenet | "
+                          "imagenet:PATH")
+    pre.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                     help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
+                          "(SyncBatchNorm: SimCLR's global BN; 2 processes with batch B normalise as 1 with batch "
+                          "2B); --no-sync-bn: per process. No effect on one process or on the CPU")
 
-def grid_runs(args):
-    """-> list of (seed, kind, source, dev_split, run folder name, overrides) in run order."""
-    runs = []
-    for seed in args.seeds or (args.seed,):
-        for source, overrides in args.grid.items():
-            runs.append((seed, "pretrain", source, None, f"seed{seed}/pretrain-{source}", overrides))
-        for source in ("baseline", *args.grid):
-            for dev_split in args.dev_splits:
-                runs.append((seed, "finetune", source, dev_split,
-                             f"seed{seed}/finetune-{source}-dev{round(100 * dev_split)}", {}))
-    return runs
-
-
-def grid_run_args(args, seed, kind, source, dev_split, name, overrides):
-    """The Namespace of one grid run: the grid's flags with this row's seed, stage, init and split."""
-    out = Path(args.out) / name
-    run_args = copy.copy(args)
-    vars(run_args).update(experiment=None, grid=None, seed=seed, out=str(out), stage=kind, eval_only=False,
-                          checkpoint=None, resume=(out / "last.pt").is_file(), **overrides)
-    if kind == "finetune":
-        pretrained = Path(args.out) / f"seed{seed}" / f"pretrain-{source}" / "pretrain.pt"
-        run_args.init = args.baseline_init if source == "baseline" else f"simclr:{pretrained}"
-        run_args.dev_split, run_args.model_name = dev_split, row_label(source, args)
-    return run_args
-
-
-def summarise(rows):
-    """Per (Model, Dev Split): mean and sample standard deviation over the seeds of every metric column."""
-    groups = {}
-    for row in rows:
-        groups.setdefault((row["Model"], row["Dev Split"]), []).append(row)
-    summary = []
-    for (model, dev), members in groups.items():
-        entry = {"ID": len(summary), "Model": model, "Loss Func": members[0]["Loss Func"], "Dev Split": dev,
-                 "Source": members[0]["Source"], "Seeds": len(members)}
-        for column in METRIC_COLUMNS:
-            values = [m[column] for m in members]
-            entry[column] = statistics.fmean(values)
-            entry[f"{column} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary.append(entry)
-    return summary
-
-
-def summary_markdown(summary):
-    columns = ("ID", "Model", "Loss Func", "Dev Split", "Seeds") + METRIC_COLUMNS
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for entry in summary:
-        cells = [str(entry[c]) for c in columns[:5]] + [f"{entry[c]:.3f} ± {entry[c + ' std']:.3f}"
-                                                         for c in METRIC_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def run_table41(args, runtime):
-    """Table 4.1: pre-train every source once per seed, fine-tune baseline + sources x dev splits x seeds.
-
-    Every run is a run directory of its own under OUT/seed<S>/; with --resume finished runs are read back and an
-    unfinished one continues. Writes OUT/table4.1.md (mean +- std over seeds), table4.1.csv (one row per run and
-    seed) and table4.1-summary.csv.
-    """
-    check_run_dir(args, SCRIPT, resume_files=("config.json",))
-    runs = grid_runs(args)
-    data_cache = {}
-    for run_spec in runs:  # every split's labels and every pre-training set are read before anything is written
-        run_args = grid_run_args(args, *run_spec)
-        if run_spec[1] == "pretrain":
-            key = ("pretrain", run_args.pretrain_data, run_args.pretrain_root, run_args.pretrain_source_size)
-            if key not in data_cache:
-                data_cache[key] = build_pretrain_data(run_args)
-        elif ("finetune", run_args.dev_split) not in data_cache:
-            data_cache[("finetune", run_args.dev_split)] = build_finetune_data(run_args, runtime)
-    baseline = next(spec for spec in runs if spec[2] == "baseline")
-    build_model("finetune", grid_run_args(args, *baseline), runtime)  # the model flags and --baseline-init work
-    build_model("pretrain", grid_run_args(args, *runs[0]), runtime)  # and --pretrain-init
-    out = create_run_dir(args, SCRIPT, {"args": vars(args), "world_size": runtime.world_size}, runtime)
-    rows, start = [], time.perf_counter()
-    for seed, kind, source, dev_split, name, overrides in runs:
-        run_args = grid_run_args(args, seed, kind, source, dev_split, name, overrides)
-        run_dir = Path(run_args.out)
-        say(runtime, f"== table4.1: seed {seed}, {kind} {source}" + (f", dev {dev_split:g}" if dev_split else "") +
-            f" -> {run_dir}")
-        if (run_dir / "results.json").is_file():
-            results = json.loads((run_dir / "results.json").read_text())
-        else:
-            if run_dir.is_dir() and not run_args.resume and runtime.main and run_of(run_dir) == SCRIPT:
-                shutil.rmtree(run_dir)  # our own run, stopped before its first checkpoint: nothing to keep
-            barrier()
-            results = run(run_args, runtime, data_cache)
-        if kind == "finetune":
-            rows.append({**results["finetune"]["row"], "ID": len(rows), "Seed": seed, "Source": source})
-    summary = summarise(rows)
-    seeds = list(args.seeds or (args.seed,))
-    note = (f"\n\nData: {args.data} (fine-tuning), {len(seeds)} seed(s) {seeds} (mean ± sample std over seeds), "
-            f"split seed {args.split_seed} (one test set for every row and seed), encoder {args.encoder}, "
-            f"{args.img_size} px, {args.pretrain_epochs} pre-training / {args.epochs} fine-tuning epochs, "
-            f"{runtime.world_size} process(es) on {runtime.device.type}, {time.perf_counter() - start:.0f} s.\n")
-    if args.data == "pets":
-        note += "\nThe report's IOU (one run each): " + ", ".join(
-            f"{e['Source']} {e['Dev Split']}: {PAPER_TABLE41[(e['Source'], e['Dev Split'])]:.3f}"
-            for e in summary if (e["Source"], e["Dev Split"]) in PAPER_TABLE41) + ".\n"
-    results = {"experiment": "table4.1", "seeds": seeds, "rows": rows, "summary": summary}
-    if runtime.main:
-        (out / "table4.1.md").write_text("# Table 4.1 (our run)\n\n" + summary_markdown(summary) + note)
-        with open(out / "table4.1.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=("Seed", "Source") + TABLE_COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-        with open(out / "table4.1-summary.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
-            writer.writeheader()
-            writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in e.items()} for e in summary)
-        write_json(out / "results.json", results)
-        print(summary_markdown(summary) + note, flush=True)
-    barrier()
-    return results
+    fine = parser.add_argument_group("fine-tuning (Sec. 2.2, 3.1)")
+    fine.add_argument("--init", default=None,
+                      help="--stage finetune: encoder init none (the paper's fully supervised baseline; the default) "
+                           "| imagenet | imagenet:PATH | simclr:PATH (a pre-training checkpoint, e.g. OUT/pretrain.pt)"
+                           "; --stage both always starts from its own OUT/pretrain.pt")
+    fine.add_argument("--decoder-channels", type=int, nargs=5, default=(256, 128, 64, 32, 16), metavar="C",
+                      help="U-Net decoder widths, deepest first (smp Unet, the authors' code: 256 128 64 32 16)")
+    fine.add_argument("--loss", default="bce", choices=("bce", "dice", "focal"),
+                      help="fine-tuning loss (paper: bce, the default; the authors' code also offers dice and focal)")
+    fine.add_argument("--select-by", default="val_loss", choices=("val_loss", "val_iou"),
+                      help="best.pt = lowest validation loss (report, the default) or highest validation IoU "
+                           "(authors' code)")
+    fine.add_argument("--dev-split", type=float, default=0.8,
+                      help="development fraction of the whole set (Sec. 3.1: 0.8, the default, 0.5, 0.2); the rest "
+                           "minus the test set is unused")
+    fine.add_argument("--test-fraction", type=float, default=0.2, help="fixed test fraction (Sec. 3.1: 0.2)")
+    fine.add_argument("--val-fraction", type=float, default=0.1,
+                      help="validation fraction of the dev set (Sec. 3.1: 90/10 train/val, so 0.1)")
+    fine.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the split permutation (the fixed test set) and of --pretrain-limit's draw")
+    fine.add_argument("--border", default="foreground", choices=("foreground", "background", "ignore"),
+                      help="Pet trimap class 3 (the border) becomes this (CHOICE C8; default foreground)")
+    fine.add_argument("--synthetic-images", type=int, default=384,
+                      help="--data shapes / --pretrain-data shapes: images in the labelled synthetic pool that "
+                           "pet_splits divides, and in the unlabelled synthetic pre-training set")
+    args = parser.parse_args(argv)
+    apply_presets(args)
+    check_args(parser, args)
+    check_run_arguments(parser, args, SCRIPT)
+    if args.stage == "both":
+        args.init = f"simclr:{os.path.join(args.out, 'pretrain.pt')}"  # CHOICE C7: the last pre-training epoch
+    elif args.init is None:
+        args.init = "none"
+    return args
 
 
-# --- helpers for the loops (moved out of the plumbing block) ---
+def apply_presets(args):
+    """Data-dependent defaults: the paper's settings for real data, a CPU preset for the synthetic set (CHOICE C14)."""
+    synthetic = args.data == "shapes"
+    presets = dict(img_size=(48, 224), epochs=(10, 60), batch_size=(16, 32), lr=(1e-3, 1e-4),
+                   arch=("resnet18", "resnet50"), pretrain_data=("shapes", "cifar10"), pretrain_epochs=(6, 20),
+                   pretrain_batch_size=(32, 120), pretrain_optimizer=("adam", "lars"),
+                   crop_scale=((0.3, 1.0), (0.08, 1.0)), color_strength=(0.5, 1.0))
+    for name, (shapes_value, paper_value) in presets.items():
+        if getattr(args, name) is None:
+            setattr(args, name, shapes_value if synthetic else paper_value)
+    args.crop_scale = tuple(args.crop_scale)
+    args.decoder_channels = tuple(args.decoder_channels)
+    if args.pretrain_lr is None:
+        args.pretrain_lr = 0.3 if args.pretrain_optimizer == "lars" else 1e-3
+    if args.pretrain_img_size is None:
+        args.pretrain_img_size = args.img_size
+    if args.pretrain_source_size is None:
+        args.pretrain_source_size = args.pretrain_img_size
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 0.1 * args.pretrain_epochs
+    if args.pretrain_root is None and args.pretrain_data in ("cifar10", "catsdogs", "pets"):
+        folder = {"cifar10": "cifar10", "catsdogs": "catsdogs", "pets": "oxford-iiit-pet"}[args.pretrain_data]
+        args.pretrain_root = os.path.join("data", folder)
 
-def sync_batch_norm(model, enabled, runtime):
-    """`enabled` under torchrun on CUDA: BatchNorm over the batches of all ranks (SyncBatchNorm), so 2 processes with
-    batch B normalise as 1 with batch 2B; otherwise the model itself (SyncBatchNorm has no CPU kernel)."""
-    if enabled and runtime.world_size > 1 and runtime.device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+
+def check_args(parser, args):
+    """Refuse impossible values and combinations that would be ignored: one `error:` line naming the flag."""
+    if args.pretrain_source_size < 8:
+        parser.error(f"--pretrain-source-size must be at least 8 px, got {args.pretrain_source_size}")
+    for flag in ("img_size", "pretrain_img_size"):
+        if getattr(args, flag) < 32:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 32 px (the ResNet downsamples by 32), "
+                         f"got {getattr(args, flag)}")
+    for flag in ("epochs", "batch_size", "pretrain_epochs", "pretrain_batch_size", "synthetic_images"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.pretrain_limit is not None and args.pretrain_limit < 1:
+        parser.error(f"--pretrain-limit must be a positive number of images, got {args.pretrain_limit}")
+    if args.batch_size == 1 and args.img_size < 64:
+        # layer4 of the ResNet is (img_size / 32)^2 = 1 value per channel: BatchNorm cannot train on one value
+        parser.error(f"--batch-size 1 needs --img-size 64 or more (at {args.img_size} px the ResNet's last "
+                     f"BatchNorm sees one value per channel); pass --batch-size 2 or a larger --img-size")
+    for flag in ("lr", "pretrain_lr", "temperature"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.weight_decay < 0 or args.warmup_epochs < 0:
+        parser.error("--weight-decay and --warmup-epochs must not be negative")
+    if not 0 < args.test_fraction < 1:
+        parser.error(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
+    if not 0 < args.dev_split <= 1 - args.test_fraction + 1e-9:
+        parser.error(f"--dev-split must be in (0, 1 - test fraction = {1 - args.test_fraction:g}], got "
+                     f"{args.dev_split}")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        parser.error(f"--crop-scale needs 0 < LO <= HI <= 1, got {list(args.crop_scale)}")
+    if not 0 <= args.blur_prob <= 1 or args.color_strength < 0:
+        parser.error("--blur-prob must be in [0, 1] and --color-strength must not be negative")
+    if min(args.decoder_channels) < 1 or min(args.projection_dim, args.projection_hidden_dim) < 1:
+        parser.error("--decoder-channels, --projection-dim and --projection-hidden-dim must be positive")
+    for flag in ("init", "pretrain_init"):
+        spec = getattr(args, flag)
+        if spec is None:
+            continue
+        kind = spec.split(":", 1)[0]
+        allowed = ("none", "imagenet", "simclr") if flag == "init" else ("none", "imagenet")
+        if kind not in allowed or (kind == "simclr" and ":" not in spec) or (kind == "none" and spec != "none"):
+            forms = "none | imagenet | imagenet:PATH" + (" | simclr:PATH (a pre-training checkpoint)"
+                                                         if flag == "init" else "")
+            parser.error(f"--{flag.replace('_', '-')} must be {forms}, got {spec!r}")
+    if args.pretrain_data == "folder" and args.pretrain_root is None and args.stage != "finetune":
+        parser.error("--pretrain-data folder needs --pretrain-root DIR (every image under DIR is used)")
+    if args.init is not None and args.stage != "finetune":
+        parser.error("--init is read by --stage finetune only: --stage both fine-tunes the encoder it "
+                     "pre-trains (OUT/pretrain.pt) and --stage pretrain fine-tunes nothing; use --pretrain-init")
+    if args.eval_only and args.stage == "pretrain":
+        parser.error("--eval-only scores a fine-tuned model: drop --stage pretrain")
+
+
+def main(args):
+    check_run_dir(args, SCRIPT)
+    runtime = setup_runtime(args)
+    try:
+        if args.eval_only:
+            return evaluate_checkpoint(args, runtime)
+        return run(args, runtime)
+    finally:
+        shutdown(runtime)
 
 
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
@@ -1734,21 +1490,6 @@ def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on 
         sys.exit(130)
 
 # --- end of plumbing ---
-
-
-# --- main ---
-
-def main(args):
-    check_run_dir(args, SCRIPT, resume_files=("config.json",) if args.experiment else ("last.pt",))
-    runtime = setup_runtime(args)
-    try:
-        if args.eval_only:
-            return evaluate_checkpoint(args, runtime)
-        if args.experiment == "table4.1":
-            return run_table41(args, runtime)
-        return run(args, runtime)
-    finally:
-        shutdown(runtime)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Tests for simclr_seg.py, in the file's order: views, data, splits, model, transfer, losses, loops, runs, grid, CLI.
+"""Tests for simclr_seg.py: views, data, splits, model, transfer, losses, loops, runs, the Table 4.1 script, CLI.
 
 Run as a script under torchrun (see test_torchrun_gloo_uses_all_ranks_negatives) it is the 2-process worker.
 """
+import importlib.util
 import json
 import math
 import sys
@@ -31,8 +32,8 @@ CONTRACT_TINY = ["--img-size", "64", "--synthetic-images", "24", "--batch-size",
 # batches vs 1 with twice them
 CONTRACT_ONE_STEP = ["--img-size", "64", "--synthetic-images", "24", "--limit", "8", "--epochs", "1",
                      "--pretrain-epochs", "1", *SMALL_MODEL, "--batch-size", "4", "--pretrain-batch-size", "4"]
-# ... and the same on a fake Oxford-IIIT Pet tree that the contract test puts under --data-root
-CONTRACT_FOLDER = ["--data", "pets", "--pretrain-data", "pets", "--encoder", "resnet18", "--img-size", "64",
+# ... and the same on a fake Oxford-IIIT Pet tree: the contract test passes its oxford-iiit-pet folder as --data-root
+CONTRACT_FOLDER = ["--data", "pets", "--pretrain-data", "pets", "--arch", "resnet18", "--img-size", "64",
                    "--batch-size", "8", "--pretrain-batch-size", "8", "--epochs", "1", "--pretrain-epochs", "1",
                    *SMALL_MODEL]
 # Tiny CPU preset of the tests below: ResNet-18 at 32 px, a few dozen synthetic images
@@ -63,7 +64,8 @@ def runtime():
 
 
 def make_pets(root, trimaps):
-    """A fake oxford-iiit-pet/ release: one 32x32 image per given (32, 32) uint8 trimap, all in trainval."""
+    """A fake oxford-iiit-pet/ release under root: one 32x32 image per (32, 32) uint8 trimap, all in trainval
+    -> the oxford-iiit-pet folder (what --data-root takes)."""
     base = root / "oxford-iiit-pet"
     (base / "images").mkdir(parents=True)
     (base / "annotations" / "trimaps").mkdir(parents=True)
@@ -74,7 +76,7 @@ def make_pets(root, trimaps):
         Image.fromarray(trimap).save(base / "annotations" / "trimaps" / f"{stem}.png")
     (base / "annotations" / "trainval.txt").write_text("".join(f"{s} 1 1 1\n" for s in stems))
     (base / "annotations" / "test.txt").write_text("")
-    return root
+    return base
 
 
 # --- views (Sec. 2.1) ---
@@ -276,7 +278,7 @@ def test_transfer_loads_every_encoder_tensor():
 def test_transfer_fails_loudly_on_a_mismatched_checkpoint():
     unet = simclr_seg.SimCLRUNet("resnet18", (32, 16, 16, 8, 8))
     resnet50 = simclr_seg.SimCLR("resnet50", 64, 32).state_dict()
-    with pytest.raises(simclr_seg.UsageError, match="of another shape.*same --encoder"):
+    with pytest.raises(simclr_seg.UsageError, match="of another shape.*same --arch"):
         simclr_seg.transfer_encoder_weights(unet, resnet50)
     partial = {k: v for k, v in simclr_seg.SimCLR("resnet18", 64, 32).state_dict().items() if "layer4" not in k}
     with pytest.raises(simclr_seg.UsageError, match=r"missing \(e.g. layer4"):
@@ -467,9 +469,9 @@ def test_pretrain_loss_falls_and_finetune_beats_chance(tmp_path):
     test = results["finetune"]["test"]
     assert test["iou"] > foreground_fraction(args) + 0.1
     assert results["finetune"]["model"] == "SimCLR-shapes" and results["finetune"]["split_sizes"]["test"] == 19
-    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "samples/finetune-epoch006.png"):
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "samples/finetune_epoch_006.png"):
         assert (tmp_path / "fine" / name).exists(), name
-    assert (tmp_path / "pre" / "samples" / "pretrain-epoch008.png").exists()
+    assert (tmp_path / "pre" / "samples" / "pretrain_epoch_008.png").exists()
 
 
 def foreground_fraction(args):
@@ -522,91 +524,93 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, monkeypatch):
         assert torch.equal(value, pretrained[f"encoder.{key}"]), key
 
 
-# --- the Table 4.1 grid ---
+def test_temperature_reaches_the_training_loss(tmp_path, monkeypatch):
+    """--temperature is the tau of every pre-training step's NT-Xent (a run that trains with the default 0.1 whatever
+    the flag says passes every other test)."""
+    seen = []
+    nt_xent_loss = simclr_seg.nt_xent_loss
 
-def test_table41_grid_is_fair_and_seeded(tmp_path, monkeypatch):
-    """Each row's encoder at its first fine-tuning step is the checkpoint it names; the test indices are the same
-    for every row and seed; the table gives mean +- std and the seed count."""
-    import torchvision
-    torch.manual_seed(5)
-    imagenet = tmp_path / "fake_imagenet.pth"  # a stand-in for torchvision's file, to see the baseline load it
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), imagenet)
-    first = {}
-    train_one_epoch = simclr_seg.train_one_epoch
+    def spy(z1, z2, temperature=0.1):
+        seen.append(temperature)
+        return nt_xent_loss(z1, z2, temperature)
 
-    def spy(stage, model, loader, optimizer, scheduler, step_fn, guard, epoch, args, runtime):
-        if stage == "finetune" and epoch == 1:
-            first[Path(args.out).relative_to(tmp_path / "run").as_posix()] = {
-                k: v.clone() for k, v in simclr_seg.unwrap(model).encoder.state_dict().items()}
-        return train_one_epoch(stage, model, loader, optimizer, scheduler, step_fn, guard, epoch, args, runtime)
+    monkeypatch.setattr(simclr_seg, "nt_xent_loss", spy)
+    run_main(tmp_path, "--stage", "pretrain", "--pretrain-epochs", "1", "--limit", "16", "--temperature", "0.37")
+    assert seen == [0.37, 0.37]  # 16 images, batch 8: two steps
 
-    monkeypatch.setattr(simclr_seg, "train_one_epoch", spy)
-    _, results = run_main(tmp_path, "--experiment", "table4.1", "--pretrain-epochs", "1", "--epochs", "1",
-                          "--dev-splits", "0.2", "0.8", "--synthetic-images", "32", "--seeds", "0", "1",
-                          "--baseline-init", f"imagenet:{imagenet}")
-    rows = results["rows"]
-    assert [(r["Seed"], r["Source"], r["Dev Split"]) for r in rows] == [
-        (s, source, dev) for s in (0, 1) for source in ("baseline", "CIFAR", "Pet") for dev in (20, 80)]
-    assert rows[0]["Model"] == f"baseline (init imagenet:{imagenet})" and rows[2]["Model"] == "CIFAR (SimCLR from none)"
-    bare = torch.load(imagenet, weights_only=True)
-    pretrained = {}
-    for name, encoder in first.items():
-        seed, run = name.split("/")
-        source = run.split("-")[1]
-        if source == "baseline":
-            expected = bare
+
+# --- the Table 4.1 grid (experiments/simclr_pets/table41.py, which calls the CLI) ---
+
+def load_table41():
+    spec = importlib.util.spec_from_file_location("table41", ROOT / "experiments" / "simclr_pets" / "table41.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table41_commands_parse_and_are_fair(tmp_path, capsys):
+    """Every command the grid builds parses with simclr_seg.get_args; each row's fine-tuning starts from its own
+    pre-training (or the baseline init) on the same split seed; the flags the grid sets per run are refused."""
+    table41 = load_table41()
+    args = table41.get_args(["--out", str(tmp_path), "--seeds", "0", "1", "--dev-splits", "0.2", "0.8",
+                             "--baseline-init", "imagenet:/x.pth", "--pretrain-init", "imagenet:/y.pth"])
+    runs = table41.grid_runs(args)
+    assert [(r[0], r[1], r[2], r[3]) for r in runs] == [
+        (s, kind, source, dev) for s in (0, 1) for kind, source, dev in
+        [("pretrain", "CIFAR", None), ("pretrain", "Pet", None)] +
+        [("finetune", source, dev) for source in ("baseline", "CIFAR", "Pet") for dev in (0.2, 0.8)]]
+    for seed, kind, source, dev_split, folder, argv in runs:
+        parsed = simclr_seg.get_args(argv)
+        assert (parsed.seed, parsed.stage, parsed.out, parsed.split_seed) == (seed, kind, str(folder), 0)
+        assert (parsed.img_size, parsed.epochs, parsed.pretrain_epochs, parsed.synthetic_images) == (32, 6, 4, 192)
+        if kind == "pretrain":
+            assert parsed.pretrain_source_size == {"CIFAR": 16, "Pet": 32}[source]  # CHOICE C15
+            assert parsed.pretrain_init == "imagenet:/y.pth"
         else:
-            state = torch.load(tmp_path / "run" / seed / f"pretrain-{source}" / "pretrain.pt", weights_only=True)
-            expected = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-            pretrained[(seed, source)] = expected["conv1.weight"]
-        assert all(torch.equal(encoder[k], expected[k]) for k in encoder), name
-    assert len(first) == 12 and len(pretrained) == 4
-    assert not torch.equal(pretrained[("seed0", "CIFAR")], pretrained[("seed1", "CIFAR")])  # a pre-training per seed
-    assert not torch.equal(pretrained[("seed0", "CIFAR")], pretrained[("seed0", "Pet")])
-    test_sets = {json.dumps(json.loads(p.read_text())["finetune"]["split_indices"]["test"])
-                 for p in (tmp_path / "run").glob("seed*/finetune-*/results.json")}
-    assert len(test_sets) == 1 and len(json.loads(test_sets.pop())) == 6
-    out = tmp_path / "run"
-    assert (out / "table4.1.csv").read_text().splitlines()[0] == ",".join(("Seed", "Source") +
-                                                                           simclr_seg.TABLE_COLUMNS)
-    table = (out / "table4.1.md").read_text()
-    assert table.count("\n| ") == 7 and "| Seeds |" in table and "2 seed(s) [0, 1]" in table
-    summary = results["summary"]
-    iou = [r["IOU"] for r in rows if r["Source"] == "Pet" and r["Dev Split"] == 80]
-    entry = next(e for e in summary if e["Source"] == "Pet" and e["Dev Split"] == 80)
-    assert entry["Seeds"] == 2 and entry["IOU"] == pytest.approx(sum(iou) / 2)
-    assert entry["IOU std"] == pytest.approx(abs(iou[0] - iou[1]) / math.sqrt(2))
-    assert f"{entry['IOU']:.3f} ± {entry['IOU std']:.3f}" in table
-    again = simclr_seg.main(simclr_seg.get_args([*TINY, "--out", str(out), "--experiment", "table4.1",
-                                                 "--pretrain-epochs", "1", "--epochs", "1", "--dev-splits", "0.2",
-                                                 "0.8", "--synthetic-images", "32", "--seeds", "0", "1",
-                                                 "--baseline-init", f"imagenet:{imagenet}", "--resume"]))
-    assert again["rows"] == rows and len(first) == 12  # --resume reads the finished runs back, trains nothing
+            pretrained = tmp_path / f"seed{seed}" / f"pretrain-{source}" / "pretrain.pt"
+            assert parsed.init == ("imagenet:/x.pth" if source == "baseline" else f"simclr:{pretrained}")
+            assert parsed.dev_split == dev_split
+    assert table41.row_label("Pet", args) == "Pet (SimCLR from imagenet:/y.pth)"
+    pets = table41.get_args(["--data", "pets", "--grid-sources", "Pet=pets", "Med=folder:/x/images"])
+    assert pets.sources == {"Pet": ["--pretrain-data", "pets"],
+                            "Med": ["--pretrain-data", "folder", "--pretrain-root", "/x/images"]}
+    for argv in (["--stage", "finetune"], ["--seed", "3"], ["--init", "none"], ["--dev-split", "0.5"],
+                 ["--grid-sources", "baseline=shapes"]):
+        with pytest.raises(SystemExit):
+            table41.get_args(argv)
+        assert argv[0] in capsys.readouterr().err
 
 
-def test_grid_refuses_flags_it_would_ignore(capsys):
-    for argv, flag in ((["--init", "none"], "--init"), (["--stage", "finetune"], "--stage"),
-                       (["--dev-split", "0.5"], "--dev-split"), (["--model-name", "x"], "--model-name"),
-                       (["--pretrain-data", "shapes"], "--pretrain-data"), (["--eval-only"], "--eval-only")):
-        with pytest.raises(SystemExit):
-            simclr_seg.get_args(["--experiment", "table4.1", *argv])
-        assert flag in capsys.readouterr().err
-    for argv in (["--seeds", "0", "1"], ["--baseline-init", "imagenet"], ["--dev-splits", "0.2"],
-                 ["--grid-sources", "A=shapes"]):
-        with pytest.raises(SystemExit):
-            simclr_seg.get_args(argv)
-        err = capsys.readouterr().err
-        assert argv[0] in err and "table4.1" in err
-    with pytest.raises(SystemExit):  # --seeds names the seeds: a --seed beside it would be ignored
-        simclr_seg.get_args(["--experiment", "table4.1", "--seeds", "0", "1", "--seed", "3"])
-    assert "--seed and --seeds" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        simclr_seg.get_args(["--experiment", "table4.1", "--grid-sources", "baseline=shapes"])
-    assert "--grid-sources" in capsys.readouterr().err
-    args = simclr_seg.get_args(["--data", "pets", "--experiment", "table4.1", "--grid-sources", "Pet=pets",
-                                "Med=folder:/x/images"])
-    assert args.grid == {"Pet": {"pretrain_data": "pets", "pretrain_root": None},
-                         "Med": {"pretrain_data": "folder", "pretrain_root": "/x/images"}}
+def test_table41_summary_mean_and_std():
+    table41 = load_table41()
+    rows = [{"Model": "m", "Loss Func": "BCE", "Dev Split": 80, "Source": "Pet",
+             **{c: v for c in table41.METRIC_COLUMNS}} for v in (0.5, 0.7)]
+    entry = table41.summarise(rows)[0]
+    assert entry["Seeds"] == 2 and entry["IOU"] == pytest.approx(0.6)
+    assert entry["IOU std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert "| 0 | m | BCE | 80 | 2 | 0.600 ± 0.141 |" in table41.summary_markdown([entry])
+
+
+def test_table41_runs_the_grid(tmp_path, monkeypatch):
+    """A tiny grid through the CLI: one pre-training, two fine-tunings on one test set, the tables, --resume."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    table41 = load_table41()
+    argv = ["--out", str(tmp_path / "grid"), "--dev-splits", "0.8", "--grid-sources", "Pet=shapes", *TINY,
+            "--synthetic-images", "32", "--pretrain-epochs", "1", "--epochs", "1"]
+    results = table41.main(table41.get_args(argv))
+    out = tmp_path / "grid"
+    assert [(r["Source"], r["Model"], r["Dev Split"]) for r in results["rows"]] == [
+        ("baseline", "baseline (init none)", 80), ("Pet", "Pet (SimCLR from none)", 80)]
+    fine = json.loads((out / "seed0" / "finetune-Pet-dev80" / "results.json").read_text())["finetune"]
+    assert fine["init"] == f"simclr:{out / 'seed0' / 'pretrain-Pet' / 'pretrain.pt'}"
+    base = json.loads((out / "seed0" / "finetune-baseline-dev80" / "results.json").read_text())["finetune"]
+    assert base["split_indices"]["test"] == fine["split_indices"]["test"] and len(fine["split_indices"]["test"]) == 6
+    assert (out / "table4.1.csv").read_text().splitlines()[0] == ",".join(("Seed", "Source") + simclr_seg.TABLE_COLUMNS)
+    assert (out / "table4.1.md").read_text().count("\n| ") == 3 and (out / "table4.1-summary.csv").is_file()
+    stamp = (out / "seed0" / "finetune-Pet-dev80" / "results.json").stat().st_mtime_ns
+    again = table41.main(table41.get_args([*argv, "--resume"]))
+    assert again["rows"] == results["rows"]  # read back, nothing trained again
+    assert (out / "seed0" / "finetune-Pet-dev80" / "results.json").stat().st_mtime_ns == stamp
 
 
 # --- CLI ---
@@ -651,8 +655,8 @@ def test_bad_pretrain_checkpoint_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "oxford-iiit-pet").is_dir(),
                     reason="../shared/data/oxford-iiit-pet (real Pet samples) is absent on this machine")
 def test_real_pet_samples(tmp_path):
-    args = simclr_seg.get_args(["--data", "pets", "--data-root", str(SHARED_DATA), "--img-size", "32",
-                                "--encoder", "resnet18", "--pretrain-data", "pets", "--device", "cpu"])
+    args = simclr_seg.get_args(["--data", "pets", "--data-root", str(SHARED_DATA / "oxford-iiit-pet"), "--img-size",
+                                "32", "--arch", "resnet18", "--pretrain-data", "pets", "--device", "cpu"])
     pool = simclr_seg.build_pool(args, simclr_seg.joint_transform(32))
     assert len(pool) == 150
     splits = simclr_seg.pet_splits(len(pool), 0.8, seed=0)
@@ -662,7 +666,7 @@ def test_real_pet_samples(tmp_path):
     images, skipped = simclr_seg.build_pretrain_images(args)
     assert len(images) == 120 and skipped == 0  # pre-training never sees the 30 test images
     assert not set(images.indices) & set(splits["test"])
-    run_main(tmp_path, "--data", "pets", "--data-root", str(SHARED_DATA), "--stage", "finetune", "--epochs", "1",
-             "--limit", "8", "--encoder", "resnet18")
+    run_main(tmp_path, "--data", "pets", "--data-root", str(SHARED_DATA / "oxford-iiit-pet"), "--stage", "finetune",
+             "--epochs", "1", "--limit", "8", "--arch", "resnet18")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["finetune"]["split_sizes"] == {"train": 8, "val": 8, "test": 8} and 0 <= results["test"]["iou"] <= 1

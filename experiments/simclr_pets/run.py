@@ -1,4 +1,4 @@
-"""Table 4.1 on the shared Oxford-IIIT Pet samples, 3 seeds, at a 2-core-CPU scale (calls the simclr_seg.py CLI).
+"""Table 4.1 on the shared Oxford-IIIT Pet samples, 3 seeds, at a 2-core-CPU scale (calls table41.py's CLI).
 
     OMP_NUM_THREADS=1 python experiments/simclr_pets/run.py            # ~25 min wall on a shared 2-core CPU
 
@@ -41,7 +41,7 @@ def prepare_data():
     """Small copies in the original layouts (trimaps resized with nearest, so they keep the values 1/2/3)."""
     pets, kvasir = WORK / "data" / "oxford-iiit-pet", WORK / "data" / "kvasir-images"
     if (WORK / "data" / "done").exists():
-        return pets.parent, kvasir
+        return pets, kvasir
     source = SHARED / "oxford-iiit-pet"
     for path in sorted((source / "images").glob("*.jpg")):
         shrink(path, pets / "images" / path.name, Image.BILINEAR)
@@ -52,7 +52,7 @@ def prepare_data():
     for path in sorted((SHARED / "Kvasir-SEG" / "images").glob("*.jpg")):
         shrink(path, kvasir / path.name, Image.BILINEAR)
     (WORK / "data" / "done").write_text("ok\n")
-    return pets.parent, kvasir
+    return pets, kvasir
 
 
 def main():
@@ -60,13 +60,13 @@ def main():
         sys.exit(f"error: {SHARED / 'oxford-iiit-pet'} is absent; this experiment needs the shared Pet samples")
     pets_root, kvasir = prepare_data()
     out = WORK / "grid"
-    command = [sys.executable, str(ROOT / "simclr_seg.py"), "--data", "pets", "--data-root", str(pets_root),
-               "--experiment", "table4.1", "--seeds", "0", "1", "2", "--dev-splits", "0.2", "0.5", "0.8",
-               "--grid-sources", "Kvasir=folder:" + str(kvasir), "Pet=pets", "--pretrain-limit", "120",
-               "--encoder", "resnet18", "--img-size", "64", "--pretrain-epochs", "10", "--pretrain-batch-size", "16",
+    command = [sys.executable, str(Path(__file__).parent / "table41.py"), "--seeds", "0", "1", "2", "--dev-splits",
+               "0.2", "0.5", "0.8", "--grid-sources", "Kvasir=folder:" + str(kvasir), "Pet=pets",
+               "--data", "pets", "--data-root", str(pets_root), "--pretrain-limit", "120", "--arch", "resnet18",
+               "--img-size", "64", "--pretrain-epochs", "10", "--pretrain-batch-size", "16",
                "--pretrain-optimizer", "adam", "--pretrain-lr", "1e-3", "--crop-scale", "0.3", "1",
                "--color-strength", "0.5", "--epochs", "8", "--batch-size", "16", "--lr", "1e-3", "--workers", "0",
-               "--device", "cpu", "--out", str(out)] + (["--resume"] if (out / "config.json").exists() else [])
+               "--device", "cpu", "--out", str(out)] + (["--resume"] if out.is_dir() else [])
     start = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - start
