@@ -1,89 +1,39 @@
-"""MaskSup: Masked Supervised Learning for Semantic Segmentation.
+r"""MaskSup: Masked Supervised Learning for Semantic Segmentation.
 
-Zunair & Ben Hamza, BMVC 2022 (arXiv 2210.00923; code hasibzunair/masksup-segmentation).
+Zunair & Ben Hamza, BMVC 2022, https://arxiv.org/abs/2210.00923 (authors' code: hasibzunair/masksup-segmentation).
 
-One network with shared weights sees every training image twice in the same step: as it is and with free-form
-holes cut into it. Both predictions are supervised by the same ground truth and pulled towards each other:
+One network with shared weights sees every training image twice in the same step: as it is, and with free-form
+holes cut into it (50-60 % of the image for the paper's best, "high" masking). Both predictions are supervised by
+the same ground truth and pulled towards each other:
     L_total = a1*L_seg(M_p, M_gt) + a2*L_context(M_pm, M_gt) + a3*L_tasksim(M_p, M_pm)
-so that the network learns short- and long-range context from the masked copy, in a single training stage.
+so the network learns short- and long-range context in one training stage, without pre-training. At test time it
+is used as it is, on unmasked images.
 
 Implemented (component -> function -> paper place)
-    free-form hole masks, "low" 1-10 % / "high" 50-60 % -> free_form_masks      -> slides "Low vs High masking",
-                                                                                   supplement Fig. 1
-    patch masks (option)                               -> patch_masks
-    masks from a folder of PNGs, by measured hole area -> FolderMasks (--mask-area) -> the NVIDIA irregular masks
-    holes set to 0 in the [-1, 1] input                -> apply_mask             -> supplement Sec. 1 preprocessing
-    LeViT-UNet-128s / -192 / -384                      -> LeViTUNet, PRESETS     -> supplement Sec. 1 "Architecture"
-    ImageNet LeViT weights (the authors' start)        -> load_levit_weights     -> authors' code (pretrained=True)
-    U-Net++ (Zhou et al. 2018), filters 32..512        -> UNetPlusPlus           -> supplement Sec. 1 (NYUDv2)
-    small U-Net ("MaskSup (U-Net)", 3 M)               -> UNet                   -> slides, parameter table
-    L_seg, L_context (BCE binary / CE multi-class)     -> segmentation_loss      -> slides, L_total
-    L_tasksim (MSE between the two probability maps)   -> task_similarity_loss   -> slides, L_total
-    L_total                                            -> masksup_loss           -> slides, L_total
-    ablations: --alpha2 0 --alpha3 0 = supervised baseline, --alpha3 0 = context branch only (slides "CB", "CB+TS")
-    Adam 1e-4 batch 16 (GLaS, polyps) / SGD 0.1 m 0.9 batch 8 (NYUDv2), 200 epochs -> RECIPES, resolve_recipe
-    best weights by mIoU                               -> main                   -> supplement Sec. 1
-    standard mIoU and the paper's protocol (per-image IoU / per-image micro Jaccard) -> evaluate
-    evaluation on masked inputs (supplement Fig. 4, slides "heavily masked") -> evaluate(..., --eval-masked)
-
-Choices (the paper is silent; grep "CHOICE C")
-    C1  Free-form masks are synthesised: random polylines (4 strokes of 5 segments) rasterised by distance to the
-        segments, with a smooth noise field added so the stroke width varies; the pixels nearest the strokes become
-        holes, exactly round(area * H * W) of them, area drawn uniformly in the bin. The paper used the NVIDIA
-        irregular-mask set (not redistributable; --masking folder --mask-dir --mask-area high reads it).
-    C2  Bins: low = [0.01, 0.10], high = [0.50, 0.60] of the image area (the NVIDIA set's 0-10 % and 50-60 % bins;
-        its smallest masks cover 1 %). --mask-area picks folder masks by the same bins, measured on each file.
-    C3  L_tasksim is the MSE between probability maps (sigmoid for binary, softmax over K for multi-class),
-        averaged over every pixel and channel, ignore pixels included (it needs no label); gradients flow through
-        both passes (no stop-gradient), as in the authors' binary code. --tasksim argmax reproduces the authors'
-        multi-class code (MSE of argmax maps: it passes no gradient, so MaskSup trains as "context branch" only).
-    C4  Binary sets: one logit + BCE; ignore pixels (255) are left out of the mean. Multi-class: K logits + CE with
-        ignore 255.
-    C5  Two separate forward passes (clean, then masked), as the authors' code does: BatchNorm sees each batch on
-        its own and its running statistics are updated by both passes.
-    C6  No learning-rate schedule (the supplement names none); --lr-schedule step reproduces the authors' NYUDv2
-        code (StepLR 60, 0.1). No data augmentation besides the masking (the authors' code has none).
-    C7  Best weights are chosen by the standard mIoU on a validation split carved from train (--select-metric
-        paper_iou picks by the paper's per-image score, the authors' criterion); --select-on test is the authors'
-        protocol (train on all of train, select on test: optimistic).
-    C8  Every mask is keyed by its item: training image i in epoch e gets the mask of a generator seeded by
-        (seed, e, i), test image i under --eval-masked that of (seed, i). A run is then independent of the batch
-        split across processes and of --resume, and every epoch and checkpoint is scored on the same masked images.
-        The authors' code also draws one mask per sample (in its Dataset).
-    C9  The U-Net (--arch unet) is a plain 5-level U-Net (two conv-BN-ReLU per level, bilinear upsampling); base
-        width 20 gives 3.07 M parameters, the slides' "3 M". The paper names no layout.
-    C10 Synthetic default (--data shapes): binary (object vs background, the paper's GLaS/polyp kind of task),
-        --arch unet --unet-width 16 (1.96 M) at 64 x 64, Adam 1e-3, batch 16, 20 epochs. LeViT-UNet-128s needs
-        224 x 224 and one MaskSup step on 2 images took ~20 s on the shared 2-core CPU; the 5-class shapes task
-        reached only mIoU 0.22 after 10 epochs, the binary task val mIoU 0.80 (chance 0.42) in 20 epochs.
-        --no-binary gives the 5-class task.
-    C11 The recipe is chosen after the data is read: a binary set (one whose labels are background/foreground,
-        e.g. a folder of 0/255 masks) takes the GLaS/polyp recipe (LeViT-UNet-384, Adam 1e-4, batch 16), a
-        multi-class set the NYUDv2 recipe (U-Net++, SGD 0.1, batch 8). Any flag passed wins.
-    C12 --mask-mode auto (folder data) reads masks holding only the values 0 and 255 as binary (255 = foreground,
-        the authors' and PraNet's format); any other masks are class ids with 255 = ignore. JPEG masks with
-        compression noise need --mask-mode binary (threshold 127).
-    C13 LeViT-UNet without --levit-weights starts from random weights with one warning and records
-        "pretrained": false; the authors always start from ImageNet LeViT. Our loader also fills the first stem
-        conv (the authors' code leaves it random, see load_levit_weights).
-
-Deviations (grep "DEVIATION")
-    - NYUDv2 void (255) is ignored; the authors' code merges it into class 0.
-    - The authors select weights on the test set; we select on a validation split unless --select-on test.
+    free-form holes, low 1-10 % / high 50-60 %     -> free_form_masks        -> slides "Low vs High"; suppl. Fig. 1
+    masks from a folder (NVIDIA irregular masks)  -> FolderMasks            -> the authors' mask set
+    holes set to 0 in the [-1, 1] input           -> apply_mask             -> suppl. Sec. 1, preprocessing
+    LeViT-UNet-128s / -192 / -384                 -> LeViTUNet, PRESETS     -> suppl. Sec. 1, "Architecture"
+    U-Net++ (filters 32-512), small U-Net (3 M)   -> UNetPlusPlus, UNet     -> suppl. Sec. 1 (NYUDv2); slides
+    L_seg, L_context (BCE binary, CE multi-class) -> segmentation_loss      -> slides, L_total
+    L_tasksim (MSE of the two probability maps)   -> task_similarity_loss   -> slides, L_total
+    L_total; a2 = a3 = 0 baseline, a3 = 0 "CB"    -> masksup_loss           -> slides, L_total; "CB", "CB+TS"
+    two passes with shared weights, one step      -> train_step             -> suppl. Sec. 3 (Siamese)
+    Adam 1e-4 b16 / SGD 0.1 m 0.9 b8, 200 epochs  -> RECIPES, resolve_recipe -> suppl. Sec. 1, "Model Training"
+    ImageNet LeViT start                          -> load_levit_weights     -> authors' code
+    best weights by mIoU; per-image protocol      -> train, evaluate        -> suppl. Sec. 1; slides tables
+    scores on masked inputs (--eval-masked)       -> evaluate               -> suppl. Fig. 4
 
 Usage
-    python masksup.py                                        # synthetic shapes, a few minutes on a 2-core CPU
-    python masksup.py --data pranet --data-root data/POLYPS --levit-weights LeViT-384-9bdaf2e2.pth  # the paper's
-    python masksup.py --data kvasir --data-root data/Kvasir-SEG --levit-weights LeViT-384-9bdaf2e2.pth
-    python masksup.py --data nyudv2 --data-root data/nyudv2 --label-base 1   # U-Net++, SGD 0.1, labels 1..40
-    python masksup.py --data folder --data-root my_data      # 0/255 masks read as binary (--mask-mode auto)
-    python masksup.py --data glas --data-root data/glas --alpha2 0 --alpha3 0   # supervised baseline
+    python masksup.py                                      # synthetic shapes (U-Net, 64x64): minutes on 2 CPU cores
+    python masksup.py --data pranet --data-root data/POLYPS --levit-weights LeViT-384-9bdaf2e2.pth    # the paper's
+    python masksup.py --data nyudv2 --data-root data/nyudv2 --label-base 1     # U-Net++, SGD 0.1, labels 1..40
     torchrun --nproc_per_node=4 masksup.py --data glas --data-root data/glas --compile
-    python masksup.py --resume --out runs/masksup-shapes     # continue at the next epoch
-    python masksup.py --eval-only --eval-masked --out runs/masksup-shapes   # best.pt on test -> eval_test.json
+    python masksup.py --resume --out runs/masksup-shapes   # continue at the next epoch
 
 Shapes: B batch, C channels, H W height width, K classes (1 logit for binary sets), P patch size,
 L = (H/P)*(W/P) patches, N tokens, D key dim, E embedding width. mask (B, H, W) bool, True = hidden (hole).
+Choices and deviations: README 'MaskSup' section and `grep -n "CHOICE\|DEVIATION" masksup.py`.
 """
 
 import argparse
@@ -105,207 +55,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 from common import (DATASET_NAMES, BinaryStats, ConfusionMatrix, DatasetError, build_dataset, check_labels,
                     denormalize, joint_transform, per_image_micro_jaccard)
-
-# --- configuration ---
 
 SCRIPT = "masksup.py"
 ARCHS = ("levit-128s", "levit-192", "levit-384", "unet", "unet++")
 MASKINGS = ("high", "low", "patch", "folder")
 # CHOICE C2: hole-area bins of the NVIDIA irregular-mask set (fraction of the image area)
 HOLE_AREA_BINS = {"low": (0.01, 0.10), "high": (0.50, 0.60), "any": (0.0, 1.0)}
-IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
-LEVIT_SIZE = 224
-LEVIT_WEIGHTS = {  # facebookresearch/LeViT ImageNet checkpoints (distilled), https://dl.fbaipublicfiles.com/LeViT/
-    "levit-128s": "LeViT-128S-96703c44.pth", "levit-192": "LeViT-192-92712e41.pth",
-    "levit-384": "LeViT-384-9bdaf2e2.pth",
-}
-# CHOICE C10, C11: the recipe per kind of data, chosen once the data is read (resolve_recipe)
-RECIPES = {
-    # supplement Sec. 1 "Model Training": GLaS / polyps: LeViT-UNet-384, Adam lr 1e-4, batch 16, 200 epochs
-    "binary": dict(arch="levit-384", epochs=200, batch_size=16, optimizer="adam", lr=1e-4, unet_width=20),
-    # supplement Sec. 1: NYUDv2: U-Net++, SGD lr 0.1 momentum 0.9, batch 8, 200 epochs
-    "multiclass": dict(arch="unet++", epochs=200, batch_size=8, optimizer="sgd", lr=0.1, unet_width=20),
-    "shapes": dict(arch="unet", epochs=20, batch_size=16, optimizer="adam", lr=1e-3, unet_width=16),
-}
+LEVIT_SIZE = 224  # LeViT-UNet's input side: its attention biases are tied to 14x14 / 7x7 / 4x4 token grids
 
 
-def get_args(argv=None):
-    parser = ArgumentParser(description="MaskSup: masked supervised learning for semantic segmentation")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="shapes", choices=[n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
-                      + ["polyps"],
-                      help="dataset (common.py readers). pranet = the authors' polyp release (TrainDataset 1,450 "
-                           "Kvasir + ClinicDB, TestDataset/CVC-ClinicDB 62); polyps = the raw Kvasir-SEG/ and "
-                           "CVC-ClinicDB/ releases under one --data-root (its own split, not the paper's)")
-    data.add_argument("--data-root", default=None, help="dataset root in its original layout (None: ./data/<name>)")
-    data.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
-    data.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
-                      help="treat any non-zero class as foreground (1 logit + BCE); binary sets are binary anyway. "
-                           "None: on for shapes (object vs background), off otherwise")
-    data.add_argument("--mask-mode", default="auto", choices=("auto", "binary", "ids"),
-                      help="--data folder masks: binary = foreground where grey > 127 (0/255 masks, JPEG masks), "
-                           "ids = class ids with 255 ignore, auto = binary if every mask holds only 0 and 255")
-    data.add_argument("--num-classes", type=int, default=None,
-                      help="--data folder with --mask-mode ids: the class count (None: largest id + 1); ids at or "
-                           "above it are an error")
-    data.add_argument("--label-base", type=int, default=0, choices=(0, 1),
-                      help="--data nyudv2: 0 = ids 0..39 with 255 void, 1 = ids 1..40 with 0 void (other releases)")
-    data.add_argument("--test-set", default="CVC-ClinicDB",
-                      help="--data pranet: the TestDataset/<name> folder that is the test split (the paper: "
-                           "CVC-ClinicDB; PraNet also ships Kvasir, CVC-ColonDB, ETIS-LaribPolypDB, CVC-300)")
-    data.add_argument("--img-size", type=int, default=None,
-                      help="square input size; paper: 224 (LeViT-UNet needs exactly 224). None: 224, shapes 64")
-
-    masking = parser.add_argument_group("masking")
-    masking.add_argument("--masking", default="high", choices=MASKINGS,
-                         help="high: free-form holes over 50-60 %% of the image (paper's best); low: 1-10 %%; "
-                              "patch: random square patches (--mask-ratio, --patch-size); folder: mask PNGs from "
-                              "--mask-dir (white = hole), e.g. the NVIDIA irregular-mask set the paper used")
-    masking.add_argument("--mask-dir", default=None, help="folder of mask PNGs for --masking folder")
-    masking.add_argument("--mask-area", default="any", choices=("high", "low", "any"),
-                         help="--masking folder: only the files whose measured hole fraction lies in the bin "
-                              "(high 50-60 %%, low 1-10 %%, the paper's 'High' / 'Low'), or every file")
-    masking.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches hidden, --masking patch")
-    masking.add_argument("--patch-size", type=int, default=16, help="patch side in pixels, --masking patch")
-
-    method = parser.add_argument_group("method (L_total = a1*L_seg + a2*L_context + a3*L_tasksim)")
-    method.add_argument("--alpha1", type=float, default=1.0, help="weight of L_seg on the clean image (paper: 1)")
-    method.add_argument("--alpha2", type=float, default=1.0,
-                        help="weight of L_context on the masked image (paper: 1; 0 with --alpha3 0 = baseline)")
-    method.add_argument("--alpha3", type=float, default=1.0,
-                        help="weight of L_tasksim between the two predictions (paper: 1; 0 = context branch only)")
-    method.add_argument("--tasksim", default="probabilities", choices=("probabilities", "argmax"),
-                        help="probabilities: MSE of sigmoid/softmax maps (differentiable); argmax: the authors' "
-                             "multi-class code, MSE of argmax maps, which passes no gradient")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--arch", default=None, choices=ARCHS,
-                       help="network; paper: levit-384 for GLaS/polyps, unet++ for NYUDv2. None: the recipe's "
-                            "(levit-384 binary sets, unet++ multi-class sets, unet shapes)")
-    model.add_argument("--unet-width", type=int, default=None,
-                       help="--arch unet base width (doubles per level, 5 levels); 20 = 3.07 M params. None: 20, "
-                            "shapes 16")
-    model.add_argument("--drop-path", type=float, default=None,
-                       help="LeViT stochastic depth; None: LeViT's presets, 0 (128s, 192), 0.1 (384)")
-    model.add_argument("--levit-weights", default=None, metavar="FILE|none",
-                       help="ImageNet LeViT checkpoint of the same variant (facebookresearch/LeViT: "
-                            + ", ".join(LEVIT_WEIGHTS.values()) + "); none = random weights, no warning")
-    model.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                       help="BatchNorm over the batches of all processes under torchrun on CUDA (SyncBatchNorm: 2 "
-                            "processes with batch B normalise as 1 with batch 2B); --no-sync-bn: per process. No "
-                            "effect on one process or on the CPU")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=None, help="paper: 200. None: 200, shapes 20")
-    optim.add_argument("--batch-size", type=int, default=None,
-                       help="per process; paper: 16 GLaS/polyps, 8 NYUDv2. None: the recipe's, shapes 16")
-    optim.add_argument("--optimizer", default=None, choices=("adam", "sgd"),
-                       help="paper: Adam for GLaS/polyps, SGD momentum 0.9 for NYUDv2. None: the recipe's")
-    optim.add_argument("--lr", type=float, default=None, help="paper: 1e-4 Adam, 0.1 SGD. None: those; shapes 1e-3")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    optim.add_argument("--weight-decay", type=float, default=0.0,
-                       help="paper: none stated (authors' code: 1e-5 Adam, 5e-4 SGD)")
-    optim.add_argument("--lr-schedule", default="constant", choices=("constant", "step"),
-                       help="constant (paper states none) or step (authors' NYUDv2 code: x0.1 every 60 epochs)")
-    optim.add_argument("--lr-step-size", type=int, default=60, help="epochs per step, --lr-schedule step")
-    optim.add_argument("--lr-gamma", type=float, default=0.1, help="factor per step, --lr-schedule step")
-
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval-masked", action="store_true",
-                            help="also score predictions on masked inputs (the paper's robustness figure)")
-    evaluation.add_argument("--select-on", default="val", choices=("val", "test"),
-                            help="split that picks best.pt; val or test (the authors' protocol: train on all of "
-                                 "train and select on test; optimistic)")
-    evaluation.add_argument("--select-metric", default="miou", choices=("miou", "paper_iou"),
-                            help="metric that picks best.pt: miou (standard dataset-level mIoU) or paper_iou (the "
-                                 "paper's per-image protocol, which the authors selected by)")
-    evaluation.add_argument("--num-samples", type=int, default=6, help="images in each samples/ PNG grid")
-    add_run_arguments(parser, SCRIPT)
-    args = parser.parse_args(argv)
-
-    # Defaults that do not depend on the data; the recipe (arch, optimiser, lr, batch, epochs) is resolved in main
-    # once the data is read (CHOICE C11).
-    shapes = args.data == "shapes"
-    if args.binary is None:
-        args.binary = shapes  # CHOICE C10: the synthetic default is binary, like the paper's GLaS/polyp tasks
-    if args.img_size is None:
-        args.img_size = 64 if shapes and args.arch not in PRESETS else LEVIT_SIZE
-    if args.arch in PRESETS and args.img_size != LEVIT_SIZE:
-        parser.error(f"--arch {args.arch} needs --img-size {LEVIT_SIZE}: LeViT-UNet's attention biases are tied to "
-                     f"its 14x14/7x7/4x4 token grids (got {args.img_size}); use --arch unet for other sizes")
-    if args.img_size < 16 or args.img_size % 16:
-        parser.error(f"--img-size must be a multiple of 16 (the U-Nets halve it 4 times), got {args.img_size}")
-    if args.unet_width is not None and args.unet_width < 1:
-        parser.error(f"--unet-width must be positive, got {args.unet_width}")
-    if args.masking == "folder" and not args.mask_dir:
-        parser.error("--masking folder needs --mask-dir DIR (a folder of mask PNGs, white = hole)")
-    if args.mask_dir and args.masking != "folder":
-        parser.error("--mask-dir is only read with --masking folder")
-    if args.mask_area != "any" and args.masking != "folder":
-        parser.error("--mask-area picks files of --masking folder; --masking high/low already set the hole area")
-    if not 0.0 < args.mask_ratio < 1.0:
-        parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
-    if args.masking == "patch" and (args.patch_size < 1 or args.img_size % args.patch_size):
-        parser.error(f"--patch-size must divide --img-size ({args.img_size}), got {args.patch_size}")
-    for name in ("alpha1", "alpha2", "alpha3"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.alpha1 + args.alpha2 + args.alpha3 == 0:
-        parser.error("--alpha1, --alpha2 and --alpha3 are all 0: nothing to train")
-    for name in ("epochs", "batch_size", "num_samples", "lr_step_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr is not None and not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if args.drop_path is not None and not 0.0 <= args.drop_path < 1.0:
-        parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    if args.levit_weights not in (None, "none"):
-        if args.arch is not None and args.arch not in PRESETS:
-            parser.error(f"--levit-weights loads a LeViT encoder; --arch {args.arch} has none (pass a levit-* --arch)")
-        if not Path(args.levit_weights).is_file():
-            parser.error(f"--levit-weights {args.levit_weights}: no such file (a facebookresearch/LeViT .pth, e.g. "
-                         f"{LEVIT_WEIGHTS['levit-384']}; or pass none)")
-    if args.data != "folder" and (args.mask_mode != "auto" or args.num_classes is not None):
-        parser.error("--mask-mode and --num-classes describe --data folder masks; the other readers know theirs")
-    if args.num_classes is not None and (args.num_classes < 2 or args.mask_mode == "binary"):
-        parser.error(f"--num-classes needs --mask-mode ids and at least 2 classes, got {args.num_classes}")
-    if args.label_base and args.data != "nyudv2":
-        parser.error("--label-base is read by --data nyudv2 only")
-    if args.test_set != "CVC-ClinicDB" and args.data != "pranet":
-        parser.error("--test-set picks a TestDataset folder of --data pranet only")
-    if args.batch_size == 1 and args.img_size == 16 and args.arch not in PRESETS:
-        parser.error("--batch-size 1 with --img-size 16: the U-Net's 1x1 bottleneck would give BatchNorm one value "
-                     "per channel; pass --batch-size 2 or more, or --img-size 32 or more")
-    check_run_arguments(parser, args, SCRIPT)
-    return args
-
-
-def resolve_recipe(args, binary_task):
-    """Fill the flags left at None from RECIPES once the data's kind is known (CHOICE C11); -> the recipe name.
-    Raises UsageError for a combination that only the data reveals (a LeViT-UNet recipe at another size)."""
-    recipe = "shapes" if args.data == "shapes" else ("binary" if binary_task else "multiclass")
-    for key, value in RECIPES[recipe].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.drop_path is None:
-        args.drop_path = PRESETS[args.arch]["drop_path"] if args.arch in PRESETS else 0.0
-    if args.arch in PRESETS and args.img_size != LEVIT_SIZE:
-        raise UsageError(f"these data take the {recipe} recipe, --arch {args.arch}, which needs --img-size "
-                         f"{LEVIT_SIZE} (got {args.img_size}); pass --arch unet for other sizes")
-    if args.levit_weights not in (None, "none") and args.arch not in PRESETS:
-        raise UsageError(f"--levit-weights loads a LeViT encoder; --arch {args.arch} has none (pass a levit-* --arch)")
-    args.binary_task = binary_task
-    args.recipe = recipe
-    return recipe
-
-
-# --- masking ---
+# --- masking (supplement Sec. 1 and Fig. 1; slides "Low vs High masking") ---
 
 def free_form_masks(batch_size, height, width, area_range, generator, device, num_strokes=4, num_vertices=6):
     """Free-form hole masks (CHOICE C1): thick random strokes whose total area lands exactly in `area_range`.
@@ -369,15 +136,15 @@ class FolderMasks:
     """Hole masks read once from a folder of PNG/JPG/BMP files (white = hole, > 127), kept on the device.
 
     Each file's hole fraction is measured once, at its own resolution (the NVIDIA set defines its bins at
-    512 x 512); only the files in the `area` bin of HOLE_AREA_BINS are kept (--mask-area high = the paper's
-    50-60 % "High" masks), then resized (nearest) to the input size. Each call draws one per sample with the
-    passed generator. fractions: (N,) of the kept files; counts: files per bin, for config.json.
+    512 x 512); only the files in the `area` bin of HOLE_AREA_BINS are kept ("high" = the paper's 50-60 %
+    "High" masks), then resized (nearest) to size x size. Each call draws one per sample with the passed
+    generator. fractions: (N,) of the kept files; counts: files per bin. `track` may wrap the file list (a
+    progress bar).
     """
 
     SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
-    def __init__(self, folder, size, device, area="any", runtime=None):
-        from PIL import Image, UnidentifiedImageError
+    def __init__(self, folder, size, device, area="any", track=None):
         folder = Path(folder)
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in self.SUFFIXES) if folder.is_dir() else []
         if not files:
@@ -385,7 +152,7 @@ class FolderMasks:
                                f"e.g. the NVIDIA irregular-mask set)")
         low, high = HOLE_AREA_BINS[area]
         masks, fractions, all_fractions = [], [], []
-        for path in progress(files, runtime, "reading masks") if runtime is not None else files:
+        for path in track(files) if track is not None else files:
             try:
                 with Image.open(path) as image:
                     holes = np.asarray(image.convert("L")) > 127
@@ -411,23 +178,16 @@ class FolderMasks:
         return self.masks[index]  # (B, H, W)
 
 
-def make_masks(args, batch_size, generator, device, folder_masks=None):
-    """A fresh (B, H, W) bool hole mask per sample for the strategy chosen by --masking."""
-    if args.masking == "patch":
-        return patch_masks(batch_size, args.img_size, args.img_size, args.patch_size, args.mask_ratio, generator,
-                           device)
-    if args.masking == "folder":
+def make_masks(masking, batch_size, height, width, generator, device, patch_size=16, mask_ratio=0.5,
+               folder_masks=None):
+    """(B, H, W) bool hole masks, True = hole, for `masking`: "high" / "low" free-form holes in that area bin,
+    "patch" (patch_size, mask_ratio) or "folder" (drawn from `folder_masks`, a FolderMasks). Randomness from
+    `generator` (on `device`)."""
+    if masking == "patch":
+        return patch_masks(batch_size, height, width, patch_size, mask_ratio, generator, device)
+    if masking == "folder":
         return folder_masks(batch_size, generator)
-    return free_form_masks(batch_size, args.img_size, args.img_size, HOLE_AREA_BINS[args.masking], generator, device)
-
-
-def item_masks(args, keys, device, folder_masks=None):
-    """(len(keys), H, W) bool: one mask per item, drawn from a generator seeded by the item's key, e.g.
-    (seed, "mask", epoch, index) in training, (seed, "eval-mask", index) in evaluation (CHOICE C8). An image gets
-    the same mask whatever the batch size, the process count, the worker count or a --resume; each mask is
-    vectorised over its pixels, the loop runs over the batch's items."""
-    masks = [make_masks(args, 1, make_generator(*key, device=device), device, folder_masks) for key in keys]
-    return torch.cat(masks) if masks else torch.zeros(0, args.img_size, args.img_size, dtype=torch.bool, device=device)
+    return free_form_masks(batch_size, height, width, HOLE_AREA_BINS[masking], generator, device)
 
 
 def apply_mask(images, mask):
@@ -637,7 +397,7 @@ class LeViTUNet(nn.Module):
         side = math.isqrt(N)
         return tokens.transpose(1, 2).reshape(B, E, side, side)  # (B, E, R, R)
 
-    def forward(self, images, return_features=False):
+    def forward(self, images):
         if images.shape[-2:] != (LEVIT_SIZE, LEVIT_SIZE):
             raise ValueError(f"LeViT-UNet needs {LEVIT_SIZE}x{LEVIT_SIZE} inputs (its attention biases are tied to "
                              f"14x14/7x7/4x4 token grids), got {tuple(images.shape[-2:])}; resize, or use --arch unet")
@@ -660,58 +420,7 @@ class LeViTUNet(nn.Module):
         x = self.decoder1(torch.cat([stem_out, f1, f2, f3], dim=1))  # (B, 512, 28, 28)
         x = self.decoder2(torch.cat([x, skips[2]], dim=1))  # (B, 256, 56, 56)
         x = self.decoder3(torch.cat([x, skips[1]], dim=1))  # (B, 128, 112, 112)
-        logits = self.head_up(self.head(torch.cat([x, skips[0]], dim=1)))  # (B, K, 224, 224)
-        if return_features:
-            return logits, dict(stem=[*skips, stem_out], tokens=stage_outputs)
-        return logits
-
-
-def load_levit_weights(model, path):
-    """Load an ImageNet LeViT checkpoint (facebookresearch/LeViT, key 'model') into a LeViTUNet encoder.
-
-    LeViT keys -> ours: patch_embed.{0,2,4,6} -> stem.{0..3} (the first conv too, unlike the reference code);
-    blocks.i -> stages.s.j by the preset's depths; '.c.' -> '.conv.'/'.linear.', '.m.' -> '.block.', 'q.1.' -> 'q.'.
-    Classifier heads and the attention_bias_idxs buffers are not loaded (ours are rebuilt by attention_bias_index;
-    the file's are checked against them). Returns (number of tensors loaded, list of LeViT keys not loaded).
-    CHOICE C13: the reference LeViT-UNet leaves patch_embed.0 (the first conv) random; we load it too.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or non-PyTorch file: say which and stop
-        raise DatasetError(f"--levit-weights {path} cannot be read as a PyTorch checkpoint ({e})") from None
-    levit = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else {}
-    # global LeViT block index -> (stage, index inside the stage)
-    layout = [(s, j) for s, stage in enumerate(model.stages) for j in range(len(stage))]
-    ours = model.state_dict()
-    renamed, skipped = {}, []
-    for key, value in levit.items():
-        name = key
-        match = re.match(r"patch_embed\.(\d)\.(c|bn)\.(.*)", key)
-        if match:
-            name = f"stem.{int(match[1]) // 2}.{'conv' if match[2] == 'c' else 'bn'}.{match[3]}"
-        match = re.match(r"blocks\.(\d+)\.(.*)", key)
-        if match and int(match[1]) < len(layout):
-            stage, index = layout[int(match[1])]
-            rest = match[2].replace("m.", "block.", 1) if match[2].startswith("m.") else match[2]
-            rest = rest.replace("q.1.", "q.", 1) if rest.startswith("q.1.") else rest
-            name = f"stages.{stage}.{index}.{rest}".replace(".c.", ".linear.")
-        if name.endswith("attention_bias_idxs"):
-            module = model.get_submodule(name.rsplit(".", 1)[0]) if name.startswith("stages.") else None
-            if module is not None and value.shape == module.attention_bias_idxs.shape and \
-                    not torch.equal(value, module.attention_bias_idxs):
-                raise DatasetError(f"--levit-weights {path}: {key} orders the attention offsets differently from this "
-                                   f"model; pass an original facebookresearch/LeViT checkpoint")
-            skipped.append(key)
-        elif name in ours and ours[name].shape == value.shape:
-            renamed[name] = value
-        else:
-            skipped.append(key)
-    if not renamed:
-        raise DatasetError(f"--levit-weights {path}: no tensor matches a LeViT encoder of this size; pass the "
-                           f"facebookresearch/LeViT checkpoint of the same variant as --arch")
-    model.load_state_dict(renamed, strict=False)
-    return len(renamed), skipped
-
+        return self.head_up(self.head(torch.cat([x, skips[0]], dim=1)))  # (B, K, 224, 224)
 
 # --- model: U-Net (the slides' "MaskSup (U-Net)") ---
 
@@ -784,23 +493,16 @@ class UNetPlusPlus(nn.Module):
                                                            dim=1))  # (B, f[r], H / 2^r, W / 2^r)
         return self.head(x[0, 4])  # (B, K, H, W)
 
-
-def build_model(args, num_outputs):
-    if args.arch == "unet":
-        return UNet(3, num_outputs, args.unet_width)
-    if args.arch == "unet++":
+def build_model(arch, num_outputs, unet_width=20, drop_path=None):
+    """The network named `arch` (ARCHS) for 3-channel input and `num_outputs` logits (1 for a binary set)."""
+    if arch == "unet":
+        return UNet(3, num_outputs, unet_width)
+    if arch == "unet++":
         return UNetPlusPlus(3, num_outputs)
-    return LeViTUNet(args.arch, 3, num_outputs, drop_path=args.drop_path)
+    return LeViTUNet(arch, 3, num_outputs, drop_path=drop_path)
 
 
-def architecture(args, num_outputs):
-    """The architecture string checkpoints carry (load_checkpoint refuses another)."""
-    width = f"-w{args.unet_width}" if args.arch == "unet" else ""
-    return f"{args.arch}{width}-k{num_outputs}"
-
-
-
-# --- losses ---
+# --- losses (slides: L_total) ---
 
 def segmentation_loss(logits, labels, binary):
     """L_seg / L_context: BCE-with-logits (binary, logits (B, 1, H, W)) or cross-entropy (multi-class, logits
@@ -848,26 +550,41 @@ def masksup_loss(logits_clean, logits_masked, labels, binary, alphas=(1.0, 1.0, 
     total = a1 * seg + a2 * context + a3 * tasksim
     return total, torch.stack([seg, context, tasksim]).detach()
 
-
-
 # --- loops ---
 
-def train_step(model, optimizer, images, labels, mask, args):
+def train_step(model, optimizer, images, labels, mask, args, runtime):
     """One MaskSup step: the clean and the masked image through the same network (two passes, shared weights),
     L_total, one optimizer step. images (B, 3, H, W) in [-1, 1], labels (B, H, W), mask (B, H, W) bool.
     Returns a (4,) tensor [L_total, L_seg, L_context, L_tasksim] (detached, no host sync)."""
     two_passes = args.alpha2 > 0 or args.alpha3 > 0  # a2 = a3 = 0: the plain supervised baseline, one pass
     # CHOICE C5: two separate passes (not one 2B batch), so BatchNorm sees the clean and the masked batch apart
-    # bf16 autocast: tensor-core convolutions and matmuls, half the activation memory; losses in fp32
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
+    with autocast(runtime):  # bf16: tensor-core convolutions and matmuls, half the activation memory
         logits_clean = model(images)  # M_p (B, K, H, W)
         logits_masked = model(apply_mask(images, mask)) if two_passes else None  # M_pm (B, K, H, W)
     total, terms = masksup_loss(logits_clean, logits_masked, labels, args.binary_task,
-                                (args.alpha1, args.alpha2, args.alpha3), args.tasksim)
+                                (args.alpha1, args.alpha2, args.alpha3), args.tasksim)  # losses in fp32
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
     return torch.cat([total.detach()[None], terms])
+
+
+def to_device(images, labels, args, device):
+    """Pinned memory + non_blocking: the copy overlaps the previous step on CUDA; NHWC with --channels-last."""
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def item_masks(args, keys, device, folder_masks=None):
+    """(len(keys), H, W) bool: one --masking mask per item, drawn from a generator seeded by the item's key, e.g.
+    (seed, "mask", epoch, index) in training, (seed, "eval-mask", index) in evaluation (CHOICE C8: an image gets
+    the same mask whatever the batch size, the process count, the worker count or a --resume)."""
+    masks = [make_masks(args.masking, 1, args.img_size, args.img_size, make_generator(*key, device=device), device,
+                        args.patch_size, args.mask_ratio, folder_masks) for key in keys]
+    return torch.cat(masks) if masks else torch.zeros(0, args.img_size, args.img_size, dtype=torch.bool, device=device)
 
 
 def train_one_epoch(model, step_fn, optimizer, loader, args, runtime, epoch, guard, folder_masks=None):
@@ -880,15 +597,11 @@ def train_one_epoch(model, step_fn, optimizer, loader, args, runtime, epoch, gua
     sums = torch.zeros(5, device=device)  # L_total, L_seg, L_context, L_tasksim, steps
     indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
     for images, labels in progress(loader, runtime, f"train epoch {epoch}"):
-        # pinned memory + non_blocking: the copy overlaps the previous step on CUDA
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_device(images, labels, args, device)
         keys = [(args.seed, "mask", epoch, index) for index in indices[seen:seen + images.shape[0]]]
         seen += images.shape[0]
         mask = item_masks(args, keys, device, folder_masks)  # (B, H, W): a fresh mask per sample per epoch
-        losses = step_fn(model, optimizer, images, labels, mask, args)
+        losses = step_fn(model, optimizer, images, labels, mask, args, runtime)
         guard.observe(losses[0])
         sums[:4] += losses
         sums[4] += 1
@@ -919,17 +632,14 @@ def evaluate(model, loader, args, runtime, num_classes, folder_masks=None, desc=
     indices = loader.sampler.indices()  # this rank's items, in loader order
     seen = 0
     for images, labels in progress(loader, runtime, desc):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_device(images, labels, args, device)
         inputs = {"": images}
         if args.eval_masked:
             keys = [(args.seed, "eval-mask", index) for index in indices[seen:seen + images.shape[0]]]
             inputs["masked_"] = apply_mask(images, item_masks(args, keys, device, folder_masks))
         seen += images.shape[0]
         for prefix, batch in inputs.items():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            with autocast(runtime):
                 logits = model(batch).float()  # (B, K, H, W)
             if args.binary_task:
                 preds = (logits[:, 0] > 0).long()  # sigmoid > 0.5
@@ -956,11 +666,11 @@ def evaluate(model, loader, args, runtime, num_classes, folder_masks=None, desc=
 
 
 @torch.no_grad()
-def save_samples(model, dataset, args, palette, path, device, folder_masks=None):
+def save_samples(model, dataset, args, palette, path, runtime, folder_masks=None):
     """PNG grid, one row each: input, masked input, prediction on the input, prediction on the masked input,
     ground truth, for the first --num-samples images of `dataset` with their evaluation masks (CHOICE C8)."""
-    from torchvision.utils import save_image
     model.eval()
+    device = runtime.device
     items = [dataset[i] for i in range(min(args.num_samples, len(dataset)))]
     images = torch.stack([image for image, _ in items]).to(device)
     labels = torch.stack([label for _, label in items])
@@ -968,7 +678,7 @@ def save_samples(model, dataset, args, palette, path, device, folder_masks=None)
                                            folder_masks))
     rows = [denormalize(images, "symmetric").cpu(), denormalize(masked, "symmetric").cpu()]  # sync point
     for batch in (images, masked):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        with autocast(runtime):
             logits = model(batch).float()
         preds = (logits[:, 0] > 0).long() if args.binary_task else logits.argmax(1)
         rows.append(colorize(preds.cpu(), palette))
@@ -976,16 +686,39 @@ def save_samples(model, dataset, args, palette, path, device, folder_masks=None)
     save_image(torch.cat(rows), path, nrow=len(items), padding=2, pad_value=1.0)
 
 
-# --- data and optimiser ---
+
+def colorize(labels, palette):
+    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
+    table = torch.ones(256, 3)
+    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
+    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
+# --- phases: data, recipe, model and optimiser; the training run and --eval-only ---
+
+IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
+LEVIT_WEIGHTS = {  # facebookresearch/LeViT ImageNet checkpoints (distilled), https://dl.fbaipublicfiles.com/LeViT/
+    "levit-128s": "LeViT-128S-96703c44.pth", "levit-192": "LeViT-192-92712e41.pth",
+    "levit-384": "LeViT-384-9bdaf2e2.pth",
+}
+# CHOICE C10, C11: the recipe per kind of data, chosen once the data is read (resolve_recipe)
+RECIPES = {
+    # supplement Sec. 1 "Model Training": GLaS / polyps: LeViT-UNet-384, Adam lr 1e-4, batch 16, 200 epochs
+    "binary": dict(arch="levit-384", epochs=200, batch_size=16, optimizer="adam", lr=1e-4, unet_width=20),
+    # supplement Sec. 1: NYUDv2: U-Net++, SGD lr 0.1 momentum 0.9, batch 8, 200 epochs
+    "multiclass": dict(arch="unet++", epochs=200, batch_size=8, optimizer="sgd", lr=0.1, unet_width=20),
+    "shapes": dict(arch="unet", epochs=20, batch_size=16, optimizer="adam", lr=1e-3, unet_width=16),
+}
+
 
 def dataset_options(args):
     """The reader options the data flags set (common.build_dataset **options)."""
-    if args.data == "folder":
+    if args.data == "folder":  # CHOICE C12: --mask-mode auto reads masks holding only 0 and 255 as binary
         return {"mask_mode": args.mask_mode, **({"num_classes": args.num_classes} if args.num_classes else {})}
     if args.data == "nyudv2":
         return {"label_base": args.label_base}
     if args.data == "pranet":
-        return {"test_set": args.test_set}
+        return {"test_set": args.test_split}
     return {}
 
 
@@ -1015,6 +748,44 @@ def run_splits(args):
     return {"train": "trainval" if args.select_on == "test" else "train", "select": args.select_on, "test": "test"}
 
 
+def load_data(args, runtime):
+    """Every split this run reads ({"train", "select", "test"} -> dataset), each label checked, and the recipe
+    resolved from the data's kind, before the model exists and before --out is written -> (datasets, info)."""
+    datasets, info = {}, None
+    for role, split in run_splits(args).items():
+        datasets[role], split_info = build_split(args, split)
+        info = info or split_info
+    for role, dataset in datasets.items():
+        check_labels(dataset, desc=f"checking {run_splits(args)[role]} labels")
+    resolve_recipe(args, info.binary)
+    if "train" in datasets:
+        per_rank = -(-len(datasets["train"]) // runtime.world_size)
+        if args.img_size == 16 and args.arch not in PRESETS and min(per_rank, args.batch_size) == 1:
+            raise UsageError(f"each process trains on batches of one image ({len(datasets['train'])} training images, "
+                             f"{runtime.world_size} processes) and at --img-size 16 the U-Net's 1x1 bottleneck gives "
+                             f"BatchNorm one value per channel; pass --img-size 32 or more, or more images")
+    return datasets, info
+
+
+def resolve_recipe(args, binary_task):
+    """Fill the flags left at None from RECIPES once the data's kind is known (CHOICE C11); -> the recipe name.
+    Raises UsageError for a combination that only the data reveals (a LeViT-UNet recipe at another size)."""
+    recipe = "shapes" if args.data == "shapes" else ("binary" if binary_task else "multiclass")
+    for key, value in RECIPES[recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.drop_path is None:
+        args.drop_path = PRESETS[args.arch]["drop_path"] if args.arch in PRESETS else 0.0
+    if args.arch in PRESETS and args.img_size != LEVIT_SIZE:
+        raise UsageError(f"these data take the {recipe} recipe, --arch {args.arch}, which needs --img-size "
+                         f"{LEVIT_SIZE} (got {args.img_size}); pass --arch unet for other sizes")
+    if args.levit_weights not in (None, "none") and args.arch not in PRESETS:
+        raise UsageError(f"--levit-weights loads a LeViT encoder; --arch {args.arch} has none (pass a levit-* --arch)")
+    args.binary_task = binary_task
+    args.recipe = recipe
+    return recipe
+
+
 def build_optimizer(args, model):
     """The recipe's optimiser (Adam or SGD with momentum) and the learning-rate schedule (CHOICE C6)."""
     if args.optimizer == "adam":
@@ -1026,11 +797,64 @@ def build_optimizer(args, model):
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=gamma)
 
 
+def load_levit_weights(model, path):
+    """Load an ImageNet LeViT checkpoint (facebookresearch/LeViT, key 'model') into a LeViTUNet encoder.
+
+    LeViT keys -> ours: patch_embed.{0,2,4,6} -> stem.{0..3} (the first conv too, unlike the reference code);
+    blocks.i -> stages.s.j by the preset's depths; '.c.' -> '.conv.'/'.linear.', '.m.' -> '.block.', 'q.1.' -> 'q.'.
+    Classifier heads and the attention_bias_idxs buffers are not loaded (ours are rebuilt by attention_bias_index;
+    the file's are checked against them). Returns (number of tensors loaded, list of LeViT keys not loaded).
+    CHOICE C13: the reference LeViT-UNet leaves patch_embed.0 (the first conv) random; we load it too.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or non-PyTorch file: say which and stop
+        raise DatasetError(f"--levit-weights {path} cannot be read as a PyTorch checkpoint ({e})") from None
+    levit = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else {}
+    # global LeViT block index -> (stage, index inside the stage)
+    layout = [(s, j) for s, stage in enumerate(model.stages) for j in range(len(stage))]
+    ours = model.state_dict()
+    renamed, skipped = {}, []
+    for key, value in levit.items():
+        name = key
+        match = re.match(r"patch_embed\.(\d)\.(c|bn)\.(.*)", key)
+        if match:
+            name = f"stem.{int(match[1]) // 2}.{'conv' if match[2] == 'c' else 'bn'}.{match[3]}"
+        match = re.match(r"blocks\.(\d+)\.(.*)", key)
+        if match and int(match[1]) < len(layout):
+            stage, index = layout[int(match[1])]
+            rest = match[2].replace("m.", "block.", 1) if match[2].startswith("m.") else match[2]
+            rest = rest.replace("q.1.", "q.", 1) if rest.startswith("q.1.") else rest
+            name = f"stages.{stage}.{index}.{rest}".replace(".c.", ".linear.")
+        if name.endswith("attention_bias_idxs"):
+            module = model.get_submodule(name.rsplit(".", 1)[0]) if name.startswith("stages.") else None
+            if module is not None and value.shape == module.attention_bias_idxs.shape and \
+                    not torch.equal(value, module.attention_bias_idxs):
+                raise DatasetError(f"--levit-weights {path}: {key} orders the attention offsets differently from this "
+                                   f"model; pass an original facebookresearch/LeViT checkpoint")
+            skipped.append(key)
+        elif name in ours and ours[name].shape == value.shape:
+            renamed[name] = value
+        else:
+            skipped.append(key)
+    if not renamed:
+        raise DatasetError(f"--levit-weights {path}: no tensor matches a LeViT encoder of this size; pass the "
+                           f"facebookresearch/LeViT checkpoint of the same variant as --arch")
+    model.load_state_dict(renamed, strict=False)
+    return len(renamed), skipped
+
+
+def architecture(args, num_outputs):
+    """The architecture string checkpoints carry (load_checkpoint refuses another)."""
+    width = f"-w{args.unet_width}" if args.arch == "unet" else ""
+    return f"{args.arch}{width}-k{num_outputs}"
+
+
 def prepare_model(args, num_outputs, runtime):
     """The network with identical initial weights on every rank, ImageNet LeViT weights where given (CHOICE C13)
     -> (model on the device, pretrained flag)."""
     seed_everything(args.seed)  # identical initial weights on every rank
-    model = build_model(args, num_outputs)
+    model = build_model(args.arch, num_outputs, args.unet_width, args.drop_path)
     pretrained = False
     if args.arch in PRESETS and args.levit_weights not in (None, "none"):
         loaded, skipped = load_levit_weights(model, args.levit_weights)
@@ -1048,8 +872,6 @@ def prepare_model(args, num_outputs, runtime):
     return model, pretrained
 
 
-# --- helpers for the loops (moved out of the plumbing block) ---
-
 def sync_batch_norm(model, enabled, runtime):
     """`enabled` under torchrun on CUDA: BatchNorm over the batches of all ranks (SyncBatchNorm), so 2 processes with
     batch B normalise as 1 with batch 2B; otherwise the model itself (SyncBatchNorm has no CPU kernel)."""
@@ -1058,11 +880,268 @@ def sync_batch_norm(model, enabled, runtime):
     return model
 
 
-def colorize(labels, palette):
-    """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
-    table = torch.ones(256, 3)
-    table[:len(palette)] = torch.tensor(palette[:256], dtype=torch.float32) / 255
-    return table[labels.cpu().clamp(0, 255)].permute(0, 3, 1, 2)
+def evaluate_checkpoint(model, arch, dataset, info, args, runtime, folder_masks=None):
+    """--eval-only: --checkpoint (default --out's best.pt) on the test split -> eval_test.json."""
+    out = Path(args.out)
+    path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
+    state = load_checkpoint(path, SCRIPT, arch)
+    load_state(model, state["model"], path)
+    test_loader = make_loader(dataset, args.batch_size, args, runtime, train=False)
+    test = evaluate(model, test_loader, args, runtime, info.num_classes, folder_masks, "test")
+    result = {"checkpoint": str(path), "test": test}
+    if runtime.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval_test.json", result)
+        print(" ".join(f"test_{k}={v:.4f}" for k, v in test.items() if isinstance(v, float)), flush=True)
+    return result
+
+
+def train(model, arch, pretrained, datasets, info, args, runtime, resume_path, folder_masks=None):
+    """The MaskSup run: --epochs of train_one_epoch, each followed by evaluate on the selection split, last.pt and
+    best.pt (by --select-by on --select-on), samples/epoch_NNN.png; then best.pt on the selection and test splits
+    -> results.json."""
+    parameters = sum(p.numel() for p in model.parameters())
+    palette = info.palette[:2] if args.binary_task else info.palette
+    test_loader = make_loader(datasets["test"], args.batch_size, args, runtime, train=False)
+    optimizer, scheduler = build_optimizer(args, model)
+    start_epoch, best, state = 1, {"score": -math.inf, "epoch": 0}, None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, SCRIPT, arch, flag="--resume")
+        load_state(model, state["model"], resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+    train_loader = make_loader(datasets["train"], args.batch_size, args, runtime, train=True)
+    select_loader = make_loader(datasets["select"], args.batch_size, args, runtime, train=False)
+    config = {**vars(args), "parameters": parameters, "pretrained": pretrained, "architecture": arch,
+              "world_size": runtime.world_size, "effective_batch_size": args.batch_size * runtime.world_size,
+              "train_images": len(datasets["train"]), "num_classes": info.num_classes,
+              "mask_files": None if folder_masks is None else {"kept": len(folder_masks.masks),
+                                                               "per_bin": folder_masks.counts}}
+    out = create_run_dir(args, SCRIPT, config, runtime)
+    log = MetricsLog(out, runtime, resume_state=state)
+    if runtime.main:
+        (out / "samples").mkdir(exist_ok=True)
+    train_model = distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # (in place: `model` too)
+    step_fn = torch.compile(train_step) if args.compile else train_step  # fuses the step's kernels on GPU
+    guard = FiniteGuard()
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        started = time.time()
+        train_loader.sampler.set_epoch("train", epoch)
+        losses = train_one_epoch(train_model, step_fn, optimizer, train_loader, args, runtime, epoch, guard,
+                                 folder_masks)
+        guard.check("train", epoch)  # a non-finite loss stops here: nothing of this epoch is saved
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        metrics = evaluate(model, select_loader, args, runtime, info.num_classes, folder_masks, args.select_on)
+        score = metrics[args.select_by]
+        score = -math.inf if math.isnan(score) else score  # e.g. no foreground anywhere yet
+        improved = score > best["score"] or best["epoch"] == 0  # so that best.pt always exists
+        if improved:
+            best = {"score": score, "epoch": epoch}
+        log.write({"epoch": epoch, **losses, "lr": lr, **{f"{args.select_on}_{k}": v for k, v in metrics.items()},
+                   "time": time.time() - started})
+        if runtime.main:  # the record first, then the checkpoint that counts it (a kill between them loses nothing)
+            save_checkpoint(out / "last.pt", {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                              "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best},
+                            SCRIPT, arch, log)
+            if improved:
+                link_checkpoint(out / "last.pt", out / "best.pt")
+            save_samples(model, datasets["select"], args, palette, out / "samples" / f"epoch_{epoch:03d}.png",
+                         runtime, folder_masks)
+        barrier()  # best.pt is written before any rank reads it
+
+    # final: the selected weights on the selection split and the test split
+    state = load_checkpoint(out / "best.pt", SCRIPT, arch)
+    load_state(model, state["model"], out / "best.pt")
+    results = {"best_epoch": state["best"]["epoch"], f"best_{args.select_on}_{args.select_by}":
+               state["best"]["score"], "parameters": parameters, "pretrained": pretrained, "architecture": arch}
+    if args.select_on != "test":
+        results[args.select_on] = evaluate(model, select_loader, args, runtime, info.num_classes, folder_masks,
+                                           args.select_on)
+    results["test"] = evaluate(model, test_loader, args, runtime, info.num_classes, folder_masks, "test")
+    if runtime.main:
+        for split in (args.select_on, "test"):
+            print(f"final={split} " + " ".join(f"{k}={v:.4f}" for k, v in results[split].items()
+                                              if isinstance(v, float)), flush=True)
+        write_json(out / "results.json", results)
+    return results
+
+
+# --- command line ---
+
+def get_args(argv=None):
+    parser = ArgumentParser(description="MaskSup: masked supervised learning for semantic segmentation")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="shapes", choices=[n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
+                      + ["polyps"],
+                      help="dataset (common.py readers). pranet = the authors' polyp release (TrainDataset 1,450 "
+                           "Kvasir + ClinicDB, TestDataset/CVC-ClinicDB 62); polyps = the raw Kvasir-SEG/ and "
+                           "CVC-ClinicDB/ releases under one --data-root (its own split, not the paper's)")
+    data.add_argument("--data-root", default=None, help="dataset root in its original layout (None: ./data/<name>)")
+    data.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
+    data.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
+                      help="treat any non-zero class as foreground (1 logit + BCE); binary sets are binary anyway. "
+                           "None: on for shapes (object vs background), off otherwise")
+    data.add_argument("--mask-mode", default="auto", choices=("auto", "binary", "ids"),
+                      help="--data folder masks: binary = foreground where grey > 127 (0/255 masks, JPEG masks), "
+                           "ids = class ids with 255 ignore, auto = binary if every mask holds only 0 and 255")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="--data folder with --mask-mode ids: the class count (None: largest id + 1); ids at or "
+                           "above it are an error")
+    data.add_argument("--label-base", type=int, default=0, choices=(0, 1),
+                      help="--data nyudv2: 0 = ids 0..39 with 255 void, 1 = ids 1..40 with 0 void (other releases)")
+    data.add_argument("--test-split", default="CVC-ClinicDB",
+                      help="--data pranet: the TestDataset/<name> folder that is the test split (the paper: "
+                           "CVC-ClinicDB; PraNet also ships Kvasir, CVC-ColonDB, ETIS-LaribPolypDB, CVC-300)")
+    data.add_argument("--img-size", type=int, default=None,
+                      help="square input size; paper: 224 (LeViT-UNet needs exactly 224). None: 224, shapes 64")
+
+    masking = parser.add_argument_group("masking")
+    masking.add_argument("--masking", default="high", choices=MASKINGS,
+                         help="high: free-form holes over 50-60 %% of the image (paper's best); low: 1-10 %%; "
+                              "patch: random square patches (--mask-ratio, --patch-size); folder: mask PNGs from "
+                              "--mask-dir (white = hole), e.g. the NVIDIA irregular-mask set the paper used")
+    masking.add_argument("--mask-dir", default=None, help="folder of mask PNGs for --masking folder")
+    masking.add_argument("--mask-area", default="any", choices=("high", "low", "any"),
+                         help="--masking folder: only the files whose measured hole fraction lies in the bin "
+                              "(high 50-60 %%, low 1-10 %%, the paper's 'High' / 'Low'), or every file")
+    masking.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches hidden, --masking patch")
+    masking.add_argument("--patch-size", type=int, default=16, help="patch side in pixels, --masking patch")
+
+    method = parser.add_argument_group("method (L_total = a1*L_seg + a2*L_context + a3*L_tasksim)")
+    method.add_argument("--alpha1", type=float, default=1.0, help="weight of L_seg on the clean image (paper: 1)")
+    method.add_argument("--alpha2", type=float, default=1.0,
+                        help="weight of L_context on the masked image (paper: 1; 0 with --alpha3 0 = baseline)")
+    method.add_argument("--alpha3", type=float, default=1.0,
+                        help="weight of L_tasksim between the two predictions (paper: 1; 0 = context branch only)")
+    method.add_argument("--tasksim", default="probabilities", choices=("probabilities", "argmax"),
+                        help="probabilities: MSE of sigmoid/softmax maps (differentiable); argmax: the authors' "
+                             "multi-class code, MSE of argmax maps, which passes no gradient")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default=None, choices=ARCHS,
+                       help="network; paper: levit-384 for GLaS/polyps, unet++ for NYUDv2. None: the recipe's "
+                            "(levit-384 binary sets, unet++ multi-class sets, unet shapes)")
+    model.add_argument("--unet-width", type=int, default=None,
+                       help="--arch unet base width (doubles per level, 5 levels); 20 = 3.07 M params. None: 20, "
+                            "shapes 16")
+    model.add_argument("--drop-path", type=float, default=None,
+                       help="LeViT stochastic depth; None: LeViT's presets, 0 (128s, 192), 0.1 (384)")
+    model.add_argument("--levit-weights", default=None, metavar="FILE|none",
+                       help="ImageNet LeViT checkpoint of the same variant (facebookresearch/LeViT: "
+                            + ", ".join(LEVIT_WEIGHTS.values()) + "); none = random weights, no warning")
+    model.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                       help="BatchNorm over the batches of all processes under torchrun on CUDA (SyncBatchNorm: 2 "
+                            "processes with batch B normalise as 1 with batch 2B); --no-sync-bn: per process. No "
+                            "effect on one process or on the CPU")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=None, help="paper: 200. None: 200, shapes 20")
+    optim.add_argument("--batch-size", type=int, default=None,
+                       help="per process; paper: 16 GLaS/polyps, 8 NYUDv2. None: the recipe's, shapes 16")
+    optim.add_argument("--optimizer", default=None, choices=("adam", "sgd"),
+                       help="paper: Adam for GLaS/polyps, SGD momentum 0.9 for NYUDv2. None: the recipe's")
+    optim.add_argument("--lr", type=float, default=None, help="paper: 1e-4 Adam, 0.1 SGD. None: those; shapes 1e-3")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    optim.add_argument("--weight-decay", type=float, default=0.0,
+                       help="paper: none stated (authors' code: 1e-5 Adam, 5e-4 SGD)")
+    optim.add_argument("--lr-schedule", default="constant", choices=("constant", "step"),
+                       help="constant (paper states none) or step (authors' NYUDv2 code: x0.1 every 60 epochs)")
+    optim.add_argument("--lr-step-size", type=int, default=60, help="epochs per step, --lr-schedule step")
+    optim.add_argument("--lr-gamma", type=float, default=0.1, help="factor per step, --lr-schedule step")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-masked", action="store_true",
+                            help="also score predictions on masked inputs (the paper's robustness figure)")
+    evaluation.add_argument("--select-on", default="val", choices=("val", "test"),
+                            help="split that picks best.pt; val or test (the authors' protocol: train on all of "
+                                 "train and select on test; optimistic)")
+    evaluation.add_argument("--select-by", default="miou", choices=("miou", "paper_iou"),
+                            help="metric that picks best.pt: miou (standard dataset-level mIoU) or paper_iou (the "
+                                 "paper's per-image protocol, which the authors selected by)")
+    evaluation.add_argument("--num-samples", type=int, default=6, help="images in each samples/ PNG grid")
+    add_run_arguments(parser, SCRIPT)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Defaults that do not depend on the data, and every refusal the flags alone allow; the recipe (arch,
+    optimiser, lr, batch, epochs) is resolved once the data is read (resolve_recipe, CHOICE C11)."""
+    shapes = args.data == "shapes"
+    if args.binary is None:
+        args.binary = shapes  # CHOICE C10: the synthetic default is binary, like the paper's GLaS/polyp tasks
+    if args.img_size is None:
+        args.img_size = 64 if shapes and args.arch not in PRESETS else LEVIT_SIZE
+    if args.arch in PRESETS and args.img_size != LEVIT_SIZE:
+        parser.error(f"--arch {args.arch} needs --img-size {LEVIT_SIZE}: LeViT-UNet's attention biases are tied to "
+                     f"its 14x14/7x7/4x4 token grids (got {args.img_size}); use --arch unet for other sizes")
+    if args.img_size < 16 or args.img_size % 16:
+        parser.error(f"--img-size must be a multiple of 16 (the U-Nets halve it 4 times), got {args.img_size}")
+    if args.unet_width is not None and args.unet_width < 1:
+        parser.error(f"--unet-width must be positive, got {args.unet_width}")
+    if args.masking == "folder" and not args.mask_dir:
+        parser.error("--masking folder needs --mask-dir DIR (a folder of mask PNGs, white = hole)")
+    if args.mask_dir and args.masking != "folder":
+        parser.error("--mask-dir is only read with --masking folder")
+    if args.mask_area != "any" and args.masking != "folder":
+        parser.error("--mask-area picks files of --masking folder; --masking high/low already set the hole area")
+    if not 0.0 < args.mask_ratio < 1.0:
+        parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
+    if args.masking == "patch" and (args.patch_size < 1 or args.img_size % args.patch_size):
+        parser.error(f"--patch-size must divide --img-size ({args.img_size}), got {args.patch_size}")
+    for name in ("alpha1", "alpha2", "alpha3"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.alpha1 + args.alpha2 + args.alpha3 == 0:
+        parser.error("--alpha1, --alpha2 and --alpha3 are all 0: nothing to train")
+    for name in ("epochs", "batch_size", "num_samples", "lr_step_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if args.drop_path is not None and not 0.0 <= args.drop_path < 1.0:
+        parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
+    if args.levit_weights not in (None, "none"):
+        if args.arch is not None and args.arch not in PRESETS:
+            parser.error(f"--levit-weights loads a LeViT encoder; --arch {args.arch} has none (pass a levit-* --arch)")
+        if not Path(args.levit_weights).is_file():
+            parser.error(f"--levit-weights {args.levit_weights}: no such file (a facebookresearch/LeViT .pth, e.g. "
+                         f"{LEVIT_WEIGHTS['levit-384']}; or pass none)")
+    if args.data != "folder" and (args.mask_mode != "auto" or args.num_classes is not None):
+        parser.error("--mask-mode and --num-classes describe --data folder masks; the other readers know theirs")
+    if args.num_classes is not None and (args.num_classes < 2 or args.mask_mode == "binary"):
+        parser.error(f"--num-classes needs --mask-mode ids and at least 2 classes, got {args.num_classes}")
+    if args.label_base and args.data != "nyudv2":
+        parser.error("--label-base is read by --data nyudv2 only")
+    if args.test_split != "CVC-ClinicDB" and args.data != "pranet":
+        parser.error("--test-split picks a TestDataset folder of --data pranet only")
+    if args.batch_size == 1 and args.img_size == 16 and args.arch not in PRESETS:
+        parser.error("--batch-size 1 with --img-size 16: the U-Net's 1x1 bottleneck would give BatchNorm one value "
+                     "per channel; pass --batch-size 2 or more, or --img-size 32 or more")
+    check_run_arguments(parser, args, SCRIPT)
+
+
+def main(args):
+    resume_path = check_run_dir(args, SCRIPT)  # nothing is written before the flags and the data are checked
+    runtime = setup_runtime(args)
+    try:
+        datasets, info = load_data(args, runtime)
+        num_outputs = 1 if args.binary_task else info.num_classes  # CHOICE C4: binary sets use one logit
+        folder_masks = None
+        if args.masking == "folder":
+            folder_masks = FolderMasks(args.mask_dir, args.img_size, runtime.device, args.mask_area,
+                                       track=lambda files: progress(files, runtime, "reading masks"))
+        model, pretrained = prepare_model(args, num_outputs, runtime)
+        arch = architecture(args, num_outputs)
+        if args.eval_only:
+            return evaluate_checkpoint(model, arch, datasets["test"], info, args, runtime, folder_masks)
+        return train(model, arch, pretrained, datasets, info, args, runtime, resume_path, folder_masks)
+    finally:
+        shutdown(runtime)
 
 
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
@@ -1452,119 +1531,6 @@ def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on 
         sys.exit(130)
 
 # --- end of plumbing ---
-
-
-def main(args):
-    resume_path = check_run_dir(args, SCRIPT)  # nothing is written before the flags and the data are checked
-    runtime = setup_runtime(args)
-    try:
-        return run(args, runtime, resume_path)
-    finally:
-        shutdown(runtime)
-
-
-def run(args, runtime, resume_path):
-    device = runtime.device
-    # every split this run reads, each label checked, before the model exists and before --out is written
-    datasets, info = {}, None
-    for role, split in run_splits(args).items():
-        datasets[role], split_info = build_split(args, split)
-        info = info or split_info
-    for role, dataset in datasets.items():
-        check_labels(dataset, desc=f"checking {run_splits(args)[role]} labels")
-    resolve_recipe(args, info.binary)
-    num_outputs = 1 if args.binary_task else info.num_classes  # CHOICE C4: binary sets use one logit
-    palette = info.palette[:2] if args.binary_task else info.palette
-    if "train" in datasets:
-        per_rank = -(-len(datasets["train"]) // runtime.world_size)
-        if args.img_size == 16 and args.arch not in PRESETS and min(per_rank, args.batch_size) == 1:
-            raise UsageError(f"each process trains on batches of one image ({len(datasets['train'])} training images, "
-                             f"{runtime.world_size} processes) and at --img-size 16 the U-Net's 1x1 bottleneck gives "
-                             f"BatchNorm one value per channel; pass --img-size 32 or more, or more images")
-    folder_masks = FolderMasks(args.mask_dir, args.img_size, device, args.mask_area, runtime) \
-        if args.masking == "folder" else None
-    model, pretrained = prepare_model(args, num_outputs, runtime)
-    arch = architecture(args, num_outputs)
-    parameters = sum(p.numel() for p in model.parameters())
-    test_loader = make_loader(datasets["test"], args.batch_size, args, runtime, train=False)
-    out = Path(args.out)
-
-    if args.eval_only:
-        path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
-        state = load_checkpoint(path, SCRIPT, arch)
-        load_state(model, state["model"], path)
-        test = evaluate(model, test_loader, args, runtime, info.num_classes, folder_masks, "test")
-        result = {"checkpoint": str(path), "test": test}
-        if runtime.main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "eval_test.json", result)
-            print(" ".join(f"test_{k}={v:.4f}" for k, v in test.items() if isinstance(v, float)), flush=True)
-        return result
-
-    optimizer, scheduler = build_optimizer(args, model)
-    start_epoch, best, state = 1, {"score": -math.inf, "epoch": 0}, None
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, SCRIPT, arch, flag="--resume")
-        load_state(model, state["model"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-    train_loader = make_loader(datasets["train"], args.batch_size, args, runtime, train=True)
-    select_loader = make_loader(datasets["select"], args.batch_size, args, runtime, train=False)
-    config = {**vars(args), "parameters": parameters, "pretrained": pretrained, "architecture": arch,
-              "world_size": runtime.world_size, "effective_batch_size": args.batch_size * runtime.world_size,
-              "train_images": len(datasets["train"]), "num_classes": info.num_classes,
-              "mask_files": None if folder_masks is None else {"kept": len(folder_masks.masks),
-                                                               "per_bin": folder_masks.counts}}
-    out = create_run_dir(args, SCRIPT, config, runtime)
-    log = MetricsLog(out, runtime, resume_state=state)
-    if runtime.main:
-        (out / "samples").mkdir(exist_ok=True)
-    train_model = distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # (in place: `model` too)
-    step_fn = torch.compile(train_step) if args.compile else train_step  # fuses the step's kernels on GPU
-    guard = FiniteGuard()
-
-    for epoch in range(start_epoch, args.epochs + 1):
-        started = time.time()
-        train_loader.sampler.set_epoch("train", epoch)
-        losses = train_one_epoch(train_model, step_fn, optimizer, train_loader, args, runtime, epoch, guard,
-                                 folder_masks)
-        guard.check("train", epoch)  # a non-finite loss stops here: nothing of this epoch is saved
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        metrics = evaluate(model, select_loader, args, runtime, info.num_classes, folder_masks, args.select_on)
-        score = metrics[args.select_metric]
-        score = -math.inf if math.isnan(score) else score  # e.g. no foreground anywhere yet
-        improved = score > best["score"] or best["epoch"] == 0  # so that best.pt always exists
-        if improved:
-            best = {"score": score, "epoch": epoch}
-        log.write({"epoch": epoch, **losses, "lr": lr, **{f"{args.select_on}_{k}": v for k, v in metrics.items()},
-                   "time": time.time() - started})
-        if runtime.main:  # the record first, then the checkpoint that counts it (a kill between them loses nothing)
-            save_checkpoint(out / "last.pt", {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                              "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best},
-                            SCRIPT, arch, log)
-            if improved:
-                link_checkpoint(out / "last.pt", out / "best.pt")
-            save_samples(model, datasets["select"], args, palette, out / "samples" / f"epoch{epoch:03d}.png", device,
-                         folder_masks)
-        barrier()  # best.pt is written before any rank reads it
-
-    # final: the selected weights on the selection split and the test split
-    state = load_checkpoint(out / "best.pt", SCRIPT, arch)
-    load_state(model, state["model"], out / "best.pt")
-    results = {"best_epoch": state["best"]["epoch"], f"best_{args.select_on}_{args.select_metric}":
-               state["best"]["score"], "parameters": parameters, "pretrained": pretrained, "architecture": arch}
-    if args.select_on != "test":
-        results[args.select_on] = evaluate(model, select_loader, args, runtime, info.num_classes, folder_masks,
-                                           args.select_on)
-    results["test"] = evaluate(model, test_loader, args, runtime, info.num_classes, folder_masks, "test")
-    if runtime.main:
-        for split in (args.select_on, "test"):
-            print(f"final={split} " + " ".join(f"{k}={v:.4f}" for k, v in results[split].items()
-                                              if isinstance(v, float)), flush=True)
-        write_json(out / "results.json", results)
-    return results
 
 
 if __name__ == "__main__":

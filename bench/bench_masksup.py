@@ -59,8 +59,9 @@ def bench(arch, method, args):
     run_args = masksup.get_args(flags)
     masksup.resolve_recipe(run_args, True)
     run_args.amp, run_args.channels_last = args.amp, args.channels_last
+    runtime = masksup.Runtime(device, amp=args.amp)
     torch.manual_seed(0)
-    model = masksup.build_model(run_args, 1).to(device)
+    model = masksup.build_model(run_args.arch, 1, run_args.unet_width, run_args.drop_path).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -74,8 +75,8 @@ def bench(arch, method, args):
     model.train()
 
     def one_step():
-        mask = masksup.make_masks(run_args, B, generator, device)
-        return step(model, optimizer, images, labels, mask, run_args)
+        mask = masksup.make_masks(run_args.masking, B, S, S, generator, device)
+        return step(model, optimizer, images, labels, mask, run_args, runtime)
 
     for _ in range(args.warmup):
         one_step()

@@ -204,8 +204,8 @@ def test_folder_masks_by_measured_area_against_literal_bins(tmp_path):
 def test_produced_hole_areas_match_the_paper_bins(masking, low, high):
     """The masks make_masks hands to training (the --masking flag path) cover the literal bin of the paper."""
     args = masksup.get_args(["--masking", masking, "--img-size", "48"])
-    fractions = torch.cat([masksup.make_masks(args, 16, torch.Generator().manual_seed(s), "cpu").float().mean((1, 2))
-                           for s in range(8)])
+    fractions = torch.cat([masksup.make_masks(args.masking, 16, 48, 48, torch.Generator().manual_seed(s), "cpu")
+                           .float().mean((1, 2)) for s in range(8)])
     assert fractions.min() >= low - 1e-9 and fractions.max() <= high + 1e-9
     assert fractions.max() - fractions.min() > 0.5 * (high - low)  # spread over the bin, not one value
 
@@ -256,14 +256,17 @@ def test_levit_unet_attention_bias_tables_and_shapes(preset):
     assert biases["stages.2.2.block.attention_biases"] == (heads[2], 16)
     assert model.stages[1][0].attention_bias_idxs.shape == (49, 196)
     assert model.stages[2][0].attention_bias_idxs.shape == (16, 49)
-    # shapes through the whole network, B = 2 and K = 4, on the meta device
-    images = torch.empty(2, 3, 224, 224, device="meta")
-    logits, features = model(images, return_features=True)
+    # shapes through the whole network, B = 2 and K = 4, on the meta device (forward hooks on stem and stages)
+    stem, tokens = [], []
+    for conv in model.stem:
+        conv.register_forward_hook(lambda module, inputs, output: stem.append(tuple(output.shape)))
+    for stage in model.stages:
+        stage.register_forward_hook(lambda module, inputs, output: tokens.append(tuple(output.shape)))
+    logits = model(torch.empty(2, 3, 224, 224, device="meta"))
     n = E[0]
     assert logits.shape == (2, 4, 224, 224)
-    assert [tuple(f.shape) for f in features["stem"]] == [(2, n // 8, 112, 112), (2, n // 4, 56, 56),
-                                                         (2, n // 2, 28, 28), (2, n, 14, 14)]
-    assert [tuple(t.shape) for t in features["tokens"]] == [(2, 196, E[0]), (2, 49, E[1]), (2, 16, E[2])]
+    assert stem == [(2, n // 8, 112, 112), (2, n // 4, 56, 56), (2, n // 2, 28, 28), (2, n, 14, 14)]
+    assert tokens == [(2, 196, E[0]), (2, 49, E[1]), (2, 16, E[2])]
 
 
 @torch.no_grad()
@@ -491,7 +494,7 @@ def test_drop_path_is_levits_and_acts_only_in_training():
     args = masksup.get_args(["--arch", "levit-384"])
     masksup.resolve_recipe(args, True)
     with torch.device("meta"):
-        model = masksup.build_model(args, 1)
+        model = masksup.build_model(args.arch, 1, args.unet_width, args.drop_path)
     assert {m.drop_path for m in model.modules() if isinstance(m, masksup.Residual)} == {0.1}  # LeViT-384's rate
     residual = masksup.Residual(torch.nn.Identity(), drop_path=0.5).train()
     x = torch.ones(200, 3, 4)
@@ -570,7 +573,7 @@ def test_gradient_flows_through_both_passes():
                                  "--alpha3", str(alphas[2])])
         args.binary_task, args.amp = False, False
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the gradient
-        losses = masksup.train_step(model, optimizer, images, labels, mask, args)
+        losses = masksup.train_step(model, optimizer, images, labels, mask, args, cpu_runtime())
         assert losses.shape == (4,) and torch.isfinite(losses).all()
         return model.head.weight.grad.clone(), losses
 
@@ -648,7 +651,7 @@ def test_binary_folder_gets_the_binary_recipe_after_the_data_is_read(tmp_path):
 
 
 def test_data_flags_reach_the_readers(tmp_path):
-    """--mask-mode, --label-base and --test-set are passed to common.py's readers (each would be silently ignored
+    """--mask-mode, --label-base and --test-split are passed to common.py's readers (each would be silently ignored
     otherwise): 0/255 masks as ids keep 255 as ignore; NYUDv2 ids 1..40 with 0 void; PraNet's Kvasir test folder."""
     write_folder(tmp_path / "folder", count=4)
     ids = masksup.get_args(["--data", "folder", "--data-root", str(tmp_path / "folder"), "--mask-mode", "ids",
@@ -672,7 +675,7 @@ def test_data_flags_reach_the_readers(tmp_path):
             for sub, new in (("images", "images"), ("masks", "masks")):
                 (tmp_path / "pranet" / "TestDataset" / name / sub / f"{i}.png").rename(
                     tmp_path / "pranet" / "TestDataset" / name / new / f"{stem}.png")
-    kvasir = masksup.get_args(["--data", "pranet", "--data-root", str(tmp_path / "pranet"), "--test-set", "Kvasir",
+    kvasir = masksup.get_args(["--data", "pranet", "--data-root", str(tmp_path / "pranet"), "--test-split", "Kvasir",
                                "--img-size", "32", "--arch", "unet"])
     assert sorted(masksup.build_split(kvasir, "test")[0].names) == ["k1", "k2", "k3"]
 
@@ -771,7 +774,7 @@ def test_training_masks_follow_the_image_not_the_batch_or_the_rank():
     def masks_seen(batch_size, runtime, epoch=1):
         seen = {}
 
-        def spy(model, optimizer, images, labels, mask, run_args):
+        def spy(model, optimizer, images, labels, mask, run_args, runtime):
             for image, hole in zip(images, mask):
                 seen[image.sum().item()] = hole.clone()
             return torch.zeros(4)
@@ -797,9 +800,9 @@ def test_training_sees_only_train_images_and_selection_only_val(tmp_path, monkey
     seen, evaluated = [], []
     real_step, real_evaluate = masksup.train_step, masksup.evaluate
 
-    def spy_step(model, optimizer, images, labels, mask, run_args):
+    def spy_step(model, optimizer, images, labels, mask, run_args, runtime):
         seen.append(images.clone())
-        return real_step(model, optimizer, images, labels, mask, run_args)
+        return real_step(model, optimizer, images, labels, mask, run_args, runtime)
 
     def spy_evaluate(model, loader, *rest, **kwargs):
         evaluated.append(torch.stack([loader.dataset.dataset[i][0] for i in range(len(loader.dataset))]))
@@ -843,7 +846,7 @@ def test_short_run_learns_and_beats_chance(tmp_path):
             assert 0.0 <= metrics[key] <= 1.0
     for name in ("config.json", "last.pt", "best.pt", "results.json"):
         assert (out / name).is_file()
-    assert len(list((out / "samples").glob("*.png"))) == 4
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [f"epoch_{e:03d}.png" for e in range(1, 5)]
     assert json.loads((out / "config.json").read_text())["arch"] == "unet"
 
 

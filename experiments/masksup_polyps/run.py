@@ -112,7 +112,7 @@ def main():
                 folder = run / f"eval-{test_set}"
                 if not (folder / "eval_test.json").is_file():
                     eval_flags = [f for f in COMMON] + ["--data-root", str(data), "--seed", str(seed)]
-                    masksup(*eval_flags, "--test-set", test_set, "--eval-only", "--eval-masked", "--masking", "high",
+                    masksup(*eval_flags, "--test-split", test_set, "--eval-only", "--eval-masked", "--masking", "high",
                             "--checkpoint", str(run / "best.pt"), "--out", str(folder))
                 test = json.loads((folder / "eval_test.json").read_text())["test"]
                 for metric in ("paper_iou", "miou", "dice", "masked_paper_iou", "masked_miou"):
