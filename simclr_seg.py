@@ -120,12 +120,12 @@ class ResNetEncoder(nn.Module):
     features(images) -> [stem (B, 64, H/2, W/2), layer1 /4, layer2 /8, layer3 /16, layer4 /32] for the U-Net.
     """
 
-    def __init__(self, name="resnet50"):
+    def __init__(self, arch="resnet50"):
         super().__init__()
-        resnet = getattr(torchvision.models, name)(weights=None)
+        resnet = getattr(torchvision.models, arch)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
-        self.channels = ENCODER_CHANNELS[name]
+        self.channels = ENCODER_CHANNELS[arch]
 
     def features(self, images):
         stem = self.relu(self.bn1(self.conv1(images)))  # (B, 64, H/2, W/2)
@@ -149,9 +149,9 @@ class ProjectionHead(nn.Sequential):
 class SimCLR(nn.Module):
     """Encoder + projection head: images (B, 3, H, W) -> projections z (B, d), not yet normalised."""
 
-    def __init__(self, encoder="resnet50", hidden_dim=512, projection_dim=128):
+    def __init__(self, arch="resnet50", hidden_dim=512, projection_dim=128):
         super().__init__()
-        self.encoder = ResNetEncoder(encoder)
+        self.encoder = ResNetEncoder(arch)
         self.projection_head = ProjectionHead(self.encoder.channels[-1], hidden_dim, projection_dim)
 
     def forward(self, images):
@@ -196,9 +196,9 @@ class UNetDecoder(nn.Module):
 class SimCLRUNet(nn.Module):
     """The fine-tuning model: ResNet encoder + U-Net decoder + 3x3 conv -> one logit per pixel (B, 1, H, W)."""
 
-    def __init__(self, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16)):
+    def __init__(self, arch="resnet50", decoder_channels=(256, 128, 64, 32, 16)):
         super().__init__()
-        self.encoder = ResNetEncoder(encoder)
+        self.encoder = ResNetEncoder(arch)
         self.decoder = UNetDecoder(self.encoder.channels, decoder_channels)
         self.head = nn.Conv2d(decoder_channels[-1], 1, 3, padding=1)
 
@@ -827,16 +827,12 @@ def pretrain_summary(state, out):
             "images": state["images"], "skipped_unreadable": state["skipped"]}
 
 
-def stages_of(args):
-    return ("pretrain", "finetune") if args.stage == "both" else (args.stage,)
-
-
 def prepare_run(args, runtime, data_cache=None):
     """Everything that can fail before --out is written: the run folder, every split's labels, the first model.
     -> (resume_state, data by stage, first model)."""
     resume_path = check_run_dir(args, SCRIPT)
     resume_state = load_checkpoint(resume_path, SCRIPT, flag="--resume") if resume_path else None
-    stages = stages_of(args)
+    stages = ("pretrain", "finetune") if args.stage == "both" else (args.stage,)
     if resume_state is not None and resume_state["stage"] == "finetune":
         stages = ("finetune",)  # pre-training is finished; its pretrain.pt is what fine-tuning started from
     data_cache = {} if data_cache is None else data_cache
@@ -913,19 +909,16 @@ def get_args(argv=None):
     parser = ArgumentParser(description="SimCLR pre-training + U-Net fine-tuning (foreground segmentation, "
                                         "Oxford-IIIT Pet)")
     parser.add_argument("--data", default="shapes", choices=("shapes", "pets"),
-                        help="fine-tuning set: shapes = built-in synthetic binary set (default), pets = "
-                             "Oxford-IIIT Pet")
+                        help="fine-tuning set: shapes = synthetic binary set (default), pets = Oxford-IIIT Pet")
     parser.add_argument("--data-root", default=os.path.join("data", "oxford-iiit-pet"),
                         help="--data pets: the oxford-iiit-pet folder itself (images/, annotations/)")
     parser.add_argument("--download", action="store_true",
-                        help="let torchvision download Pets / CIFAR-10, and torchvision ImageNet weights for an "
-                             "imagenet init when they are not in the torch hub cache")
+                        help="let torchvision download Pets, CIFAR-10 and (imagenet init) ImageNet weights")
     parser.add_argument("--stage", default="both", choices=("pretrain", "finetune", "both"),
                         help="pretrain = SimCLR only (Sec. 2.1); finetune = U-Net only (Sec. 2.2); both = pretrain, "
                              "then fine-tune from it, in one run directory")
     parser.add_argument("--arch", default=None, choices=sorted(ENCODER_CHANNELS),
-                        help="the ResNet encoder of both stages (paper: resnet50; shapes preset: resnet18, a CPU "
-                             "choice)")
+                        help="ResNet encoder of both stages (paper: resnet50; shapes preset: resnet18, a CPU choice)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="fine-tuning image side in px (paper code: 224; shapes preset: 48)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (Sec. 2.2: 60; shapes: 10)")
@@ -939,9 +932,8 @@ def get_args(argv=None):
                      help="unlabelled images for SimCLR (paper: cifar10, catsdogs = CAT&DOG; pets: with --data pets "
                           "only the images outside the fixed test set; shapes: the synthetic unlabelled split; "
                           "folder: every image under --pretrain-root); default shapes for --data shapes, else cifar10")
-    pre.add_argument("--pretrain-root", default=None,
-                     help="the pre-training set's own folder (default ./data/cifar10, ./data/catsdogs, "
-                          "./data/oxford-iiit-pet)")
+    pre.add_argument("--pretrain-root", default=None, help="the pre-training set's own folder (default "
+                                                           "./data/cifar10, ./data/catsdogs, ./data/oxford-iiit-pet)")
     pre.add_argument("--pretrain-limit", type=int, default=None, metavar="N",
                      help="a seeded, class-balanced draw of N pre-training images (CHOICE C17; the authors used "
                           "23,410 CAT&DOG images and as many CIFAR-10 ones)")
@@ -959,8 +951,7 @@ def get_args(argv=None):
     pre.add_argument("--pretrain-img-size", type=int, default=None,
                      help="side of the views in px (authors' config: 224; default: --img-size)")
     pre.add_argument("--pretrain-source-size", type=int, default=None,
-                     help="--pretrain-data shapes only: side the synthetic images are drawn at before the crop "
-                          "(default: --pretrain-img-size)")
+                     help="--pretrain-data shapes: side of the images before the crop (default: --pretrain-img-size)")
     pre.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature tau (authors' config: 0.1)")
     pre.add_argument("--projection-hidden-dim", type=int, default=512, help="projection head hidden width (code: 512)")
     pre.add_argument("--projection-dim", type=int, default=128, help="projection head output width d (code: 128)")
@@ -970,12 +961,10 @@ def get_args(argv=None):
     pre.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                      help="area range of the random resized crop (SimCLR: 0.08 1; shapes preset: 0.3 1)")
     pre.add_argument("--pretrain-init", default="none",
-                     help="encoder at the start of pre-training: none (authors' code, the default) | imagenet | "
-                          "imagenet:PATH")
+                     help="encoder before pre-training: none (authors' code, default) | imagenet | imagenet:PATH")
     pre.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                     help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
-                          "(SyncBatchNorm: SimCLR's global BN; 2 processes with batch B normalise as 1 with batch "
-                          "2B); --no-sync-bn: per process. No effect on one process or on the CPU")
+                     help="SyncBatchNorm under torchrun on CUDA, both stages (SimCLR's global BN, CHOICE C5); "
+                          "--no-sync-bn: per process")
 
     fine = parser.add_argument_group("fine-tuning (Sec. 2.2, 3.1)")
     fine.add_argument("--init", default=None,
@@ -987,11 +976,9 @@ def get_args(argv=None):
     fine.add_argument("--loss", default="bce", choices=("bce", "dice", "focal"),
                       help="fine-tuning loss (paper: bce, the default; the authors' code also offers dice and focal)")
     fine.add_argument("--select-by", default="val_loss", choices=("val_loss", "val_iou"),
-                      help="best.pt = lowest validation loss (report, the default) or highest validation IoU "
-                           "(authors' code)")
+                      help="best.pt: lowest validation loss (report; default) or highest validation IoU (code)")
     fine.add_argument("--dev-split", type=float, default=0.8,
-                      help="development fraction of the whole set (Sec. 3.1: 0.8, the default, 0.5, 0.2); the rest "
-                           "minus the test set is unused")
+                      help="development fraction of the whole set (Sec. 3.1: 0.8, the default, 0.5, 0.2)")
     fine.add_argument("--test-fraction", type=float, default=0.2, help="fixed test fraction (Sec. 3.1: 0.2)")
     fine.add_argument("--val-fraction", type=float, default=0.1,
                       help="validation fraction of the dev set (Sec. 3.1: 90/10 train/val, so 0.1)")
@@ -1000,8 +987,7 @@ def get_args(argv=None):
     fine.add_argument("--border", default="foreground", choices=("foreground", "background", "ignore"),
                       help="Pet trimap class 3 (the border) becomes this (CHOICE C8; default foreground)")
     fine.add_argument("--synthetic-images", type=int, default=384,
-                      help="--data shapes / --pretrain-data shapes: images in the labelled synthetic pool that "
-                           "pet_splits divides, and in the unlabelled synthetic pre-training set")
+                      help="images of the synthetic labelled pool and of its unlabelled pre-training set")
     args = parser.parse_args(argv)
     apply_presets(args)
     check_args(parser, args)

@@ -28,7 +28,7 @@ def get_args(argv=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 CUDA, 1 CPU)")
-    parser.add_argument("--encoder", default=None, choices=sorted(simclr_seg.ENCODER_CHANNELS),
+    parser.add_argument("--arch", default=None, choices=sorted(simclr_seg.ENCODER_CHANNELS),
                         help="default resnet50 (paper) on CUDA, resnet18 on CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 4 on CPU")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
@@ -44,8 +44,8 @@ def get_args(argv=None):
         parser.error("--device cuda but no CUDA device is available")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = torch.device("cuda" if cuda else "cpu")
-    defaults = dict(steps=200, warmup=20, encoder="resnet50", batch_size=32, sizes=[64, 224]) if cuda else dict(
-        steps=3, warmup=1, encoder="resnet18", batch_size=4, sizes=[32])
+    defaults = dict(steps=200, warmup=20, arch="resnet50", batch_size=32, sizes=[64, 224]) if cuda else dict(
+        steps=3, warmup=1, arch="resnet18", batch_size=4, sizes=[32])
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -56,15 +56,15 @@ def get_args(argv=None):
 
 def bench(stage, size, args):
     device = args.device
-    flags = ["--device", device.type, "--encoder", args.encoder, "--img-size", str(size),
+    flags = ["--device", device.type, "--arch", args.arch, "--img-size", str(size),
              "--pretrain-optimizer", "lars", "--stage", stage]
     run_args = simclr_seg.get_args(flags)
     run_args.channels_last = args.channels_last
     torch.manual_seed(0)
     if stage == "pretrain":
-        model = simclr_seg.SimCLR(args.encoder, run_args.projection_hidden_dim, run_args.projection_dim)
+        model = simclr_seg.SimCLR(args.arch, run_args.projection_hidden_dim, run_args.projection_dim)
     else:
-        model = simclr_seg.SimCLRUNet(args.encoder, run_args.decoder_channels)
+        model = simclr_seg.SimCLRUNet(args.arch, run_args.decoder_channels)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -100,7 +100,7 @@ def bench(stage, size, args):
     loss.item()  # sync point: wait for the last step
     elapsed = time.perf_counter() - started
     return {
-        "method": "simclr_seg", "stage": stage, "encoder": args.encoder, "img_size": size, "batch_size": B,
+        "method": "simclr_seg", "stage": stage, "arch": args.arch, "img_size": size, "batch_size": B,
         "views_per_image": 2 if stage == "pretrain" else 1, "steps": args.steps, "device": device.type,
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "amp_bf16": args.amp, "channels_last": args.channels_last, "compile": args.compile,

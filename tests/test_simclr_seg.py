@@ -469,7 +469,8 @@ def test_pretrain_loss_falls_and_finetune_beats_chance(tmp_path):
     test = results["finetune"]["test"]
     assert test["iou"] > foreground_fraction(args) + 0.1
     assert results["finetune"]["model"] == "SimCLR-shapes" and results["finetune"]["split_sizes"]["test"] == 19
-    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "samples/finetune_epoch_006.png"):
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json",
+                 "samples/finetune_epoch_006.png"):
         assert (tmp_path / "fine" / name).exists(), name
     assert (tmp_path / "pre" / "samples" / "pretrain_epoch_008.png").exists()
 
