@@ -630,14 +630,14 @@ def first_fraction(dataset, fraction):
     return Subset(dataset, range(max(1, int(len(dataset) * fraction))))
 
 
-def build_splits(args, runtime, num_classes=None):
+def build_splits(args, runtime, checkpoint_classes=None):
     """Every dataset split the run uses, labels checked before any step (run contract) -> dict.
 
     Keys: "pretrain" (image-only base), "train", "val", "test" (labelled, CHOICE C12), "info", "test_split",
-    "num_classes": `num_classes` (--num-classes or the checkpoint's) where given, else the count of ALL labelled
+    "num_classes": --num-classes, else `checkpoint_classes` (--eval-only, --resume), else the count of ALL labelled
     splits read (a folder's test split may lack a class that train has), never that of one split.
     """
-    splits = {}
+    splits, num_classes = {}, args.num_classes or checkpoint_classes
     if args.stage in ("pretrain", "both") and not args.eval_only:
         splits["pretrain"], _ = build_dataset(args.pretrain_data, args.pretrain_root, args.pretrain_split,
                                               transform=identity, image_only=True, download=args.download,
@@ -1180,8 +1180,8 @@ def main(args):
             resume_path
         state = load_checkpoint(path, SCRIPT, args.arch, flag="--checkpoint" if args.eval_only else "--resume") \
             if path else None
-        # K: --num-classes, else the checkpoint's, else all labelled splits' (build_splits)
-        splits = build_splits(args, runtime, args.num_classes or classes_of(state))
+        splits = build_splits(args, runtime, classes_of(state))  # K: --num-classes, the checkpoint's, all splits'
+
         if args.eval_only:
             return evaluate_checkpoint(args, runtime, splits, state, path)
         models = {}

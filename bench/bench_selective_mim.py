@@ -38,7 +38,7 @@ def get_args(argv=None):
     parser.add_argument("--num-classes", type=int, default=21, help="downstream classes (VOC 21)")
     parser.add_argument("--num-patches", type=int, default=None, help="nominal patches (default 512 cuda, 64 cpu)")
     parser.add_argument("--samples", type=int, default=5, help="masked copies per scored image (paper 5)")
-    parser.add_argument("--model", choices=sorted(sm.PRESETS), default="resnet34-unet")
+    parser.add_argument("--arch", choices=sorted(sm.PRESETS), default="resnet34-unet")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on with cuda, off on a cpu; --amp on a cpu needs bf16 support)")
     parser.add_argument("--compile", action="store_true", help="torch.compile train_step and the scoring model")
@@ -86,7 +86,7 @@ def main(args):
     for config in args.configs:
         torch.manual_seed(0)
         out_channels = args.num_classes if config == "finetune_step" else 3
-        model = sm.build_model(out_channels, args.model).to(device).to(memory_format=memory_format)
+        model = sm.build_model(out_channels, args.arch).to(device).to(memory_format=memory_format)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -127,7 +127,7 @@ def main(args):
                 per_step = batch  # scored images
         seconds = timed(run, args.steps, args.warmup, device)
         record = {"config": config, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "model": args.model, "img_size": size, "batch_size": per_step if config != "forward" else batch,
+                  "arch": args.arch, "img_size": size, "batch_size": per_step if config != "forward" else batch,
                   "patch_grid": f"{grid.rows}x{grid.cols}", "amp": amp, "compile": args.compile,
                   "channels_last": args.channels_last, "steps": args.steps,
                   "images_per_s": round(per_step * args.steps / seconds, 2),

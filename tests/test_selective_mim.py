@@ -503,6 +503,7 @@ def test_two_stage_run_scores_with_the_previous_model_and_transfers_it(tmp_path,
     assert scored == [(1, after_partition0)]
     assert after_partition0 != dict(saved)[("pretrain", 0, 2)]  # the hash tells the epochs apart
     pretrained = sm.load_checkpoint(os.path.join(out, "pretrained.pt"), sm.SCRIPT)["model"]
+    assert "encoder.layer1.1.conv1.weight" in pretrained and "encoder.layer1.2.conv1.weight" not in pretrained  # --arch
     assert tensor_hash(pretrained) == dict(saved)[("pretrain", 1, 3)]
     start = first_step[0]
     for key, value in pretrained.items():
@@ -711,6 +712,66 @@ def test_paper_protocol_wiring_on_fake_cityscapes_and_nassar_trees(tmp_path):
                                "--out", "unused"])
     splits = sm.build_splits(args, sm.Runtime(torch.device("cpu")))
     assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (2, 1, 4)
+
+
+def folder_tree(root, largest_ids, size=(40, 48)):
+    """--data folder with {train,val,test}/{images,masks}: split -> the largest class id in each of its masks."""
+    rng = np.random.default_rng(0)
+    for split, ids in largest_ids.items():
+        for i, largest in enumerate(ids):
+            write_png(root / split / "images" / f"{split}{i}.png", rng.integers(0, 256, (*size, 3)))
+            label = rng.integers(0, largest + 1, size)
+            label[0, 0] = largest
+            write_png(root / split / "masks" / f"{split}{i}.png", label)
+
+
+def test_num_classes_comes_from_all_splits_the_flag_or_the_checkpoint(tmp_path, monkeypatch):
+    """The class count is that of ALL labelled splits (train has class 3, val and test only 0-1 and 0-2), never that
+    of the test split alone (which crashed the downstream stage); --num-classes sets it; --eval-only reads only the
+    test split and takes K from the checkpoint. --select-by last keeps the last epoch whatever val mIoU says."""
+    folder_tree(tmp_path / "data", {"train": [3, 1, 2, 1], "val": [1, 1], "test": [2, 2]})
+    flags = TINY + ["--data", "folder", "--data-root", str(tmp_path / "data"), "--stage", "finetune"]
+    splits = sm.build_splits(sm.get_args(flags + ["--out", "unused"]), sm.Runtime(torch.device("cpu")))
+    assert splits["num_classes"] == 4 and len(splits["info"].class_names) == 4
+    assert sm.build_splits(sm.get_args(flags + ["--num-classes", "6", "--out", "unused"]),
+                           sm.Runtime(torch.device("cpu")))["num_classes"] == 6
+    with pytest.raises(sm.DatasetError, match="train3.png|outside 0..2"):  # ids >= K name the mask
+        sm.build_splits(sm.get_args(flags + ["--num-classes", "3", "--out", "unused"]), sm.Runtime(torch.device("cpu")))
+    falling = iter([0.9, 0.5, 0.1])  # val mIoU falls: best-val would keep epoch 1
+    evaluate = sm.evaluate_segmentation
+    monkeypatch.setattr(sm, "evaluate_segmentation", lambda *a: {**evaluate(*a), **(
+        {"miou": next(falling)} if a[-1] == "val" else {})})
+    out = str(tmp_path / "run")
+    results = sm.main(sm.get_args(flags + ["--epochs", "3", "--select-by", "last", "--out", out]))
+    assert len(results["test"]["per_class_iou"]) == 4 and list(results["per_class_iou"]) == [f"class_{i}" for i in
+                                                                                             range(4)]
+    assert results["best_epoch"] == 3 and sm.classes_of(sm.load_checkpoint(os.path.join(out, "best.pt"),
+                                                                            sm.SCRIPT)) == 4
+    monkeypatch.setattr(sm, "evaluate_segmentation", evaluate)
+    evaluated = sm.main(sm.get_args(flags + ["--eval-only", "--out", out]))  # the test split alone holds 3 classes
+    assert len(evaluated["test"]["per_class_iou"]) == 4
+    assert evaluated["test"]["miou"] == pytest.approx(results["test"]["miou"])
+
+
+def test_pretrain_root_is_the_pre_training_folder(tmp_path):
+    """--pretrain-data folder --pretrain-root X pre-trains on X's images (cross-pre-training, Table 7), not on
+    --data-root; without --pretrain-root the same dataset name reads --data-root."""
+    for i in range(3):
+        write_png(tmp_path / "other" / "images" / f"o{i}.png", np.full((40, 40, 3), 50 * i))
+    args = sm.get_args(TINY + ["--pretrain-data", "folder", "--pretrain-root", str(tmp_path / "other"), "--stage",
+                               "pretrain", "--out", "unused"])
+    splits = sm.build_splits(args, sm.Runtime(torch.device("cpu")))
+    assert len(splits["pretrain"]) == 3 and "train" not in splits
+    assert sm.get_args(["--data", "camvid", "--data-root", "x"]).pretrain_root == "x"
+    assert sm.get_args(["--data", "camvid", "--data-root", "x", "--pretrain-data", "voc"]).pretrain_root is None
+
+
+def test_colorize_uses_the_palette_and_paints_ignore_white():
+    labels = torch.tensor([[[0, 1], [2, 255]]])
+    colours = sm.colorize(labels, [(0, 0, 0), (255, 0, 0), (0, 128, 0)])
+    assert colours.shape == (1, 3, 2, 2)
+    assert colours[0, :, 0, 1].tolist() == [1.0, 0.0, 0.0] and colours[0, 1, 1, 0].item() == pytest.approx(128 / 255)
+    assert colours[0, :, 1, 1].tolist() == [1.0, 1.0, 1.0] and colours[0, :, 0, 0].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_cli_bad_data_gives_one_clear_line(tmp_path):

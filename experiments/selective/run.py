@@ -28,14 +28,14 @@ SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 OUT = HERE
 SEEDS = (0, 1234, 3741)  # the paper's downstream seeds (Sec. 2.4)
 # Tiny sizes for a 2-core CPU shared with other jobs: 48 px shortest side, 6 x 6 patches, ResNet-18 U-Net.
-COMMON = ["--img-size", "48", "--num-patches", "36", "--msssim-window", "3", "--model", "resnet18-unet",
+COMMON = ["--img-size", "48", "--num-patches", "36", "--msssim-window", "3", "--arch", "resnet18-unet",
           "--workers", "0", "--pretrain-batch-size", "8", "--batch-size", "8", "--warmup-epochs", "2",
           "--device", "cpu"]
 DATASETS = {
     # The shared CamVid sample has train (30) and val (10) only: val is the reported split, so nothing may be
-    # selected on it: best.pt = the last epoch (--selection last).
+    # selected on it: best.pt = the last epoch (--select-by last).
     "camvid": dict(flags=["--data", "camvid", "--data-root", str(SHARED / "CamVid"), "--pretrain-split", "train",
-                          "--test-split", "val", "--selection", "last"],
+                          "--test-split", "val", "--select-by", "last"],
                    pretrain=["--partitions", "3", "--pretrain-epochs", "30"], finetune=["--epochs", "12"],
                    lowest_k=4),
     # Kvasir-SEG: 300 images, the reader's seeded 80/10/10 split (--split-seed 0 for every run); downstream on the
@@ -107,9 +107,9 @@ def experiment(name, spec, runs, log):
     table8 = {masking: {key: summary["pretrain"][key] for key in ("rec_loss", "val_rec_loss", "val_rec_loss_random")}
               for masking, (_, summary) in pretrained.items()}
     last = int(pretrained["selective"][1]["pretrain"]["partition"])
-    figure = pretrained["selective"][0] / "samples" / f"pretrain-partition{last}.png"
-    if figure.is_file():
-        shutil.copyfile(figure, OUT / f"fig3_{name}.png")
+    figures = sorted((pretrained["selective"][0] / "samples").glob(f"pretrain_partition{last}_epoch_*.png"))
+    if figures:
+        shutil.copyfile(figures[-1], OUT / f"fig3_{name}.png")
     score = [json.loads(line) for line in (pretrained["selective"][0] / "metrics.jsonl").read_text().splitlines()]
     score = [r for r in score if r["stage"] == "score"]
     return {"rows": table, "lowest_classes": [classes[i] for i in lowest], "table8": table8, "scoring": score,
