@@ -29,10 +29,11 @@ class Batches(list):
     """A list of (images, labels) batches used as a loader: its sampler names the items 0, 1, ... in order, the
     keys evaluate() draws each item's mask from."""
 
-    def __init__(self, batches):
+    def __init__(self, batches, indices=None):
         super().__init__(batches)
         count = sum(len(images) for images, _ in batches)
-        self.sampler = type("Sampler", (), {"indices": lambda self: list(range(count))})()
+        indices = list(range(count)) if indices is None else list(indices)
+        self.sampler = type("Sampler", (), {"indices": lambda self: indices})()
 
 # tests/test_contract.py: a whole synthetic run, 2 epochs, a few seconds on one thread (diverges with --lr 1e30)
 CONTRACT_TINY = ["--epochs", "2", "--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--arch", "tiny",
@@ -325,6 +326,28 @@ def test_conv_head_sees_only_visible_labels_and_changes_logits(flags):
     assert not torch.allclose(logits, linear)  # --head conv changes the logits
 
 
+def test_checkpoints_of_the_old_layout_load():
+    """Before LMAEWithConvHead, the conv head lived inside LMAE: a --head conv state dict had the paper's weights at
+    the top level (patch_embed.weight, ...) next to refine.*, and configs named the network `preset`. Both load."""
+    args = lmae.get_args(["--img-size", "32x48", "--head", "conv", "--nearest-prior", "--head-width", "4"])
+    torch.manual_seed(0)
+    model = lmae.build_model(args, 5).eval()
+    torch.nn.init.normal_(model.refine.out.weight, std=0.5)
+    old = {key.removeprefix("lmae."): value for key, value in model.state_dict().items()}
+    assert set(old) == set(lmae.LMAE(5, 8, **lmae.PRESETS["tiny"]).state_dict()) | {
+        k for k in model.state_dict() if k.startswith("refine.")}  # exactly the old module paths
+    config = {k: v for k, v in vars(args).items() if k != "arch"} | {"preset": "tiny"}  # an old checkpoint's config
+    assert lmae.architecture(config, 5) == lmae.architecture(args, 5)
+    loaded = lmae.build_model(config, 5).eval()
+    lmae.load_state(loaded, old, "old.pt")
+    images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
+    _, ids_keep, _ = lmae.draw_mask(labels, "random", args, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(images, labels, ids_keep), model(images, labels, ids_keep))
+    linear = lmae.build_model(lmae.get_args(["--img-size", "32x48"]), 5)
+    assert type(linear) is lmae.LMAE  # the paper's head: the paper's model, keys unchanged
+
+
 def test_fuse_and_ips_flags_build_what_they_name():
     for fuse, channels in (("layer", 5 + 3), ("direct", 4), ("insert", 6)):
         model = lmae.build_model(lmae.get_args(["--fuse", fuse]), 5)
@@ -484,6 +507,43 @@ def test_masks_are_keyed_by_item_not_by_batch():
                         info.num_classes)
     for key in ("pa_miou", "miou", "nearest_pa_miou", "frequent_pa_miou"):
         assert one[key] == pytest.approx(two[key], abs=1e-9), key
+
+
+def test_masks_follow_the_item_through_a_shuffled_loader():
+    """train_one_epoch and evaluate key each image's mask by its dataset index (what the sampler yields), not by its
+    position in the loader: with a shuffled order, keys from a running counter or from enumerate(loader) would give
+    an item another item's mask (the loader-position mutant the test above passes)."""
+    from common import build_dataset, joint_transform
+    args = lmae.get_args(["--img-size", "32x48", "--batch-size", "3", "--workers", "0"])
+    dataset, info = build_dataset("shapes", split="train", transform=joint_transform(), image_size=(32, 48), limit=8)
+    loader = lmae.make_loader(dataset, 3, args, CPU, train=True)
+    loader.sampler.set_epoch("train", 2)
+    order = loader.sampler.indices()
+    assert order != sorted(order)  # shuffled: a position in the loader is not a dataset index
+    seen = []
+
+    def spy_step(model, optimizer, images, labels, args, runtime, generator, uniforms):
+        seen.append((labels.clone(), uniforms.clone()))
+        return torch.zeros(())
+
+    model = lmae.build_model(args, info.num_classes)
+    lmae.train_one_epoch(model, None, loader, spy_step, args, CPU, lmae.FiniteGuard(), 2)
+    labels, uniforms = (torch.cat(parts) for parts in zip(*seen))
+    assert len(labels) == len(order)
+    for row, index in enumerate(order):
+        assert torch.equal(labels[row], dataset[index][1])  # the loader's row `row` holds item `index` ...
+        expected = lmae.item_uniforms((args.seed, "masks", 2), [index], labels[row:row + 1], args.patch_size)
+        assert torch.equal(uniforms[row], expected[0]), (row, index)  # ... and gets item `index`'s draws
+    # evaluation: the same items in another order score the same (each keeps its own mask)
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    labels = torch.stack([dataset[i][1] for i in range(8)])
+    model.eval()
+    ordered = lmae.evaluate(model, Batches([(images, labels)]), args, CPU, info.num_classes)
+    permutation = [5, 2, 7, 0, 3, 6, 1, 4]
+    shuffled = lmae.evaluate(model, Batches([(images[permutation], labels[permutation])], permutation), args, CPU,
+                             info.num_classes)
+    for key in ("pa_miou", "nearest_pa_miou", "frequent_pa_miou"):
+        assert ordered[key] == pytest.approx(shuffled[key], abs=1e-9), key
 
 
 @pytest.fixture(scope="module")
@@ -710,6 +770,37 @@ def test_complete_scale_keeps_the_aspect(trained, degraded, tmp_path):
     for row in rows:
         given, completed = read_png(degraded / "masks" / f"{row['name']}.png"), read_png(out / f"{row['name']}.png")
         assert completed.shape == (48, 64) and np.array_equal(completed[given != 255], given[given != 255])
+
+
+def test_complete_resizes_labels_with_nearest(trained, tmp_path, monkeypatch):
+    """At --scale 0.5 the labels reach the model resized with nearest: only the given class ids, never the id in
+    between that a bilinear resize makes at a 1 | 3 boundary between columns 22 and 23 (sampled at 22.5)."""
+    folders = {name: tmp_path / name for name in ("images", "labels", "unknown")}
+    for folder in folders.values():
+        folder.mkdir()
+    label = np.full((32, 48), 1, dtype=np.uint8)
+    label[:, 23:] = 3
+    unknown = np.zeros((32, 48), dtype=np.uint8)
+    unknown[:16, :16] = 255  # one 8 px patch at scale 0.5
+    label[unknown > 0] = 255
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(
+        folders["images"] / "a.png")
+    Image.fromarray(label).save(folders["labels"] / "a.png")
+    Image.fromarray(unknown).save(folders["unknown"] / "a.png")
+    seen = []
+    forward = lmae.LMAE.forward
+
+    def spy(self, images, labels, ids_keep):
+        seen.append(labels.clone())
+        return forward(self, images, labels, ids_keep)
+
+    monkeypatch.setattr(lmae.LMAE, "forward", spy)
+    lmae.main(lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--scale", "0.5",
+                             *[f"--{name}={folder}" for name, folder in folders.items()], "--out", str(tmp_path / "o")]))
+    (model_labels,) = seen
+    expected = torch.from_numpy(label[::2, ::2].astype(np.int64))[None]  # nearest at 1/2: the even pixels
+    assert set(model_labels.unique().tolist()) == {1, 3, 255}
+    assert torch.equal(model_labels, expected)
 
 
 @pytest.mark.parametrize("length,window,patch", [(48, 24, 8), (64, 32, 8), (368, 224, 16), (480, 224, 16),
