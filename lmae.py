@@ -422,7 +422,7 @@ def lmae_loss(logits, labels, hidden_pixels, class_weighting, loss_region="all",
         counted = counted & (labels != background_class)
     targets = torch.where(counted, labels, 0)  # (B, H, W), in range everywhere
     per_pixel = F.cross_entropy(logits.float(), targets, reduction="none")  # -log softmax(x_n)[y_n], Eq. (11)
-    if class_weighting is None:  # DEVIATION: the default, w_i = 1 (module docstring, "Deviations")
+    if class_weighting is None:  # DEVIATION: the default, w_i = 1 (README, Deviations)
         weights = torch.ones(K, device=logits.device)
     else:
         counts = torch.zeros(K, device=logits.device).scatter_add_(0, targets.flatten(), counted.flatten().float())
