@@ -1145,9 +1145,8 @@ def main(args):
 
 
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
-# Seeding, device/AMP/DDP, data loaders, checkpoints, the run directory, the metrics log, the non-finite-loss guard
-# and the one error style. Nothing here knows the method: script name, architecture, stages and what picks best.pt
-# are passed in. tests/test_contract.py checks that the four copies are byte-identical; read it once.
+# Seeding, device/AMP/DDP, data loaders, checkpoints, run directory, metrics log, non-finite guard, errors. Nothing
+# here knows the method (script, architecture, stages are passed in); tests/test_contract.py checks the four copies.
 
 class UsageError(Exception):
     """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
@@ -1176,24 +1175,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_run_arguments(parser, script):  # one meaning in all four scripts (README 'Conventions')
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0,
-                     help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
-    run.add_argument("--out", default=None,
-                     help=f"run directory (default runs/{script.removesuffix('.py')}-<data>; with --eval-only and "
-                          f"--checkpoint, the checkpoint's folder)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
-    run.add_argument("--eval-only", action="store_true",
-                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_test.json")
-    run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
-    run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
-    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                     help="bf16 autocast (default: on with CUDA, off on a CPU; --amp on a CPU needs AVX512-BF16/AMX)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                     help="NHWC memory format for convolutions (default: on with CUDA)")
-    run.add_argument("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
+    add = run.add_argument
+    add("--seed", type=int, default=0, help="every data order, augmentation and mask derives from it")
+    add("--out", help=f"run directory (default runs/{script[:-3]}-<data>; with --eval-only --checkpoint: its folder)")
+    add("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    add("--eval-only", action="store_true", help="score --checkpoint (default --out's best.pt) -> eval_test.json")
+    add("--checkpoint", metavar="PATH", help="the checkpoint --eval-only scores")
+    add("--limit", type=int, metavar="N", help="keep the first N images of each split")
+    add("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
+    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (on with CUDA by default; a CPU needs AMX)")
+    add("--compile", action="store_true", help="torch.compile the training step")
+    add("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC convolutions (default: on with CUDA)")
+    add("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
     return run
 
 
@@ -1254,8 +1248,7 @@ def setup_runtime(args):
         args.amp = use_cuda
     elif args.amp and not use_cuda and not cpu_supports_bf16():
         raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
-    if args.channels_last is None:
-        args.channels_last = use_cuda
+    args.channels_last = use_cuda if args.channels_last is None else args.channels_last
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
