@@ -534,7 +534,8 @@ def save_pretrain_samples(path, model, base, indices, train_masks, args, runtime
     model.eval()
     with autocast(runtime):
         rows.append(model(apply_mask(images, hidden)).float())
-    save_samples(path, [to_unit(r) for r in rows])
+    torchvision.utils.save_image(torch.cat([to_unit(r).float().cpu().clamp(0, 1) for r in rows]), path,
+                                 nrow=len(rows[0]), padding=2, pad_value=1.0)  # one PNG row per tensor
 
 
 @torch.no_grad()
@@ -552,12 +553,6 @@ def save_finetune_samples(path, model, dataset, info, runtime, count=4):
                                  padding=2, pad_value=1.0)
 
 
-def save_samples(path, rows):
-    """rows: list of (N, 3, H, W) tensors in [0, 1] -> one PNG grid, one row per tensor."""
-    torchvision.utils.save_image(torch.cat([r.float().cpu().clamp(0, 1) for r in rows]), path, nrow=len(rows[0]),
-                                 padding=2, pad_value=1.0)
-
-
 def colorize(labels, palette):
     """(B, H, W) int64 class ids -> (B, 3, H, W) float in [0, 1]; 255 (ignore) and unknown ids white."""
     table = torch.ones(256, 3)
@@ -567,14 +562,9 @@ def colorize(labels, palette):
 
 # --- phases: data, the partitions of pre-training and the downstream stage in one epoch loop ---
 
-def shortest_side(size):
-    """CHOICE C6: resize so that the shortest side is `size` px, the aspect kept (authors' SmallestMaxSize)."""
-    return v2.Resize(size, antialias=True)
-
-
 def eval_transform(size):
     """Validation/test items at their canvas: shortest side `size`, aspect kept, labels resized with nearest."""
-    return v2.Compose([shortest_side(size), joint_transform()])
+    return v2.Compose([v2.Resize(size, antialias=True), joint_transform()])  # CHOICE C6: authors' SmallestMaxSize
 
 
 def train_transform(size, augment):
@@ -582,7 +572,7 @@ def train_transform(size, augment):
     without augment the centre square of the canvas."""
     if augment:
         return joint_transform(size, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.2)
-    return v2.Compose([shortest_side(size), v2.CenterCrop(size), joint_transform()])
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), joint_transform()])
 
 
 class PretrainImages(Dataset):
@@ -1050,29 +1040,28 @@ def get_args(argv=None):
 
     pre = parser.add_argument_group("pre-training")
     pre.add_argument("--pretrain-epochs", type=int, default=None,
-                          help="pre-training epochs per partition (paper 1000; shapes 3)")
+                     help="pre-training epochs per partition (paper 1000; shapes 3)")
     pre.add_argument("--pretrain-batch-size", type=int, default=None,
-                          help="pre-training batch per process (Table 1; shapes 8; CHOICE C13)")
-    pre.add_argument("--pretrain-lr", type=float, default=None, help="pre-training Adam learning rate "
-                                                                          "(authors 3e-3)")
+                     help="pre-training batch per process (Table 1; shapes 8; CHOICE C13)")
+    pre.add_argument("--pretrain-lr", type=float, default=None, help="pre-training Adam learning rate (authors 3e-3)")
     pre.add_argument("--warmup-epochs", type=int, default=None,
-                          help="linear warm-up epochs of every partition and of the downstream stage (authors 10; "
-                               "shapes 0; CHOICE C8)")
+                     help="linear warm-up epochs of every partition and of the downstream stage (authors 10; "
+                          "shapes 0; CHOICE C8)")
 
     down = parser.add_argument_group("downstream segmentation")
     down.add_argument("--arch", choices=sorted(PRESETS), default="resnet34-unet",
                       help="the U-Net of both stages (paper resnet34-unet, Sec. 2.2)")
     down.add_argument("--epochs", type=int, default=None, help="downstream epochs (paper 500; shapes 20)")
     down.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
-    down.add_argument("--lr", type=float, default=None, help="downstream Adam learning rate (authors 3e-3; "
-                                                              "shapes 1e-3)")
+    down.add_argument("--lr", type=float, default=None,
+                      help="downstream Adam learning rate (authors 3e-3; shapes 1e-3)")
     down.add_argument("--select-by", choices=("best-val", "last"), default="best-val",
-                       help="best.pt = the epoch of the highest val mIoU (authors, default) or the last epoch (for "
-                            "sets whose only held-out split is the one reported, e.g. the shared CamVid sample)")
+                      help="best.pt = the epoch of the highest val mIoU (authors, default) or the last epoch (for "
+                           "sets whose only held-out split is the one reported, e.g. the shared CamVid sample)")
     down.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                       help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
-                            "(SyncBatchNorm: 2 processes with batch B normalise as 1 with batch 2B); --no-sync-bn: "
-                            "per process. No effect on one process or on the CPU")
+                      help="BatchNorm over the batches of all processes under torchrun on CUDA, both stages "
+                           "(SyncBatchNorm: 2 processes with batch B normalise as 1 with batch 2B); --no-sync-bn: "
+                           "per process. No effect on one process or on the CPU")
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     check_args(parser, args)
@@ -1081,7 +1070,6 @@ def get_args(argv=None):
 
 def check_args(parser, args):
     """Fill the derived defaults (the synthetic preset or the paper's settings) and refuse impossible flags."""
-
     synthetic = args.data == "shapes"
     args.pretrain_data = args.pretrain_data or args.data
     if args.pretrain_root is None and args.pretrain_data == args.data:
@@ -1105,27 +1093,21 @@ def check_args(parser, args):
     args.pretrain_split = args.pretrain_split or (
         "unlabeled" if args.pretrain_data in UNLABELED_SPLIT_DATASETS else "train")
 
-    for flag in ("img_size", "partitions", "pretrain_epochs", "pretrain_batch_size", "epochs", "batch_size",
-                 "samples", "num_patches"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if args.img_size <= 32:
-        parser.error(f"--img-size must be more than 32 px (the encoder halves it 5 times; a 1 x 1 map cannot be "
-                     f"batch-normalised), got {args.img_size}")
-    if args.warmup_epochs < 0:
-        parser.error(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
-    if not 0.0 < args.mask_ratio < 1.0:
-        parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
-    if not 0.0 <= args.pretrain_val_fraction < 0.5:
-        parser.error(f"--pretrain-val-fraction must be in [0, 0.5), got {args.pretrain_val_fraction}")
-    if not 0.0 < args.train_fraction <= 1.0:
-        parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
-    for flag in ("lr", "pretrain_lr"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("ssim_window", "msssim_window"):
-        if getattr(args, flag) < 1 or getattr(args, flag) % 2 == 0:
-            parser.error(f"--{flag.replace('_', '-')} must be an odd positive integer, got {getattr(args, flag)}")
+    positive = "a positive integer"
+    for flag, valid, what in [(f, getattr(args, f) >= 1, positive) for f in (
+            "img_size", "partitions", "pretrain_epochs", "pretrain_batch_size", "epochs", "batch_size", "samples",
+            "num_patches")] + [
+            ("img_size", args.img_size > 32, "more than 32 px (the encoder halves it 5 times; a 1 x 1 map cannot be "
+                                             "batch-normalised)"),
+            ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
+            ("mask_ratio", 0.0 < args.mask_ratio < 1.0, "between 0 and 1 (exclusive)"),
+            ("pretrain_val_fraction", 0.0 <= args.pretrain_val_fraction < 0.5, "in [0, 0.5)"),
+            ("train_fraction", 0.0 < args.train_fraction <= 1.0, "in (0, 1]"),
+            ("lr", args.lr > 0, "positive"), ("pretrain_lr", args.pretrain_lr > 0, "positive")] + [
+            (f, getattr(args, f) >= 1 and getattr(args, f) % 2 == 1, "an odd positive integer") for f in (
+                "ssim_window", "msssim_window")]:
+        if not valid:
+            parser.error(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
     if (args.msssim_window - 1) * 2 ** (len(MS_SSIM_WEIGHTS) - 1) >= args.img_size:
         parser.error(f"--msssim-window {args.msssim_window} needs images larger than "
                      f"{(args.msssim_window - 1) * 16} px for its 5 scales; raise --img-size or lower --msssim-window")
@@ -1225,9 +1207,8 @@ def main(args):
 
 
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
-# Seeding, device/AMP/DDP, data loaders, checkpoints, the run directory, the metrics log, the non-finite-loss guard
-# and the one error style. Nothing here knows the method: script name, architecture, stages and what picks best.pt
-# are passed in. tests/test_contract.py checks that the four copies are byte-identical; read it once.
+# Seeding, device/AMP/DDP, data loaders, checkpoints, run directory, metrics log, non-finite guard, errors. Nothing
+# here knows the method (script, architecture, stages are passed in); tests/test_contract.py checks the four copies.
 
 class UsageError(Exception):
     """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
@@ -1256,24 +1237,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_run_arguments(parser, script):  # one meaning in all four scripts (README 'Conventions')
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0,
-                     help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
-    run.add_argument("--out", default=None,
-                     help=f"run directory (default runs/{script.removesuffix('.py')}-<data>; with --eval-only and "
-                          f"--checkpoint, the checkpoint's folder)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
-    run.add_argument("--eval-only", action="store_true",
-                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_test.json")
-    run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
-    run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
-    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                     help="bf16 autocast (default: on with CUDA, off on a CPU; --amp on a CPU needs AVX512-BF16/AMX)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                     help="NHWC memory format for convolutions (default: on with CUDA)")
-    run.add_argument("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
+    add = run.add_argument
+    add("--seed", type=int, default=0, help="every data order, augmentation and mask derives from it")
+    add("--out", help=f"run directory (default runs/{script[:-3]}-<data>; with --eval-only --checkpoint: its folder)")
+    add("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    add("--eval-only", action="store_true", help="score --checkpoint (default --out's best.pt) -> eval_test.json")
+    add("--checkpoint", metavar="PATH", help="the checkpoint --eval-only scores")
+    add("--limit", type=int, metavar="N", help="keep the first N images of each split")
+    add("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
+    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (on with CUDA by default; a CPU needs AMX)")
+    add("--compile", action="store_true", help="torch.compile the training step")
+    add("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC convolutions (default: on with CUDA)")
+    add("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
     return run
 
 
@@ -1334,8 +1310,7 @@ def setup_runtime(args):
         args.amp = use_cuda
     elif args.amp and not use_cuda and not cpu_supports_bf16():
         raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
-    if args.channels_last is None:
-        args.channels_last = use_cuda
+    args.channels_last = use_cuda if args.channels_last is None else args.channels_last
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -650,6 +650,8 @@ def test_scoring_does_not_depend_on_batch_or_rank(monkeypatch):
     (["--train-fraction", "0"], "--train-fraction"),
     (["--samples", "1", "--cover-all"], "--cover-all"),
     (["--data", "cityscapes", "--test-split", "test"], "official val"),
+    (["--num-classes", "3"], "--num-classes"),  # only --data folder masks need it
+    (["--ssim-window", "4"], "--ssim-window"),
 ])
 def test_bad_flags_name_the_flag(argv, words, capsys):
     with pytest.raises(SystemExit) as error:
