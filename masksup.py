@@ -117,21 +117,6 @@ def free_form_masks(batch_size, height, width, area_range, generator, device, nu
     return mask.view(B, H, W)
 
 
-def patch_masks(batch_size, height, width, patch_size, mask_ratio, generator, device):
-    """Random patch masks: exactly round(mask_ratio * L) of the L = (H/P)*(W/P) patches hidden per sample.
-
-    Returns (B, H, W) bool, True = hidden.
-    """
-    B, P = batch_size, patch_size
-    h, w = height // P, width // P
-    L = h * w
-    num_hidden = round(mask_ratio * L)
-    noise = torch.rand(B, L, generator=generator, device=device)  # (B, L)
-    rank = noise.argsort(dim=1).argsort(dim=1)  # (B, L): rank of each patch's noise
-    patch_mask = rank < num_hidden  # (B, L) True = hidden
-    return patch_mask.view(B, h, w).repeat_interleave(P, dim=1).repeat_interleave(P, dim=2)  # (B, H, W)
-
-
 class FolderMasks:
     """Hole masks read once from a folder of PNG/JPG/BMP files (white = hole, > 127), kept on the device.
 
@@ -194,6 +179,23 @@ def apply_mask(images, mask):
     """Masked copy of `images` (B, 3, H, W) in [-1, 1]: hole pixels (mask (B, H, W) True) set to 0 (mid-grey), the
     paper's preprocessing (image * (1 - mask) in [-1, 1])."""
     return images.masked_fill(mask[:, None], 0.0)
+
+
+# --- not in the paper: patch masks (--masking patch), an option of ours beside the paper's free-form holes ---
+
+def patch_masks(batch_size, height, width, patch_size, mask_ratio, generator, device):
+    """Random patch masks: exactly round(mask_ratio * L) of the L = (H/P)*(W/P) patches hidden per sample.
+
+    Returns (B, H, W) bool, True = hidden.
+    """
+    B, P = batch_size, patch_size
+    h, w = height // P, width // P
+    L = h * w
+    num_hidden = round(mask_ratio * L)
+    noise = torch.rand(B, L, generator=generator, device=device)  # (B, L)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (B, L): rank of each patch's noise
+    patch_mask = rank < num_hidden  # (B, L) True = hidden
+    return patch_mask.view(B, h, w).repeat_interleave(P, dim=1).repeat_interleave(P, dim=2)  # (B, H, W)
 
 
 # --- model: LeViT-UNet (Xu et al. 2021, arXiv 2107.08623, on LeViT, Graham et al. 2021) ---

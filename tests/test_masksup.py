@@ -490,6 +490,30 @@ def test_unet_plus_plus_layout_and_shapes():
     assert torch.allclose(model(images)[0], logits[0], atol=1e-5)  # samples stay apart
 
 
+def test_unet_plus_plus_nested_skips_follow_the_formula():
+    """X(i, j) = node(concat[X(i, 0), ..., X(i, j-1), up(X(i+1, j-1))]) and X(i, 0) = node(pool(X(i-1, 0))): every
+    node's input, caught by a hook, is rebuilt from the caught outputs of the nodes the formula names (a node fed
+    up(X(i+1, 0)) from column 0, or from the wrong depth, has the same shapes and fails here)."""
+    torch.manual_seed(0)
+    model = masksup.UNetPlusPlus(3, 2).eval()
+    inputs, outputs = {}, {}
+    for name, node in model.nodes.items():
+        key = tuple(map(int, name.split("_")))
+        node.register_forward_pre_hook(lambda module, args, key=key: inputs.__setitem__(key, args[0].clone()))
+        node.register_forward_hook(lambda module, args, out, key=key: outputs.__setitem__(key, out.clone()))
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        model(images)
+    assert len(inputs) == 15
+    for (i, j), received in inputs.items():
+        if j == 0:
+            expected = images if i == 0 else F.max_pool2d(outputs[i - 1, 0], 2)
+        else:
+            below = F.interpolate(outputs[i + 1, j - 1], scale_factor=2, mode="bilinear", align_corners=True)
+            expected = torch.cat([outputs[i, k] for k in range(j)] + [below], dim=1)
+        assert torch.allclose(received, expected, atol=1e-6), (i, j)
+
+
 def test_drop_path_is_levits_and_acts_only_in_training():
     args = masksup.get_args(["--arch", "levit-384"])
     masksup.resolve_recipe(args, True)
@@ -765,6 +789,27 @@ def test_evaluate_uses_eval_mode_and_training_uses_train_mode():
     assert modes and all(modes)
 
 
+def test_network_runs_under_autocast_exactly_when_the_runtime_says_amp(tmp_path):
+    """train_step, evaluate and save_samples use the run's autocast(runtime): bf16 activations with --amp (CPU
+    autocast), float32 without, whatever a stale args.amp says."""
+    args = eval_args()
+    dataset, _ = masksup.build_split(args, "val")
+    info = masksup.build_split(args, "val")[1]
+    model = masksup.UNet(3, 1, width=4)
+    dtypes = []
+    model.head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    images, labels = torch.stack([dataset[i][0] for i in range(2)]), torch.stack([dataset[i][1] for i in range(2)])
+    mask = masksup.item_masks(args, [(0, "mask", 1, 0), (0, "mask", 1, 1)], "cpu")
+    for amp, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        runtime = masksup.Runtime(torch.device("cpu"), amp=amp)
+        args.amp = not amp
+        dtypes.clear()
+        masksup.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, mask, args, runtime)
+        masksup.evaluate(model, masksup.make_loader(dataset, 4, args, runtime, train=False), args, runtime, 2)
+        masksup.save_samples(model, dataset, args, info.palette[:2], tmp_path / "samples.png", runtime)
+        assert len(dtypes) == 2 + -(-len(dataset) // 4) + 2 and set(dtypes) == {expected}, (amp, dtypes)
+
+
 def test_training_masks_follow_the_image_not_the_batch_or_the_rank():
     """Spy on train_step: each training image gets the same mask with batch 4 on one process as with batch 2 on
     either of two ranks (what makes torchrun with batch B equal one process with batch 2B), and a new one next epoch."""
@@ -791,33 +836,53 @@ def test_training_masks_follow_the_image_not_the_batch_or_the_rank():
     assert not any(torch.equal(single[key], later[key]) for key in single)
 
 
-def test_training_sees_only_train_images_and_selection_only_val(tmp_path, monkeypatch):
-    """Split membership: every image train_step receives is a train-split image, never a val or test image, every
-    train image is seen; evaluate during training receives the val split."""
-    args = masksup.get_args(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
-    datasets = {name: masksup.build_split(args, name)[0] for name in ("train", "val", "test")}
-    splits = {name: torch.stack([dataset[i][0] for i in range(len(dataset))]) for name, dataset in datasets.items()}
+def write_coded_splits(root, counts):
+    """--data folder with its own train/, val/ and test/ folders; every image is one flat colour that codes its
+    (split, index), so a test reads from the pixels where an image came from."""
+    for code, (split, count) in enumerate(counts.items()):
+        for folder in ("images", "masks"):
+            (root / split / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((32, 32, 3), (40 * code + 20, 10 * i + 5, 0), dtype=np.uint8)).save(
+                root / split / "images" / f"{i}.png")
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[8:24, 8 + i:24] = 255
+            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+
+
+def decode_splits(images, names=("train", "val", "test")):
+    """(B, 3, H, W) in [-1, 1] from write_coded_splits -> [(split, index)] read from the top-left pixel."""
+    red, green = ((images[:, :2, 0, 0] + 1) * 127.5).round().long().T.tolist()
+    return [(names[(r - 20) // 40], (g - 5) // 10) for r, g in zip(red, green)]
+
+
+@pytest.mark.parametrize("select_on", ["val", "test"])
+def test_training_sees_only_train_images_and_selection_only_its_split(select_on, tmp_path, monkeypatch):
+    """Split membership on the datasets the real run builds: train_step receives every train/ image once per epoch
+    and never a val/ or test/ one (no validation image merged into training); evaluate receives val/ each epoch and
+    at the end, then test/. --select-on test (the authors' protocol) trains on train/ + val/ and selects on test/."""
+    write_coded_splits(tmp_path / "data", {"train": 8, "val": 4, "test": 4})
+    args = masksup.get_args(["--data", "folder", "--data-root", str(tmp_path / "data"), "--arch", "unet",
+                             "--unet-width", "4", "--img-size", "32", "--batch-size", "4", "--epochs", "2",
+                             "--workers", "0", "--device", "cpu", "--select-on", select_on,
+                             "--out", str(tmp_path / "run")])
     seen, evaluated = [], []
     real_step, real_evaluate = masksup.train_step, masksup.evaluate
 
     def spy_step(model, optimizer, images, labels, mask, run_args, runtime):
-        seen.append(images.clone())
+        seen.extend(decode_splits(images))
         return real_step(model, optimizer, images, labels, mask, run_args, runtime)
 
     def spy_evaluate(model, loader, *rest, **kwargs):
-        evaluated.append(torch.stack([loader.dataset.dataset[i][0] for i in range(len(loader.dataset))]))
+        evaluated.append(sorted(decode_splits(torch.stack([image for image, _ in loader.dataset.dataset]))))
         return real_evaluate(model, loader, *rest, **kwargs)
     monkeypatch.setattr(masksup, "train_step", spy_step)
     monkeypatch.setattr(masksup, "evaluate", spy_evaluate)
     masksup.main(args)
-    images = torch.cat(seen)
-
-    def found_in(batch, split):
-        return [(split[None] == image[None, None]).flatten(2).all(2).any().item() for image in batch]
-    assert all(found_in(images, splits["train"])) and len(images) == len(splits["train"])
-    assert not any(found_in(images, splits["val"])) and not any(found_in(images, splits["test"]))
-    assert torch.equal(evaluated[0], splits["val"])  # the epoch's selection split
-    assert torch.equal(evaluated[-1], splits["test"])  # the final score
+    train = [("train", i) for i in range(8)] + ([("val", i) for i in range(4)] if select_on == "test" else [])
+    select, test = [(select_on, i) for i in range(4)], [("test", i) for i in range(4)]
+    assert sorted(seen) == sorted(train * 2)  # each training image once per epoch, nothing else
+    assert evaluated == [select, select] + ([select, test] if select_on == "val" else [test])
 
 
 # --- training, resume, DDP ---
@@ -830,10 +895,12 @@ def test_short_run_learns_and_beats_chance(tmp_path):
     out = tmp_path / "run"
     args = masksup.get_args(["--out", str(out), "--epochs", "4", "--img-size", "32", "--limit", "96",
                              "--batch-size", "8", "--unet-width", "8", "--lr", "3e-3", "--eval-masked",
-                             "--device", "cpu"])
+                             "--device", "cpu", "--select-by", "paper_iou"])
     results = masksup.main(args)
     assert args.binary_task  # shapes default: object vs background, one logit + BCE
     records = read_metrics(out)
+    scores = [r["val_paper_iou"] for r in records]  # --select-by paper_iou picks best.pt by the paper's protocol
+    assert results["best_val_paper_iou"] == max(scores) and results["best_epoch"] == scores.index(max(scores)) + 1
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     for split in ("val", "test"):
         metrics = results[split]
