@@ -572,6 +572,12 @@ def draw_mask(labels, strategy, args, generator=None, uniforms=None):
     return mask, ids_keep, pixel_mask(mask, args.patch_size, grid)
 
 
+def to_device(images, labels, args, device):
+    """A loader batch on the device; images in channels_last with --channels-last (faster convolutions on GPU)."""
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return (images.contiguous(memory_format=torch.channels_last) if args.channels_last else images), labels
+
+
 def train_step(model, optimizer, images, labels, args, runtime, generator=None, uniforms=None):
     """One step: draw masks (Sec. III-B; per-item draws `uniforms` or `generator`), forward, Eqs. (10)-(12), Adam.
     Returns the loss (0-dim, on device)."""
@@ -599,10 +605,7 @@ def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch)
     total = torch.zeros(2, device=device)  # loss sum, steps
     indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
     for images, labels in progress(loader, runtime, f"epoch {epoch}"):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_device(images, labels, args, device)
         uniforms = item_uniforms((args.seed, "masks", epoch), indices[seen:seen + len(images)], labels,
                                  args.patch_size)  # (B, 1 + L)
         seen += len(images)
@@ -634,10 +637,7 @@ def evaluate(model, loader, args, runtime, num_classes):
     total = torch.zeros(2, device=device)  # loss sum, batches
     weighting = model.class_weighting if args.class_weighting == "paper" else None
     for images, labels in progress(loader, runtime, "evaluating"):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_device(images, labels, args, device)
         uniforms = item_uniforms((args.seed, "eval-masks"), indices[seen:seen + len(images)], labels,
                                  args.patch_size)  # (B, 1 + L)
         seen += len(images)
@@ -778,18 +778,26 @@ def files_by_stem(folder):
     return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
-def read_label_file(path, num_classes, what="label"):
-    """Single-channel class-id PNG (grey or palette) -> uint8 (H, W); one DatasetError naming the file."""
+def read_file(path, what, convert):
+    """convert(PIL image) of one file; any failure -> one DatasetError naming the file."""
     try:
         with Image.open(path) as image:
-            if image.mode not in ("L", "P", "1"):
-                raise DatasetError(f"{what} {path} has mode {image.mode}; labels must be single-channel class-id "
-                                   f"images (grey or palette PNG, 255 = unknown)")
-            array = np.array(image.convert("L") if image.mode == "1" else image, dtype=np.uint8)
+            return convert(image)
     except DatasetError:
         raise
     except Exception as error:
         raise DatasetError(f"cannot read {what} {path} ({type(error).__name__}: {error}); replace the file") from None
+
+
+def read_label_file(path, num_classes, what="label"):
+    """Single-channel class-id PNG (grey or palette) -> uint8 (H, W), ids checked against num_classes."""
+    def convert(image):
+        if image.mode not in ("L", "P", "1"):
+            raise DatasetError(f"{what} {path} has mode {image.mode}; labels must be single-channel class-id "
+                               f"images (grey or palette PNG, 255 = unknown)")
+        return np.array(image.convert("L") if image.mode == "1" else image, dtype=np.uint8)
+
+    array = read_file(path, what, convert)
     if what != "unknown mask":
         bad = (array >= num_classes) & (array != IGNORE)
         if bad.any():
@@ -798,21 +806,12 @@ def read_label_file(path, num_classes, what="label"):
     return array
 
 
-def read_image_file(path):
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except Exception as error:
-        raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
+def read_image_file(path):  # -> uint8 (H, W, 3)
+    return read_file(path, "image", lambda image: np.array(image.convert("RGB")))
 
 
-def image_size_of(path):
-    """(H, W) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size[1], image.size[0]
-    except Exception as error:
-        raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file") from None
+def image_size_of(path):  # (H, W) from the file header, without decoding the pixels
+    return read_file(path, "image", lambda image: (image.size[1], image.size[0]))
 
 
 def load_completion_models(paths, device):
@@ -888,7 +887,7 @@ def window_starts(length, window, patch_size):
     return sorted(set(range(0, length - window, stride)) | {length - window})
 
 
-def window_logits(model, config, images, labels, mask, amp, device):
+def window_logits(model, config, images, labels, mask, runtime):
     """Sliding-window forward (CHOICE C16): probabilities averaged over the windows covering each pixel.
 
     images (B, 3, H_p, W_p) normalised, labels (B, H_p, W_p) int64, mask (B, L) bool on the global grid ->
@@ -912,7 +911,7 @@ def window_logits(model, config, images, labels, mask, amp, device):
     for count in visible.unique().tolist():
         rows = (visible == count).nonzero()[:, 0]  # windows with `count` visible patches
         ids_keep = (~window_mask[rows]).nonzero()[:, 1].view(len(rows), count)  # (n, count), ascending
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp)):
+        with autocast(runtime):
             logits = model(window_images[rows], window_labels[rows], ids_keep).float()  # (n, K, h, w)
         if probabilities is None:
             probabilities = logits.new_zeros(len(boxes) * B, logits.shape[1], wh, ww)
@@ -927,7 +926,7 @@ def window_logits(model, config, images, labels, mask, amp, device):
 
 
 @torch.no_grad()
-def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, device, generator):
+def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, runtime, generator):
     """Fill one batch of same-size images with one checkpoint (Sec. III-D).
 
     images uint8 (B, H, W, 3), labels int64 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
@@ -939,15 +938,15 @@ def complete_batch(model, config, images, labels, unknown, keys, num_hidden, arg
     size, padded = completion_grid(H, W, args.scale, P)
     model_labels, _ = to_model_grid(labels, unknown, size, padded)  # (B, H_p, W_p)
     mask, ids_keep = hide_first(rank_patches(keys, generator), num_hidden)  # unknown patches first, then background
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
     small = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
     if size != (H, W):
         small = F.interpolate(small, size=size, mode="bilinear", antialias=True)
     small = F.pad((small - mean) / std, (0, padded[1] - size[1], 0, padded[0] - size[0]))  # (B, 3, H_p, W_p)
     if args.windows:
-        logits = window_logits(model, config, small, model_labels, mask, args.amp, device)[:, :, :size[0], :size[1]]
+        logits = window_logits(model, config, small, model_labels, mask, runtime)[:, :, :size[0], :size[1]]
     else:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
+        with autocast(runtime):
             logits = model(small, model_labels, ids_keep)[:, :, :size[0], :size[1]].float()  # (B, K, h, w)
     hidden = pixel_mask(mask, P, (padded[0] // P, padded[1] // P))[:, None, :size[0], :size[1]].float()
     if size != (H, W):
@@ -1037,7 +1036,7 @@ def complete(args):
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     if args.amp and device.type == "cpu" and not cpu_supports_bf16():
         raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
-    runtime = Runtime(device)
+    runtime = Runtime(device, amp=bool(args.amp))
     models, info = load_completion_models(args.checkpoint, device)
     K = info["num_classes"]
     images, labels, truths, read_pair = completion_inputs(args, K)
@@ -1065,7 +1064,7 @@ def complete(args):
             image_t = torch.from_numpy(np.stack([read_image_file(images[s]) for s in batch])).to(device)
             keys = [torch.cat([plans[s]["keys"][k] for s in batch]) for k in range(2)]  # (B, L) each
             prediction, hidden = complete_batch(model, config, image_t, label_t, unknown_t, keys, num_hidden, args,
-                                                device, generator)
+                                                runtime, generator)
             writable = unknown_t.clone()
             if args.missing == "background":  # Sec. III-D: background pixels of hidden patches may be missing
                 writable |= hidden & (label_t == config["background_class"])
@@ -1520,14 +1519,8 @@ def get_complete_args(argv):
     for path in args.checkpoint:
         if not Path(path).is_file():
             parser.error(f"--checkpoint {path}: no such file")
-    out = Path(args.out).resolve()
-    for name in ("images", "labels", "unknown", "truth"):
-        folder = getattr(args, name)
-        if folder is not None and Path(folder).resolve() in (out, *out.parents):
-            parser.error(f"--out {args.out} is (inside) the input folder --{name} {folder}: inputs are never "
-                         f"overwritten; choose a new --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"--out {args.out} already exists and is not empty; choose a new folder")
+    check_new_folder(parser, args.out, {f"--{name}": getattr(args, name) for name in ("images", "labels", "unknown",
+                                                                                       "truth")})
     return args
 
 
@@ -1565,12 +1558,19 @@ def get_degrade_args(argv):
         parser.error(f"--patch-size must be >= 1, got {args.patch_size}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"--out {args.out} already exists and is not empty; choose a new folder")
-    if args.data_root is not None and Path(args.data_root).resolve() in (out.resolve(), *out.resolve().parents):
-        parser.error(f"--out {args.out} is (inside) --data-root: the dataset is never modified; choose a new --out")
+    check_new_folder(parser, args.out, {"--data-root": args.data_root})
     return args
+
+
+def check_new_folder(parser, out, inputs):
+    """--out of `complete` and `degrade`: a new or empty folder, not inside any input folder ({flag: folder})."""
+    target = Path(out).resolve()
+    for flag, folder in inputs.items():
+        if folder is not None and Path(folder).resolve() in (target, *target.parents):
+            parser.error(f"--out {out} is (inside) the input folder {flag} {folder}: inputs are never modified; "
+                         f"choose a new --out")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        parser.error(f"--out {out} already exists and is not empty; choose a new folder")
 
 
 def main(args):
@@ -1587,9 +1587,8 @@ def main(args):
 
 
 # --- plumbing: identical in masksup.py, simclr_seg.py, selective_mim.py, lmae.py ---
-# Seeding, device/AMP/DDP, data loaders, checkpoints, the run directory, the metrics log, the non-finite-loss guard
-# and the one error style. Nothing here knows the method: script name, architecture, stages and what picks best.pt
-# are passed in. tests/test_contract.py checks that the four copies are byte-identical; read it once.
+# Seeding, device/AMP/DDP, data loaders, checkpoints, run directory, metrics log, non-finite guard, errors. Nothing
+# here knows the method (script, architecture, stages are passed in); tests/test_contract.py checks the four copies.
 
 class UsageError(Exception):
     """A user's mistake (a flag, a file, a run folder, a diverging run): one `error: ...` line, exit code 2."""
@@ -1618,24 +1617,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_run_arguments(parser, script):  # one meaning in all four scripts (README 'Conventions')
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0,
-                     help="seeds Python, NumPy and torch; every data order, augmentation and mask derives from it")
-    run.add_argument("--out", default=None,
-                     help=f"run directory (default runs/{script.removesuffix('.py')}-<data>; with --eval-only and "
-                          f"--checkpoint, the checkpoint's folder)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
-    run.add_argument("--eval-only", action="store_true",
-                     help="score --checkpoint (or --out's best.pt) on the test split and write eval_test.json")
-    run.add_argument("--checkpoint", default=None, metavar="PATH", help="the checkpoint --eval-only scores")
-    run.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
-    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                     help="bf16 autocast (default: on with CUDA, off on a CPU; --amp on a CPU needs AVX512-BF16/AMX)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                     help="NHWC memory format for convolutions (default: on with CUDA)")
-    run.add_argument("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
+    add = run.add_argument
+    add("--seed", type=int, default=0, help="every data order, augmentation and mask derives from it")
+    add("--out", help=f"run directory (default runs/{script[:-3]}-<data>; with --eval-only --checkpoint: its folder)")
+    add("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    add("--eval-only", action="store_true", help="score --checkpoint (default --out's best.pt) -> eval_test.json")
+    add("--checkpoint", metavar="PATH", help="the checkpoint --eval-only scores")
+    add("--limit", type=int, metavar="N", help="keep the first N images of each split")
+    add("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
+    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (on with CUDA by default; a CPU needs AMX)")
+    add("--compile", action="store_true", help="torch.compile the training step")
+    add("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC convolutions (default: on with CUDA)")
+    add("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
     return run
 
 
@@ -1696,8 +1690,7 @@ def setup_runtime(args):
         args.amp = use_cuda
     elif args.amp and not use_cuda and not cpu_supports_bf16():
         raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
-    if args.channels_last is None:
-        args.channels_last = use_cuda
+    args.channels_last = use_cuda if args.channels_last is None else args.channels_last
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
