@@ -32,7 +32,8 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 CUDA, 1 CPU)")
     parser.add_argument("--arch", nargs="+", default=None, choices=tuple(lmae.PRESETS),
-                        help=f"lmae.py --arch values to time; default: {lmae.PAPER_PRESET} and small on CUDA; small and tiny on CPU")
+                        help=f"lmae.py --arch values to time; default: {lmae.PAPER_PRESET} and small on CUDA; "
+                             "small and tiny on CPU")
     parser.add_argument("--img-size", type=lmae.parse_size, default=None,
                         help="input HxW (default 224 on CUDA, the paper's VOC size; 64 on CPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 24 (paper, VOC) on CUDA, 2 on CPU")

@@ -796,7 +796,8 @@ def test_complete_resizes_labels_with_nearest(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lmae.LMAE, "forward", spy)
     lmae.main(lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--scale", "0.5",
-                             *[f"--{name}={folder}" for name, folder in folders.items()], "--out", str(tmp_path / "o")]))
+                             *[f"--{name}={folder}" for name, folder in folders.items()],
+                             "--out", str(tmp_path / "o")]))
     (model_labels,) = seen
     expected = torch.from_numpy(label[::2, ::2].astype(np.int64))[None]  # nearest at 1/2: the even pixels
     assert set(model_labels.unique().tolist()) == {1, 3, 255}
