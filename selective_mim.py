@@ -1044,9 +1044,9 @@ def get_args(argv=None):
     pre.add_argument("--pretrain-batch-size", type=int, default=None,
                      help="pre-training batch per process (Table 1; shapes 8; CHOICE C13)")
     pre.add_argument("--pretrain-lr", type=float, default=None, help="pre-training Adam learning rate (authors 3e-3)")
-    pre.add_argument("--warmup-epochs", type=int, default=None,
-                     help="linear warm-up epochs of every partition and of the downstream stage (authors 10; "
-                          "shapes 0; CHOICE C8)")
+    pre.add_argument("--warmup-epochs", type=float, default=None,
+                     help="linear warm-up epochs of every partition and of the downstream stage, fractions allowed "
+                          "(authors 10; shapes 0; CHOICE C8)")
 
     down = parser.add_argument_group("downstream segmentation")
     down.add_argument("--arch", choices=sorted(PRESETS), default="resnet34-unet",

@@ -731,7 +731,7 @@ def test_num_classes_comes_from_all_splits_the_flag_or_the_checkpoint(tmp_path, 
     """The class count is that of ALL labelled splits (train has class 3, val and test only 0-1 and 0-2), never that
     of the test split alone (which crashed the downstream stage); --num-classes sets it; --eval-only reads only the
     test split and takes K from the checkpoint. --select-by last keeps the last epoch whatever val mIoU says."""
-    folder_tree(tmp_path / "data", {"train": [3, 1, 2, 1], "val": [1, 1], "test": [2, 2]})
+    folder_tree(tmp_path / "data", {"train": [3, 1, 2, 1], "val": [1, 1, 1], "test": [2, 2]})
     flags = TINY + ["--data", "folder", "--data-root", str(tmp_path / "data"), "--stage", "finetune"]
     splits = sm.build_splits(sm.get_args(flags + ["--out", "unused"]), sm.Runtime(torch.device("cpu")))
     assert splits["num_classes"] == 4 and len(splits["info"].class_names) == 4
@@ -739,14 +739,15 @@ def test_num_classes_comes_from_all_splits_the_flag_or_the_checkpoint(tmp_path, 
                            sm.Runtime(torch.device("cpu")))["num_classes"] == 6
     with pytest.raises(sm.DatasetError, match="train3.png|outside 0..2"):  # ids >= K name the mask
         sm.build_splits(sm.get_args(flags + ["--num-classes", "3", "--out", "unused"]), sm.Runtime(torch.device("cpu")))
-    falling = iter([0.9, 0.5, 0.1])  # val mIoU falls: best-val would keep epoch 1
+    falling, seen = iter([0.9, 0.5, 0.1]), []  # val mIoU falls: best-val would keep epoch 1
     evaluate = sm.evaluate_segmentation
-    monkeypatch.setattr(sm, "evaluate_segmentation", lambda *a: {**evaluate(*a), **(
-        {"miou": next(falling)} if a[-1] == "val" else {})})
+    monkeypatch.setattr(sm, "evaluate_segmentation", lambda *a: seen.append((a[-1], len(a[1].dataset))) or {
+        **evaluate(*a), **({"miou": next(falling)} if a[-1] == "val" else {})})
     out = str(tmp_path / "run")
     results = sm.main(sm.get_args(flags + ["--epochs", "3", "--select-by", "last", "--out", out]))
     assert len(results["test"]["per_class_iou"]) == 4 and list(results["per_class_iou"]) == [f"class_{i}" for i in
                                                                                              range(4)]
+    assert seen == [("val", 3)] * 3 + [("test", 2)]  # each epoch selects on the 3 val images, never on test
     assert results["best_epoch"] == 3 and sm.classes_of(sm.load_checkpoint(os.path.join(out, "best.pt"),
                                                                             sm.SCRIPT)) == 4
     monkeypatch.setattr(sm, "evaluate_segmentation", evaluate)
