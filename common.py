@@ -673,7 +673,7 @@ def _read_pranet(root, split, download, seed, options):
             found = sorted(os.listdir(os.path.join(root, "TestDataset"))) if os.path.isdir(
                 os.path.join(root, "TestDataset")) else []
             raise DatasetError(f"pranet: no test set {folder}; expected {layout} (test sets found: "
-                               f"{', '.join(found) or 'none'}); pass another test_set (--test-set)")
+                               f"{', '.join(found) or 'none'}); pass another test_set (masksup.py --test-split)")
         _require(os.path.join(folder, "images"), "pranet", layout)
         images = _images_in(os.path.join(folder, "images"))
         return {"images": images, "labels": _match_by_stem(images, os.path.join(folder, "masks"), "pranet"),
