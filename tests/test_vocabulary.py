@@ -125,9 +125,12 @@ def mentioned_flags(text):
 
 
 def test_readme_names_only_flags_that_exist(flags):
+    """A flag the README names exists in the script its line names, else in its section's script (or any script in
+    the shared sections); prose about an experiment's own CLI may name that script's flags."""
     everything = set().union(*flags.values())
+    experiments = set().union(*(own_flags(path) for path in PYTHON))
     for owner, text in readme_sections().items():
-        known = everything if owner == "shared" else set(flags[owner])
+        known = (everything if owner == "shared" else set(flags[owner])) | experiments
         for line, flag in mentioned_flags(text):
             name_in_line = [name for name in SCRIPTS if f"{name}.py" in line]
             allowed = set().union(*(flags[name] for name in name_in_line)) if name_in_line else known
@@ -204,13 +207,17 @@ def test_shell_experiments_parse(path, tmp_path):
             pytest.fail(f"{path.relative_to(ROOT)}: `{name}.py {' '.join(argv)}` does not parse (exit {error.code})")
 
 
+def own_flags(path):
+    """The flags of a Python experiment/bench script's own CLI (its add_argument calls)."""
+    return {node.value for call in ast.walk(ast.parse(path.read_text())) if isinstance(call, ast.Call)
+            and getattr(call.func, "attr", "") == "add_argument" for node in call.args if isinstance(node, ast.Constant)}
+
+
 def python_flags(path):
-    """{flag} written as string constants in a Python experiment/bench script, minus its own add_argument flags."""
+    """{flag} written as string constants in a Python experiment/bench script, minus its own CLI's flags."""
     tree = ast.parse(path.read_text())
-    own = {node.value for call in ast.walk(tree) if isinstance(call, ast.Call)
-           and getattr(call.func, "attr", "") == "add_argument" for node in call.args if isinstance(node, ast.Constant)}
     return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
-            and FLAG.fullmatch(node.value)} - own
+            and FLAG.fullmatch(node.value)} - own_flags(path)
 
 
 @pytest.mark.parametrize("path", PYTHON, ids=lambda p: str(p.relative_to(ROOT)))
