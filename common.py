@@ -1028,14 +1028,24 @@ def plan_splits(specs):
         except ValueError:
             fraction = -1.0
         if not split or not 0.0 < fraction < 1.0 or taken.get(split, 0.0) + fraction > 1.0 + 1e-9:
-            raise DatasetError(f"--{role}-split {spec}: carve a fraction between 0 and 1 of a split, e.g. train:0.1, "
-                               f"and no more than all of it over the roles")
+            raise DatasetError(f"split {spec}: a carved split is SPLIT:F, a fraction F between 0 and 1 of a split "
+                               f"(e.g. train:0.1), and the roles carve no more than all of it")
         start = taken.get(split, 0.0)
         plan[role], taken[split] = (split, (start, start + fraction)), start + fraction
     for role, spec in specs.items():
         if role not in plan:
             plan[role] = (spec, (taken[spec], 1.0) if spec in taken else None)
     return {role: plan[role] for role in specs}
+
+
+def split_names(name, root=None):
+    """The split names build_dataset accepts for `name`; a folder dataset: also every split folder under `root`."""
+    if name == "shapes":
+        return ("train", "val", "test", "trainval", "unlabeled", "all")
+    splits = READERS[name][1]
+    if name == "folder":
+        splits += tuple(s for s in folder_splits(root or os.path.join("data", name)) if s not in splits)
+    return splits
 
 
 def build_dataset(name, root=None, split="train", *, transform=None, image_only=False, binary=False, download=False,
@@ -1057,7 +1067,7 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
     transform = transform if transform is not None else joint_transform()
     options = dict(options)
     if name == "shapes":
-        splits = ("train", "val", "test", "trainval", "unlabeled", "all")
+        splits = split_names(name)
         if split not in splits:
             raise DatasetError(f"shapes has no split {split!r}; choose one of {', '.join(splits)}")
         if part is not None or void_id is not None:
@@ -1076,10 +1086,10 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
         info = DatasetInfo("shapes", k, classes, pascal_palette(k), binary=binary or k == 2, splits=splits)
         return _limited(dataset, limit, name, split), info
 
-    reader, splits, class_names, palette, is_binary = READERS[name]
+    reader, _, class_names, palette, is_binary = READERS[name]
     root = root if root is not None else os.path.join("data", name)
+    splits = split_names(name, root)
     if name == "folder":
-        splits = splits + tuple(s for s in folder_splits(root) if s not in splits)
         options["void_id"] = void_id
     if split not in splits:
         raise DatasetError(f"{name} has no split {split!r}; choose one of {', '.join(splits)}")
@@ -1156,7 +1166,8 @@ def _limited(dataset, limit, name, split, root=None, part=None):
         where = f" at {root}" if root else ""
         split = split if part is None else f"{split}:{part[1] - part[0]:g}"
         raise DatasetError(f"{name}: split {split!r}{where} is empty; check the split lists and the folders, or "
-                           f"choose another split")
+                           f"choose another with --train-split/--val-split/--test-split, or carve one, e.g. "
+                           f"--val-split train:0.1 (README 'Datasets')")
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"limit must be a positive number of images, got {limit}")

@@ -798,7 +798,7 @@ def test_plan_splits_carves_disjoint_seeded_slices(tmp_path):
     assert plan == {"train": ("test", (0.5, 1.0)), "val": ("test", (0.0, 0.25)), "test": ("test", (0.25, 0.5))}
     assert common.plan_splits({"train": "train", "test": "test"}) == {"train": ("train", None), "test": ("test", None)}
     for bad in ("train:0", "train:1.5", "train:x", ":0.1"):
-        with pytest.raises(DatasetError, match="carve a fraction"):
+        with pytest.raises(DatasetError, match="a carved split is SPLIT:F"):
             common.plan_splits({"val": bad})
     for i in range(8):
         write_rgb(tmp_path / "test" / "images" / f"{i}.png")
