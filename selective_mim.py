@@ -1053,8 +1053,9 @@ def get_args(argv=None):
                           "(authors 10; shapes 0; CHOICE C8)")
 
     down = parser.add_argument_group("downstream segmentation")
-    down.add_argument("--arch", choices=sorted(PRESETS), default="resnet34-unet",
-                      help="the U-Net of both stages (paper resnet34-unet, Sec. 2.2)")
+    down.add_argument("--arch", choices=sorted(PRESETS), default=None,
+                      help="the U-Net of both stages (default resnet34-unet, the paper's, Sec. 2.2; --eval-only and "
+                           "--resume: the checkpoint's)")
     down.add_argument("--epochs", type=int, default=None, help="downstream epochs (paper 500; shapes 20)")
     down.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
     down.add_argument("--lr", type=float, default=None,
@@ -1091,6 +1092,8 @@ def check_args(parser, args):
         args.train_fraction = PAPER_TRAIN_FRACTION.get(args.data, 1.0) if args.split_protocol == "paper" else 1.0
     if args.masking == "random":
         args.partitions = 1  # CHOICE C9
+    if args.arch is None and not (args.eval_only or args.resume):  # those two read the checkpoint's (main)
+        args.arch = "resnet34-unet"
     if args.init is None:  # --stage finetune without --pretrained: no pre-training (Table 2 "None")
         args.init = args.masking if args.stage != "finetune" or args.pretrained else "none"
     # CHOICE C12: the "unlabeled" split where there is one (as the paper, Sec. 2.3), else "train" (never "test").
@@ -1170,8 +1173,11 @@ def main(args):
         seed_everything(args.seed)
         path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else \
             resume_path
-        state = load_checkpoint(path, SCRIPT, args.arch, flag="--checkpoint" if args.eval_only else "--resume") \
-            if path else None
+        flag = "--checkpoint" if args.eval_only else "--resume"
+        if path and args.arch is None:  # the network of the checkpoint, unless --arch says otherwise
+            args.arch = load_checkpoint(path, SCRIPT, flag=flag).get("arch")
+        args.arch = args.arch or "resnet34-unet"
+        state = load_checkpoint(path, SCRIPT, args.arch, flag=flag) if path else None
         splits = build_splits(args, runtime, classes_of(state))  # K: --num-classes, the checkpoint's, all splits'
 
         if args.eval_only:

@@ -202,3 +202,23 @@ def test_void_id_is_declared_not_blamed(tmp_path):
     assert not out.exists()
     succeeded(*run("lmae", *flags, "--void-id", "11")[::2])
     assert json.loads((out / "config.json").read_text())["num_classes"] == 11
+
+
+def test_simclr_seg_names_the_pet_splits(tmp_path):
+    """simclr_seg.py's split flags: the Pet reader's official test list and a seeded fifth of trainval as val, in
+    place of Sec. 3.1's protocol; its in-domain pre-training never sees that test split; synthetic data refuses."""
+    import simclr_seg
+    from test_contract import make_pets_tree
+    root = make_pets_tree(tmp_path)
+    args = simclr_seg.get_args(["--data", "pets", "--data-root", str(root), "--train-split", "trainval",
+                                "--val-split", "trainval:0.2", "--pretrain-data", "pets"])
+    pool = simclr_seg.build_pool(args, simclr_seg.keep_image, image_only=True)
+    splits = simclr_seg.split_indices(args, pool)
+    names = {role: sorted(pool.names[i] for i in indices) for role, indices in splits.items()}
+    test_list = (root / "annotations" / "test.txt").read_text().split()[::4]
+    assert names["test"] == sorted(test_list) and len(names["val"]) == 3 and len(names["train"]) == 11
+    assert not set(names["train"]) & set(names["val"])
+    images, _ = simclr_seg.build_pretrain_images(args)
+    assert len(images) == 14 and not {pool.names[i] for i in images.indices} & set(names["test"])
+    with pytest.raises(SystemExit):
+        simclr_seg.get_args(["--test-split", "test"])
