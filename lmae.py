@@ -1177,8 +1177,13 @@ def train(args, runtime, resume_path):
     splits = {"test": args.test_split} if args.eval_only else {"train": args.train_split, "val": args.val_split,
                                                                 "test": args.test_split}
     path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else resume_path
-    if path is not None and args.data == "folder" and args.num_classes is None and path.is_file():
-        args.num_classes = load_checkpoint(path, SCRIPT)["info"]["num_classes"]  # K of the checkpoint, not the data
+    if path is not None and path.is_file():  # the checkpoint's network and K, unless the command line gives them
+        saved = load_checkpoint(path, SCRIPT)
+        for key in ("arch", "patch_size", "fuse", "ips", "pos_embed", "head", "head_width", "nearest_prior"):
+            if key not in getattr(args, "given", ()) and (key in saved["config"] or key == "arch"):
+                setattr(args, key, arch_of(saved["config"]) if key == "arch" else saved["config"][key])
+        if args.data == "folder" and args.num_classes is None:
+            args.num_classes = saved["info"]["num_classes"]
     datasets, info = build_splits(args, splits)
     K = info.num_classes
     eval_batch = max(1, args.batch_size * args.img_size[0] * args.img_size[1]
@@ -1427,6 +1432,8 @@ def get_args(argv=None):
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     args.command = "train"
+    args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
+                         for token in argv if token == option or token.startswith(option + "=")})
 
     check_args(parser, args)
     return args

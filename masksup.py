@@ -774,15 +774,14 @@ def load_data(args, runtime):
     resolved from the data's kind, before the model exists and before --out is written -> (datasets, info)."""
     datasets, info = {}, None
     checkpoint_flags(args)
-    try:
-        plan = plan_splits(run_splits(args))
-    except DatasetError as error:
-        raise UsageError(str(error)) from None
-    for role, (split, part) in plan.items():
+    specs = run_splits(args)
+    same = args.select_on == "test" and "select" in specs  # selects on the very test split (one carve, not two)
+    for role, (split, part) in plan_splits({r: s for r, s in specs.items() if not (same and r == "select")}).items():
         datasets[role], split_info = build_split(args, split, part)
         info = info or split_info
-    for role, dataset in datasets.items():
-        check_labels(dataset, desc=f"checking {run_splits(args)[role]} labels")
+        check_labels(datasets[role], desc=f"checking {specs[role]} labels")
+    if same:
+        datasets["select"] = datasets["test"]
     resolve_recipe(args, info.binary)
     if "train" in datasets:
         per_rank = -(-len(datasets["train"]) // runtime.world_size)
@@ -1157,7 +1156,7 @@ def check_args(parser, args):
     if args.void_id is not None and not 0 <= args.void_id < 65536:
         parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
     try:
-        plan_splits(run_splits(args))
+        plan_splits({r: s for r, s in run_splits(args).items() if not (r == "select" and args.select_on == "test")})
     except DatasetError as error:
         parser.error(str(error))
     if args.batch_size == 1 and args.img_size == 16 and args.arch not in PRESETS:

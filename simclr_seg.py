@@ -889,8 +889,11 @@ SPLIT_PROTOCOL = ("img_size", "split_seed", "test_fraction", "val_fraction", "de
 def evaluate_checkpoint(args, runtime):
     """--eval-only: the fine-tuned --checkpoint (default OUT/best.pt) on the test split -> OUT/eval_test.json."""
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt"
+    saved = load_checkpoint(path, SCRIPT).get("args") or {}
+    for name in ("arch", "decoder_channels"):  # the checkpoint's network, unless the command line gives it
+        if name in saved and name not in getattr(args, "given", ()):
+            setattr(args, name, saved[name])
     state = load_checkpoint(path, SCRIPT, arch_of("finetune", args))
-    saved = state.get("args") or {}
     if saved.get("data", args.data) != args.data:
         raise UsageError(f"--checkpoint {path} was fine-tuned on --data {saved['data']}, not {args.data}; pass "
                          f"--data {saved['data']}")
@@ -1007,6 +1010,9 @@ def get_args(argv=None):
     fine.add_argument("--synthetic-images", type=int, default=384,
                       help="images of the synthetic labelled pool and of its unlabelled pre-training set")
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
+                         for token in argv if token == option or token.startswith(option + "=")})
     apply_presets(args)
     check_args(parser, args)
     check_run_arguments(parser, args, SCRIPT)

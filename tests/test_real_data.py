@@ -202,6 +202,10 @@ def test_void_id_is_declared_not_blamed(tmp_path):
     assert not out.exists()
     succeeded(*run("lmae", *flags, "--void-id", "11")[::2])
     assert json.loads((out / "config.json").read_text())["num_classes"] == 11
+    # --eval-only takes the network (--arch tiny --patch-size 8) and K from the checkpoint, not the defaults
+    succeeded(*run("lmae", "--data", "folder", "--data-root", root, "--void-id", "11", "--eval-only", "--out", out,
+                   "--img-size", "32", "--workers", "0", "--device", "cpu")[::2])
+    assert json.loads((out / "eval_test.json").read_text())["test"]
 
 
 def test_simclr_seg_names_the_pet_splits(tmp_path):
