@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
-                    denormalize, joint_transform)
+                    denormalize, joint_transform, plan_splits)
 
 SCRIPT = "lmae.py"
 IGNORE = 255  # void in the given labels, unknown in labels to complete
@@ -1148,16 +1148,18 @@ def build_splits(args, splits):
     --eval-size; CHOICE C10, C11) and the dataset info. Every label of every split is checked first."""
     shapes = args.data == "shapes"
     crop_only = args.crop is not None and tuple(args.crop) == tuple(args.img_size)  # Cityscapes: crop 448, no resize
-    options = dict(root=args.data_root, download=args.download, limit=args.limit, seed=args.seed)
+    options = dict(root=args.data_root, download=args.download, limit=args.limit, seed=args.split_seed,
+                   **({"void_id": args.void_id} if args.void_id is not None else {}))
     if args.data == "folder" and args.num_classes is not None:
         options["num_classes"] = args.num_classes
     datasets, info = {}, None
-    for role, split in splits.items():
+    for role, (split, part) in plan_splits(splits).items():
         train = role == "train"
         transform = joint_transform(size=None if shapes or (train and crop_only) else
                                     (args.img_size if train else args.eval_size), crop=args.crop if train else None)
         size = {"image_size": args.img_size if train else args.eval_size} if shapes else {}
-        datasets[role], split_info = build_dataset(args.data, split=split, transform=transform, **options, **size)
+        datasets[role], split_info = build_dataset(args.data, split=split, transform=transform, part=part, **options,
+                                                   **size)
         if info is not None and split_info.num_classes != info.num_classes:
             raise DatasetError(f"{args.data}: split {split} has {split_info.num_classes} classes but another split "
                                f"has {info.num_classes}; pass --num-classes")
@@ -1172,8 +1174,16 @@ def build_splits(args, splits):
 def train(args, runtime, resume_path):
     """Training (Sec. IV-A), then the test split scored with best.pt; or, with --eval-only, only that score."""
     device = runtime.device
-    splits = {"test": args.test_split} if args.eval_only else {"train": "train", "val": args.val_split,
+    splits = {"test": args.test_split} if args.eval_only else {"train": args.train_split, "val": args.val_split,
                                                                 "test": args.test_split}
+    path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else resume_path
+    if path is not None and path.is_file():  # the checkpoint's network and K, unless the command line gives them
+        saved = load_checkpoint(path, SCRIPT)
+        for key in ("arch", "patch_size", "fuse", "ips", "pos_embed", "head", "head_width", "nearest_prior"):
+            if key not in getattr(args, "given", ()) and (key in saved["config"] or key == "arch"):
+                setattr(args, key, arch_of(saved["config"]) if key == "arch" else saved["config"][key])
+        if args.data == "folder" and args.num_classes is None:
+            args.num_classes = saved["info"]["num_classes"]
     datasets, info = build_splits(args, splits)
     K = info.num_classes
     eval_batch = max(1, args.batch_size * args.img_size[0] * args.img_size[1]
@@ -1329,10 +1339,20 @@ def get_args(argv=None):
     data.add_argument("--num-classes", type=int, default=None,
                       help="--data folder only: the number of classes K (default: largest id in the masks + 1; "
                            "give it for partial labels, whose masks may miss a class)")
+    data.add_argument("--train-split", default="train",
+                      help="split that trains (SPLIT:F = a seeded fraction F of SPLIT, --split-seed; the roles naming "
+                           "SPLIT plainly get the rest), e.g. the split degrade wrote")
     data.add_argument("--val-split", default="val",
-                      help="split that picks best.pt (default val; `train` validates on the training labels with "
-                           "fresh masks, for a set that only has partial labels)")
-    data.add_argument("--test-split", default="test", help="split scored at the end and by --eval-only (default test)")
+                      help="split that picks best.pt (default val; or SPLIT:F; `train` validates on the training "
+                           "labels with fresh masks, for a set that only has partial labels)")
+    data.add_argument("--test-split", default="test",
+                      help="split scored at the end and by --eval-only (default test; or SPLIT:F)")
+    data.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the readers' seeded splits and of SPLIT:F, kept apart from --seed so that every "
+                           "run seed meets the same test images")
+    data.add_argument("--void-id", type=int, default=None,
+                      help="class-id labels: this id marks unlabelled pixels and becomes 255 (ignore); CamVid's 11 "
+                           "is known without it")
     data.add_argument("--img-size", type=parse_size, default=None,
                       help="training input H or HxW, a multiple of --patch-size; paper: VOC 224 (crop 448 resized), "
                            "Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
@@ -1412,6 +1432,8 @@ def get_args(argv=None):
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     args.command = "train"
+    args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
+                         for token in argv if token == option or token.startswith(option + "=")})
 
     check_args(parser, args)
     return args
@@ -1453,6 +1475,12 @@ def check_args(parser, args):
         parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
     if not 0 <= args.background_class < IGNORE:
         parser.error(f"--background-class must be a class id in 0..254, got {args.background_class}")
+    if args.void_id is not None and not 0 <= args.void_id < 65536:
+        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
+    try:
+        plan_splits({"train": args.train_split, "val": args.val_split, "test": args.test_split})
+    except DatasetError as error:
+        parser.error(str(error))
     if args.num_classes is not None and (args.data != "folder" or not 2 <= args.num_classes < IGNORE):
         parser.error(f"--num-classes is read with --data folder only and must be in 2..254, got {args.num_classes}")
     if args.nearest_prior and args.head != "conv":

@@ -65,7 +65,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
-                    joint_transform)
+                    joint_transform, plan_splits, split_names)
 
 SCRIPT = "selective_mim.py"
 IMAGENET_FILE = "resnet34-b627a593.pth"  # CHOICE C15: torchvision's ResNet34_Weights.IMAGENET1K_V1
@@ -637,7 +637,8 @@ def build_splits(args, runtime, checkpoint_classes=None):
                          f"images, so {len(splits['pretrain'])} partitions are used (saved in config.json)")
             args.partitions = len(splits["pretrain"])
     if args.stage in ("finetune", "both") or args.eval_only:
-        options = dict(download=args.download, limit=args.limit, seed=args.split_seed, image_size=args.img_size)
+        options = dict(download=args.download, limit=args.limit, seed=args.split_seed, image_size=args.img_size,
+                       **({"void_id": args.void_id} if args.void_id is not None else {}))
         if args.data == "cityscapes" and args.split_protocol == "paper":
             options["train_holdout"] = 0.2  # CHOICE C12: train 80 % / val 20 % of official train, test = official val
         if args.data == "folder" and num_classes is not None:
@@ -649,7 +650,7 @@ def build_splits(args, runtime, checkpoint_classes=None):
         splits.update(labelled)
         for name in ("train", "val", "test"):
             if name in splits:
-                split = splits["test_split"] if name == "test" else name
+                split = {"train": args.train_split, "val": args.val_split}.get(name, splits["test_split"])
                 say(runtime, f"{args.data}/{split} as {name}: {len(splits[name])} images")
                 check_labels(splits[name], desc=f"checking {args.data}/{split} labels")
         splits["num_classes"] = splits["info"].num_classes
@@ -659,15 +660,11 @@ def build_splits(args, runtime, checkpoint_classes=None):
 def read_labelled(args, options):
     """The labelled splits (train, val, test; only test with --eval-only) -> (dict, their class counts)."""
     splits, counts, info = {}, [], None
-    for name in ("test",) if args.eval_only else ("train", "val", "test"):
-        if name == "test":
-            if info is None:  # --eval-only: the reader's split names come with any split it builds
-                _, info = build_dataset(args.data, args.data_root, "val", transform=eval_transform(args.img_size),
-                                        **options)
-            splits["test_split"] = args.test_split or ("test" if "test" in info.splits else "val")
-        split = splits["test_split"] if name == "test" else name
+    splits["test_split"] = args.test_split or ("test" if "test" in split_names(args.data, args.data_root) else "val")
+    specs = {"train": args.train_split, "val": args.val_split, "test": splits["test_split"]}
+    for name, (split, part) in plan_splits({"test": specs["test"]} if args.eval_only else specs).items():
         transform = train_transform(args.img_size, args.augment) if name == "train" else eval_transform(args.img_size)
-        dataset, info = build_dataset(args.data, args.data_root, split, transform=transform, **options)
+        dataset, info = build_dataset(args.data, args.data_root, split, transform=transform, part=part, **options)
         splits[name] = first_fraction(dataset, args.train_fraction) if name != "test" else dataset
         counts.append(info.num_classes)
     splits["info"] = info
@@ -985,9 +982,16 @@ def get_args(argv=None):
                       help="paper: the authors' downstream splits (cityscapes: train = first 80 %% of official train, "
                            "val = last 20 %%, test = official val; nassar: --train-fraction 0.2); reader: the "
                            "reader's own train/val/test (CHOICE C12); default paper")
+    data.add_argument("--train-split", default="train",
+                      help="split that trains (SPLIT:F = a seeded fraction F of SPLIT, --split-seed; the roles naming "
+                           "SPLIT plainly get the rest)")
+    data.add_argument("--val-split", default="val", help="split that picks best.pt (or SPLIT:F)")
     data.add_argument("--test-split", default=None,
-                      help="split reported as the test result (default: the protocol's test, or 'val' where the "
-                           "reader has no test); model selection always uses 'val'")
+                      help="split reported as the test result and scored by --eval-only (or SPLIT:F; default: the "
+                           "protocol's test, or 'val' where the reader has no test)")
+    data.add_argument("--void-id", type=int, default=None,
+                      help="class-id labels: this id marks unlabelled pixels and becomes 255 (ignore); CamVid's 11 "
+                           "is known without it")
     data.add_argument("--train-fraction", type=float, default=None,
                       help="keep the first fraction of the downstream train and val splits in list order, all of "
                            "test (paper: nassar 0.2 = 389 images, the default there; 1.0 elsewhere)")
@@ -1049,8 +1053,9 @@ def get_args(argv=None):
                           "(authors 10; shapes 0; CHOICE C8)")
 
     down = parser.add_argument_group("downstream segmentation")
-    down.add_argument("--arch", choices=sorted(PRESETS), default="resnet34-unet",
-                      help="the U-Net of both stages (paper resnet34-unet, Sec. 2.2)")
+    down.add_argument("--arch", choices=sorted(PRESETS), default=None,
+                      help="the U-Net of both stages (default resnet34-unet, the paper's, Sec. 2.2; --eval-only and "
+                           "--resume: the checkpoint's)")
     down.add_argument("--epochs", type=int, default=None, help="downstream epochs (paper 500; shapes 20)")
     down.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
     down.add_argument("--lr", type=float, default=None,
@@ -1087,6 +1092,8 @@ def check_args(parser, args):
         args.train_fraction = PAPER_TRAIN_FRACTION.get(args.data, 1.0) if args.split_protocol == "paper" else 1.0
     if args.masking == "random":
         args.partitions = 1  # CHOICE C9
+    if args.arch is None and not (args.eval_only or args.resume):  # those two read the checkpoint's (main)
+        args.arch = "resnet34-unet"
     if args.init is None:  # --stage finetune without --pretrained: no pre-training (Table 2 "None")
         args.init = args.masking if args.stage != "finetune" or args.pretrained else "none"
     # CHOICE C12: the "unlabeled" split where there is one (as the paper, Sec. 2.3), else "train" (never "test").
@@ -1147,6 +1154,12 @@ def check_args(parser, args):
     if args.num_classes is not None and (args.data != "folder" or args.num_classes < 2):
         parser.error(f"--num-classes describes --data folder masks (at least 2 classes); the other readers know "
                      f"theirs, got --data {args.data} --num-classes {args.num_classes}")
+    if args.void_id is not None and not 0 <= args.void_id < 65536:
+        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
+    try:
+        plan_splits({"train": args.train_split, "val": args.val_split, "test": args.test_split or "test"})
+    except DatasetError as error:
+        parser.error(str(error))
     if args.eval_only and args.stage == "pretrain":
         parser.error("--eval-only scores a segmentation checkpoint; drop --stage pretrain")
     check_run_arguments(parser, args, SCRIPT)
@@ -1160,8 +1173,11 @@ def main(args):
         seed_everything(args.seed)
         path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else \
             resume_path
-        state = load_checkpoint(path, SCRIPT, args.arch, flag="--checkpoint" if args.eval_only else "--resume") \
-            if path else None
+        flag = "--checkpoint" if args.eval_only else "--resume"
+        if path and args.arch is None:  # the network of the checkpoint, unless --arch says otherwise
+            args.arch = load_checkpoint(path, SCRIPT, flag=flag).get("arch")
+        args.arch = args.arch or "resnet34-unet"
+        state = load_checkpoint(path, SCRIPT, args.arch, flag=flag) if path else None
         splits = build_splits(args, runtime, classes_of(state))  # K: --num-classes, the checkpoint's, all splits'
 
         if args.eval_only:

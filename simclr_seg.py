@@ -63,7 +63,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from common import (NORMALIZATION, BinaryStats, DatasetError, build_dataset, check_labels, denormalize,
-                    joint_transform, readable_images)
+                    joint_transform, plan_splits, readable_images)
 
 SCRIPT = "simclr_seg.py"
 ENCODER_CHANNELS = {  # widths of the stem (/2) and layers 1-4 (/4 ... /32); parameters our code measures:
@@ -498,16 +498,27 @@ def build_pool(args, transform, image_only=False):
                          image_size=args.img_size, num_images=args.synthetic_images, seed=args.split_seed)[0]
 
 
-def run_splits(args, num_images):
-    """pet_splits of the pool, then --limit: the first N indices of each split."""
-    splits = pet_splits(num_images, args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
-    return {name: indices[:args.limit] if args.limit else indices for name, indices in splits.items()}
+def split_indices(args, pool):
+    """{train, val, test: pool indices}: pet_splits of the pool (Sec. 3.1), or, with --train-split, --val-split or
+    --test-split, the Pet reader's splits (train/val = 90/10 of trainval, test, all; SPLIT:F carved, plan_splits)."""
+    if not (args.train_split or args.val_split or args.test_split):
+        return pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
+    specs = {"train": args.train_split or "train", "val": args.val_split or "val", "test": args.test_split or "test"}
+    position = {name: i for i, name in enumerate(pool.names)}
+    return {role: sorted(position[name] for name in build_dataset(
+        "pets", args.data_root, split, part=part, seed=args.split_seed, transform=keep_image, image_only=True,
+        border=args.border)[0].names) for role, (split, part) in plan_splits(specs).items()}
+
+
+def run_splits(args, pool):
+    """split_indices of the pool, then --limit: the first N indices of each split."""
+    return {name: indices[:args.limit] if args.limit else indices for name, indices in split_indices(args, pool).items()}
 
 
 def build_finetune_data(args, runtime, names=("train", "val", "test")):
     """-> {"train", "val", "test": Subset of the pool, "indices": the splits' pool indices}; every label checked."""
     pool = build_pool(args, joint_transform(args.img_size))  # CHOICE C10: resize only, ImageNet normalisation
-    splits = run_splits(args, len(pool))
+    splits = run_splits(args, pool)
     data = {"indices": {name: splits[name] for name in names}}
     for name in names:
         data[name] = Subset(pool, splits[name])
@@ -587,8 +598,7 @@ def build_pretrain_images(args):
     elif name == "pets":
         if args.data == "pets":  # CHOICE C13: in-domain, the fine-tuning pool minus its fixed test set
             pool = build_pool(args, keep_image, image_only=True)
-            test = set(pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction,
-                                  args.split_seed)["test"])
+            test = set(split_indices(args, pool)["test"])
             keep = [i for i in range(len(pool)) if i not in test]
             images, classes = Subset(pool, keep), [pool.names[i].rsplit("_", 1)[0] for i in keep]
         else:
@@ -873,14 +883,17 @@ def run(args, runtime, data_cache=None):
 
 # --eval-only reads these from the checkpoint, so the test split is the one the model was trained beside
 SPLIT_PROTOCOL = ("img_size", "split_seed", "test_fraction", "val_fraction", "dev_split", "border",
-                  "synthetic_images", "limit", "loss")
+                  "synthetic_images", "limit", "loss", "train_split", "val_split", "test_split")
 
 
 def evaluate_checkpoint(args, runtime):
     """--eval-only: the fine-tuned --checkpoint (default OUT/best.pt) on the test split -> OUT/eval_test.json."""
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt"
+    saved = load_checkpoint(path, SCRIPT).get("args") or {}
+    for name in ("arch", "decoder_channels"):  # the checkpoint's network, unless the command line gives it
+        if name in saved and name not in getattr(args, "given", ()):
+            setattr(args, name, saved[name])
     state = load_checkpoint(path, SCRIPT, arch_of("finetune", args))
-    saved = state.get("args") or {}
     if saved.get("data", args.data) != args.data:
         raise UsageError(f"--checkpoint {path} was fine-tuned on --data {saved['data']}, not {args.data}; pass "
                          f"--data {saved['data']}")
@@ -982,6 +995,14 @@ def get_args(argv=None):
     fine.add_argument("--test-fraction", type=float, default=0.2, help="fixed test fraction (Sec. 3.1: 0.2)")
     fine.add_argument("--val-fraction", type=float, default=0.1,
                       help="validation fraction of the dev set (Sec. 3.1: 90/10 train/val, so 0.1)")
+    fine.add_argument("--train-split", default=None,
+                      help="--data pets: the Pet reader's split that trains (train = 90 %% of trainval, val, trainval, "
+                           "test, all; SPLIT:F = a seeded fraction F of SPLIT, the roles naming SPLIT plainly get the "
+                           "rest) instead of Sec. 3.1's protocol; giving any of the three makes the others train, "
+                           "val, test")
+    fine.add_argument("--val-split", default=None, help="--data pets: the split that picks best.pt (or SPLIT:F)")
+    fine.add_argument("--test-split", default=None,
+                      help="--data pets: the split scored as the test result and by --eval-only (or SPLIT:F)")
     fine.add_argument("--split-seed", type=int, default=0,
                       help="seed of the split permutation (the fixed test set) and of --pretrain-limit's draw")
     fine.add_argument("--border", default="foreground", choices=("foreground", "background", "ignore"),
@@ -989,6 +1010,9 @@ def get_args(argv=None):
     fine.add_argument("--synthetic-images", type=int, default=384,
                       help="images of the synthetic labelled pool and of its unlabelled pre-training set")
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
+                         for token in argv if token == option or token.startswith(option + "=")})
     apply_presets(args)
     check_args(parser, args)
     check_run_arguments(parser, args, SCRIPT)
@@ -1053,6 +1077,15 @@ def check_args(parser, args):
                      f"{args.dev_split}")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    if args.train_split or args.val_split or args.test_split:
+        if args.data != "pets":
+            parser.error("--train-split, --val-split and --test-split name splits of --data pets; the synthetic "
+                         "pool uses Sec. 3.1's protocol (--dev-split)")
+        try:
+            plan_splits({"train": args.train_split or "train", "val": args.val_split or "val",
+                         "test": args.test_split or "test"})
+        except DatasetError as error:
+            parser.error(str(error))
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         parser.error(f"--crop-scale needs 0 < LO <= HI <= 1, got {list(args.crop_scale)}")
     if not 0 <= args.blur_prob <= 1 or args.color_strength < 0:
