@@ -21,6 +21,7 @@ from common import DatasetError
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TINY = ["--arch", "tiny", "--batch-size", "8", "--workers", "0"]
+COMPLETE = ["complete", "--fill", "model"]  # the checkpoint fills (default auto: the self-check winner)
 STEPS = 100  # optimisation steps of the short learning test
 CPU = lmae.Runtime(torch.device("cpu"))
 
@@ -412,6 +413,7 @@ def test_nearest_known_fill_equals_brute_force():
     known = torch.rand(3, 13, 17, generator=generator) > 0.85
     known[2] = False  # no known pixel: class 0
     filled = lmae.nearest_known_fill(labels, known, chunk=500)  # several chunks
+    assert torch.equal(filled, lmae.nearest_known_fill(labels, known, chunk=50, block=3))  # strips of 3 columns
     for b in range(2):
         points = known[b].nonzero().tolist()
         for y in range(13):
@@ -631,7 +633,7 @@ def degraded(tmp_path_factory):
 
 
 def complete_args(trained, degraded, out, *extra):
-    return lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
+    return lmae.get_args([*COMPLETE, "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
                           "--labels", str(degraded / "masks"), "--unknown", str(degraded / "unknown"),
                           "--truth", str(degraded / "truth"), "--out", str(out), *extra])
 
@@ -728,7 +730,7 @@ def test_complete_missing_background_overwrites_only_background(trained, degrade
     high = tmp_path / "ratio09.pt"
     torch.save(state, high)
     out = tmp_path / "done"
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(high), "--images", str(degraded / "images"),
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(high), "--images", str(degraded / "images"),
                              "--labels", str(labels), "--missing", "background", "--out", str(out)]))
     for row in csv.DictReader(open(out / "report.csv")):
         given, completed = read_png(labels / f"{row['name']}.png"), read_png(out / f"{row['name']}.png")
@@ -746,7 +748,7 @@ def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path, capsys):
     high = tmp_path / "ratio09.pt"
     torch.save(state, high)
     out = tmp_path / "completed"
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(high), str(trained / "best.pt"), "--images",
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(high), str(trained / "best.pt"), "--images",
                              str(degraded / "images"), "--labels", str(degraded / "masks"), "--out", str(out)]))
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert {r["checkpoint"] for r in rows} == {str(trained / "best.pt")}  # half the patches unknown -> ratio 0.5
@@ -757,7 +759,7 @@ def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path, capsys):
     state["config"]["mask_ratio"] = 0.3
     low = tmp_path / "ratio03.pt"
     torch.save(state, low)
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(low), "--images", str(degraded / "images"),
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(low), "--images", str(degraded / "images"),
                              "--labels", str(degraded / "masks"), "--out", str(tmp_path / "low")]))
     assert "warning: 4 images" in capsys.readouterr().err  # 0.5 hidden, far above the 0.3 it was trained at
 
@@ -795,7 +797,7 @@ def test_complete_resizes_labels_with_nearest(trained, tmp_path, monkeypatch):
         return forward(self, images, labels, ids_keep)
 
     monkeypatch.setattr(lmae.LMAE, "forward", spy)
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--scale", "0.5",
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(trained / "best.pt"), "--scale", "0.5",
                              *[f"--{name}={folder}" for name, folder in folders.items()],
                              "--out", str(tmp_path / "o")]))
     (model_labels,) = seen
@@ -837,7 +839,7 @@ def test_windows_hide_exactly_the_unknown_patches_of_each_window(trained, degrad
     monkeypatch.setattr(lmae.LMAE, "forward", spy)
     checkpoint = small_window_checkpoint(trained, tmp_path)
     out = tmp_path / "done"
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(checkpoint), "--images", str(degraded / "images"),
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(checkpoint), "--images", str(degraded / "images"),
                              "--labels", str(degraded / "masks"), "--unknown", str(degraded / "unknown"),
                              "--out", str(out), "--windows"]))
     names = sorted(p.stem for p in (degraded / "masks").glob("*.png"))
@@ -943,3 +945,118 @@ def test_camvid_degrade_train_complete_score(tmp_path):
         unknown = read_png(deg / "unknown" / path.name) > 0
         assert given.shape == (360, 480) and np.array_equal(done[~unknown], given[~unknown])
         assert np.all(done[unknown] < 11)
+
+
+# --- complete: self-check and fill choice, any image size (issue 19 item 3, issue 18 item 4) ---
+
+def nearest_completion(degraded, name):
+    given = torch.from_numpy(read_png(degraded / "masks" / f"{name}.png"))[None]
+    unknown = torch.from_numpy(read_png(degraded / "unknown" / f"{name}.png") > 0)[None]
+    return lmae.nearest_known_fill(given, ~unknown)[0].numpy()
+
+
+def test_self_check_with_an_untrained_checkpoint_fills_with_the_nearest_fill(trained, degraded, tmp_path, capsys):
+    """--fill auto (the default) runs the self-check; a checkpoint trained for one epoch on 8 images loses it and
+    the unknown pixels get the nearest fill; nothing is written before the check."""
+    summary = lmae.main(lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images",
+                                       str(degraded / "images"), "--labels", str(degraded / "masks"),
+                                       "--check-share", "0.2", "--out", str(tmp_path / "auto")]))
+    check = summary["self_check"]
+    assert summary["fill"] == "nearest" and summary["fill_choice"] == "auto" and check["winner"] == "nearest"
+    assert check["model_pa_miou"] < check["nearest_pa_miou"] and check["images"] == 4
+    assert check["model_interval"][0] <= check["model_pa_miou"] <= check["model_interval"][1]
+    lo, hi = check["difference_interval"]
+    assert lo <= check["model_minus_nearest"] <= hi
+    # ceil(0.2 x 24 known patches) = 5 patches of 8 x 8 per image, every one labelled
+    assert check["checked_pixels"] == 4 * 5 * 64
+    for path in (degraded / "masks").glob("*.png"):
+        assert np.array_equal(read_png(tmp_path / "auto" / path.name), nearest_completion(degraded, path.stem))
+    out = capsys.readouterr().out
+    assert "self-check on 1280 known pixels" in out and "-> fill=nearest" in out
+    assert out.count("complete ") >= 4 and "complete 4/4:" in out  # one line per image: stdout is not a terminal
+    model = lmae.main(complete_args(trained, degraded, tmp_path / "model", "--self-check", "--check-share", "0.2"))
+    assert model["fill"] == "model" and model["self_check"] == check  # --fill model keeps the model, same check
+
+
+def colour_coded_folder(root, size=32):
+    """A --data folder set (train 12, val 4, test 8 images) whose labels the image determines pixel by pixel
+    (class 1 = red disks): the nearest fill errs at every disk edge and misses hidden disks; a conv head learns the
+    colour at once."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:size, 0:size]
+    for split, count in (("train", 12), ("val", 4), ("test", 8)):
+        for folder in ("images", "masks"):
+            (root / split / folder).mkdir(parents=True)
+        for index in range(count):
+            label = np.zeros((size, size), np.uint8)
+            for _ in range(4):
+                cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(3, 7)]
+                label[(ys - cy) ** 2 + (xs - cx) ** 2 < r ** 2] = 1
+            image = np.where(label[..., None] == 1, [220, 40, 40], [40, 40, 220]) + rng.normal(0, 10, (size, size, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / split / "images" / f"{index:02d}.png")
+            Image.fromarray(label).save(root / split / "masks" / f"{index:02d}.png")
+
+
+def test_self_check_picks_a_trained_model_that_beats_the_nearest_fill(tmp_path):
+    colour_coded_folder(tmp_path / "set")
+    run = tmp_path / "run"
+    lmae.main(lmae.get_args(["--data", "folder", "--data-root", str(tmp_path / "set"), "--img-size", "32",
+                             "--patch-size", "8", "--head", "conv", "--head-width", "8", "--nearest-prior",
+                             "--masking", "random", "--epochs", "6", "--lr", "1e-2", "--eval-every", "6",
+                             "--out", str(run), *TINY]))
+    lmae.main(lmae.get_args(["degrade", "--data", "folder", "--data-root", str(tmp_path / "set"), "--split", "test",
+                             "--patch-size", "8", "--out", str(tmp_path / "deg")]))
+    deg = tmp_path / "deg" / "test"
+    summary = lmae.main(lmae.get_args(["complete", "--checkpoint", str(run / "best.pt"), "--images",
+                                       str(deg / "images"), "--labels", str(deg / "masks"), "--truth",
+                                       str(deg / "truth"), "--out", str(tmp_path / "done")]))
+    assert summary["fill"] == "model", summary["self_check"]
+    assert summary["pa_miou"] > summary["nearest_pa_miou"]  # and the check's verdict holds on the unknown pixels
+
+
+def test_complete_tiles_an_image_over_the_pixel_budget(trained, degraded, tmp_path, monkeypatch):
+    """--max-pixels 1024: each 48 x 64 image runs alone in 32 x 32 tiles (2 x 2, on the 8 px grid); no forward
+    pass sees more than the budget, every tile hides exactly its unknown patches, known pixels stay."""
+    seen = []
+    forward = lmae.LMAE.forward
+
+    def spy(self, images, labels, ids_keep):
+        B, H, W = labels.shape
+        assert H * W <= 1024
+        unknown = (labels == 255).view(B, H // 8, 8, W // 8, 8).any(4).any(2).flatten(1)  # (B, L) on the 8 px grid
+        seen.append(torch.equal(lmae.hidden_of(ids_keep, unknown.shape[1]), unknown))
+        return forward(self, images, labels, ids_keep)
+
+    monkeypatch.setattr(lmae.LMAE, "forward", spy)
+    summary = lmae.main(complete_args(trained, degraded, tmp_path / "tiled", "--max-pixels", "1024"))
+    assert summary["tiled_images"] == 4 and 4 <= len(seen) <= 16 and all(seen)
+    rows = list(csv.DictReader(open(tmp_path / "tiled" / "report.csv")))
+    assert all(1 <= int(r["tiles"]) <= 4 for r in rows)
+    for path in (degraded / "masks").glob("*.png"):
+        given, done = read_png(path), read_png(tmp_path / "tiled" / path.name)
+        unknown = read_png(degraded / "unknown" / path.name) > 0
+        assert np.array_equal(done[~unknown], given[~unknown]) and np.all(done[unknown] < 5)
+    monkeypatch.setattr(lmae.LMAE, "forward", forward)
+    whole = lmae.main(complete_args(trained, degraded, tmp_path / "whole"))
+    assert whole["tiled_images"] == 0
+
+
+def test_a_failed_complete_leaves_no_out_folder(trained, degraded, tmp_path, monkeypatch):
+    save = lmae.save_label_png
+    calls = []
+
+    def fail_on_the_third(path, label, palette):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        save(path, label, palette)
+
+    monkeypatch.setattr(lmae, "save_label_png", fail_on_the_third)
+    with pytest.raises(OSError, match="disk full"):
+        lmae.main(complete_args(trained, degraded, tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()  # the folders it made are gone, with the two files written
+    (tmp_path / "mine").mkdir()  # an empty folder the user made stays, empty
+    calls.clear()
+    with pytest.raises(OSError, match="disk full"):
+        lmae.main(complete_args(trained, degraded, tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
