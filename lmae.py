@@ -1472,16 +1472,26 @@ def train(args, runtime, resume_path):
 
 IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
 LABELLED_SETS = [n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
+# Recipes (--recipe): paper = the paper's model and masks; fill = ours, not in the paper (CHOICE C19): the conv head
+# with the nearest-known-pixel prior (C15), random masks (what `degrade` draws), boundary-weighted loss (C18).
+RECIPES = {
+    "paper": dict(head="linear", head_width=32, nearest_prior=False, masking="mixed", boundary_weight=1.0),
+    "fill": dict(head="conv", head_width=16, nearest_prior=True, masking="random", boundary_weight=5.0),
+}
 # Data-dependent defaults, resolved in get_args (Sec. IV-A for voc and cityscapes; CHOICE C11, C14 otherwise).
 DATA_DEFAULTS = {
-    "shapes": dict(img_size=(64, 64), crop=None, eval_size=None, patch_size=8, arch="tiny", epochs=40,
-                   batch_size=16, lr=1e-3, drop_path=0.0),
+    "shapes": dict(img_size=(64, 64), crop=None, eval_size=None, patch_size=8, arch="tiny", epochs=30,
+                   batch_size=16, lr=1e-3, drop_path=0.0, recipe="fill", eval_every=5),
     "voc": dict(img_size=(224, 224), crop=(448, 448), eval_size=(224, 224), patch_size=16, arch=PAPER_PRESET,
-                epochs=400, batch_size=24, lr=1e-4, drop_path=0.1),
+                epochs=400, batch_size=24, lr=1e-4, drop_path=0.1, recipe="paper", eval_every=1),
     "cityscapes": dict(img_size=(448, 448), crop=(448, 448), eval_size=(1024, 2048), patch_size=16,
-                       arch=PAPER_PRESET, epochs=400, batch_size=48, lr=1e-4, drop_path=0.1),
-    "other": dict(img_size=(224, 224), crop=None, eval_size=None, patch_size=16, arch=PAPER_PRESET,
-                  epochs=400, batch_size=24, lr=1e-4, drop_path=0.1),
+                       arch=PAPER_PRESET, epochs=400, batch_size=48, lr=1e-4, drop_path=0.1, recipe="paper",
+                       eval_every=1),
+    # sets the paper did not use: sized for 2 CPU cores (CHOICE C19): CamVid's 367 train frames in about 45 min
+    "camvid": dict(img_size=(224, 224), crop=(224, 224), eval_size=(352, 480), patch_size=16, arch="tiny",
+                   epochs=30, batch_size=8, lr=1e-3, drop_path=0.0, recipe="fill", eval_every=5),
+    "other": dict(img_size=(224, 224), crop=None, eval_size=None, patch_size=16, arch="tiny",
+                  epochs=30, batch_size=8, lr=1e-3, drop_path=0.0, recipe="fill", eval_every=5),
 }
 
 
@@ -1539,17 +1549,18 @@ def get_args(argv=None):
                            "Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
     data.add_argument("--crop", type=parse_size, default=None,
                       help="random crop taken before the resize to --img-size (equal to --img-size: crop only); "
-                           "paper: 448 (VOC, Cityscapes). Default: 448 there, none elsewhere")
+                           "paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid (native-scale crops), none "
+                           "elsewhere")
     data.add_argument("--eval-size", type=parse_size, default=None,
                       help="validation images are resized to this (CHOICE C10). Default: VOC 224, Cityscapes "
-                           "1024x2048, otherwise --img-size")
+                           "1024x2048, CamVid 352x480, otherwise --img-size")
     data.add_argument("--background-class", type=int, default=0,
                       help="class id treated as background by the mask strategies (CHOICE C4; default 0)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default=None, choices=tuple(PRESETS),
-                       help=f"network EB/DB/ED/DD from Table IV (paper's choice {PAPER_PRESET}, the default for real "
-                            "data) or small/tiny (tiny: the shapes default)")
+                       help=f"network EB/DB/ED/DD from Table IV (paper's choice {PAPER_PRESET}, the voc and "
+                            "cityscapes default) or small/tiny (tiny: the default elsewhere, C14, C19)")
     model.add_argument("--patch-size", type=int, default=None,
                        help="patch side P in pixels; Table IV's counts fix P=16 (default; shapes 8)")
     model.add_argument("--fuse", default="layer", choices=FUSES,
@@ -1561,18 +1572,25 @@ def get_args(argv=None):
                        help="Image Patch Supplement (Sec. III-C, default on); --no-ips uses MAE's learned mask "
                             "token (Fig. 6)")
     model.add_argument("--drop-path", type=float, default=None,
-                       help="largest stochastic-depth rate (CHOICE C6; default 0.1, shapes 0)")
-    model.add_argument("--head", default="linear", choices=HEADS,
-                       help="pixel head: linear (the paper's per-token map, default) or conv (CHOICE C15)")
-    model.add_argument("--head-width", type=int, default=32, help="channels of --head conv (default 32)")
-    model.add_argument("--nearest-prior", action="store_true",
-                       help="--head conv also sees the nearest-known-pixel fill (CHOICE C15; default off)")
+                       help="largest stochastic-depth rate (CHOICE C6; default 0.1 for voc and cityscapes, 0 "
+                            "elsewhere)")
+    model.add_argument("--recipe", default=None, choices=tuple(RECIPES),
+                       help="paper: the paper's model (linear head, mixed 1:2:2 masks, plain loss); fill: ours, not "
+                            "in the paper (conv head width 16 + nearest prior, random masks, boundary weight 5; "
+                            "CHOICE C19). Sets the defaults of --head, --head-width, --nearest-prior, --masking, "
+                            "--boundary-weight. Default: paper for voc and cityscapes, fill otherwise")
+    model.add_argument("--head", default=None, choices=HEADS,
+                       help="pixel head: linear (the paper's per-token map) or conv (CHOICE C15). Default: --recipe's")
+    model.add_argument("--head-width", type=int, default=None, help="channels of --head conv (default: --recipe's)")
+    model.add_argument("--nearest-prior", action=argparse.BooleanOptionalAction, default=None,
+                       help="--head conv also sees the nearest-known-pixel fill (CHOICE C15). Default: --recipe's")
 
     masking = parser.add_argument_group("masking")
     masking.add_argument("--mask-ratio", type=float, default=0.5,
                          help="fraction of patches hidden (paper: 0.5 and 0.6 in Table I, 0.5-0.8 in Table II/Fig. 6)")
-    masking.add_argument("--masking", default="mixed", choices=STRATEGIES + ("mixed",),
-                         help="Sec. III-B: random, label-first, background-first, or mixed per sample (default)")
+    masking.add_argument("--masking", default=None, choices=STRATEGIES + ("mixed",),
+                         help="Sec. III-B: random, label-first, background-first, or mixed per sample (the "
+                              "paper's). Default: --recipe's")
     masking.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
                          help="mixing weights random:label-first:background-first for --masking mixed "
                               "(paper: 1:2:2, the default)")
@@ -1593,26 +1611,29 @@ def get_args(argv=None):
     loss.add_argument("--loss-region", default="masked", choices=("masked", "all"),
                       help="pixels in the loss: those of hidden patches (default, MAE) or all labelled pixels "
                            "(CHOICE C8)")
-    loss.add_argument("--boundary-weight", type=float, default=1.0,
+    loss.add_argument("--boundary-weight", type=float, default=None,
                       help="loss weight of pixels within 2 px of a label boundary, 1 elsewhere (CHOICE C18, not in "
-                           "the paper; default 1 = plain)")
+                           "the paper; 1 = plain). Default: --recipe's")
     loss.add_argument("--ignore-background-in-loss", action=argparse.BooleanOptionalAction, default=False,
                       help="leave background pixels out of the loss, Eq. (12)'s literal reading (CHOICE C8; "
                            "default off)")
 
     optim = parser.add_argument_group("optimisation (Sec. IV-A)")
-    optim.add_argument("--epochs", type=int, default=None, help="paper: 400. Default 400, shapes 40")
+    optim.add_argument("--epochs", type=int, default=None,
+                       help="paper: 400 (the voc and cityscapes default); 30 for other sets and shapes (C14, C19)")
     optim.add_argument("--batch-size", type=int, default=None,
-                       help="per process; paper: 24 VOC, 48 Cityscapes. Default: those, other sets 24, shapes 16")
+                       help="per process; paper: 24 VOC, 48 Cityscapes. Default: those, other sets 8, shapes 16")
     optim.add_argument("--lr", type=float, default=None,
-                       help="Adam learning rate; not given in the paper (CHOICE C9): 1e-4, shapes 1e-3")
+                       help="Adam learning rate; not given in the paper (CHOICE C9): 1e-4 for voc and cityscapes, "
+                            "1e-3 elsewhere")
     optim.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
     optim.add_argument("--plateau-patience", type=int, default=5, help="ReduceLROnPlateau patience (paper: 5)")
     optim.add_argument("--plateau-factor", type=float, default=0.8, help="ReduceLROnPlateau factor (paper: 0.8)")
     optim.add_argument("--plateau-threshold", type=float, default=1e-3,
                        help="ReduceLROnPlateau relative threshold (paper: 0.001)")
-    optim.add_argument("--eval-every", type=int, default=1,
-                       help="validate every N epochs and at the last (default 1); best.pt is picked among those")
+    optim.add_argument("--eval-every", type=int, default=None,
+                       help="validate every N epochs and at the last; best.pt is picked among those. Default 1; "
+                            "5 for sets the paper did not use")
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     args.command = "train"
@@ -1625,6 +1646,9 @@ def check_args(parser, args):
     """Resolve the data-dependent defaults and derived values of a training run; refuse impossible flags."""
     defaults = DATA_DEFAULTS.get(args.data, DATA_DEFAULTS["other"])
     for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.eval_size is None:

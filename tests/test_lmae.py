@@ -20,7 +20,7 @@ from common import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TINY = ["--arch", "tiny", "--batch-size", "8", "--workers", "0"]
+TINY = ["--arch", "tiny", "--batch-size", "8", "--workers", "0", "--recipe", "paper"]  # the paper's head: fast
 COMPLETE = ["complete", "--fill", "model"]  # the checkpoint fills (default auto: the self-check winner)
 STEPS = 100  # optimisation steps of the short learning test
 CPU = lmae.Runtime(torch.device("cpu"))
@@ -83,7 +83,8 @@ def read_png(path):
     (["--lr", "0"], "--lr"),
     (["--beta-init", "0"], "--beta-init"),
     (["--checkpoint", "x.pt"], "--checkpoint"),
-    (["--nearest-prior"], "--nearest-prior"),
+    (["--head", "linear", "--nearest-prior"], "--nearest-prior"),
+    (["--boundary-weight", "0"], "--boundary-weight"),
     (["--num-classes", "4"], "--num-classes"),
     (["--mask-ratio", "0.001"], "--mask-ratio"),
     (["--data", "cifar10"], "--data"),
@@ -104,6 +105,19 @@ def test_data_dependent_defaults_resolve():
         (224, 224), (448, 448), 24, 400, "eb8-db6-ed1440-dd720")
     city = lmae.get_args(["--data", "cityscapes"])
     assert (city.img_size, city.crop, city.batch_size) == ((448, 448), (448, 448), 48)
+    for paper in (voc, city):  # the paper's model and masks on the paper's sets
+        assert (paper.recipe, paper.head, paper.nearest_prior, paper.masking, paper.boundary_weight) == (
+            "paper", "linear", False, "mixed", 1.0)
+    for ours in (shapes, lmae.get_args(["--data", "camvid"]), lmae.get_args(["--data", "kvasir"])):  # C19
+        assert (ours.recipe, ours.head, ours.head_width, ours.nearest_prior, ours.masking, ours.boundary_weight,
+                ours.arch) == ("fill", "conv", 16, True, "random", 5.0, "tiny")
+    camvid = lmae.get_args(["--data", "camvid"])  # sized for 45 min on 2 CPU cores (README)
+    assert (camvid.img_size, camvid.crop, camvid.eval_size, camvid.epochs, camvid.eval_every) == (
+        (224, 224), (224, 224), (352, 480), 30, 5)
+    paper = lmae.get_args(["--recipe", "paper"])  # one flag away on any set; single flags still win
+    assert (paper.head, paper.nearest_prior, paper.masking, paper.boundary_weight) == ("linear", False, "mixed", 1.0)
+    assert lmae.get_args(["--masking", "mixed"]).masking == "mixed"
+    assert lmae.get_args(["--recipe", "paper", "--head", "conv"]).head_width == 32
     assert lmae.get_args(["--img-size", "48x80"]).img_size == (48, 80)
     assert lmae.get_args(["complete", "--checkpoint", __file__, "--images", ".", "--labels", ".",
                           "--out", "/tmp/lmae-never-created"]).command == "complete"
@@ -309,7 +323,7 @@ def test_loss_trains_beta_and_gamma():
     assert not frozen.log_beta.requires_grad and not frozen.gamma.requires_grad
 
 
-@pytest.mark.parametrize("flags", [["--head", "conv"], ["--head", "conv", "--nearest-prior"]])
+@pytest.mark.parametrize("flags", [["--head", "conv", "--no-nearest-prior"], ["--head", "conv", "--nearest-prior"]])
 def test_conv_head_sees_only_visible_labels_and_changes_logits(flags):
     args = lmae.get_args(["--img-size", "32x48", *flags])
     torch.manual_seed(0)
@@ -345,13 +359,13 @@ def test_checkpoints_of_the_old_layout_load():
     _, ids_keep, _ = lmae.draw_mask(labels, "random", args, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(images, labels, ids_keep), model(images, labels, ids_keep))
-    linear = lmae.build_model(lmae.get_args(["--img-size", "32x48"]), 5)
+    linear = lmae.build_model(lmae.get_args(["--img-size", "32x48", "--recipe", "paper"]), 5)
     assert type(linear) is lmae.LMAE  # the paper's head: the paper's model, keys unchanged
 
 
 def test_fuse_and_ips_flags_build_what_they_name():
     for fuse, channels in (("layer", 5 + 3), ("direct", 4), ("insert", 6)):
-        model = lmae.build_model(lmae.get_args(["--fuse", fuse]), 5)
+        model = lmae.build_model(lmae.get_args(["--fuse", fuse, "--recipe", "paper"]), 5)
         assert model.fuse == fuse and model.patch_embed.in_channels == channels
     torch.manual_seed(0)
     images, labels = torch.randn(1, 3, 32, 48), torch.randint(0, 5, (1, 32, 48))
@@ -359,7 +373,7 @@ def test_fuse_and_ips_flags_build_what_they_name():
     _, ids_keep, hidden = lmae.draw_mask(labels, "random", args, torch.Generator().manual_seed(0))
     other_images = torch.where(hidden[:, None], torch.randn_like(images), images)  # differ only in hidden patches
     for flag, image_reaches_decoder in (("--ips", True), ("--no-ips", False)):
-        model = lmae.build_model(lmae.get_args(["--img-size", "32x48", flag]), 5).eval()
+        model = lmae.build_model(lmae.get_args(["--img-size", "32x48", flag, "--recipe", "paper"]), 5).eval()
         assert hasattr(model, "image_patch_embed") == image_reaches_decoder
         with torch.no_grad():
             same = torch.equal(model(images, labels, ids_keep), model(other_images, labels, ids_keep))
@@ -370,7 +384,7 @@ def test_train_step_applies_eq_10_weighting():
     images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
     labels[:, :16] = 0  # an imbalanced batch: Eq. (10) weights differ from 1
     for weighting in ("paper", "none"):
-        args = lmae.get_args(["--img-size", "32x48", "--class-weighting", weighting])
+        args = lmae.get_args(["--img-size", "32x48", "--class-weighting", weighting, "--recipe", "paper"])
         torch.manual_seed(0)
         model = lmae.build_model(args, 5).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -385,8 +399,8 @@ def test_train_step_applies_eq_10_weighting():
         assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5), weighting
 
 
-def test_mixed_1_2_2_is_the_default():
-    args = lmae.get_args([])
+def test_mixed_1_2_2_is_the_paper_recipe():
+    args = lmae.get_args(["--recipe", "paper"])  # and the voc / cityscapes default (test above)
     assert args.masking == "mixed" and args.mix == (1.0, 2.0, 2.0) and args.eval_masking == "random"
 
 
@@ -449,7 +463,7 @@ def test_short_training_beats_the_most_frequent_class_fill():
     fresh validation masks (Sec. IV-C completes the training set itself). Measured margin over the fill with the
     validation masks of --seed 0..3: 0.086, 0.137, 0.104, 0.110 (hence 0.05)."""
     from common import build_dataset, joint_transform
-    args = lmae.get_args(["--img-size", "32x48"])  # the synthetic defaults otherwise
+    args = lmae.get_args(["--img-size", "32x48", "--recipe", "paper"])  # the paper's model, synthetic defaults
     dataset, info = build_dataset("shapes", split="train", transform=joint_transform(), image_size=(32, 48), limit=16)
     images = torch.stack([dataset[i][0] for i in range(16)])
     labels = torch.stack([dataset[i][1] for i in range(16)])
@@ -928,7 +942,8 @@ def test_camvid_degrade_train_complete_score(tmp_path):
     before = tree_digest(root)
     run = tmp_path / "run"
     lmae.main(lmae.get_args(["--data", "camvid", "--data-root", str(root), "--out", str(run), "--epochs", "1",
-                             "--limit", "4", "--img-size", "48x64", "--batch-size", "4", "--arch", "tiny",
+                             "--limit", "4", "--img-size", "48x64", "--eval-size", "48x64", "--batch-size", "4",
+                             "--arch", "tiny",
                              "--workers", "0", "--test-split", "val"]))
     lmae.main(lmae.get_args(["degrade", "--data", "camvid", "--data-root", str(root), "--split", "val",
                              "--limit", "2", "--ratio", "0.5", "--out", str(tmp_path / "deg")]))
