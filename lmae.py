@@ -436,15 +436,18 @@ def lmae_loss(logits, labels, hidden_pixels, class_weighting, loss_region="all",
 
 # --- not in the paper: model-free fills (the baselines every score is compared with) ---
 
-def most_frequent_known_class(labels, known, num_classes):
+def most_frequent_known_class(labels, known, num_classes, chunk=2 ** 22):
     """Baseline completion: per image the most frequent class among its known pixels -> (B,) int64.
 
-    labels (B, H, W) int64, known (B, H, W) bool (labelled and visible). Ties go to the lowest id.
+    labels (B, H, W) int (uint8 or int64), known (B, H, W) bool (labelled and visible). Ties go to the lowest id.
+    Counted in chunks of `chunk` pixels per image (bounded memory at any size).
     """
     B = labels.shape[0]
     ids = torch.where(known & (labels != IGNORE), labels, num_classes).flatten(1)  # (B, H*W), K = not counted
     counts = torch.zeros(B, num_classes + 1, dtype=torch.int64, device=labels.device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids))  # (B, K + 1) pixels per class
+    for start in range(0, ids.shape[1], chunk):
+        part = ids[:, start:start + chunk].long()
+        counts.scatter_add_(1, part, torch.ones_like(part))  # (B, K + 1) pixels per class
     return counts[:, :num_classes].argmax(dim=1)
 
 
@@ -859,7 +862,8 @@ def completion_grid(height, width, scale, patch_size):
 
 
 def to_model_grid(labels, unknown, size, padded):
-    """labels (B, H, W) int (uint8 or int64), unknown (B, H, W) bool -> both at the model's padded grid (B, H_p, W_p).
+    """labels (B, H, W) int (uint8 or int64), unknown (B, H, W) bool -> both at the model's padded grid (B, H_p, W_p),
+    labels in their dtype.
 
     Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any native pixel it
     covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void, not unknown.
@@ -867,10 +871,10 @@ def to_model_grid(labels, unknown, size, padded):
     h, w = size
     pad = (0, padded[1] - w, 0, padded[0] - h)
     if size == tuple(labels.shape[1:]):  # --scale 1: no resize
-        small_unknown, small_labels = unknown, labels.long()
+        small_unknown, small_labels = unknown, labels
     else:
         small_unknown = F.interpolate(unknown[:, None].float(), size=size, mode="area")[:, 0] > 0  # (B, h, w)
-        small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()  # (B, h, w)
+        small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].to(labels.dtype)
     small_labels = torch.where(small_unknown, IGNORE, small_labels)
     return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False)
 
@@ -962,7 +966,7 @@ def complete_batch(model, config, images, labels, unknown, keys, num_hidden, arg
     B, H, W = labels.shape
     P = config["patch_size"]
     size, padded = completion_grid(H, W, args.scale, P)
-    model_labels, _ = to_model_grid(labels, unknown, size, padded)  # (B, H_p, W_p)
+    model_labels = to_model_grid(labels, unknown, size, padded)[0].long()  # (B, H_p, W_p)
     mask, ids_keep = hide_first(rank_patches(keys, generator), num_hidden)  # unknown patches first, then background
     mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
     small = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
@@ -1114,10 +1118,18 @@ def check_pixels(label, unknown, config, args, stem):
     return (pixels & ~unknown_t & (label_t != IGNORE))[0].numpy()
 
 
+def score_rows(matrix, prediction, truth, region=None, rows=256):
+    """matrix.update on (B, H, W) tensors `rows` rows at a time: a few copies of a band, not of a huge image."""
+    for top in range(0, truth.shape[1], rows):
+        band = slice(top, top + rows)
+        matrix.update(prediction[:, band], truth[:, band], None if region is None else region[:, band])
+    return matrix
+
+
 def class_counts(prediction, truth, region, num_classes):
     """(3, K) int64 true positives, false positives, false negatives of prediction vs truth (H, W) in region."""
-    matrix = ConfusionMatrix(num_classes).update(prediction[None].cpu(), truth[None].long().cpu(),
-                                                 region[None].cpu()).matrix
+    matrix = score_rows(ConfusionMatrix(num_classes, device=truth.device), prediction[None], truth[None],
+                        region[None]).matrix.cpu()
     tp = matrix.diag()
     return torch.stack([tp, matrix.sum(0) - tp, matrix.sum(1) - tp])
 
@@ -1281,11 +1293,11 @@ def write_completion(models, plans, images, truths, read_pair, fill, K, info, ar
             truth_t = truth_t.to(device)
             known = ~unknown_t & (label_t != IGNORE)
             nearest = prediction if fill == "nearest" else nearest_known_fill(label_t, known)
-            frequent = most_frequent_known_class(label_t.long(), known, K)[:, None, None].expand_as(label_t)
-            scores["model"].update(completed, truth_t, region=unknown_t)
-            scores["completed"].update(completed, truth_t)
-            scores["nearest"].update(nearest, truth_t, region=unknown_t)
-            scores["frequent"].update(frequent, truth_t, region=unknown_t)
+            frequent = most_frequent_known_class(label_t, known, K)[:, None, None].expand_as(label_t)
+            score_rows(scores["model"], completed, truth_t, unknown_t)
+            score_rows(scores["completed"], completed, truth_t)
+            score_rows(scores["nearest"], nearest, truth_t, unknown_t)
+            score_rows(scores["frequent"], frequent, truth_t, unknown_t)
         for i, stem in enumerate(batch):
             written.append(out / f"{stem}.png")
             save_label_png(written[-1], completed[i].cpu().numpy(), info["palette"])
