@@ -2008,9 +2008,35 @@ def say(runtime, message):
         print(message, flush=True)
 
 
-def progress(iterable, runtime, desc, total=None):  # a tqdm bar on rank 0 when stderr is a terminal
+def progress(iterable, runtime, desc, total=None):  # rank 0: a tqdm bar on a terminal, else a line every 30 s
+    if runtime.main and not sys.stderr.isatty():
+        return PlainProgress(iterable, desc, total)
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
-                disable=None if runtime.main else True)
+                disable=not runtime.main)
+
+
+class PlainProgress:
+    """tqdm's iterate/update/close where stderr is no terminal (a log file, a job scheduler): a plain line
+    `desc: n/total after T s` at most every 30 s."""
+
+    def __init__(self, iterable, desc, total=None, every=30.0):
+        self.iterable, self.desc, self.every, self.count = iterable, desc, every, 0
+        self.total = total or getattr(iterable, "__len__", lambda: "?")()
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n=1):
+        self.count, now = self.count + n, time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"{self.desc}: {self.count}/{self.total} after {now - self.start:.0f} s", flush=True)
+
+    def close(self):
+        pass
 
 
 class EpochSampler(Sampler):
@@ -2122,8 +2148,10 @@ def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
         writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
         raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
     if arch is not None and state.get("arch") != arch:
-        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
-                         f"flags it was trained with or another checkpoint")
+        theirs, ours = str(state.get("arch")).split("-"), arch.split("-")
+        differ = [f"{a} there, {b} here" for a, b in zip(theirs, ours) if a != b] if len(theirs) == len(ours) else []
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch} "
+                         f"({'; '.join(differ) or 'other parts'}); change those flags or pass another checkpoint")
     return state
 
 
@@ -2135,16 +2163,31 @@ def load_state(module, state_dict, path):  # a mismatch -> one error line naming
         raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
 
 
+def check_writable(out, flag="--out"):  # make and remove a folder: a test that also holds for root, read-only mounts
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        (probe / f".write-test-{os.getpid()}").mkdir()
+        (probe / f".write-test-{os.getpid()}").rmdir()
+    except OSError as error:
+        raise UsageError(f"{flag} {out}: cannot write in {probe} ({error.strerror}); pass a folder you can write to")
+
+
 def check_run_dir(args, script, resume_files=("last.pt",)):
     """Validate --out before anything is written -> the checkpoint to resume from, or None; never overwrites."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    check_writable(out)
+    if lock_holder(out) not in (None, os.getpid()):
+        raise UsageError(f"--out {out} is in use by another run (pid {lock_holder(out)}); wait for it or pass "
+                         f"another --out")
     try:
         ours = json.loads((out / "config.json").read_text()).get("script") == script
     except (OSError, ValueError, AttributeError):
         ours = False
-    filled = out.is_dir() and any(out.iterdir())
+    filled = out.is_dir() and any(entry.name != ".lock" for entry in out.iterdir())
     if args.eval_only:
         if filled and not ours:
             raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
@@ -2163,12 +2206,54 @@ def check_run_dir(args, script, resume_files=("last.pt",)):
     return None
 
 
+def lock_holder(out):  # the pid in --out/.lock while that process lives, else None
+    try:
+        pid = int((Path(out) / ".lock").read_text().split()[0])
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except PermissionError:
+        return pid  # alive, another user's
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def lock_run_dir(out):
+    """One writer per run directory: --out/.lock holds the writer's pid, made by an atomic link so that of two runs
+    started together one fails; a dead process's lock is taken over with a warning; main_guard removes it."""
+    lock, mine, holder = Path(out) / ".lock", Path(out) / f".lock.{os.getpid()}", lock_holder(out)
+    if holder == os.getpid():
+        return
+    if holder is None and lock.exists():
+        print(f"warning: {lock} was left by a process that is gone; taking it over", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+    mine.write_text(f"{os.getpid()}\n")
+    try:
+        os.link(mine, lock)
+    except FileExistsError:
+        holder = lock_holder(out)
+    finally:
+        mine.unlink(missing_ok=True)
+    if holder is not None and holder != os.getpid():
+        raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it or pass another --out")
+
+
+def unlock_run_dir(out):
+    if out is not None and lock_holder(out) == os.getpid():
+        (Path(out) / ".lock").unlink(missing_ok=True)
+
+
 def create_run_dir(args, script, config, runtime):
-    """After flags and data are checked: print the config, make --out, write config.json (a resume keeps it)."""
+    """After flags and data are checked: print the config, make and lock --out, write config.json (a resume keeps
+    it). The folder is checked again under the lock: a run that started at the same moment is refused here."""
     out = Path(args.out)
     say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
     if runtime.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot make the folder ({error.strerror}); pass a folder you can write to")
+        lock_run_dir(out)
+        check_run_dir(args, script)
         if not (args.resume and (out / "config.json").is_file()):
             write_json(out / "config.json", {"script": script, **config})
     barrier()
@@ -2222,13 +2307,25 @@ class FiniteGuard:
 
 
 def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on stderr, exit code 2
+    args = None
     try:
-        main(get_args())
+        args = get_args()
+        main(args)
     except (UsageError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except OSError as error:  # a full disk, a folder that became unwritable: the file and the reason, no traceback
+        print(f"error: {error.filename or ''}: {error.strerror or error}; check that it is writable and the disk "
+              f"has room", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
+        out = getattr(args, "out", None)
+        resumable = out is not None and (Path(out) / "last.pt").is_file() and not getattr(args, "eval_only", True)
+        print(f"interrupted: continue with --resume --out {out}" if resumable else "interrupted: no finished epoch "
+              "to continue from; run the command again", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        unlock_run_dir(getattr(args, "out", None))
 
 # --- end of plumbing ---
 
