@@ -758,6 +758,7 @@ def keep_pixels(image, label):
 def degrade(args):
     """Write <out>/<split>/images, masks (degraded, 255 = unknown), unknown (255 = hidden), truth, and
     <out>/degrade.json (Sec. IV-C). `--data folder --data-root <out>` reads the degraded masks directly."""
+    check_writable(args.out)
     runtime = Runtime(torch.device("cpu"))
     options = {"image_size": args.img_size} if args.data == "shapes" else {}
     datasets = {}
@@ -1222,6 +1223,7 @@ def completion_summary(args, rows, models, scores, without_label):
 
 def complete(args):
     """`lmae.py complete`: write completed palette PNGs, report.csv and summary.json to --out (Sec. III-D)."""
+    check_writable(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
