@@ -1581,8 +1581,8 @@ def get_args(argv=None):
                            "Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
     data.add_argument("--crop", type=parse_size, default=None,
                       help="random crop taken before the resize to --img-size (equal to --img-size: crop only); "
-                           "paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid (native-scale crops), none "
-                           "elsewhere")
+                           "paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid (native-scale crops), "
+                           "none elsewhere")
     data.add_argument("--eval-size", type=parse_size, default=None,
                       help="validation images are resized to this (CHOICE C10). Default: VOC 224, Cityscapes "
                            "1024x2048, CamVid 352x480, otherwise --img-size")

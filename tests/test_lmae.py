@@ -594,7 +594,7 @@ def test_eval_only_scores_the_test_split(trained, tmp_path):
 
 def test_resume_is_bit_exact(tmp_path):
     common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--arch", "tiny", "--workers", "0",
-              "--drop-path", "0.1"]
+              "--drop-path", "0.1", "--eval-every", "1"]  # every epoch validated (shapes default: 5)
     lmae.main(lmae.get_args(["--out", str(tmp_path / "straight"), "--epochs", "2", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "1", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", *common]))
