@@ -23,9 +23,11 @@ Implemented (component -> function -> paper place)
     label degradation (augmentation experiment)      -> degrade, degrade_label         -> Sec. IV-C
     not in the paper: conv head + nearest prior      -> LMAEWithConvHead, ConvHead     -> CHOICE C15
     not in the paper: model-free fills (baselines)   -> nearest_known_fill, most_frequent_known_class
+    not in the paper: boundary-weighted loss, recipes -> boundary_weights, RECIPES    -> CHOICE C18, C19
+    not in the paper: self-check, --fill, tiles      -> self_check, complete_tiled      -> CHOICE C17
 
 Usage
-    python lmae.py                                                  # synthetic shapes, minutes on 2 CPU cores
+    python lmae.py                                  # synthetic shapes, --recipe fill (C19), ~2 min on 2 CPU cores
     python lmae.py --data voc --data-root data/VOCdevkit --mask-ratio 0.5                   # Sec. IV-A settings
     torchrun --nproc_per_node=4 lmae.py --data voc --data-root data/VOCdevkit --compile --channels-last
     python lmae.py --resume --out runs/lmae-voc                     # continue at the next epoch
