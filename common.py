@@ -11,6 +11,9 @@ Datasets
     `joint_transform(...)` builds the geometric + photometric pipeline applied to image and label together
     (torchvision.transforms.v2 with tv_tensors.Mask, so labels are resized with nearest and padded with 255).
     `check_labels(dataset)` reads every pair of a split once before training, so a bad file stops the run at once.
+    `read_label(path, num_classes, void_id)` reads a class-id label file (8/16-bit grey or palette; colour RGB is
+    refused) for every id reader and lmae.py's `complete`. `plan_splits({role: "SPLIT" | "SPLIT:F"})` is the carve
+    rule of --train-split/--val-split/--test-split; `build_dataset(..., part=)` takes its slices.
 
 Metrics
     `ConfusionMatrix` (mIoU, per-class IoU, pixel accuracy; an optional pixel region makes it PA-mIoU),
@@ -188,7 +191,7 @@ def _read_tiff_strips(path):
 def _open_array(path, what):
     """Read an image file into a numpy array; any failure becomes one DatasetError naming the file."""
     try:
-        if path.lower().endswith((".tif", ".tiff")):
+        if str(path).lower().endswith((".tif", ".tiff")):
             array = _read_tiff_strips(path)
             if array is not None:
                 return array
@@ -196,7 +199,7 @@ def _open_array(path, what):
             image.load()
             if what == "image":
                 return np.array(image.convert("RGB"))
-            if image.mode in ("P", "L", "I;16", "I"):
+            if image.mode in ("P", "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):  # one channel: ids as stored
                 return np.array(image)
             return np.array(image.convert("RGB"))
     except FileNotFoundError:
@@ -221,6 +224,37 @@ def load_label(path):
     return _open_array(path, "label")
 
 
+def read_label(path, num_classes=None, void_id=None):
+    """A class-id label file -> int64 (H, W): 8- or 16-bit grey, or palette PNG (the palette index is the id), read
+    alike by training and by lmae.py's `complete`. void_id: that id -> 255 (ignore). num_classes: ids outside
+    0..K-1 (255 = ignore) are a DatasetError with a hint. An RGB file whose channels are equal is read as grey;
+    a colour-coded RGB label is refused with one sentence saying how to convert it (README 'Datasets')."""
+    label = load_label(path)
+    if label.ndim == 3:
+        if not (np.array_equal(label[:, :, 0], label[:, :, 1]) and np.array_equal(label[:, :, 0], label[:, :, 2])):
+            raise DatasetError(f"label {path} is a colour-coded RGB image; labels must hold one class id per pixel "
+                               f"in one channel (8/16-bit grey or palette PNG): map each colour to its id and save "
+                               f"it single-channel (README 'Datasets' shows how)")
+        label = label[:, :, 0]
+    label = label.astype(np.int64)
+    if void_id is not None:
+        label[label == void_id] = IGNORE_INDEX
+    if num_classes is not None:
+        _check_ids(label, num_classes, path)
+    return label
+
+
+def _check_ids(label, num_classes, path, raw=None):
+    """DatasetError naming the ids of `label` outside 0..K-1 (255 = ignore), as stored in `raw` (the file's values
+    before a reader's lookup) where given, with how to declare them."""
+    bad = (label >= num_classes) & (label != IGNORE_INDEX) | (label < 0)
+    if bad.any():
+        values = sorted(set(np.unique((raw if raw is not None and raw.shape == label.shape else label)[bad]).tolist()))
+        raise DatasetError(f"label {path} has class ids {values[:5]} outside 0..{num_classes - 1} (255 = ignore); if "
+                           f"{values[0]} marks unlabelled pixels pass --void-id {values[0]}, else pass --num-classes "
+                           f"{values[-1] + 1} (or fix the label)")
+
+
 def _grey(label):
     return label if label.ndim == 2 else label[:, :, 0]
 
@@ -229,13 +263,16 @@ def _grey(label):
 # DataLoader workers under the "spawn" start method too (macOS, Windows).
 
 class LookupDecoder:
-    """Label decoder through a 256-entry table: raw grey/palette value -> class id."""
+    """Label decoder through a 256-entry table: raw grey/palette value -> class id (16-bit values above the table
+    stay as they are, so the range check names them)."""
 
     def __init__(self, lookup):
         self.lookup = lookup
 
     def __call__(self, label):
-        return self.lookup[_grey(label)]
+        label = _grey(label).astype(np.int64)
+        inside = (label >= 0) & (label < len(self.lookup))
+        return np.where(inside, self.lookup[np.where(inside, label, 0)], label)
 
 
 class ColourDecoder:
@@ -276,10 +313,12 @@ class SegmentationFiles(Dataset):
     decode: raw label array -> (H, W) integer class ids (255 = ignore). binary: ids > 0 -> 1.
     """
 
-    def __init__(self, image_paths, label_paths, decode, num_classes, transform, binary=False, names=None):
+    def __init__(self, image_paths, label_paths, decode, num_classes, transform, binary=False, names=None,
+                 void_id=None):
         self.image_paths, self.label_paths = list(image_paths), list(label_paths)
         self.names = list(names) if names is not None else [_stem(p) for p in self.image_paths]
         self.decode, self.num_classes, self.transform, self.binary = decode, num_classes, transform, binary
+        self.void_id = void_id
 
     def __len__(self):
         return len(self.image_paths)
@@ -287,17 +326,15 @@ class SegmentationFiles(Dataset):
     def load(self, index):
         """Untransformed (uint8 (H, W, 3), int64 (H, W)) pair, checked; used by __getitem__ and by tools."""
         image = load_rgb(self.image_paths[index])
-        label = np.asarray(self.decode(load_label(self.label_paths[index])), dtype=np.int64)
+        path = self.label_paths[index]
+        ids = self.decode is _grey or isinstance(self.decode, LookupDecoder)  # class ids, not colours or 0/255
+        raw = read_label(path, void_id=self.void_id) if ids else load_label(path)
+        label = np.asarray(self.decode(raw), dtype=np.int64)
         if label.shape != image.shape[:2]:
             raise DatasetError(f"label {self.label_paths[index]} is {label.shape[1]}x{label.shape[0]} but its image "
                                f"{self.image_paths[index]} is {image.shape[1]}x{image.shape[0]}; labels must have "
                                f"their image's size (re-export the label at the image's resolution)")
-        bad = (label >= self.num_classes) & (label != IGNORE_INDEX) | (label < 0)
-        if bad.any():  # report the values as stored in the file (a lookup decoder marks unknown values -1)
-            raw = _grey(load_label(self.label_paths[index]))
-            values = sorted(set(np.unique(raw[bad] if raw.shape == label.shape else label[bad]).tolist()))[:5]
-            raise DatasetError(f"label {self.label_paths[index]} has class ids {values} outside 0..{self.num_classes - 1}"
-                               f" (255 = ignore); fix the label or the dataset's class count")
+        _check_ids(label, self.num_classes, path, _grey(raw))  # values as stored (a lookup marks unknown ones -1)
         if self.binary:
             label = np.where(label == IGNORE_INDEX, IGNORE_INDEX, (label > 0).astype(np.int64))
         return image, label
@@ -789,7 +826,10 @@ def _read_camvid(root, split, download, seed, options):
     parts = ("train", "val") if split == "trainval" else (split,)
     images, labels = [], []
     for part in parts:
-        _require(os.path.join(root, part), "camvid", layout)
+        if not os.path.isdir(os.path.join(root, part)):
+            on_disk = tuple(s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s + "annot")))
+            _missing_split("camvid", os.path.join(root, part), on_disk) if on_disk else _require(
+                os.path.join(root, part), "camvid", layout)
         _require(os.path.join(root, part + "annot"), "camvid", layout)
         part_images = _images_in(os.path.join(root, part))
         images += part_images
@@ -799,25 +839,36 @@ def _read_camvid(root, split, download, seed, options):
     return {"images": images, "labels": labels, "decode": LookupDecoder(lookup)}
 
 
+def folder_splits(root):
+    """The split folders of a folder dataset: names of root/<split>/ holding images/ (sorted); () for the flat one."""
+    if not os.path.isdir(root) or os.path.isdir(os.path.join(root, "images")):
+        return ()
+    return tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "images"))))
+
+
 def _read_folder(root, split, download, seed, options):
+    """Two layouts: <split>/{images,masks}/ for every split name on disk (train, val, test, or any other; "trainval"
+    = train + val), or flat images/ + masks/ cut by a seeded 80/10/10 into train/val/test ("all" = every pair).
+    The class count: --num-classes, else the largest id (not 255) in every mask of the folder, all splits, + 1."""
     layout = ("images/<name>.<ext> + masks/<name>.png (class ids, 255 = ignore), or "
-              "{train,val,test}/{images,masks}/ for your own splits")
+              "<split>/{images,masks}/ for your own splits (train, val, test, ...)")
+    mask_mode, void_id = options.pop("mask_mode", "ids"), options.pop("void_id", None)
     if split == "unlabeled":  # any folder of images (images/ if present, else the folder itself), for pre-training
         folder = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
         return {"images": _images_in(folder, recursive=True)}
-    mask_mode = options.pop("mask_mode", "ids")
     if mask_mode not in ("ids", "binary", "auto"):
         raise DatasetError(f"folder: mask_mode must be 'ids', 'binary' or 'auto', got {mask_mode!r}")
-    if os.path.isdir(os.path.join(root, "train", "images")):
-        parts = ("train", "val") if split == "trainval" else (split,)
-        images = []
+    on_disk = folder_splits(root)
+    if on_disk:
+        parts = {"trainval": ("train", "val"), "all": on_disk}.get(split, (split,)) if split not in on_disk else (split,)
+        images, labels = [], []
         for part in parts:
-            _require(os.path.join(root, part, "images"), "folder", layout)
-            images += _images_in(os.path.join(root, part, "images"))
-        labels = []
-        for part in parts:
-            part_images = [p for p in images if os.path.dirname(os.path.dirname(p)) == os.path.join(root, part)]
+            if part not in on_disk:
+                _missing_split("folder", os.path.join(root, part, "images"), on_disk)
+            part_images = _images_in(os.path.join(root, part, "images"))
+            images += part_images
             labels += _match_by_stem(part_images, os.path.join(root, part, "masks"), "folder")
+        every_mask = [p for part in on_disk for p in _images_in(os.path.join(root, part, "masks"))]
     else:
         _require(os.path.join(root, "images"), "folder", layout)
         _require(os.path.join(root, "masks"), "folder", layout)
@@ -825,19 +876,37 @@ def _read_folder(root, split, download, seed, options):
         everything = _images_in(os.path.join(root, "images"))
         images = [p for part in parts for p in _seeded_split(everything, part, seed)]
         labels = _match_by_stem(images, os.path.join(root, "masks"), "folder")
+        every_mask = _images_in(os.path.join(root, "masks"))
     if mask_mode == "auto":  # masks holding only 0 and 255 (PraNet's, the MaskSup authors'): 255 is foreground
         mask_mode = "binary" if labels and all(set(np.unique(_grey(load_label(path))).tolist()) <= {0, 255}
                                                for path in labels) else "ids"
     if mask_mode == "binary":
         return {"images": images, "labels": labels, "decode": _threshold, "num_classes": 2}
     num_classes = options.pop("num_classes", None)
-    if num_classes is None:  # scan every mask of the split once: the largest id that is not 255 sets K
+    if num_classes is None:  # never from one split: a test split may lack a class that train has
+        num_classes = _largest_id(tuple(every_mask), void_id) + 1
+    return {"images": images, "labels": labels, "decode": _grey, "num_classes": max(num_classes, 2)}
+
+
+_LARGEST_IDS = {}
+
+
+def _largest_id(paths, void_id=None):
+    """The largest class id (not 255, not void_id) in these mask files; each set is read once per process."""
+    key = (paths, void_id)
+    if key not in _LARGEST_IDS:
         largest = 0
-        for path in labels:
-            ids = _grey(load_label(path))
+        for path in paths:
+            ids = read_label(path, void_id=void_id)
             largest = max(largest, int(ids[ids != IGNORE_INDEX].max(initial=0)))
-        num_classes = max(largest + 1, 2)
-    return {"images": images, "labels": labels, "decode": _grey, "num_classes": num_classes}
+        _LARGEST_IDS[key] = largest
+    return _LARGEST_IDS[key]
+
+
+def _missing_split(name, path, on_disk):
+    raise DatasetError(f"{name}: {path} not found; the splits on disk are {', '.join(on_disk) or 'none'}: name them "
+                       f"with --train-split/--val-split/--test-split, or carve one, e.g. --val-split "
+                       f"{(on_disk or ('train',))[0]}:0.1 (README 'Datasets')")
 
 
 # --- the built-in synthetic dataset ---
@@ -941,19 +1010,57 @@ READERS = {
     "nassar": (_read_nassar, ("train", "val", "trainval", "test", "unlabeled"), WEED_CLASSES, WEED_PALETTE, False),
     "sugarbeets": (_read_sugarbeets, ("train", "val", "trainval", "test", "unlabeled"), WEED_CLASSES, WEED_PALETTE, False),
     "camvid": (_read_camvid, ("train", "val", "trainval", "test"), CAMVID_CLASSES, CAMVID_PALETTE, False),
-    "folder": (_read_folder, ("train", "val", "trainval", "test", "unlabeled"), None, None, False),
+    "folder": (_read_folder, ("train", "val", "trainval", "test", "all", "unlabeled"), None, None, False),
 }
 IMAGE_ONLY_DATASETS = ("cifar10", "catsdogs")
 
 
+def plan_splits(specs):
+    """The carve rule (README 'Datasets'): {role: "SPLIT" or "SPLIT:F"} -> {role: (split, part)} for build_dataset.
+
+    "SPLIT:F" is a seeded fraction F of SPLIT: the roles that carve one split take consecutive slices of one seeded
+    order of it, in the order given, and a role naming that split plainly gets the rest (part None: all of it), so no
+    image is in two roles. A bad fraction is a DatasetError."""
+    taken, plan = {}, {}
+    for role, spec in specs.items():
+        split, colon, fraction = str(spec).partition(":")
+        if not colon:
+            continue
+        try:
+            fraction = float(fraction)
+        except ValueError:
+            fraction = -1.0
+        if not split or not 0.0 < fraction < 1.0 or taken.get(split, 0.0) + fraction > 1.0 + 1e-9:
+            raise DatasetError(f"split {spec}: a carved split is SPLIT:F, a fraction F between 0 and 1 of a split "
+                               f"(e.g. train:0.1), and the roles carve no more than all of it")
+        start = taken.get(split, 0.0)
+        plan[role], taken[split] = (split, (start, start + fraction)), start + fraction
+    for role, spec in specs.items():
+        if role not in plan:
+            plan[role] = (spec, (taken[spec], 1.0) if spec in taken else None)
+    return {role: plan[role] for role in specs}
+
+
+def split_names(name, root=None):
+    """The split names build_dataset accepts for `name`; a folder dataset: also every split folder under `root`."""
+    if name == "shapes":
+        return ("train", "val", "test", "trainval", "unlabeled", "all")
+    splits = READERS[name][1]
+    if name == "folder":
+        splits += tuple(s for s in folder_splits(root or os.path.join("data", name)) if s not in splits)
+    return splits
+
+
 def build_dataset(name, root=None, split="train", *, transform=None, image_only=False, binary=False, download=False,
-                  limit=None, seed=0, image_size=64, **options):
+                  limit=None, seed=0, image_size=64, part=None, void_id=None, **options):
     """Build split `split` of dataset `name` -> (torch Dataset, DatasetInfo).
 
     Items: (image float (3, H, W), label int64 (H, W), 255 = ignore) after `transform(image, label)`, or just
     `transform(image)` when image_only (cifar10, catsdogs and split "unlabeled" are always image-only).
     root: the dataset's folder in its original layout (None -> ./data/<name>). binary: ids > 0 -> 1.
     limit: first N items. seed: for seeded splits. image_size: only for "shapes" (the size it is drawn at).
+    part=(lo, hi): only that slice of a `seed`-ed order of the split (plan_splits). void_id: that id of class-id
+    labels -> 255 (ignore).
     options: shapes num_images, num_classes; pets border; nyudv2 label_base; folder num_classes, mask_mode
     ("ids", "binary" or "auto"); pranet test_set;
     val_fraction for readers that carve "val" out of an official train split.
@@ -963,9 +1070,12 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
     transform = transform if transform is not None else joint_transform()
     options = dict(options)
     if name == "shapes":
-        splits = ("train", "val", "test", "trainval", "unlabeled", "all")
+        splits = split_names(name)
         if split not in splits:
             raise DatasetError(f"shapes has no split {split!r}; choose one of {', '.join(splits)}")
+        if part is not None or void_id is not None:
+            raise DatasetError("shapes draws its own splits and has no void id; carve splits and declare void ids of "
+                               "real data only")
         num_classes = options.pop("num_classes", 5)
         if not 2 <= num_classes <= len(SHAPE_CLASSES):
             raise DatasetError(f"shapes: num_classes must be between 2 and {len(SHAPE_CLASSES)}, got {num_classes}")
@@ -979,10 +1089,13 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
         info = DatasetInfo("shapes", k, classes, pascal_palette(k), binary=binary or k == 2, splits=splits)
         return _limited(dataset, limit, name, split), info
 
-    reader, splits, class_names, palette, is_binary = READERS[name]
+    reader, _, class_names, palette, is_binary = READERS[name]
+    root = root if root is not None else os.path.join("data", name)
+    splits = split_names(name, root)
+    if name == "folder":
+        options["void_id"] = void_id
     if split not in splits:
         raise DatasetError(f"{name} has no split {split!r}; choose one of {', '.join(splits)}")
-    root = root if root is not None else os.path.join("data", name)
     if not download and not os.path.isdir(root):
         raise DatasetError(f"{name}: data root {root} does not exist; pass --data-root pointing at the dataset in its "
                            f"original layout (README 'Datasets')" + (" or --download" if name in
@@ -995,6 +1108,13 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
         raise DatasetError(f"{name}: cannot read the dataset at {root} ({error}); check the layout in README "
                            f"'Datasets'") from None
     _no_options_left(name, options)
+    ids = found.get("decode") is _grey or isinstance(found.get("decode"), LookupDecoder)
+    if void_id is not None and "labels" in found and not ids:
+        raise DatasetError(f"--void-id {void_id}: {name} labels are not class ids (binary or colour masks); drop it")
+    if part is not None:  # plan_splits' slice of one seeded order of the split
+        count = len(found.get("images", []))
+        keep = sorted(np.random.default_rng(seed).permutation(count)[round(part[0] * count):round(part[1] * count)])
+        found.update({key: [found[key][i] for i in keep] for key in ("images", "labels") if key in found})
     num_classes = found.get("num_classes", len(class_names) if class_names else 0)
     names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(num_classes))
     info = DatasetInfo(name, 2 if binary else num_classes, ("background", "foreground") if binary else names,
@@ -1004,8 +1124,9 @@ def build_dataset(name, root=None, split="train", *, transform=None, image_only=
         dataset = ImageFiles(found.get("images", []), transform, array=found.get("array"), names=found.get("names"))
         dataset.skipped = found.get("skipped", [])
     else:
-        dataset = SegmentationFiles(found["images"], found["labels"], found["decode"], num_classes, transform, binary)
-    return _limited(dataset, limit, name, split, root), info
+        dataset = SegmentationFiles(found["images"], found["labels"], found["decode"], num_classes, transform, binary,
+                                    void_id=void_id)
+    return _limited(dataset, limit, name, split, root, part), info
 
 
 def check_labels(dataset, desc="checking labels", threads=4):
@@ -1043,11 +1164,13 @@ def _no_options_left(name, options):
         raise DatasetError(f"{name} does not take the option(s) {', '.join(sorted(options))}")
 
 
-def _limited(dataset, limit, name, split, root=None):
+def _limited(dataset, limit, name, split, root=None, part=None):
     if len(dataset) == 0:
         where = f" at {root}" if root else ""
+        split = split if part is None else f"{split}:{part[1] - part[0]:g}"
         raise DatasetError(f"{name}: split {split!r}{where} is empty; check the split lists and the folders, or "
-                           f"choose another split")
+                           f"choose another with --train-split/--val-split/--test-split, or carve one, e.g. "
+                           f"--val-split train:0.1 (README 'Datasets')")
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"limit must be a positive number of images, got {limit}")

@@ -62,7 +62,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from common import (DATASET_NAMES, BinaryStats, ConfusionMatrix, DatasetError, build_dataset, check_labels,
-                    denormalize, joint_transform, per_image_micro_jaccard)
+                    denormalize, joint_transform, per_image_micro_jaccard, plan_splits)
 
 SCRIPT = "masksup.py"
 ARCHS = ("levit-128s", "levit-192", "levit-384", "unet", "unet++")
@@ -719,17 +719,19 @@ def dataset_options(args):
         return {"mask_mode": args.mask_mode, **({"num_classes": args.num_classes} if args.num_classes else {})}
     if args.data == "nyudv2":
         return {"label_base": args.label_base}
-    if args.data == "pranet":
+    if args.data == "pranet" and args.test_split != "test":  # pranet: --test-split names a TestDataset folder
         return {"test_set": args.test_split}
     return {}
 
 
-def build_split(args, split):
+def build_split(args, split, part=None):
     """(dataset, info) of one split; 'polyps' joins Kvasir-SEG and CVC-ClinicDB (train) / CVC-ClinicDB (val, test).
     Inputs are resized to --img-size and normalised to [-1, 1] (supplement Sec. 1); no augmentation (CHOICE C6).
-    Splits are seeded with 0, not --seed, so every seed trains on the same images."""
+    Splits are seeded with --split-seed, not --seed, so every seed trains on the same images."""
     transform = joint_transform(size=None if args.data == "shapes" else args.img_size, normalize="symmetric")
-    common = dict(transform=transform, binary=args.binary, download=args.download, limit=args.limit, seed=0)
+    common = dict(transform=transform, binary=args.binary, download=args.download, limit=args.limit,
+                  seed=args.split_seed, **({"part": part} if part else {}),
+                  **({"void_id": args.void_id} if args.void_id is not None else {}))
     if args.data == "polyps":
         root = Path(args.data_root or "data")
         parts = [("kvasir", "Kvasir-SEG"), ("cvc", "CVC-ClinicDB")] if split in ("train", "trainval") else \
@@ -741,24 +743,45 @@ def build_split(args, split):
 
 
 def run_splits(args):
-    """The splits a run reads: {"train": ..., "select": ..., "test": ...} -> split names. --select-on test trains
-    on trainval (all of train) and selects on test; --eval-only reads the test split only."""
+    """The splits a run reads: {"train": ..., "select": ..., "test": ...} -> split specs (--train-split, --val-split,
+    --test-split; common.plan_splits carves SPLIT:F). --select-on test trains on trainval (all of train) and selects
+    on the test split; --eval-only reads the test split only."""
+    test = "test" if args.data == "pranet" else args.test_split  # pranet: a TestDataset folder (dataset_options)
     if args.eval_only:
-        return {"test": "test"}
+        return {"test": test}
     # DEVIATION (CHOICE C7): select on a validation split carved from train, because selecting on test (the
     # authors' protocol, --select-on test) reports an optimistic test score
-    return {"train": "trainval" if args.select_on == "test" else "train", "select": args.select_on, "test": "test"}
+    train = args.train_split or ("trainval" if args.select_on == "test" else "train")
+    return {"train": train, "select": test if args.select_on == "test" else args.val_split, "test": test}
+
+
+def checkpoint_flags(args):
+    """--eval-only and --resume: the network flags left unset (--arch, --unet-width, --num-classes of a folder set)
+    come from the checkpoint's architecture string (e.g. unet-w8-k11), so the user need not repeat them."""
+    path = args.checkpoint or Path(args.out) / ("best.pt" if args.eval_only else "last.pt")
+    if not (args.eval_only or args.resume) or not Path(path).is_file():
+        return
+    match = re.fullmatch(r"(.+?)(?:-w(\d+))?-k(\d+)", str(load_checkpoint(path, SCRIPT).get("arch")))
+    if match:
+        args.arch = args.arch or match[1]
+        args.unet_width = args.unet_width or (int(match[2]) if match[2] else None)
+        if args.data == "folder" and args.num_classes is None and int(match[3]) > 1:
+            args.num_classes = int(match[3])
 
 
 def load_data(args, runtime):
     """Every split this run reads ({"train", "select", "test"} -> dataset), each label checked, and the recipe
     resolved from the data's kind, before the model exists and before --out is written -> (datasets, info)."""
     datasets, info = {}, None
-    for role, split in run_splits(args).items():
-        datasets[role], split_info = build_split(args, split)
+    checkpoint_flags(args)
+    specs = run_splits(args)
+    same = args.select_on == "test" and "select" in specs  # selects on the very test split (one carve, not two)
+    for role, (split, part) in plan_splits({r: s for r, s in specs.items() if not (same and r == "select")}).items():
+        datasets[role], split_info = build_split(args, split, part)
         info = info or split_info
-    for role, dataset in datasets.items():
-        check_labels(dataset, desc=f"checking {run_splits(args)[role]} labels")
+        check_labels(datasets[role], desc=f"checking {specs[role]} labels")
+    if same:
+        datasets["select"] = datasets["test"]
     resolve_recipe(args, info.binary)
     if "train" in datasets:
         per_rank = -(-len(datasets["train"]) // runtime.world_size)
@@ -994,9 +1017,20 @@ def get_args(argv=None):
                            "above it are an error")
     data.add_argument("--label-base", type=int, default=0, choices=(0, 1),
                       help="--data nyudv2: 0 = ids 0..39 with 255 void, 1 = ids 1..40 with 0 void (other releases)")
-    data.add_argument("--test-split", default="CVC-ClinicDB",
-                      help="--data pranet: the TestDataset/<name> folder that is the test split (the paper: "
-                           "CVC-ClinicDB; PraNet also ships Kvasir, CVC-ColonDB, ETIS-LaribPolypDB, CVC-300)")
+    data.add_argument("--train-split", default=None,
+                      help="split that trains (default train; trainval with --select-on test). SPLIT:F = a seeded "
+                           "fraction F of SPLIT (--split-seed); the roles naming SPLIT plainly get the rest")
+    data.add_argument("--val-split", default="val", help="split that picks best.pt with --select-on val (or SPLIT:F)")
+    data.add_argument("--test-split", default="test",
+                      help="split scored as the test result and by --eval-only (or SPLIT:F). --data pranet: the "
+                           "TestDataset/<name> folder (test = CVC-ClinicDB, the paper's; PraNet also ships Kvasir, "
+                           "CVC-ColonDB, ETIS-LaribPolypDB, CVC-300)")
+    data.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the readers' seeded splits and of SPLIT:F, kept apart from --seed so that every "
+                           "run seed meets the same test images")
+    data.add_argument("--void-id", type=int, default=None,
+                      help="class-id labels: this id marks unlabelled pixels and becomes 255 (ignore); CamVid's 11 "
+                           "is known without it")
     data.add_argument("--img-size", type=int, default=None,
                       help="square input size; paper: 224 (LeViT-UNet needs exactly 224). None: 224, shapes 64")
 
@@ -1119,8 +1153,12 @@ def check_args(parser, args):
         parser.error(f"--num-classes needs --mask-mode ids and at least 2 classes, got {args.num_classes}")
     if args.label_base and args.data != "nyudv2":
         parser.error("--label-base is read by --data nyudv2 only")
-    if args.test_split != "CVC-ClinicDB" and args.data != "pranet":
-        parser.error("--test-split picks a TestDataset folder of --data pranet only")
+    if args.void_id is not None and not 0 <= args.void_id < 65536:
+        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
+    try:
+        plan_splits({r: s for r, s in run_splits(args).items() if not (r == "select" and args.select_on == "test")})
+    except DatasetError as error:
+        parser.error(str(error))
     if args.batch_size == 1 and args.img_size == 16 and args.arch not in PRESETS:
         parser.error("--batch-size 1 with --img-size 16: the U-Net's 1x1 bottleneck would give BatchNorm one value "
                      "per channel; pass --batch-size 2 or more, or --img-size 32 or more")
@@ -1303,9 +1341,35 @@ def say(runtime, message):
         print(message, flush=True)
 
 
-def progress(iterable, runtime, desc, total=None):  # a tqdm bar on rank 0 when stderr is a terminal
+def progress(iterable, runtime, desc, total=None):  # rank 0: a tqdm bar on a terminal, else a line every 30 s
+    if runtime.main and not sys.stderr.isatty():
+        return PlainProgress(iterable, desc, total)
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
-                disable=None if runtime.main else True)
+                disable=not runtime.main)
+
+
+class PlainProgress:
+    """tqdm's iterate/update/close where stderr is no terminal (a log file, a job scheduler): a plain line
+    `desc: n/total after T s` at most every 30 s."""
+
+    def __init__(self, iterable, desc, total=None, every=30.0):
+        self.iterable, self.desc, self.every, self.count = iterable, desc, every, 0
+        self.total = total or getattr(iterable, "__len__", lambda: "?")()
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n=1):
+        self.count, now = self.count + n, time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"{self.desc}: {self.count}/{self.total} after {now - self.start:.0f} s", flush=True)
+
+    def close(self):
+        pass
 
 
 class EpochSampler(Sampler):
@@ -1417,8 +1481,10 @@ def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
         writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
         raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
     if arch is not None and state.get("arch") != arch:
-        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
-                         f"flags it was trained with or another checkpoint")
+        theirs, ours = str(state.get("arch")).split("-"), arch.split("-")
+        differ = [f"{a} there, {b} here" for a, b in zip(theirs, ours) if a != b] if len(theirs) == len(ours) else []
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch} "
+                         f"({'; '.join(differ) or 'other parts'}); change those flags or pass another checkpoint")
     return state
 
 
@@ -1430,16 +1496,31 @@ def load_state(module, state_dict, path):  # a mismatch -> one error line naming
         raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
 
 
+def check_writable(out, flag="--out"):  # make and remove a folder: a test that also holds for root, read-only mounts
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        (probe / f".write-test-{os.getpid()}").mkdir()
+        (probe / f".write-test-{os.getpid()}").rmdir()
+    except OSError as error:
+        raise UsageError(f"{flag} {out}: cannot write in {probe} ({error.strerror}); pass a folder you can write to")
+
+
 def check_run_dir(args, script, resume_files=("last.pt",)):
     """Validate --out before anything is written -> the checkpoint to resume from, or None; never overwrites."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    check_writable(out)
+    if lock_holder(out) not in (None, os.getpid()):
+        raise UsageError(f"--out {out} is in use by another run (pid {lock_holder(out)}); wait for it or pass "
+                         f"another --out")
     try:
         ours = json.loads((out / "config.json").read_text()).get("script") == script
     except (OSError, ValueError, AttributeError):
         ours = False
-    filled = out.is_dir() and any(out.iterdir())
+    filled = out.is_dir() and any(entry.name != ".lock" for entry in out.iterdir())
     if args.eval_only:
         if filled and not ours:
             raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
@@ -1458,12 +1539,54 @@ def check_run_dir(args, script, resume_files=("last.pt",)):
     return None
 
 
+def lock_holder(out):  # the pid in --out/.lock while that process lives, else None
+    try:
+        pid = int((Path(out) / ".lock").read_text().split()[0])
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except PermissionError:
+        return pid  # alive, another user's
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def lock_run_dir(out):
+    """One writer per run directory: --out/.lock holds the writer's pid, made by an atomic link so that of two runs
+    started together one fails; a dead process's lock is taken over with a warning; main_guard removes it."""
+    lock, mine, holder = Path(out) / ".lock", Path(out) / f".lock.{os.getpid()}", lock_holder(out)
+    if holder == os.getpid():
+        return
+    if holder is None and lock.exists():
+        print(f"warning: {lock} was left by a process that is gone; taking it over", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+    mine.write_text(f"{os.getpid()}\n")
+    try:
+        os.link(mine, lock)
+    except FileExistsError:
+        holder = lock_holder(out)
+    finally:
+        mine.unlink(missing_ok=True)
+    if holder is not None and holder != os.getpid():
+        raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it or pass another --out")
+
+
+def unlock_run_dir(out):
+    if out is not None and lock_holder(out) == os.getpid():
+        (Path(out) / ".lock").unlink(missing_ok=True)
+
+
 def create_run_dir(args, script, config, runtime):
-    """After flags and data are checked: print the config, make --out, write config.json (a resume keeps it)."""
+    """After flags and data are checked: print the config, make and lock --out, write config.json (a resume keeps
+    it). The folder is checked again under the lock: a run that started at the same moment is refused here."""
     out = Path(args.out)
     say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
     if runtime.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot make the folder ({error.strerror}); pass a folder you can write to")
+        lock_run_dir(out)
+        check_run_dir(args, script)
         if not (args.resume and (out / "config.json").is_file()):
             write_json(out / "config.json", {"script": script, **config})
     barrier()
@@ -1517,13 +1640,25 @@ class FiniteGuard:
 
 
 def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on stderr, exit code 2
+    args = None
     try:
-        main(get_args())
+        args = get_args()
+        main(args)
     except (UsageError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except OSError as error:  # a full disk, a folder that became unwritable: the file and the reason, no traceback
+        print(f"error: {error.filename or ''}: {error.strerror or error}; check that it is writable and the disk "
+              f"has room", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
+        out = getattr(args, "out", None)
+        resumable = out is not None and (Path(out) / "last.pt").is_file() and not getattr(args, "eval_only", True)
+        print(f"interrupted: continue with --resume --out {out}" if resumable else "interrupted: no finished epoch "
+              "to continue from; run the command again", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        unlock_run_dir(getattr(args, "out", None))
 
 # --- end of plumbing ---
 

@@ -65,7 +65,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
-                    joint_transform)
+                    joint_transform, plan_splits, split_names)
 
 SCRIPT = "selective_mim.py"
 IMAGENET_FILE = "resnet34-b627a593.pth"  # CHOICE C15: torchvision's ResNet34_Weights.IMAGENET1K_V1
@@ -643,7 +643,8 @@ def build_splits(args, runtime, checkpoint_classes=None):
                          f"images, so {len(splits['pretrain'])} partitions are used (saved in config.json)")
             args.partitions = len(splits["pretrain"])
     if args.stage in ("finetune", "both") or args.eval_only:
-        options = dict(download=args.download, limit=args.limit, seed=args.split_seed, image_size=args.img_size)
+        options = dict(download=args.download, limit=args.limit, seed=args.split_seed, image_size=args.img_size,
+                       **({"void_id": args.void_id} if args.void_id is not None else {}))
         if args.data == "cityscapes" and args.split_protocol == "paper":
             options["train_holdout"] = 0.2  # CHOICE C12: train 80 % / val 20 % of official train, test = official val
         if args.data == "folder" and num_classes is not None:
@@ -655,7 +656,7 @@ def build_splits(args, runtime, checkpoint_classes=None):
         splits.update(labelled)
         for name in ("train", "val", "test"):
             if name in splits:
-                split = splits["test_split"] if name == "test" else name
+                split = {"train": args.train_split, "val": args.val_split}.get(name, splits["test_split"])
                 say(runtime, f"{args.data}/{split} as {name}: {len(splits[name])} images")
                 check_labels(splits[name], desc=f"checking {args.data}/{split} labels")
         splits["num_classes"] = splits["info"].num_classes
@@ -665,15 +666,11 @@ def build_splits(args, runtime, checkpoint_classes=None):
 def read_labelled(args, options):
     """The labelled splits (train, val, test; only test with --eval-only) -> (dict, their class counts)."""
     splits, counts, info = {}, [], None
-    for name in ("test",) if args.eval_only else ("train", "val", "test"):
-        if name == "test":
-            if info is None:  # --eval-only: the reader's split names come with any split it builds
-                _, info = build_dataset(args.data, args.data_root, "val", transform=eval_transform(args.img_size),
-                                        **options)
-            splits["test_split"] = args.test_split or ("test" if "test" in info.splits else "val")
-        split = splits["test_split"] if name == "test" else name
+    splits["test_split"] = args.test_split or ("test" if "test" in split_names(args.data, args.data_root) else "val")
+    specs = {"train": args.train_split, "val": args.val_split, "test": splits["test_split"]}
+    for name, (split, part) in plan_splits({"test": specs["test"]} if args.eval_only else specs).items():
         transform = train_transform(args.img_size, args.augment) if name == "train" else eval_transform(args.img_size)
-        dataset, info = build_dataset(args.data, args.data_root, split, transform=transform, **options)
+        dataset, info = build_dataset(args.data, args.data_root, split, transform=transform, part=part, **options)
         splits[name] = first_fraction(dataset, args.train_fraction) if name != "test" else dataset
         counts.append(info.num_classes)
     splits["info"] = info
@@ -991,9 +988,16 @@ def get_args(argv=None):
                       help="paper: the authors' downstream splits (cityscapes: train = first 80 %% of official train, "
                            "val = last 20 %%, test = official val; nassar: --train-fraction 0.2); reader: the "
                            "reader's own train/val/test (CHOICE C12); default paper")
+    data.add_argument("--train-split", default="train",
+                      help="split that trains (SPLIT:F = a seeded fraction F of SPLIT, --split-seed; the roles naming "
+                           "SPLIT plainly get the rest)")
+    data.add_argument("--val-split", default="val", help="split that picks best.pt (or SPLIT:F)")
     data.add_argument("--test-split", default=None,
-                      help="split reported as the test result (default: the protocol's test, or 'val' where the "
-                           "reader has no test); model selection always uses 'val'")
+                      help="split reported as the test result and scored by --eval-only (or SPLIT:F; default: the "
+                           "protocol's test, or 'val' where the reader has no test)")
+    data.add_argument("--void-id", type=int, default=None,
+                      help="class-id labels: this id marks unlabelled pixels and becomes 255 (ignore); CamVid's 11 "
+                           "is known without it")
     data.add_argument("--train-fraction", type=float, default=None,
                       help="keep the first fraction of the downstream train and val splits in list order, all of "
                            "test (paper: nassar 0.2 = 389 images, the default there; 1.0 elsewhere)")
@@ -1055,8 +1059,9 @@ def get_args(argv=None):
                           "(authors 10; shapes 0; CHOICE C8)")
 
     down = parser.add_argument_group("downstream segmentation")
-    down.add_argument("--arch", choices=sorted(PRESETS), default="resnet34-unet",
-                      help="the U-Net of both stages (paper resnet34-unet, Sec. 2.2)")
+    down.add_argument("--arch", choices=sorted(PRESETS), default=None,
+                      help="the U-Net of both stages (default resnet34-unet, the paper's, Sec. 2.2; --eval-only and "
+                           "--resume: the checkpoint's)")
     down.add_argument("--epochs", type=int, default=None, help="downstream epochs (paper 500; shapes 20)")
     down.add_argument("--batch-size", type=int, default=None, help="downstream batch per process (paper 8)")
     down.add_argument("--lr", type=float, default=None,
@@ -1093,6 +1098,8 @@ def check_args(parser, args):
         args.train_fraction = PAPER_TRAIN_FRACTION.get(args.data, 1.0) if args.split_protocol == "paper" else 1.0
     if args.masking == "random":
         args.partitions = 1  # CHOICE C9
+    if args.arch is None and not (args.eval_only or args.resume):  # those two read the checkpoint's (main)
+        args.arch = "resnet34-unet"
     if args.init is None:  # --stage finetune without --pretrained: no pre-training (Table 2 "None")
         args.init = args.masking if args.stage != "finetune" or args.pretrained else "none"
     # CHOICE C12: the "unlabeled" split where there is one (as the paper, Sec. 2.3), else "train" (never "test").
@@ -1153,6 +1160,12 @@ def check_args(parser, args):
     if args.num_classes is not None and (args.data != "folder" or args.num_classes < 2):
         parser.error(f"--num-classes describes --data folder masks (at least 2 classes); the other readers know "
                      f"theirs, got --data {args.data} --num-classes {args.num_classes}")
+    if args.void_id is not None and not 0 <= args.void_id < 65536:
+        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
+    try:
+        plan_splits({"train": args.train_split, "val": args.val_split, "test": args.test_split or "test"})
+    except DatasetError as error:
+        parser.error(str(error))
     if args.eval_only and args.stage == "pretrain":
         parser.error("--eval-only scores a segmentation checkpoint; drop --stage pretrain")
     check_run_arguments(parser, args, SCRIPT)
@@ -1166,8 +1179,11 @@ def main(args):
         seed_everything(args.seed)
         path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else \
             resume_path
-        state = load_checkpoint(path, SCRIPT, args.arch, flag="--checkpoint" if args.eval_only else "--resume") \
-            if path else None
+        flag = "--checkpoint" if args.eval_only else "--resume"
+        if path and args.arch is None:  # the network of the checkpoint, unless --arch says otherwise
+            args.arch = load_checkpoint(path, SCRIPT, flag=flag).get("arch")
+        args.arch = args.arch or "resnet34-unet"
+        state = load_checkpoint(path, SCRIPT, args.arch, flag=flag) if path else None
         splits = build_splits(args, runtime, classes_of(state))  # K: --num-classes, the checkpoint's, all splits'
 
         if args.eval_only:
@@ -1369,9 +1385,35 @@ def say(runtime, message):
         print(message, flush=True)
 
 
-def progress(iterable, runtime, desc, total=None):  # a tqdm bar on rank 0 when stderr is a terminal
+def progress(iterable, runtime, desc, total=None):  # rank 0: a tqdm bar on a terminal, else a line every 30 s
+    if runtime.main and not sys.stderr.isatty():
+        return PlainProgress(iterable, desc, total)
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
-                disable=None if runtime.main else True)
+                disable=not runtime.main)
+
+
+class PlainProgress:
+    """tqdm's iterate/update/close where stderr is no terminal (a log file, a job scheduler): a plain line
+    `desc: n/total after T s` at most every 30 s."""
+
+    def __init__(self, iterable, desc, total=None, every=30.0):
+        self.iterable, self.desc, self.every, self.count = iterable, desc, every, 0
+        self.total = total or getattr(iterable, "__len__", lambda: "?")()
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n=1):
+        self.count, now = self.count + n, time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"{self.desc}: {self.count}/{self.total} after {now - self.start:.0f} s", flush=True)
+
+    def close(self):
+        pass
 
 
 class EpochSampler(Sampler):
@@ -1483,8 +1525,10 @@ def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
         writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
         raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
     if arch is not None and state.get("arch") != arch:
-        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
-                         f"flags it was trained with or another checkpoint")
+        theirs, ours = str(state.get("arch")).split("-"), arch.split("-")
+        differ = [f"{a} there, {b} here" for a, b in zip(theirs, ours) if a != b] if len(theirs) == len(ours) else []
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch} "
+                         f"({'; '.join(differ) or 'other parts'}); change those flags or pass another checkpoint")
     return state
 
 
@@ -1496,16 +1540,31 @@ def load_state(module, state_dict, path):  # a mismatch -> one error line naming
         raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
 
 
+def check_writable(out, flag="--out"):  # make and remove a folder: a test that also holds for root, read-only mounts
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        (probe / f".write-test-{os.getpid()}").mkdir()
+        (probe / f".write-test-{os.getpid()}").rmdir()
+    except OSError as error:
+        raise UsageError(f"{flag} {out}: cannot write in {probe} ({error.strerror}); pass a folder you can write to")
+
+
 def check_run_dir(args, script, resume_files=("last.pt",)):
     """Validate --out before anything is written -> the checkpoint to resume from, or None; never overwrites."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    check_writable(out)
+    if lock_holder(out) not in (None, os.getpid()):
+        raise UsageError(f"--out {out} is in use by another run (pid {lock_holder(out)}); wait for it or pass "
+                         f"another --out")
     try:
         ours = json.loads((out / "config.json").read_text()).get("script") == script
     except (OSError, ValueError, AttributeError):
         ours = False
-    filled = out.is_dir() and any(out.iterdir())
+    filled = out.is_dir() and any(entry.name != ".lock" for entry in out.iterdir())
     if args.eval_only:
         if filled and not ours:
             raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
@@ -1524,12 +1583,54 @@ def check_run_dir(args, script, resume_files=("last.pt",)):
     return None
 
 
+def lock_holder(out):  # the pid in --out/.lock while that process lives, else None
+    try:
+        pid = int((Path(out) / ".lock").read_text().split()[0])
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except PermissionError:
+        return pid  # alive, another user's
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def lock_run_dir(out):
+    """One writer per run directory: --out/.lock holds the writer's pid, made by an atomic link so that of two runs
+    started together one fails; a dead process's lock is taken over with a warning; main_guard removes it."""
+    lock, mine, holder = Path(out) / ".lock", Path(out) / f".lock.{os.getpid()}", lock_holder(out)
+    if holder == os.getpid():
+        return
+    if holder is None and lock.exists():
+        print(f"warning: {lock} was left by a process that is gone; taking it over", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+    mine.write_text(f"{os.getpid()}\n")
+    try:
+        os.link(mine, lock)
+    except FileExistsError:
+        holder = lock_holder(out)
+    finally:
+        mine.unlink(missing_ok=True)
+    if holder is not None and holder != os.getpid():
+        raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it or pass another --out")
+
+
+def unlock_run_dir(out):
+    if out is not None and lock_holder(out) == os.getpid():
+        (Path(out) / ".lock").unlink(missing_ok=True)
+
+
 def create_run_dir(args, script, config, runtime):
-    """After flags and data are checked: print the config, make --out, write config.json (a resume keeps it)."""
+    """After flags and data are checked: print the config, make and lock --out, write config.json (a resume keeps
+    it). The folder is checked again under the lock: a run that started at the same moment is refused here."""
     out = Path(args.out)
     say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
     if runtime.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot make the folder ({error.strerror}); pass a folder you can write to")
+        lock_run_dir(out)
+        check_run_dir(args, script)
         if not (args.resume and (out / "config.json").is_file()):
             write_json(out / "config.json", {"script": script, **config})
     barrier()
@@ -1583,13 +1684,25 @@ class FiniteGuard:
 
 
 def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on stderr, exit code 2
+    args = None
     try:
-        main(get_args())
+        args = get_args()
+        main(args)
     except (UsageError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except OSError as error:  # a full disk, a folder that became unwritable: the file and the reason, no traceback
+        print(f"error: {error.filename or ''}: {error.strerror or error}; check that it is writable and the disk "
+              f"has room", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
+        out = getattr(args, "out", None)
+        resumable = out is not None and (Path(out) / "last.pt").is_file() and not getattr(args, "eval_only", True)
+        print(f"interrupted: continue with --resume --out {out}" if resumable else "interrupted: no finished epoch "
+              "to continue from; run the command again", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        unlock_run_dir(getattr(args, "out", None))
 
 # --- end of plumbing ---
 

@@ -63,7 +63,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from common import (NORMALIZATION, BinaryStats, DatasetError, build_dataset, check_labels, denormalize,
-                    joint_transform, readable_images)
+                    joint_transform, plan_splits, readable_images)
 
 SCRIPT = "simclr_seg.py"
 ENCODER_CHANNELS = {  # widths of the stem (/2) and layers 1-4 (/4 ... /32); parameters our code measures:
@@ -498,16 +498,27 @@ def build_pool(args, transform, image_only=False):
                          image_size=args.img_size, num_images=args.synthetic_images, seed=args.split_seed)[0]
 
 
-def run_splits(args, num_images):
-    """pet_splits of the pool, then --limit: the first N indices of each split."""
-    splits = pet_splits(num_images, args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
-    return {name: indices[:args.limit] if args.limit else indices for name, indices in splits.items()}
+def split_indices(args, pool):
+    """{train, val, test: pool indices}: pet_splits of the pool (Sec. 3.1), or, with --train-split, --val-split or
+    --test-split, the Pet reader's splits (train/val = 90/10 of trainval, test, all; SPLIT:F carved, plan_splits)."""
+    if not (args.train_split or args.val_split or args.test_split):
+        return pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction, args.split_seed)
+    specs = {"train": args.train_split or "train", "val": args.val_split or "val", "test": args.test_split or "test"}
+    position = {name: i for i, name in enumerate(pool.names)}
+    return {role: sorted(position[name] for name in build_dataset(
+        "pets", args.data_root, split, part=part, seed=args.split_seed, transform=keep_image, image_only=True,
+        border=args.border)[0].names) for role, (split, part) in plan_splits(specs).items()}
+
+
+def run_splits(args, pool):
+    """split_indices of the pool, then --limit: the first N indices of each split."""
+    return {name: indices[:args.limit] if args.limit else indices for name, indices in split_indices(args, pool).items()}
 
 
 def build_finetune_data(args, runtime, names=("train", "val", "test")):
     """-> {"train", "val", "test": Subset of the pool, "indices": the splits' pool indices}; every label checked."""
     pool = build_pool(args, joint_transform(args.img_size))  # CHOICE C10: resize only, ImageNet normalisation
-    splits = run_splits(args, len(pool))
+    splits = run_splits(args, pool)
     data = {"indices": {name: splits[name] for name in names}}
     for name in names:
         data[name] = Subset(pool, splits[name])
@@ -587,8 +598,7 @@ def build_pretrain_images(args):
     elif name == "pets":
         if args.data == "pets":  # CHOICE C13: in-domain, the fine-tuning pool minus its fixed test set
             pool = build_pool(args, keep_image, image_only=True)
-            test = set(pet_splits(len(pool), args.dev_split, args.test_fraction, args.val_fraction,
-                                  args.split_seed)["test"])
+            test = set(split_indices(args, pool)["test"])
             keep = [i for i in range(len(pool)) if i not in test]
             images, classes = Subset(pool, keep), [pool.names[i].rsplit("_", 1)[0] for i in keep]
         else:
@@ -873,14 +883,17 @@ def run(args, runtime, data_cache=None):
 
 # --eval-only reads these from the checkpoint, so the test split is the one the model was trained beside
 SPLIT_PROTOCOL = ("img_size", "split_seed", "test_fraction", "val_fraction", "dev_split", "border",
-                  "synthetic_images", "limit", "loss")
+                  "synthetic_images", "limit", "loss", "train_split", "val_split", "test_split")
 
 
 def evaluate_checkpoint(args, runtime):
     """--eval-only: the fine-tuned --checkpoint (default OUT/best.pt) on the test split -> OUT/eval_test.json."""
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt"
+    saved = load_checkpoint(path, SCRIPT).get("args") or {}
+    for name in ("arch", "decoder_channels"):  # the checkpoint's network, unless the command line gives it
+        if name in saved and name not in getattr(args, "given", ()):
+            setattr(args, name, saved[name])
     state = load_checkpoint(path, SCRIPT, arch_of("finetune", args))
-    saved = state.get("args") or {}
     if saved.get("data", args.data) != args.data:
         raise UsageError(f"--checkpoint {path} was fine-tuned on --data {saved['data']}, not {args.data}; pass "
                          f"--data {saved['data']}")
@@ -982,6 +995,14 @@ def get_args(argv=None):
     fine.add_argument("--test-fraction", type=float, default=0.2, help="fixed test fraction (Sec. 3.1: 0.2)")
     fine.add_argument("--val-fraction", type=float, default=0.1,
                       help="validation fraction of the dev set (Sec. 3.1: 90/10 train/val, so 0.1)")
+    fine.add_argument("--train-split", default=None,
+                      help="--data pets: the Pet reader's split that trains (train = 90 %% of trainval, val, trainval, "
+                           "test, all; SPLIT:F = a seeded fraction F of SPLIT, the roles naming SPLIT plainly get the "
+                           "rest) instead of Sec. 3.1's protocol; giving any of the three makes the others train, "
+                           "val, test")
+    fine.add_argument("--val-split", default=None, help="--data pets: the split that picks best.pt (or SPLIT:F)")
+    fine.add_argument("--test-split", default=None,
+                      help="--data pets: the split scored as the test result and by --eval-only (or SPLIT:F)")
     fine.add_argument("--split-seed", type=int, default=0,
                       help="seed of the split permutation (the fixed test set) and of --pretrain-limit's draw")
     fine.add_argument("--border", default="foreground", choices=("foreground", "background", "ignore"),
@@ -989,6 +1010,9 @@ def get_args(argv=None):
     fine.add_argument("--synthetic-images", type=int, default=384,
                       help="images of the synthetic labelled pool and of its unlabelled pre-training set")
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
+                         for token in argv if token == option or token.startswith(option + "=")})
     apply_presets(args)
     check_args(parser, args)
     check_run_arguments(parser, args, SCRIPT)
@@ -1053,6 +1077,15 @@ def check_args(parser, args):
                      f"{args.dev_split}")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    if args.train_split or args.val_split or args.test_split:
+        if args.data != "pets":
+            parser.error("--train-split, --val-split and --test-split name splits of --data pets; the synthetic "
+                         "pool uses Sec. 3.1's protocol (--dev-split)")
+        try:
+            plan_splits({"train": args.train_split or "train", "val": args.val_split or "val",
+                         "test": args.test_split or "test"})
+        except DatasetError as error:
+            parser.error(str(error))
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         parser.error(f"--crop-scale needs 0 < LO <= HI <= 1, got {list(args.crop_scale)}")
     if not 0 <= args.blur_prob <= 1 or args.color_strength < 0:
@@ -1246,9 +1279,35 @@ def say(runtime, message):
         print(message, flush=True)
 
 
-def progress(iterable, runtime, desc, total=None):  # a tqdm bar on rank 0 when stderr is a terminal
+def progress(iterable, runtime, desc, total=None):  # rank 0: a tqdm bar on a terminal, else a line every 30 s
+    if runtime.main and not sys.stderr.isatty():
+        return PlainProgress(iterable, desc, total)
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
-                disable=None if runtime.main else True)
+                disable=not runtime.main)
+
+
+class PlainProgress:
+    """tqdm's iterate/update/close where stderr is no terminal (a log file, a job scheduler): a plain line
+    `desc: n/total after T s` at most every 30 s."""
+
+    def __init__(self, iterable, desc, total=None, every=30.0):
+        self.iterable, self.desc, self.every, self.count = iterable, desc, every, 0
+        self.total = total or getattr(iterable, "__len__", lambda: "?")()
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n=1):
+        self.count, now = self.count + n, time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"{self.desc}: {self.count}/{self.total} after {now - self.start:.0f} s", flush=True)
+
+    def close(self):
+        pass
 
 
 class EpochSampler(Sampler):
@@ -1360,8 +1419,10 @@ def load_checkpoint(path, script, arch=None, flag="--checkpoint"):
         writer = state.get("script", "another program") if isinstance(state, dict) else "another program"
         raise UsageError(f"{flag}: {path} was written by {writer}, not {script}; pass a {script} checkpoint")
     if arch is not None and state.get("arch") != arch:
-        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch}; pass the "
-                         f"flags it was trained with or another checkpoint")
+        theirs, ours = str(state.get("arch")).split("-"), arch.split("-")
+        differ = [f"{a} there, {b} here" for a, b in zip(theirs, ours) if a != b] if len(theirs) == len(ours) else []
+        raise UsageError(f"{flag}: {path} holds a {state.get('arch')} model but these flags build {arch} "
+                         f"({'; '.join(differ) or 'other parts'}); change those flags or pass another checkpoint")
     return state
 
 
@@ -1373,16 +1434,31 @@ def load_state(module, state_dict, path):  # a mismatch -> one error line naming
         raise UsageError(f"{path} does not fit this model ({reason}); pass the flags it was trained with") from None
 
 
+def check_writable(out, flag="--out"):  # make and remove a folder: a test that also holds for root, read-only mounts
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        (probe / f".write-test-{os.getpid()}").mkdir()
+        (probe / f".write-test-{os.getpid()}").rmdir()
+    except OSError as error:
+        raise UsageError(f"{flag} {out}: cannot write in {probe} ({error.strerror}); pass a folder you can write to")
+
+
 def check_run_dir(args, script, resume_files=("last.pt",)):
     """Validate --out before anything is written -> the checkpoint to resume from, or None; never overwrites."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the run")
+    check_writable(out)
+    if lock_holder(out) not in (None, os.getpid()):
+        raise UsageError(f"--out {out} is in use by another run (pid {lock_holder(out)}); wait for it or pass "
+                         f"another --out")
     try:
         ours = json.loads((out / "config.json").read_text()).get("script") == script
     except (OSError, ValueError, AttributeError):
         ours = False
-    filled = out.is_dir() and any(out.iterdir())
+    filled = out.is_dir() and any(entry.name != ".lock" for entry in out.iterdir())
     if args.eval_only:
         if filled and not ours:
             raise UsageError(f"--out {out} is not empty and not a {script} run; pass another --out for the results")
@@ -1401,12 +1477,54 @@ def check_run_dir(args, script, resume_files=("last.pt",)):
     return None
 
 
+def lock_holder(out):  # the pid in --out/.lock while that process lives, else None
+    try:
+        pid = int((Path(out) / ".lock").read_text().split()[0])
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except PermissionError:
+        return pid  # alive, another user's
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def lock_run_dir(out):
+    """One writer per run directory: --out/.lock holds the writer's pid, made by an atomic link so that of two runs
+    started together one fails; a dead process's lock is taken over with a warning; main_guard removes it."""
+    lock, mine, holder = Path(out) / ".lock", Path(out) / f".lock.{os.getpid()}", lock_holder(out)
+    if holder == os.getpid():
+        return
+    if holder is None and lock.exists():
+        print(f"warning: {lock} was left by a process that is gone; taking it over", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+    mine.write_text(f"{os.getpid()}\n")
+    try:
+        os.link(mine, lock)
+    except FileExistsError:
+        holder = lock_holder(out)
+    finally:
+        mine.unlink(missing_ok=True)
+    if holder is not None and holder != os.getpid():
+        raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it or pass another --out")
+
+
+def unlock_run_dir(out):
+    if out is not None and lock_holder(out) == os.getpid():
+        (Path(out) / ".lock").unlink(missing_ok=True)
+
+
 def create_run_dir(args, script, config, runtime):
-    """After flags and data are checked: print the config, make --out, write config.json (a resume keeps it)."""
+    """After flags and data are checked: print the config, make and lock --out, write config.json (a resume keeps
+    it). The folder is checked again under the lock: a run that started at the same moment is refused here."""
     out = Path(args.out)
     say(runtime, "config " + json.dumps(json_safe(config), sort_keys=True))
     if runtime.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot make the folder ({error.strerror}); pass a folder you can write to")
+        lock_run_dir(out)
+        check_run_dir(args, script)
         if not (args.resume and (out / "config.json").is_file()):
             write_json(out / "config.json", {"script": script, **config})
     barrier()
@@ -1460,13 +1578,25 @@ class FiniteGuard:
 
 
 def main_guard(main, get_args):  # a user's mistake -> one `error: ...` line on stderr, exit code 2
+    args = None
     try:
-        main(get_args())
+        args = get_args()
+        main(args)
     except (UsageError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except OSError as error:  # a full disk, a folder that became unwritable: the file and the reason, no traceback
+        print(f"error: {error.filename or ''}: {error.strerror or error}; check that it is writable and the disk "
+              f"has room", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
+        out = getattr(args, "out", None)
+        resumable = out is not None and (Path(out) / "last.pt").is_file() and not getattr(args, "eval_only", True)
+        print(f"interrupted: continue with --resume --out {out}" if resumable else "interrupted: no finished epoch "
+              "to continue from; run the command again", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        unlock_run_dir(getattr(args, "out", None))
 
 # --- end of plumbing ---
 

@@ -42,7 +42,9 @@ def get_args(argv=None):
     parser.add_argument("--mask-ratio", type=float, default=0.5)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast on or off (default: both, one line each; a CPU needs bf16 support)")
-    parser.add_argument("--head", default="linear", choices=lmae.HEADS, help="pixel head (default linear)")
+    parser.add_argument("--recipe", default="paper", choices=tuple(lmae.RECIPES),
+                        help="lmae.py --recipe: paper (default) or fill (conv head + nearest prior, boundary weight)")
+    parser.add_argument("--head", default=None, choices=lmae.HEADS, help="pixel head (default: --recipe's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-timm", action="store_true", help="skip the timm-block comparison even if installed")
@@ -68,7 +70,7 @@ def step_args(args, arch):
                             "--img-size", f"{args.img_size[0]}x{args.img_size[1]}",
                             "--eval-size", f"{args.img_size[0]}x{args.img_size[1]}",
                             "--mask-ratio", str(args.mask_ratio), "--batch-size", str(args.batch_size),
-                            "--head", args.head])
+                            "--recipe", args.recipe, *(["--head", args.head] if args.head else [])])
     config.channels_last = args.channels_last
     return config
 
@@ -119,7 +121,8 @@ def measure(args, arch, blocks, amp):
         "method": "lmae", "model": "lmae" if blocks == "lmae" else "mae-timm-blocks", "arch": arch,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "img_size": [H, W],
         "batch_size": B, "patch_size": args.patch_size, "num_classes": args.num_classes,
-        "mask_ratio": args.mask_ratio, "amp": amp, "head": args.head, "compile": args.compile,
+        "mask_ratio": args.mask_ratio, "amp": amp, "recipe": args.recipe, "head": config.head,
+        "compile": args.compile,
         "channels_last": args.channels_last, "steps": args.steps,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "images_per_s": round(args.steps * B / elapsed, 2), "step_ms": round(1000 * elapsed / args.steps, 2),

@@ -756,3 +756,67 @@ def test_sugarbeets_splits_in_the_weeds_list_order(tmp_path):
     (tmp_path / "sugarbeets_weeds.txt").write_text("/CKA_x/annotations/dlp/iMapCleaned/missing.png\n")
     with pytest.raises(DatasetError, match="missing"):
         build_dataset("sugarbeets", tmp_path, "train")
+
+
+# --- label formats, void ids, split folders and the carve rule (issue 18) ---
+
+def test_read_label_formats_void_and_range(tmp_path):
+    """8-bit grey, palette and 16-bit single-channel files read to the same ids; an RGB file with equal channels is
+    grey; a colour-coded RGB file is refused naming the file; --void-id maps to 255; ids out of range get a hint."""
+    ids = label_map([0, 1, 2, 255])
+    write_label(tmp_path / "grey.png", ids)
+    write_label(tmp_path / "palette.png", ids, mode="P")
+    Image.fromarray(ids.astype(np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    write_label(tmp_path / "rgb_grey.png", np.stack([ids] * 3, axis=2), mode="RGB")
+    for name in ("grey", "palette", "deep", "rgb_grey"):
+        assert np.array_equal(common.read_label(tmp_path / f"{name}.png"), ids), name
+    write_label(tmp_path / "colour.png", np.stack([ids, ids // 2, ids], axis=2), mode="RGB")
+    with pytest.raises(DatasetError, match=r"label .*colour\.png is a colour-coded RGB image.*single-channel"):
+        common.read_label(tmp_path / "colour.png")
+    assert set(np.unique(common.read_label(tmp_path / "grey.png", void_id=2)).tolist()) == {0, 1, 255}
+    with pytest.raises(DatasetError, match=r"class ids \[2\] outside 0..1 .*--void-id 2, else pass --num-classes 3"):
+        common.read_label(tmp_path / "deep.png", num_classes=2)
+
+
+def test_folder_reads_any_split_folder_and_counts_classes_over_all_splits(tmp_path):
+    """A folder dataset holding only test/ reads it; another split name is an error naming the splits on disk and
+    the carve rule; the class count comes from every split, not the one read."""
+    write_rgb(tmp_path / "test" / "images" / "a.png")
+    write_label(tmp_path / "test" / "masks" / "a.png", label_map([0, 1]))
+    write_rgb(tmp_path / "extra" / "images" / "b.png")
+    write_label(tmp_path / "extra" / "masks" / "b.png", label_map([0, 4]))
+    test, info = build_dataset("folder", tmp_path, "test")
+    assert len(test) == 1 and info.num_classes == 5
+    assert len(build_dataset("folder", tmp_path, "all")[0]) == 2
+    with pytest.raises(DatasetError, match=r"train/images not found; the splits on disk are extra, test.*--val-split"):
+        build_dataset("folder", tmp_path, "train")
+
+
+def test_plan_splits_carves_disjoint_seeded_slices(tmp_path):
+    plan = common.plan_splits({"train": "test", "val": "test:0.25", "test": "test:0.25"})
+    assert plan == {"train": ("test", (0.5, 1.0)), "val": ("test", (0.0, 0.25)), "test": ("test", (0.25, 0.5))}
+    assert common.plan_splits({"train": "train", "test": "test"}) == {"train": ("train", None), "test": ("test", None)}
+    for bad in ("train:0", "train:1.5", "train:x", ":0.1"):
+        with pytest.raises(DatasetError, match="a carved split is SPLIT:F"):
+            common.plan_splits({"val": bad})
+    for i in range(8):
+        write_rgb(tmp_path / "test" / "images" / f"{i}.png")
+        write_label(tmp_path / "test" / "masks" / f"{i}.png", label_map([0, 1]))
+    names = {role: build_dataset("folder", tmp_path, split, part=part, seed=3)[0].names for role, (split, part)
+             in plan.items()}
+    assert sorted(sum(names.values(), [])) == [str(i) for i in range(8)] and len(names["val"]) == 2
+    again = build_dataset("folder", tmp_path, "test", part=(0.0, 0.25), seed=3)[0].names
+    assert again == names["val"]
+
+
+def test_lookup_readers_refuse_colour_labels_and_read_16_bit(tmp_path):
+    write_rgb(tmp_path / "test" / "a.png")
+    (tmp_path / "testannot").mkdir()
+    Image.fromarray(label_map([0, 11, 3]).astype(np.uint16)).save(tmp_path / "testannot" / "a.png")
+    dataset, _ = build_dataset("camvid", tmp_path, "test")
+    assert set(np.unique(raw(dataset)).tolist()) == {0, 3, 255}
+    write_label(tmp_path / "testannot" / "a.png", np.stack([label_map([0, 1]), label_map([5, 9]),
+                                                           label_map([0, 1])], axis=2), mode="RGB")
+    with pytest.raises(DatasetError, match="colour-coded RGB"):
+        raw(build_dataset("camvid", tmp_path, "test")[0])

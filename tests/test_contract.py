@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -702,3 +703,94 @@ def test_sync_bn_flag_reaches_the_conversion(name, flag, expected, tmp_path, mon
     with pytest.raises(Converted):
         m.main(m.get_args(tiny(name) + ([flag] if flag else []) + ["--out", str(tmp_path / "run")]))
     assert seen == [(expected, True)]
+
+
+# --- one writer per run directory, an unwritable --out, Ctrl-C, progress in a log ---
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_two_runs_started_together_into_one_out(name, tmp_path):
+    """Both pass the early checks (the folder is empty); the lock taken under --out lets exactly one write there."""
+    out = tmp_path / "run"
+    runs = [subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *tiny(name), "--workers", "0", "--seed",
+                              str(seed), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT, env=ENV) for seed in (0, 1)]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    seed = [s for s, (code, _) in enumerate(results) if code == 0][0]
+    code, err = results[1 - seed]
+    assert_one_error_line(code, err, str(out), "in use by another run", "pass another --out")
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("seed", config.get("args", {}).get("seed")) == seed  # the config of the run that wrote
+    epochs = [(r.get("stage"), r.get("partition"), r["epoch"]) for r in records_of(out) if "epoch" in r]
+    assert epochs and len(epochs) == len(set(epochs)), epochs  # one run's records, not two runs' interleaved
+    assert not (out / ".lock").exists() and not list(out.glob("*.tmp"))
+
+
+def test_a_live_lock_refuses_a_later_run_and_a_dead_ones_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getppid()}\n")  # a live process that is not this one
+    code, err = run_in_process("masksup", tiny("masksup") + ["--out", str(out)], capsys)
+    assert_one_error_line(code, err, f"--out {out} is in use by another run (pid {os.getppid()})")
+    assert snapshot(out) == {".lock": f"{os.getppid()}\n".encode()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(dead.stdout)
+    code, err = run_in_process("masksup", tiny("masksup") + ["--out", str(out)], capsys)
+    assert code == 0 and "was left by a process that is gone; taking it over" in err, err[-2000:]
+    assert (out / "results.json").is_file() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("where", ["/proc/no-such-run", "file/run"])
+def test_unwritable_out_is_one_line(name, where, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file where a folder is expected")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    code, err = run_in_process(name, tiny(name) + ["--out", out], capsys)
+    assert_one_error_line(code, err, f"--out {out}: cannot write in", "pass a folder you can write to")
+    assert snapshot(tmp_path) == {"file": b"a file where a folder is expected"}
+
+
+@pytest.mark.parametrize("command", ["degrade", "complete"])
+def test_unwritable_out_of_the_lmae_subcommands_is_one_line(command, tmp_path, capsys):
+    (tmp_path / "best.pt").write_bytes(b"not read before --out is checked")
+    argv = ["degrade"] if command == "degrade" else ["complete", "--checkpoint", str(tmp_path / "best.pt"),
+                                                      "--images", str(tmp_path), "--labels", str(tmp_path)]
+    code, err = run_in_process("lmae", argv + ["--out", "/proc/no-such-run"], capsys)
+    assert_one_error_line(code, err, "--out /proc/no-such-run: cannot write in /proc")
+
+
+def test_ctrl_c_says_how_to_continue_and_leaves_nothing_half_written(tmp_path):
+    out = tmp_path / "run"
+    argv = [a for a in tiny("masksup") if a != "--eval-masked"]
+    argv[argv.index("--epochs") + 1] = "1000"
+    run = subprocess.Popen([sys.executable, str(ROOT / "masksup.py"), *argv, "--out", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    while not (out / "last.pt").is_file() and run.poll() is None:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"interrupted: continue with --resume --out {out}" and "Traceback" not in err
+    assert not (out / ".lock").exists() and not list(out.rglob("*.tmp"))
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["log_records"] <= len(records_of(out)) and state["epoch"] >= 1
+
+
+def test_progress_without_a_terminal_prints_a_plain_line_at_most_every_30_s(monkeypatch, capsys):
+    m = method("masksup")
+    clock = iter([0.0, 10.0, 29.0, 31.0, 40.0, 62.0, 70.0])
+    monkeypatch.setattr(m.time, "monotonic", lambda: next(clock))
+    runtime = m.Runtime(torch.device("cpu"))
+    bar = m.progress(range(6), runtime, "train epoch 3")  # stderr is captured: not a terminal
+    assert isinstance(bar, m.PlainProgress)
+    assert list(bar) == list(range(6))
+    assert capsys.readouterr().out.splitlines() == ["train epoch 3: 3/6 after 31 s", "train epoch 3: 5/6 after 62 s"]
+    assert not isinstance(m.progress(range(2), m.Runtime(torch.device("cpu"), rank=1), "x"), m.PlainProgress)
+
+
+def test_a_checkpoint_of_other_flags_names_the_parts_that_differ(tmp_path):
+    m = method("masksup")
+    m.save_checkpoint(tmp_path / "best.pt", {"model": {}}, "masksup.py", "unet-w8-k11")
+    with pytest.raises(m.UsageError, match="holds a unet-w8-k11 model but these flags build unet-w8-k10 "
+                                           r"\(k11 there, k10 here\); change those flags"):
+        m.load_checkpoint(tmp_path / "best.pt", "masksup.py", "unet-w8-k10")

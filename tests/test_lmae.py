@@ -20,7 +20,8 @@ from common import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TINY = ["--arch", "tiny", "--batch-size", "8", "--workers", "0"]
+TINY = ["--arch", "tiny", "--batch-size", "8", "--workers", "0", "--recipe", "paper"]  # the paper's head: fast
+COMPLETE = ["complete", "--fill", "model"]  # the checkpoint fills (default auto: the self-check winner)
 STEPS = 100  # optimisation steps of the short learning test
 CPU = lmae.Runtime(torch.device("cpu"))
 
@@ -82,7 +83,8 @@ def read_png(path):
     (["--lr", "0"], "--lr"),
     (["--beta-init", "0"], "--beta-init"),
     (["--checkpoint", "x.pt"], "--checkpoint"),
-    (["--nearest-prior"], "--nearest-prior"),
+    (["--head", "linear", "--nearest-prior"], "--nearest-prior"),
+    (["--boundary-weight", "0"], "--boundary-weight"),
     (["--num-classes", "4"], "--num-classes"),
     (["--mask-ratio", "0.001"], "--mask-ratio"),
     (["--data", "cifar10"], "--data"),
@@ -103,6 +105,19 @@ def test_data_dependent_defaults_resolve():
         (224, 224), (448, 448), 24, 400, "eb8-db6-ed1440-dd720")
     city = lmae.get_args(["--data", "cityscapes"])
     assert (city.img_size, city.crop, city.batch_size) == ((448, 448), (448, 448), 48)
+    for paper in (voc, city):  # the paper's model and masks on the paper's sets
+        assert (paper.recipe, paper.head, paper.nearest_prior, paper.masking, paper.boundary_weight) == (
+            "paper", "linear", False, "mixed", 1.0)
+    for ours in (shapes, lmae.get_args(["--data", "camvid"]), lmae.get_args(["--data", "kvasir"])):  # C19
+        assert (ours.recipe, ours.head, ours.head_width, ours.nearest_prior, ours.masking, ours.boundary_weight,
+                ours.arch) == ("fill", "conv", 16, True, "random", 5.0, "tiny")
+    camvid = lmae.get_args(["--data", "camvid"])  # sized for 45 min on 2 CPU cores (README)
+    assert (camvid.img_size, camvid.crop, camvid.eval_size, camvid.epochs, camvid.eval_every) == (
+        (224, 224), (224, 224), (352, 480), 30, 5)
+    paper = lmae.get_args(["--recipe", "paper"])  # one flag away on any set; single flags still win
+    assert (paper.head, paper.nearest_prior, paper.masking, paper.boundary_weight) == ("linear", False, "mixed", 1.0)
+    assert lmae.get_args(["--masking", "mixed"]).masking == "mixed"
+    assert lmae.get_args(["--recipe", "paper", "--head", "conv"]).head_width == 32
     assert lmae.get_args(["--img-size", "48x80"]).img_size == (48, 80)
     assert lmae.get_args(["complete", "--checkpoint", __file__, "--images", ".", "--labels", ".",
                           "--out", "/tmp/lmae-never-created"]).command == "complete"
@@ -308,7 +323,7 @@ def test_loss_trains_beta_and_gamma():
     assert not frozen.log_beta.requires_grad and not frozen.gamma.requires_grad
 
 
-@pytest.mark.parametrize("flags", [["--head", "conv"], ["--head", "conv", "--nearest-prior"]])
+@pytest.mark.parametrize("flags", [["--head", "conv", "--no-nearest-prior"], ["--head", "conv", "--nearest-prior"]])
 def test_conv_head_sees_only_visible_labels_and_changes_logits(flags):
     args = lmae.get_args(["--img-size", "32x48", *flags])
     torch.manual_seed(0)
@@ -344,13 +359,13 @@ def test_checkpoints_of_the_old_layout_load():
     _, ids_keep, _ = lmae.draw_mask(labels, "random", args, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(images, labels, ids_keep), model(images, labels, ids_keep))
-    linear = lmae.build_model(lmae.get_args(["--img-size", "32x48"]), 5)
+    linear = lmae.build_model(lmae.get_args(["--img-size", "32x48", "--recipe", "paper"]), 5)
     assert type(linear) is lmae.LMAE  # the paper's head: the paper's model, keys unchanged
 
 
 def test_fuse_and_ips_flags_build_what_they_name():
     for fuse, channels in (("layer", 5 + 3), ("direct", 4), ("insert", 6)):
-        model = lmae.build_model(lmae.get_args(["--fuse", fuse]), 5)
+        model = lmae.build_model(lmae.get_args(["--fuse", fuse, "--recipe", "paper"]), 5)
         assert model.fuse == fuse and model.patch_embed.in_channels == channels
     torch.manual_seed(0)
     images, labels = torch.randn(1, 3, 32, 48), torch.randint(0, 5, (1, 32, 48))
@@ -358,7 +373,7 @@ def test_fuse_and_ips_flags_build_what_they_name():
     _, ids_keep, hidden = lmae.draw_mask(labels, "random", args, torch.Generator().manual_seed(0))
     other_images = torch.where(hidden[:, None], torch.randn_like(images), images)  # differ only in hidden patches
     for flag, image_reaches_decoder in (("--ips", True), ("--no-ips", False)):
-        model = lmae.build_model(lmae.get_args(["--img-size", "32x48", flag]), 5).eval()
+        model = lmae.build_model(lmae.get_args(["--img-size", "32x48", flag, "--recipe", "paper"]), 5).eval()
         assert hasattr(model, "image_patch_embed") == image_reaches_decoder
         with torch.no_grad():
             same = torch.equal(model(images, labels, ids_keep), model(other_images, labels, ids_keep))
@@ -369,7 +384,7 @@ def test_train_step_applies_eq_10_weighting():
     images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
     labels[:, :16] = 0  # an imbalanced batch: Eq. (10) weights differ from 1
     for weighting in ("paper", "none"):
-        args = lmae.get_args(["--img-size", "32x48", "--class-weighting", weighting])
+        args = lmae.get_args(["--img-size", "32x48", "--class-weighting", weighting, "--recipe", "paper"])
         torch.manual_seed(0)
         model = lmae.build_model(args, 5).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -384,8 +399,8 @@ def test_train_step_applies_eq_10_weighting():
         assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5), weighting
 
 
-def test_mixed_1_2_2_is_the_default():
-    args = lmae.get_args([])
+def test_mixed_1_2_2_is_the_paper_recipe():
+    args = lmae.get_args(["--recipe", "paper"])  # and the voc / cityscapes default (test above)
     assert args.masking == "mixed" and args.mix == (1.0, 2.0, 2.0) and args.eval_masking == "random"
 
 
@@ -412,6 +427,7 @@ def test_nearest_known_fill_equals_brute_force():
     known = torch.rand(3, 13, 17, generator=generator) > 0.85
     known[2] = False  # no known pixel: class 0
     filled = lmae.nearest_known_fill(labels, known, chunk=500)  # several chunks
+    assert torch.equal(filled, lmae.nearest_known_fill(labels, known, chunk=50, block=3))  # strips of 3 columns
     for b in range(2):
         points = known[b].nonzero().tolist()
         for y in range(13):
@@ -447,7 +463,7 @@ def test_short_training_beats_the_most_frequent_class_fill():
     fresh validation masks (Sec. IV-C completes the training set itself). Measured margin over the fill with the
     validation masks of --seed 0..3: 0.086, 0.137, 0.104, 0.110 (hence 0.05)."""
     from common import build_dataset, joint_transform
-    args = lmae.get_args(["--img-size", "32x48"])  # the synthetic defaults otherwise
+    args = lmae.get_args(["--img-size", "32x48", "--recipe", "paper"])  # the paper's model, synthetic defaults
     dataset, info = build_dataset("shapes", split="train", transform=joint_transform(), image_size=(32, 48), limit=16)
     images = torch.stack([dataset[i][0] for i in range(16)])
     labels = torch.stack([dataset[i][1] for i in range(16)])
@@ -578,7 +594,7 @@ def test_eval_only_scores_the_test_split(trained, tmp_path):
 
 def test_resume_is_bit_exact(tmp_path):
     common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--arch", "tiny", "--workers", "0",
-              "--drop-path", "0.1"]
+              "--drop-path", "0.1", "--eval-every", "1"]  # every epoch validated (shapes default: 5)
     lmae.main(lmae.get_args(["--out", str(tmp_path / "straight"), "--epochs", "2", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "1", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", *common]))
@@ -631,7 +647,7 @@ def degraded(tmp_path_factory):
 
 
 def complete_args(trained, degraded, out, *extra):
-    return lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
+    return lmae.get_args([*COMPLETE, "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
                           "--labels", str(degraded / "masks"), "--unknown", str(degraded / "unknown"),
                           "--truth", str(degraded / "truth"), "--out", str(out), *extra])
 
@@ -728,7 +744,7 @@ def test_complete_missing_background_overwrites_only_background(trained, degrade
     high = tmp_path / "ratio09.pt"
     torch.save(state, high)
     out = tmp_path / "done"
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(high), "--images", str(degraded / "images"),
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(high), "--images", str(degraded / "images"),
                              "--labels", str(labels), "--missing", "background", "--out", str(out)]))
     for row in csv.DictReader(open(out / "report.csv")):
         given, completed = read_png(labels / f"{row['name']}.png"), read_png(out / f"{row['name']}.png")
@@ -746,7 +762,7 @@ def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path, capsys):
     high = tmp_path / "ratio09.pt"
     torch.save(state, high)
     out = tmp_path / "completed"
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(high), str(trained / "best.pt"), "--images",
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(high), str(trained / "best.pt"), "--images",
                              str(degraded / "images"), "--labels", str(degraded / "masks"), "--out", str(out)]))
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert {r["checkpoint"] for r in rows} == {str(trained / "best.pt")}  # half the patches unknown -> ratio 0.5
@@ -757,7 +773,7 @@ def test_complete_routes_by_mask_ratio(trained, degraded, tmp_path, capsys):
     state["config"]["mask_ratio"] = 0.3
     low = tmp_path / "ratio03.pt"
     torch.save(state, low)
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(low), "--images", str(degraded / "images"),
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(low), "--images", str(degraded / "images"),
                              "--labels", str(degraded / "masks"), "--out", str(tmp_path / "low")]))
     assert "warning: 4 images" in capsys.readouterr().err  # 0.5 hidden, far above the 0.3 it was trained at
 
@@ -795,7 +811,7 @@ def test_complete_resizes_labels_with_nearest(trained, tmp_path, monkeypatch):
         return forward(self, images, labels, ids_keep)
 
     monkeypatch.setattr(lmae.LMAE, "forward", spy)
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--scale", "0.5",
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(trained / "best.pt"), "--scale", "0.5",
                              *[f"--{name}={folder}" for name, folder in folders.items()],
                              "--out", str(tmp_path / "o")]))
     (model_labels,) = seen
@@ -837,7 +853,7 @@ def test_windows_hide_exactly_the_unknown_patches_of_each_window(trained, degrad
     monkeypatch.setattr(lmae.LMAE, "forward", spy)
     checkpoint = small_window_checkpoint(trained, tmp_path)
     out = tmp_path / "done"
-    lmae.main(lmae.get_args(["complete", "--checkpoint", str(checkpoint), "--images", str(degraded / "images"),
+    lmae.main(lmae.get_args([*COMPLETE, "--checkpoint", str(checkpoint), "--images", str(degraded / "images"),
                              "--labels", str(degraded / "masks"), "--unknown", str(degraded / "unknown"),
                              "--out", str(out), "--windows"]))
     names = sorted(p.stem for p in (degraded / "masks").glob("*.png"))
@@ -890,11 +906,18 @@ def test_complete_bad_labels_give_one_message(trained, degraded, tmp_path):
     Image.fromarray(bad).save(labels / name)
     args = ["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
             "--labels", str(labels)]
-    with pytest.raises(DatasetError, match=r"outside 0\.\.4"):
+    with pytest.raises(DatasetError, match=r"outside 0\.\.4.*--void-id 9"):
         lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "a")]))
     assert not (tmp_path / "a").exists()  # every label is checked before anything is written
-    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(labels / name)  # an RGB "label"
-    with pytest.raises(DatasetError, match="single-channel"):
+    done = lmae.main(lmae.get_args([*args, "--void-id", "9", "--fill", "nearest", "--out", str(tmp_path / "v")]))
+    assert done["unknown_pixels"] == (bad == 255).sum() + 1  # the void pixel is read as 255: unknown, filled
+    Image.fromarray(bad.astype(np.uint16)).save(labels / name)  # 16-bit grey: read as training reads it
+    assert lmae.main(lmae.get_args([*args, "--void-id", "9", "--fill", "nearest", "--out", str(tmp_path / "w")]))[
+        "unknown_pixels"] == done["unknown_pixels"]
+    colours = np.zeros((48, 64, 3), np.uint8)
+    colours[..., 0] = 128  # a colour-coded RGB label
+    Image.fromarray(colours).save(labels / name)
+    with pytest.raises(DatasetError, match="colour-coded"):
         lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "b")]))
     with pytest.raises(lmae.UsageError, match="not a readable checkpoint|written by"):
         lmae.main(lmae.get_args(["complete", "--checkpoint", __file__, "--images", str(degraded / "images"),
@@ -926,7 +949,8 @@ def test_camvid_degrade_train_complete_score(tmp_path):
     before = tree_digest(root)
     run = tmp_path / "run"
     lmae.main(lmae.get_args(["--data", "camvid", "--data-root", str(root), "--out", str(run), "--epochs", "1",
-                             "--limit", "4", "--img-size", "48x64", "--batch-size", "4", "--arch", "tiny",
+                             "--limit", "4", "--img-size", "48x64", "--eval-size", "48x64", "--batch-size", "4",
+                             "--arch", "tiny",
                              "--workers", "0", "--test-split", "val"]))
     lmae.main(lmae.get_args(["degrade", "--data", "camvid", "--data-root", str(root), "--split", "val",
                              "--limit", "2", "--ratio", "0.5", "--out", str(tmp_path / "deg")]))
@@ -943,3 +967,118 @@ def test_camvid_degrade_train_complete_score(tmp_path):
         unknown = read_png(deg / "unknown" / path.name) > 0
         assert given.shape == (360, 480) and np.array_equal(done[~unknown], given[~unknown])
         assert np.all(done[unknown] < 11)
+
+
+# --- complete: self-check and fill choice, any image size (issue 19 item 3, issue 18 item 4) ---
+
+def nearest_completion(degraded, name):
+    given = torch.from_numpy(read_png(degraded / "masks" / f"{name}.png"))[None]
+    unknown = torch.from_numpy(read_png(degraded / "unknown" / f"{name}.png") > 0)[None]
+    return lmae.nearest_known_fill(given, ~unknown)[0].numpy()
+
+
+def test_self_check_with_an_untrained_checkpoint_fills_with_the_nearest_fill(trained, degraded, tmp_path, capsys):
+    """--fill auto (the default) runs the self-check; a checkpoint trained for one epoch on 8 images loses it and
+    the unknown pixels get the nearest fill; nothing is written before the check."""
+    summary = lmae.main(lmae.get_args(["complete", "--checkpoint", str(trained / "best.pt"), "--images",
+                                       str(degraded / "images"), "--labels", str(degraded / "masks"),
+                                       "--check-share", "0.2", "--out", str(tmp_path / "auto")]))
+    check = summary["self_check"]
+    assert summary["fill"] == "nearest" and summary["fill_choice"] == "auto" and check["winner"] == "nearest"
+    assert check["model_pa_miou"] < check["nearest_pa_miou"] and check["images"] == 4
+    assert check["model_interval"][0] <= check["model_pa_miou"] <= check["model_interval"][1]
+    lo, hi = check["difference_interval"]
+    assert lo <= check["model_minus_nearest"] <= hi
+    # ceil(0.2 x 24 known patches) = 5 patches of 8 x 8 per image, every one labelled
+    assert check["checked_pixels"] == 4 * 5 * 64
+    for path in (degraded / "masks").glob("*.png"):
+        assert np.array_equal(read_png(tmp_path / "auto" / path.name), nearest_completion(degraded, path.stem))
+    out = capsys.readouterr().out
+    assert "self-check on 1280 known pixels" in out and "-> fill=nearest" in out
+    assert out.count("complete ") >= 4 and "complete 4/4:" in out  # one line per image: stdout is not a terminal
+    model = lmae.main(complete_args(trained, degraded, tmp_path / "model", "--self-check", "--check-share", "0.2"))
+    assert model["fill"] == "model" and model["self_check"] == check  # --fill model keeps the model, same check
+
+
+def colour_coded_folder(root, size=32):
+    """A --data folder set (train 12, val 4, test 8 images) whose labels the image determines pixel by pixel
+    (class 1 = red disks): the nearest fill errs at every disk edge and misses hidden disks; a conv head learns the
+    colour at once."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:size, 0:size]
+    for split, count in (("train", 12), ("val", 4), ("test", 8)):
+        for folder in ("images", "masks"):
+            (root / split / folder).mkdir(parents=True)
+        for index in range(count):
+            label = np.zeros((size, size), np.uint8)
+            for _ in range(4):
+                cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(3, 7)]
+                label[(ys - cy) ** 2 + (xs - cx) ** 2 < r ** 2] = 1
+            image = np.where(label[..., None] == 1, [220, 40, 40], [40, 40, 220]) + rng.normal(0, 10, (size, size, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / split / "images" / f"{index:02d}.png")
+            Image.fromarray(label).save(root / split / "masks" / f"{index:02d}.png")
+
+
+def test_self_check_picks_a_trained_model_that_beats_the_nearest_fill(tmp_path):
+    colour_coded_folder(tmp_path / "set")
+    run = tmp_path / "run"
+    lmae.main(lmae.get_args(["--data", "folder", "--data-root", str(tmp_path / "set"), "--img-size", "32",
+                             "--patch-size", "8", "--head", "conv", "--head-width", "8", "--nearest-prior",
+                             "--masking", "random", "--epochs", "6", "--lr", "1e-2", "--eval-every", "6",
+                             "--out", str(run), *TINY]))
+    lmae.main(lmae.get_args(["degrade", "--data", "folder", "--data-root", str(tmp_path / "set"), "--split", "test",
+                             "--patch-size", "8", "--out", str(tmp_path / "deg")]))
+    deg = tmp_path / "deg" / "test"
+    summary = lmae.main(lmae.get_args(["complete", "--checkpoint", str(run / "best.pt"), "--images",
+                                       str(deg / "images"), "--labels", str(deg / "masks"), "--truth",
+                                       str(deg / "truth"), "--out", str(tmp_path / "done")]))
+    assert summary["fill"] == "model", summary["self_check"]
+    assert summary["pa_miou"] > summary["nearest_pa_miou"]  # and the check's verdict holds on the unknown pixels
+
+
+def test_complete_tiles_an_image_over_the_pixel_budget(trained, degraded, tmp_path, monkeypatch):
+    """--max-pixels 1024: each 48 x 64 image runs alone in 32 x 32 tiles (2 x 2, on the 8 px grid); no forward
+    pass sees more than the budget, every tile hides exactly its unknown patches, known pixels stay."""
+    seen = []
+    forward = lmae.LMAE.forward
+
+    def spy(self, images, labels, ids_keep):
+        B, H, W = labels.shape
+        assert H * W <= 1024
+        unknown = (labels == 255).view(B, H // 8, 8, W // 8, 8).any(4).any(2).flatten(1)  # (B, L) on the 8 px grid
+        seen.append(torch.equal(lmae.hidden_of(ids_keep, unknown.shape[1]), unknown))
+        return forward(self, images, labels, ids_keep)
+
+    monkeypatch.setattr(lmae.LMAE, "forward", spy)
+    summary = lmae.main(complete_args(trained, degraded, tmp_path / "tiled", "--max-pixels", "1024"))
+    assert summary["tiled_images"] == 4 and 4 <= len(seen) <= 16 and all(seen)
+    rows = list(csv.DictReader(open(tmp_path / "tiled" / "report.csv")))
+    assert all(1 <= int(r["tiles"]) <= 4 for r in rows)
+    for path in (degraded / "masks").glob("*.png"):
+        given, done = read_png(path), read_png(tmp_path / "tiled" / path.name)
+        unknown = read_png(degraded / "unknown" / path.name) > 0
+        assert np.array_equal(done[~unknown], given[~unknown]) and np.all(done[unknown] < 5)
+    monkeypatch.setattr(lmae.LMAE, "forward", forward)
+    whole = lmae.main(complete_args(trained, degraded, tmp_path / "whole"))
+    assert whole["tiled_images"] == 0
+
+
+def test_a_failed_complete_leaves_no_out_folder(trained, degraded, tmp_path, monkeypatch):
+    save = lmae.save_label_png
+    calls = []
+
+    def fail_on_the_third(path, label, palette):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        save(path, label, palette)
+
+    monkeypatch.setattr(lmae, "save_label_png", fail_on_the_third)
+    with pytest.raises(OSError, match="disk full"):
+        lmae.main(complete_args(trained, degraded, tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()  # the folders it made are gone, with the two files written
+    (tmp_path / "mine").mkdir()  # an empty folder the user made stays, empty
+    calls.clear()
+    with pytest.raises(OSError, match="disk full"):
+        lmae.main(complete_args(trained, degraded, tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())

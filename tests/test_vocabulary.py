@@ -18,7 +18,11 @@ FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*(?![\w])")
 # the same idea, one flag: which script has which (issue 17 item 5); the old spellings must be gone everywhere
 IDEAS = {
     "--arch": SCRIPTS,  # the network, the paper's names as choices
-    "--test-split": ("masksup", "selective_mim", "lmae"),
+    "--train-split": SCRIPTS,  # issue 18: the split of each role, SPLIT:F carved (common.plan_splits)
+    "--val-split": SCRIPTS,
+    "--test-split": SCRIPTS,
+    "--split-seed": SCRIPTS,  # seeds the readers' splits and the carve, apart from --seed
+    "--void-id": ("masksup", "selective_mim", "lmae"),  # every script that reads class-id labels
     "--num-classes": ("masksup", "selective_mim", "lmae"),  # every script that reads a folder dataset
     "--masking": ("masksup", "selective_mim", "lmae"),
     "--select-by": ("masksup", "simclr_seg", "selective_mim"),

@@ -9,10 +9,12 @@ OUT=${1:-runs/lmae_picture}
 DATA=${CAMVID:-../shared/data/CamVid}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1
-"$PY" lmae.py --data camvid --data-root "$DATA" --arch tiny --patch-size 16 --lr 1e-3 --drop-path 0 --batch-size 8 \
+"$PY" lmae.py --data camvid --data-root "$DATA" --recipe paper --arch tiny --patch-size 16 --lr 1e-3 --drop-path 0 \
+    --batch-size 8 \
     --crop 224 --img-size 224 --eval-size 352x480 --test-split val --workers 0 --epochs 20 --eval-every 20 \
     --out "$OUT/run"
 "$PY" lmae.py degrade --data camvid --data-root "$DATA" --split val --ratio 0.5 --patch-size 16 --seed 0 --out "$OUT/deg"
-"$PY" lmae.py complete --checkpoint "$OUT/run/best.pt" --images "$OUT/deg/val/images" --labels "$OUT/deg/val/masks" \
+"$PY" lmae.py complete --fill model --checkpoint "$OUT/run/best.pt" --images "$OUT/deg/val/images" \
+    --labels "$OUT/deg/val/masks" \
     --unknown "$OUT/deg/val/unknown" --truth "$OUT/deg/val/truth" --out "$OUT/done"
 "$PY" experiments/lmae_camvid/picture.py "$OUT" docs/lmae.png

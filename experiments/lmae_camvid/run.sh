@@ -15,8 +15,8 @@ DATA=${CAMVID:-../shared/data/CamVid}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
-COMMON=(--data camvid --data-root "$DATA" --arch tiny --patch-size 16 --lr 1e-3 --drop-path 0 --batch-size 8
-        --crop 224 --img-size 224 --eval-size 352x480 --test-split val --workers 0)
+COMMON=(--data camvid --data-root "$DATA" --recipe paper --arch tiny --patch-size 16 --lr 1e-3 --drop-path 0
+        --batch-size 8 --crop 224 --img-size 224 --eval-size 352x480 --test-split val --workers 0)
 lane() {  # name epochs flags...
   local name=$1 epochs=$2; shift 2
   for seed in ${SEEDS:-0 1 2}; do
@@ -29,7 +29,7 @@ lane() {  # name epochs flags...
           --patch-size 16 --seed "$seed" --out "$deg" > /dev/null 2>&1 || true  # the other lane may write it
       while [ ! -f "$deg/degrade.json" ]; do sleep 2; done
       local done_dir="$OUT/completed-$name-r$ratio-s$seed"
-      [ -f "$done_dir/summary.json" ] || "$PY" lmae.py complete --checkpoint "$run/best.pt" \
+      [ -f "$done_dir/summary.json" ] || "$PY" lmae.py complete --fill model --checkpoint "$run/best.pt" \
           --images "$deg/val/images" --labels "$deg/val/masks" --unknown "$deg/val/unknown" \
           --truth "$deg/val/truth" --out "$done_dir" > "$done_dir.log" 2>&1
     done

@@ -6,15 +6,17 @@ import sys
 from pathlib import Path
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lmae_camvid")
-rows = {}
+rows, counted = {}, set()
 for summary in sorted(out.glob("completed-*/summary.json")):
     _, name, ratio, seed = summary.parent.name.split("-")
     values = json.loads(summary.read_text())
     cell = rows.setdefault(ratio[1:], {})
+    first = (ratio, seed) not in counted  # the baselines do not depend on the model: count them once per seed
+    counted.add((ratio, seed))
     for key, label in (("pa_miou", f"L-MAE ({name})"), ("nearest_pa_miou", "nearest known pixel"),
                        ("frequent_pa_miou", "most frequent known class")):
-        if key != "pa_miou" and name != "linear":
-            continue  # the baselines do not depend on the model: count them once per seed
+        if key != "pa_miou" and not first:
+            continue
         cell.setdefault(label, []).append(values[key])
         cell.setdefault(label + " acc", []).append(values[key.replace("miou", "pixel_acc")])
 

@@ -13,7 +13,7 @@ export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 one() {  # lane seed mode
   local lane=$1 seed=$2 mode=$3 deg="$RUNS/val-r0.5-s$2/val" done_dir="$OUT/completed-$1-$3-r0.5-s$2"
-  [ -f "$done_dir/summary.json" ] || "$PY" lmae.py complete --checkpoint "$RUNS/$lane-s$seed/best.pt" \
+  [ -f "$done_dir/summary.json" ] || "$PY" lmae.py complete --fill model --checkpoint "$RUNS/$lane-s$seed/best.pt" \
       --images "$deg/images" --labels "$deg/masks" --unknown "$deg/unknown" --truth "$deg/truth" \
       --out "$done_dir" $([ "$mode" = windows ] && echo --windows) > "$done_dir.log" 2>&1
 }

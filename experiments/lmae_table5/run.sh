@@ -31,10 +31,10 @@ for seed in ${SEEDS:-0 1 2}; do
   run="$OUT/lmae-s$seed"
   [ -f "$run/results.json" ] || "$PY" lmae.py --data folder --data-root "$deg" --num-classes 11 --val-split train \
       --test-split train --unknown-first --mask-ratio 0.75 --arch tiny --patch-size 16 --lr 1e-3 --drop-path 0 \
-      --batch-size 8 --crop 224 --img-size 224 --eval-size 176x240 --epochs "$LMAE_EPOCHS" \
+      --batch-size 8 --crop 224 --img-size 224 --eval-size 176x240 --epochs "$LMAE_EPOCHS" --recipe paper \
       --eval-every "$LMAE_EPOCHS" --workers 0 --seed "$seed" "${LMAE_MODEL[@]}" --out "$run" > "$run.log" 2>&1
   completed="$OUT/completed-s$seed"
-  [ -f "$completed/summary.json" ] || "$PY" lmae.py complete --checkpoint "$run/best.pt" \
+  [ -f "$completed/summary.json" ] || "$PY" lmae.py complete --fill model --checkpoint "$run/best.pt" \
       --images "$deg/train/images" --labels "$deg/train/masks" --unknown "$deg/train/unknown" \
       --truth "$deg/train/truth" --out "$completed" > "$completed.log" 2>&1
   for variant in degraded completed full; do
