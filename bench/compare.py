@@ -7,7 +7,8 @@ Pairs (same sizes, same loss and optimizer unless stated; ratio = peer time / ou
     masksup        masksup.py LeViT-UNet-192 (224 px)  vs  timm `levit_192` stem + stages inside the same U-Net decoder
     simclr_seg     SimCLR ResNet-50 + head, NT-Xent    vs  torchvision `resnet50` (fc = the same MLP) + the common
                                                            NT-Xent (sthalles/SimCLR `info_nce_loss`)
-    selective_mim  ResNet-34 U-Net, (1 - MS-SSIM) + L1 vs  segmentation_models_pytorch `Unet('resnet34')`, same loss
+    selective_mim  ResNet-34 U-Net, (1 - MS-SSIM) + L1 vs  segmentation_models_pytorch `Unet('resnet34')`, same loss;
+                   64 px                                   ours with the script's fused Adam, the peer torch's Adam
     lmae           lmae.py (LMMSA blocks)              vs  the same MAE with timm ViT `Block`s (bench/bench_lmae.py)
 Each step includes what the script's step does (masks drawn, forward, loss, backward, optimizer). Every (method,
 dtype) runs ours and the peer in separate processes, alternating, `--runs` times; each process times `--steps`
@@ -108,7 +109,10 @@ def selective_mim_step(impl, batch, runtime, size=64):
     else:
         import segmentation_models_pytorch as smp
         model = smp.Unet("resnet34", encoder_weights=None, classes=3, decoder_channels=(256, 128, 64, 32, 16))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    if impl == "ours":  # the script's own optimizer (fused Adam) against torch.optim.Adam's defaults
+        optimizer, _ = sm.make_optimizer(model, 3e-3, 10, argparse.Namespace(warmup_epochs=0))
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     images = torch.randn(batch, 3, size, size)
     grid = sm.patch_grid(size, size, 64)
     loss_fn = functools.partial(sm.reconstruction_loss, window_size=3)  # the synthetic preset's MS-SSIM window
