@@ -11,6 +11,9 @@ Datasets
     `joint_transform(...)` builds the geometric + photometric pipeline applied to image and label together
     (torchvision.transforms.v2 with tv_tensors.Mask, so labels are resized with nearest and padded with 255).
     `check_labels(dataset)` reads every pair of a split once before training, so a bad file stops the run at once.
+    `read_label(path, num_classes, void_id)` reads a class-id label file (8/16-bit grey or palette; colour RGB is
+    refused) for every id reader and lmae.py's `complete`. `plan_splits({role: "SPLIT" | "SPLIT:F"})` is the carve
+    rule of --train-split/--val-split/--test-split; `build_dataset(..., part=)` takes its slices.
 
 Metrics
     `ConfusionMatrix` (mIoU, per-class IoU, pixel accuracy; an optional pixel region makes it PA-mIoU),

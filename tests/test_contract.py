@@ -750,6 +750,15 @@ def test_unwritable_out_is_one_line(name, where, tmp_path, capsys):
     assert snapshot(tmp_path) == {"file": b"a file where a folder is expected"}
 
 
+@pytest.mark.parametrize("command", ["degrade", "complete"])
+def test_unwritable_out_of_the_lmae_subcommands_is_one_line(command, tmp_path, capsys):
+    (tmp_path / "best.pt").write_bytes(b"not read before --out is checked")
+    argv = ["degrade"] if command == "degrade" else ["complete", "--checkpoint", str(tmp_path / "best.pt"),
+                                                      "--images", str(tmp_path), "--labels", str(tmp_path)]
+    code, err = run_in_process("lmae", argv + ["--out", "/proc/no-such-run"], capsys)
+    assert_one_error_line(code, err, "--out /proc/no-such-run: cannot write in /proc")
+
+
 def test_ctrl_c_says_how_to_continue_and_leaves_nothing_half_written(tmp_path):
     out = tmp_path / "run"
     argv = [a for a in tiny("masksup") if a != "--eval-masked"]

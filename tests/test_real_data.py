@@ -168,13 +168,19 @@ def test_masksup_eval_only_on_folder_data_with_the_training_flags(tmp_path):
 
 
 def test_selective_mim_on_a_users_folder(tmp_path):
-    """The test split lacks class 3: the run pre-trains, fine-tunes and tests (no crash after pre-training). A mask
-    with an id beyond --num-classes stops the run before the first pre-training step, with no run directory."""
+    """The test split lacks class 3: the run pre-trains, fine-tunes and tests (no crash after pre-training), and
+    --eval-only scores a folder holding only test/ with the checkpoint's network and K. A mask with an id beyond
+    --num-classes stops the run before the first pre-training step, with no run directory."""
     root = folder_tree(tmp_path / "mine", ("train", "val", "test"), classes=(0, 1, 2, 3),
                        per_split={"test": (0, 1, 2)}, count=3)
     out = tmp_path / "run"
     succeeded(*run("selective_mim", "--data", "folder", "--data-root", root, *SELECTIVE, "--out", out)[::2])
     assert json.loads((out / "results.json").read_text())["test"]
+    only_test = folder_tree(tmp_path / "only_test", ("test",), classes=(0, 1), count=2)
+    succeeded(*run("selective_mim", "--data", "folder", "--data-root", only_test, "--eval-only", "--out", out,
+                   "--img-size", "40", "--num-patches", "16", "--msssim-window", "3", "--workers", "0",
+                   "--device", "cpu")[::2])  # --arch resnet18-unet and K = 4 from the checkpoint
+    assert json.loads((out / "eval_test.json").read_text())["test"]
     bad = tmp_path / "bad"
     one_error(*run("selective_mim", "--data", "folder", "--data-root", root, "--num-classes", "3", *SELECTIVE,
                    "--out", bad)[::2], "class ids [3] outside 0..2", "--num-classes 4")
