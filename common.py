@@ -892,8 +892,9 @@ _LARGEST_IDS = {}
 
 
 def _largest_id(paths, void_id=None):
-    """The largest class id (not 255, not void_id) in these mask files; each set is read once per process."""
-    key = (paths, void_id)
+    """The largest class id (not 255, not void_id) in these mask files; each set is read once per process (while
+    no file changes: the key holds every file's modification time)."""
+    key = (tuple((path, os.path.getmtime(path)) for path in paths), void_id)
     if key not in _LARGEST_IDS:
         largest = 0
         for path in paths:
