@@ -860,7 +860,7 @@ def _read_folder(root, split, download, seed, options):
         raise DatasetError(f"folder: mask_mode must be 'ids', 'binary' or 'auto', got {mask_mode!r}")
     on_disk = folder_splits(root)
     if on_disk:
-        parts = {"trainval": ("train", "val"), "all": on_disk}.get(split, (split,)) if split not in on_disk else (split,)
+        parts = (split,) if split in on_disk else {"trainval": ("train", "val"), "all": on_disk}.get(split, (split,))
         images, labels = [], []
         for part in parts:
             if part not in on_disk:
