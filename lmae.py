@@ -23,9 +23,11 @@ Implemented (component -> function -> paper place)
     label degradation (augmentation experiment)      -> degrade, degrade_label         -> Sec. IV-C
     not in the paper: conv head + nearest prior      -> LMAEWithConvHead, ConvHead     -> CHOICE C15
     not in the paper: model-free fills (baselines)   -> nearest_known_fill, most_frequent_known_class
+    not in the paper: boundary-weighted loss, recipes -> boundary_weights, RECIPES    -> CHOICE C18, C19
+    not in the paper: self-check, --fill, tiles      -> self_check, complete_tiled      -> CHOICE C17
 
 Usage
-    python lmae.py                                                  # synthetic shapes, minutes on 2 CPU cores
+    python lmae.py                                  # synthetic shapes, --recipe fill (C19), ~2 min on 2 CPU cores
     python lmae.py --data voc --data-root data/VOCdevkit --mask-ratio 0.5                   # Sec. IV-A settings
     torchrun --nproc_per_node=4 lmae.py --data voc --data-root data/VOCdevkit --compile --channels-last
     python lmae.py --resume --out runs/lmae-voc                     # continue at the next epoch
@@ -62,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
-                    denormalize, joint_transform, plan_splits)
+                    denormalize, joint_transform, plan_splits, read_label)
 
 SCRIPT = "lmae.py"
 IGNORE = 255  # void in the given labels, unknown in labels to complete
@@ -816,21 +818,19 @@ def read_file(path, what, convert):
         raise DatasetError(f"cannot read {what} {path} ({type(error).__name__}: {error}); replace the file") from None
 
 
-def read_label_file(path, num_classes, what="label"):
-    """Single-channel class-id PNG (grey or palette) -> uint8 (H, W), ids checked against num_classes."""
-    def convert(image):
-        if image.mode not in ("L", "P", "1"):
-            raise DatasetError(f"{what} {path} has mode {image.mode}; labels must be single-channel class-id "
-                               f"images (grey or palette PNG, 255 = unknown)")
-        return np.array(image.convert("L") if image.mode == "1" else image, dtype=np.uint8)
+def read_label_file(path, num_classes, void_id=None):
+    """A class-id label (8/16-bit grey or palette PNG, read as training reads it: common.read_label; void_id -> 255)
+    -> uint8 (H, W), ids checked against the checkpoint's num_classes."""
+    try:
+        return read_label(path, num_classes, void_id).astype(np.uint8)
+    except DatasetError:
+        raise
+    except Exception as error:
+        raise DatasetError(f"cannot read label {path} ({type(error).__name__}: {error}); replace the file") from None
 
-    array = read_file(path, what, convert)
-    if what != "unknown mask":
-        bad = (array >= num_classes) & (array != IGNORE)
-        if bad.any():
-            raise DatasetError(f"{what} {path} has class ids {sorted(np.unique(array[bad]).tolist())[:5]} outside "
-                               f"0..{num_classes - 1} (255 = unknown); the checkpoint knows {num_classes} classes")
-    return array
+
+def read_mask_file(path):  # --unknown masks: any single-channel image, non-zero = unknown -> bool (H, W)
+    return read_file(path, "unknown mask", lambda image: np.array(image.convert("L")) > 0)
 
 
 def read_image_file(path):  # -> uint8 (H, W, 3)
@@ -1004,8 +1004,8 @@ def completion_inputs(args, num_classes):
 
     def read_pair(stem):
         size = image_size_of(images[stem])
-        label = read_label_file(labels[stem], num_classes)
-        unknown = read_label_file(unknowns[stem], num_classes, "unknown mask") > 0 if args.unknown else label == IGNORE
+        label = read_label_file(labels[stem], num_classes, args.void_id)
+        unknown = read_mask_file(unknowns[stem]) if args.unknown else label == IGNORE
         for array, path in ((label, labels[stem]), (unknown, unknowns.get(stem))):
             if array.shape != size:
                 raise DatasetError(f"{path} is {array.shape[1]}x{array.shape[0]} but image {images[stem]} is "
@@ -1288,7 +1288,7 @@ def write_completion(models, plans, images, truths, read_pair, fill, K, info, ar
             writable |= hidden & (label_t == config["background_class"])
         completed = torch.where(writable, prediction, label_t)  # known pixels are copied, never predicted
         if args.truth:
-            truth_t = torch.from_numpy(np.stack([read_label_file(truths[s], K, "truth label") for s in batch]))
+            truth_t = torch.from_numpy(np.stack([read_label_file(truths[s], K, args.void_id) for s in batch]))
             if truth_t.shape != label_t.shape:
                 raise DatasetError(f"--truth {args.truth}: a truth label's size differs from its label in "
                                    f"{', '.join(batch)}; sizes must match")
@@ -1583,8 +1583,8 @@ def get_args(argv=None):
                            "Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
     data.add_argument("--crop", type=parse_size, default=None,
                       help="random crop taken before the resize to --img-size (equal to --img-size: crop only); "
-                           "paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid (native-scale crops), none "
-                           "elsewhere")
+                           "paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid (native-scale crops), "
+                           "none elsewhere")
     data.add_argument("--eval-size", type=parse_size, default=None,
                       help="validation images are resized to this (CHOICE C10). Default: VOC 224, Cityscapes "
                            "1024x2048, CamVid 352x480, otherwise --img-size")
@@ -1758,6 +1758,10 @@ def get_complete_args(argv):
                         help="folder of complete labels (same names) to score the completion and the two "
                              "baselines: PA-mIoU over the unknown pixels, mIoU over all pixels")
     parser.add_argument("--out", required=True, help="new folder for the completed palette PNGs and report.csv")
+    parser.add_argument("--void-id", type=int, default=None,
+                        help="a class id of --labels and --truth that marks unlabelled pixels (e.g. CamVid's 11): "
+                             "read as 255, i.e. unknown and filled, or with --unknown masks void and written as 255 "
+                             "(default none)")
     parser.add_argument("--missing", default="unknown", choices=("unknown", "background"),
                         help="unknown: only unknown pixels are missing (default); background: background pixels "
                              "may be missing too, the most-background patches are hidden up to the model's ratio "
@@ -1803,6 +1807,8 @@ def get_complete_args(argv):
         parser.error(f"--check-share must be between 0 and 1 (exclusive), got {args.check_share}")
     if args.max_pixels < 0:
         parser.error(f"--max-pixels must be >= 0 (0 = never tile), got {args.max_pixels}")
+    if args.void_id is not None and not 0 <= args.void_id < 65536:
+        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
     if not 0.0 < args.scale <= 8.0:
         parser.error(f"--scale must be in (0, 8], got {args.scale}")
     if args.batch_size < 1:

@@ -425,11 +425,17 @@ def hide_count_agreement(scores, mask, hide_count):
 
 # --- loops ---
 
-def train_step(model, optimizer, inputs, targets, loss_fn, runtime):
-    """One optimisation step: forward under autocast (--amp), loss in float32, backward, Adam."""
+def forward_loss(model, inputs, targets, loss_fn, runtime):
+    """Forward under autocast (--amp), loss in float32: what --compile compiles (with its backward). Adam stays
+    outside, so the fresh optimizer of each phase does not recompile the step."""
     with autocast(runtime):
         outputs = model(inputs)
-    loss = loss_fn(outputs.float(), targets)
+    return loss_fn(outputs.float(), targets)
+
+
+def train_step(model, optimizer, inputs, targets, loss_fn, runtime, forward=forward_loss):
+    """One optimisation step: forward_loss (or its compiled version), backward, Adam."""
+    loss = forward(model, inputs, targets, loss_fn, runtime)
     optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of zero-filling them
     loss.backward()
     optimizer.step()
@@ -857,7 +863,7 @@ def train(args, runtime, splits, models, state, log, out):
     """Every epoch of every phase, one loop (Fig. 1): partition p is scored by the model after partition p-1,
     trained on its masks, checkpointed; then the downstream U-Net starts from those weights. Per epoch: train ->
     FiniteGuard.check -> evaluate -> log record -> last.pt -> best.pt (downstream, when val mIoU improves)."""
-    step_fn = torch.compile(train_step) if args.compile else train_step
+    step_fn = functools.partial(train_step, forward=torch.compile(forward_loss)) if args.compile else train_step
     phases, guard = phases_of(args), FiniteGuard()
     wrapped = {name: distribute(sync_batch_norm(model, args.sync_bn, runtime), runtime)  # (in place: models too)
                for name, model in models.items()}

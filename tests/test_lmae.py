@@ -594,7 +594,7 @@ def test_eval_only_scores_the_test_split(trained, tmp_path):
 
 def test_resume_is_bit_exact(tmp_path):
     common = ["--img-size", "32x48", "--limit", "8", "--batch-size", "4", "--arch", "tiny", "--workers", "0",
-              "--drop-path", "0.1"]
+              "--drop-path", "0.1", "--eval-every", "1"]  # every epoch validated (shapes default: 5)
     lmae.main(lmae.get_args(["--out", str(tmp_path / "straight"), "--epochs", "2", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "1", *common]))
     lmae.main(lmae.get_args(["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", *common]))
@@ -906,11 +906,18 @@ def test_complete_bad_labels_give_one_message(trained, degraded, tmp_path):
     Image.fromarray(bad).save(labels / name)
     args = ["complete", "--checkpoint", str(trained / "best.pt"), "--images", str(degraded / "images"),
             "--labels", str(labels)]
-    with pytest.raises(DatasetError, match=r"outside 0\.\.4"):
+    with pytest.raises(DatasetError, match=r"outside 0\.\.4.*--void-id 9"):
         lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "a")]))
     assert not (tmp_path / "a").exists()  # every label is checked before anything is written
-    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(labels / name)  # an RGB "label"
-    with pytest.raises(DatasetError, match="single-channel"):
+    done = lmae.main(lmae.get_args([*args, "--void-id", "9", "--fill", "nearest", "--out", str(tmp_path / "v")]))
+    assert done["unknown_pixels"] == (bad == 255).sum() + 1  # the void pixel is read as 255: unknown, filled
+    Image.fromarray(bad.astype(np.uint16)).save(labels / name)  # 16-bit grey: read as training reads it
+    assert lmae.main(lmae.get_args([*args, "--void-id", "9", "--fill", "nearest", "--out", str(tmp_path / "w")]))[
+        "unknown_pixels"] == done["unknown_pixels"]
+    colours = np.zeros((48, 64, 3), np.uint8)
+    colours[..., 0] = 128  # a colour-coded RGB label
+    Image.fromarray(colours).save(labels / name)
+    with pytest.raises(DatasetError, match="colour-coded"):
         lmae.main(lmae.get_args([*args, "--out", str(tmp_path / "b")]))
     with pytest.raises(lmae.UsageError, match="not a readable checkpoint|written by"):
         lmae.main(lmae.get_args(["complete", "--checkpoint", __file__, "--images", str(degraded / "images"),

@@ -12,6 +12,7 @@ DATA=${DATA:-../shared/data/CamVid}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 [ -f "$OUT/run/best.pt" ] || "$PY" lmae.py --data camvid --data-root "$DATA" --epochs 1 --limit 4 --eval-size 224 \
+    --test-split val \
     --workers 0 --out "$OUT/run" > "$OUT/train.log"
 [ -d "$OUT/small" ] || "$PY" lmae.py degrade --data camvid --data-root "$DATA" --split val --ratio 0.5 \
     --out "$OUT/small" > "$OUT/degrade.log"
