@@ -3,16 +3,19 @@
 For each script a few training steps per phase run three times in-process: fp32 eager (the reference), bf16 autocast
 with NHWC convolutions (--amp --channels-last; needs a CPU with AVX512-BF16 or AMX, else skipped), and --compile.
 Every logged loss (train and validation, every phase and epoch) must match the reference within tolerance():
---compile 1e-3 relative (the same fp32 arithmetic, fused and reordered), --amp 2e-2 (8-bit mantissas); looser
-where a data-dependent choice follows, and not at all for simclr_seg's bf16 pre-training (see tolerance()).
+--compile 1e-3 relative in the first epoch (the same fp32 arithmetic, fused and reordered), 1e-2 after more
+updates; --amp 2e-2 (8-bit mantissas); looser where a data-dependent choice follows, and not at all for
+simclr_seg's bf16 pre-training (see tolerance()).
 Each accelerated run's checkpoints must hold bare fp32 weights (no `_orig_mod.`/`module.` prefix from the compile
 or DDP wrappers) that an eager fp32 model loads strictly: `--eval-only` without the flags scores them.
 
-Cost: inductor's C++ compile of one tiny step takes 3-6 minutes on this 2-core CPU (89 kernels, g++ each) when its
-cache is cold, which the suite cannot afford. The --compile runs therefore use torch.compile with the `aot_eager`
-backend by default: Dynamo's graph capture and AOTAutograd's forward/backward graphs (the parts our code can break:
-graph breaks, recompiles, functionalised in-place ops, dtypes of the traced graph), run with eager kernels.
-ACCEL_BACKEND=inductor runs the same tests with the real inductor (the default of --compile):
+Cost (measured on the shared 2-core CPU, load average 3-4): the default (aot_eager) file 65 s, 16 tests. Inductor,
+the default backend of --compile, C++-compiles every kernel of the step (89 g++ runs for masksup's tiny U-Net): with
+a cold cache 356 s for masksup (load 5.7), 123 s simclr_seg, 147 s selective_mim, 73 s lmae; warm 8-11 s each. The
+suite cannot afford that, so its --compile runs use torch.compile with the `aot_eager` backend: Dynamo's graph
+capture and AOTAutograd's forward/backward graphs (what our code can break: graph breaks, recompiles, functionalised
+in-place ops, dtypes of the traced graph) run with eager kernels. ACCEL_BACKEND=inductor runs the same tests with
+the real inductor (all 8 --compile tests passed so, 5 min 53 s with a partly warm cache):
     ACCEL_BACKEND=inductor python -m pytest -q tests/test_accel.py
 """
 import functools
@@ -38,7 +41,10 @@ def tolerance(name, mode, key):
     # a weight differing in the 7th digit can flip a patch, and the later phases inherit it (measured 1.4e-3).
     after_choice = name == "selective_mim" and (partition or 0) + (stage == "finetune") > 0
     if mode == "compile":
-        return 1e-2 if after_choice else 1e-3
+        # the first epoch of the first phase (a forward from the initial weights, then one update) to 1e-3; later,
+        # the reordered sums have gone through more updates (inductor: up to 3.3e-3 in simclr_seg's epoch 2)
+        first = key[2] == 1 and stage in (None, "pretrain") and not partition
+        return 1e-3 if first else 1e-2
     if name == "simclr_seg" and stage == "pretrain":
         # at initialisation all projections point nearly the same way, and NT-Xent at tau 0.1 magnifies the bf16
         # rounding of the backbone's output: the forward alone differs 10 % (README 'Performance')
