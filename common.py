@@ -860,7 +860,7 @@ def _read_folder(root, split, download, seed, options):
         raise DatasetError(f"folder: mask_mode must be 'ids', 'binary' or 'auto', got {mask_mode!r}")
     on_disk = folder_splits(root)
     if on_disk:
-        parts = {"trainval": ("train", "val"), "all": on_disk}.get(split, (split,)) if split not in on_disk else (split,)
+        parts = (split,) if split in on_disk else {"trainval": ("train", "val"), "all": on_disk}.get(split, (split,))
         images, labels = [], []
         for part in parts:
             if part not in on_disk:
@@ -892,8 +892,9 @@ _LARGEST_IDS = {}
 
 
 def _largest_id(paths, void_id=None):
-    """The largest class id (not 255, not void_id) in these mask files; each set is read once per process."""
-    key = (paths, void_id)
+    """The largest class id (not 255, not void_id) in these mask files; each set is read once per process (while
+    no file changes: the key holds every file's modification time)."""
+    key = (tuple((path, os.path.getmtime(path)) for path in paths), void_id)
     if key not in _LARGEST_IDS:
         largest = 0
         for path in paths:

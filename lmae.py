@@ -410,12 +410,14 @@ def count_parameters(preset, num_classes=21, patch_size=16, fuse="layer", ips=Tr
 # --- loss (Sec. III-E) ---
 
 def lmae_loss(logits, labels, hidden_pixels, class_weighting, loss_region="all", ignore_background=False,
-              background_class=0, pixel_weights=None):
+              background_class=0, pixel_weights=None, over_ranks=False):
     """Class-weighted cross-entropy, Eqs. (10)-(12).
 
     logits (B, K, H, W) float, labels (B, H, W) int64 (255 = void), hidden_pixels (B, H, W) bool.
     class_weighting: ClassWeighting module, or None for plain CE (--class-weighting none). pixel_weights (B, H, W)
-    float or None: a further weight per pixel (boundary_weights, not in the paper). Returns a scalar.
+    float or None: a further weight per pixel (boundary_weights, not in the paper). over_ranks (training under DDP):
+    Eq. (12)'s denominator is the mean over the ranks, so that DDP's mean of the ranks' gradients is the gradient of
+    the loss over the global batch even when the ranks' weight sums differ. Returns a scalar.
     """
     K = logits.shape[1]
     counted = labels != IGNORE  # which pixels count: CHOICE C8
@@ -433,7 +435,11 @@ def lmae_loss(logits, labels, hidden_pixels, class_weighting, loss_region="all",
     extra = 1.0 if pixel_weights is None else pixel_weights
     pixel_weights = weights[targets] * counted * extra  # w_{y_n} * 1{y_n != ignore}, (B, H, W)
     # Eq. (12): l = sum_n w_{y_n} l_n / sum_n w_{y_n}, over the counted pixels
-    return (pixel_weights * per_pixel).sum() / pixel_weights.sum().clamp(min=1e-12)
+    denominator = pixel_weights.sum()
+    if over_ranks:  # the value of the global denominator, the gradient of the local one
+        denominator = denominator + (all_reduce_sum(denominator.detach().clone()) / dist.get_world_size()
+                                     - denominator.detach())
+    return (pixel_weights * per_pixel).sum() / denominator.clamp(min=1e-12)
 
 
 # --- not in the paper: model-free fills (the baselines every score is compared with) ---
@@ -614,7 +620,7 @@ def train_step(model, optimizer, images, labels, args, runtime, generator=None, 
     weighting = unwrap(model).class_weighting if args.class_weighting == "paper" else None
     extra = boundary_weights(labels, args.boundary_weight) if args.boundary_weight != 1.0 else None  # CHOICE C18
     loss = lmae_loss(logits, labels, hidden, weighting, args.loss_region, args.ignore_background_in_loss,
-                     args.background_class, extra)
+                     args.background_class, extra, over_ranks=runtime.world_size > 1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

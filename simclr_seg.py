@@ -512,7 +512,8 @@ def split_indices(args, pool):
 
 def run_splits(args, pool):
     """split_indices of the pool, then --limit: the first N indices of each split."""
-    return {name: indices[:args.limit] if args.limit else indices for name, indices in split_indices(args, pool).items()}
+    return {name: indices[:args.limit] if args.limit else indices
+            for name, indices in split_indices(args, pool).items()}
 
 
 def build_finetune_data(args, runtime, names=("train", "val", "test")):
@@ -897,8 +898,9 @@ def evaluate_checkpoint(args, runtime):
     if saved.get("data", args.data) != args.data:
         raise UsageError(f"--checkpoint {path} was fine-tuned on --data {saved['data']}, not {args.data}; pass "
                          f"--data {saved['data']}")
-    for name in SPLIT_PROTOCOL + ("init",):  # the test split the model was trained beside
-        if name in saved:
+    named = {"train_split", "val_split", "test_split"} & set(getattr(args, "given", ()))  # the splits typed now
+    for name in SPLIT_PROTOCOL + ("init",):  # the test split the model was trained beside, unless one is named
+        if name in saved and name not in named:
             setattr(args, name, saved[name])
     say(runtime, f"eval-only: {path}, " + ", ".join(f"{name}={getattr(args, name)}" for name in SPLIT_PROTOCOL))
     data = build_finetune_data(args, runtime, names=("test",))

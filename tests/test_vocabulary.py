@@ -184,7 +184,8 @@ def placeholder(name, argv, folder):
         if action is not None and action.nargs != 0 and not action.choices and action.type in (None, str) \
                 and ("/" in token or "$" in token):
             path, token = folder / str(i), str(folder / str(i))
-            if token.endswith(".pt") or argv[i].endswith(".pt"):  # a checkpoint: an (empty) file
+            if token.endswith(".pt") or argv[i].endswith(".pt") or "--checkpoint" in action.option_strings:
+                # a checkpoint: an (empty) file
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
             elif action.option_strings != ["--out"]:

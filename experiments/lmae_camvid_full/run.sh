@@ -19,14 +19,14 @@ EPOCHS=${EPOCHS:-30}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 RUN=(--epochs "$EPOCHS" --eval-every "$EPOCHS" --workers 0)
-score() {  # name seed checkpoint
+score() {  # name seed (the checkpoint: $OUT/NAME-sSEED/best.pt)
   for ratio in 0.5 0.7; do
     local deg="$OUT/val-r$ratio-s$2"
     [ -d "$deg" ] || "$PY" lmae.py degrade --data camvid --data-root "$DATA" --split val --ratio "$ratio" \
         --patch-size 16 --seed "$2" --out "$deg" > /dev/null 2>&1 || true  # another lane may be writing it
     while [ ! -f "$deg/degrade.json" ]; do sleep 2; done
     local done_dir="$OUT/completed-$1-r$ratio-s$2"
-    [ -f "$done_dir/summary.json" ] || "$PY" lmae.py complete --fill model --checkpoint "$3" \
+    [ -f "$done_dir/summary.json" ] || "$PY" lmae.py complete --fill model --checkpoint "$OUT/$1-s$2/best.pt" \
         --images "$deg/val/images" --labels "$deg/val/masks" --unknown "$deg/val/unknown" --truth "$deg/val/truth" \
         --out "$done_dir" > "$done_dir.log" 2>&1
   done
@@ -50,7 +50,7 @@ lane() {  # name
     esac
     echo "$1 seed $seed: training $(( $(date +%s) - start )) s, load $(cut -d' ' -f1-3 /proc/loadavg)" \
         | tee -a "$OUT/wall.txt"
-    score "$1" "$seed" "$run/best.pt"
+    score "$1" "$seed"
   done
 }
 start=$(date +%s)
