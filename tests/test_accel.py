@@ -23,6 +23,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,9 @@ def run(name, mode, root):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("accel"))
+    path = tmp_path_factory.mktemp("accel")
+    yield str(path)
+    shutil.rmtree(path)  # ~1.6 GB of checkpoints
 
 
 def assert_losses_match(name, mode, root):

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -345,7 +346,9 @@ def finished_runs(tmp_path_factory):
                                  "--deterministic", "--workers", "0"], capture_output=True, text=True, cwd=ROOT,
                                 env=ENV, timeout=600)
         runs[name] = (out, result)
-    return runs
+    yield runs
+    for out, _ in runs.values():
+        shutil.rmtree(out.parent)
 
 
 def finished(finished_runs, name):

@@ -567,7 +567,8 @@ def trained(tmp_path_factory):
     """A one-epoch synthetic run at 48 x 64 (non-square): a checkpoint for the tests below."""
     out = tmp_path_factory.mktemp("run") / "shapes"
     lmae.main(lmae.get_args(["--out", str(out), "--img-size", "48x64", "--epochs", "1", "--limit", "8", *TINY]))
-    return out
+    yield out
+    shutil.rmtree(out.parent)
 
 
 def test_run_directory_and_no_overwrite(trained):
@@ -643,7 +644,8 @@ def degraded(tmp_path_factory):
     summary = lmae.main(lmae.get_args(["degrade", "--data", "shapes", "--split", "val", "--img-size", "48x64",
                                        "--limit", "4", "--ratio", "0.5", "--patch-size", "8", "--out", str(out)]))
     assert summary["splits"]["val"]["images"] == 4
-    return out / "val"
+    yield out / "val"
+    shutil.rmtree(out.parent)
 
 
 def complete_args(trained, degraded, out, *extra):

@@ -5,6 +5,7 @@ Slow, obvious loop versions of the vectorised code live here as references. Size
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -566,7 +567,8 @@ RESUME = CONTRACT_TINY
 def straight_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight") / "run")
     sm.main(sm.get_args(RESUME + ["--out", out]))
-    return out
+    yield out
+    shutil.rmtree(Path(out).parent)
 
 
 class Crash(Exception):
