@@ -1268,7 +1268,8 @@ def add_run_arguments(parser, script):  # one meaning in all four scripts (READM
     add("--limit", type=int, metavar="N", help="keep the first N images of each split")
     add("--workers", type=int, default=2, help="DataLoader worker processes (0 = the main process)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
-    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (on with CUDA by default; a CPU needs AMX)")
+    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA, and on a CPU "
+        "with AVX512-BF16/AMX where the README's bf16 table shows this method's metric holds)")
     add("--compile", action="store_true", help="torch.compile the training step")
     add("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC convolutions (default: on with CUDA)")
     add("--deterministic", action="store_true", help="bitwise repeatable kernels (slower)")
@@ -1322,14 +1323,15 @@ def cpu_supports_bf16():
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def setup_runtime(args):
-    """-> Runtime; resolves args.device/amp/channels_last in place. torchrun: one process per GPU (nccl) or CPU slot."""
+def setup_runtime(args, amp_on_cpu=False):
+    """-> Runtime; resolves args.device/amp/channels_last in place (amp_on_cpu: the --amp default on a bf16 CPU).
+    torchrun: one process per GPU (nccl) or CPU slot."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; pass --device cpu or auto")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = "cuda" if use_cuda else "cpu"
     if args.amp is None:
-        args.amp = use_cuda
+        args.amp = use_cuda or (amp_on_cpu and cpu_supports_bf16())
     elif args.amp and not use_cuda and not cpu_supports_bf16():
         raise UsageError("--amp: this CPU has no bf16 support (AVX512-BF16 or AMX); pass --no-amp")
     args.channels_last = use_cuda if args.channels_last is None else args.channels_last
@@ -1557,9 +1559,9 @@ def check_run_dir(args, script, resume_files=("last.pt",)):
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder for the run")
     check_writable(out)
-    if lock_holder(out) not in (None, os.getpid()):
-        raise UsageError(f"--out {out} is in use by another run (pid {lock_holder(out)}); wait for it or pass "
-                         f"another --out")
+    holder = lock_holder(out)
+    if holder not in (None, os.getpid()):
+        raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it or pass another --out")
     try:
         ours = json.loads((out / "config.json").read_text()).get("script") == script
     except (OSError, ValueError, AttributeError):
