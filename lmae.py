@@ -63,8 +63,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
-                    denormalize, joint_transform, plan_splits, read_label)
+from common import (DATASET_NAMES, IMAGE_EXTENSIONS, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset,
+                    check_labels, denormalize, joint_transform, load_rgb, plan_splits, read_label)
 
 SCRIPT = "lmae.py"
 IGNORE = 255  # void in the given labels, unknown in labels to complete
@@ -805,12 +805,11 @@ def degrade(args):
 
 # --- phases: completing a dataset (Sec. III-D, Fig. 4) ---
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")  # files `complete` reads
 RATIO_WARNING = 0.15  # `complete` warns when the hidden share exceeds the checkpoint's ratio by more than this
 
 
 def files_by_stem(folder):
-    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
 
 
 def read_file(path, what, convert):
@@ -818,33 +817,8 @@ def read_file(path, what, convert):
     try:
         with Image.open(path) as image:
             return convert(image)
-    except DatasetError:
-        raise
     except Exception as error:
         raise DatasetError(f"cannot read {what} {path} ({type(error).__name__}: {error}); replace the file") from None
-
-
-def read_label_file(path, num_classes, void_id=None):
-    """A class-id label (8/16-bit grey or palette PNG, read as training reads it: common.read_label; void_id -> 255)
-    -> uint8 (H, W), ids checked against the checkpoint's num_classes."""
-    try:
-        return read_label(path, num_classes, void_id).astype(np.uint8)
-    except DatasetError:
-        raise
-    except Exception as error:
-        raise DatasetError(f"cannot read label {path} ({type(error).__name__}: {error}); replace the file") from None
-
-
-def read_mask_file(path):  # --unknown masks: any single-channel image, non-zero = unknown -> bool (H, W)
-    return read_file(path, "unknown mask", lambda image: np.array(image.convert("L")) > 0)
-
-
-def read_image_file(path):  # -> uint8 (H, W, 3)
-    return read_file(path, "image", lambda image: np.array(image.convert("RGB")))
-
-
-def image_size_of(path):  # (H, W) from the file header, without decoding the pixels
-    return read_file(path, "image", lambda image: (image.size[1], image.size[0]))
 
 
 def load_completion_models(paths, device):
@@ -862,28 +836,22 @@ def load_completion_models(paths, device):
     return sorted(models, key=lambda m: m[1]["mask_ratio"]), info
 
 
-def completion_grid(height, width, scale, patch_size):
-    """CHOICE C12: the size (h, w) an H x W image is resized to (aspect kept) and the padded size, a multiple of P."""
-    h, w = max(1, round(height * scale)), max(1, round(width * scale))
-    return (h, w), (math.ceil(h / patch_size) * patch_size, math.ceil(w / patch_size) * patch_size)
-
-
-def to_model_grid(labels, unknown, size, padded):
-    """labels (B, H, W) int (uint8 or int64), unknown (B, H, W) bool -> both at the model's padded grid (B, H_p, W_p),
-    labels in their dtype.
-
-    Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any native pixel it
-    covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void, not unknown.
-    """
-    h, w = size
-    pad = (0, padded[1] - w, 0, padded[0] - h)
-    if size == tuple(labels.shape[1:]):  # --scale 1: no resize
+def to_model_grid(labels, unknown, scale, patch_size):
+    """labels (B, H, W) int (uint8 or int64), unknown (B, H, W) bool -> both at the model's grid (B, H_p, W_p),
+    labels in their dtype, and the sizes (h, w), (H_p, W_p). CHOICE C12: resized by `scale` (aspect kept), padded
+    to a multiple of P. Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any
+    native pixel it covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void."""
+    H, W = labels.shape[1:]
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    padded = (math.ceil(size[0] / patch_size) * patch_size, math.ceil(size[1] / patch_size) * patch_size)
+    pad = (0, padded[1] - size[1], 0, padded[0] - size[0])
+    if size == (H, W):  # --scale 1: no resize
         small_unknown, small_labels = unknown, labels
     else:
         small_unknown = F.interpolate(unknown[:, None].float(), size=size, mode="area")[:, 0] > 0  # (B, h, w)
         small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].to(labels.dtype)
     small_labels = torch.where(small_unknown, IGNORE, small_labels)
-    return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False)
+    return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False), size, padded
 
 
 def pixel_fraction(pixels, patch_size):
@@ -913,6 +881,23 @@ def plan_hidden(labels, unknown, config, args):
     else:
         share = n_unknown / L
     return dict(num_hidden=min(num_hidden, L - 1), share=share, patches=L, keys=[holds_unknown.float(), background])
+
+
+def route(models, label, unknown, args, device, only=None):
+    """Fig. 4: plan one image (label uint8 (H, W), unknown bool (H, W)) at every checkpoint's grid (or only at
+    checkpoint `only`'s) and pick the checkpoint whose mask ratio is nearest the image's share; ties go to the
+    larger ratio. The plan: plan_hidden's dict, checkpoint, shape, tiled (the scaled size exceeds --max-pixels:
+    the image runs alone, in tiles, complete_tiled)."""
+    plans = []
+    for index in range(len(models)) if only is None else [only]:
+        config = models[index][1]
+        grid_labels, grid_unknown, size, _ = to_model_grid(torch.from_numpy(label)[None].to(device),
+                                                           torch.from_numpy(unknown)[None].to(device), args.scale,
+                                                           config["patch_size"])
+        plans.append(dict(plan_hidden(grid_labels, grid_unknown, config, args), checkpoint=index, shape=label.shape,
+                          tiled=0 < args.max_pixels < size[0] * size[1]))
+    return min(plans, key=lambda p: (abs(models[p["checkpoint"]][1]["mask_ratio"] - p["share"]),
+                                     -models[p["checkpoint"]][1]["mask_ratio"]))
 
 
 def window_starts(length, window, patch_size):
@@ -966,14 +951,12 @@ def window_logits(model, config, images, labels, mask, runtime):
 def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, runtime, generator):
     """Fill one batch of same-size images with one checkpoint (Sec. III-D).
 
-    images uint8 (B, H, W, 3), labels int64 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
-    rank_patches keys (B, L) at the model grid. Returns the prediction (B, H, W) int64 and the hidden pixels
-    (B, H, W) bool at the native size.
+    images uint8 (B, H, W, 3), labels uint8 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
+    rank_patches keys (B, L) at the model grid -> prediction uint8 (B, H, W), hidden pixels bool (B, H, W).
     """
     B, H, W = labels.shape
     P = config["patch_size"]
-    size, padded = completion_grid(H, W, args.scale, P)
-    model_labels = to_model_grid(labels, unknown, size, padded)[0].long()  # (B, H_p, W_p)
+    model_labels, _, size, padded = to_model_grid(labels.long(), unknown, args.scale, P)  # (B, H_p, W_p)
     mask, ids_keep = hide_first(rank_patches(keys, generator), num_hidden)  # unknown patches first, then background
     mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
     small = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
@@ -989,7 +972,31 @@ def complete_batch(model, config, images, labels, unknown, keys, num_hidden, arg
     if size != (H, W):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear")  # (B, K, H, W)
         hidden = F.interpolate(hidden, size=(H, W), mode="nearest")
-    return logits.argmax(dim=1), hidden[:, 0].bool()
+    return logits.argmax(dim=1).to(torch.uint8), hidden[:, 0].bool()
+
+
+@torch.no_grad()
+def complete_tiled(model, config, image, label, unknown, args, runtime, generator):
+    """An image over --max-pixels (CHOICE C17): complete_batch on tiles of at most --max-pixels model pixels, cut
+    on the patch grid (at --scale 1 exactly `degrade`'s grid), each planned on its own; memory stays bounded.
+
+    image uint8 (1, H, W, 3), label uint8 (1, H, W), unknown bool (1, H, W) -> prediction uint8 (1, H, W) (the
+    label where nothing was hidden), hidden bool (1, H, W), the number of tiles run.
+    """
+    P = config["patch_size"]
+    side = max(P, math.isqrt(args.max_pixels) // P * P)  # tile side at the model grid
+    tile = max(1, round(side / args.scale))  # ... and at the native size
+    prediction, hidden, count = label.clone(), torch.zeros_like(unknown), 0
+    for top in range(0, label.shape[1], tile):
+        for left in range(0, label.shape[2], tile):
+            part = (slice(None), slice(top, top + tile), slice(left, left + tile))
+            plan = plan_hidden(*to_model_grid(label[part], unknown[part], args.scale, P)[:2], config, args)
+            if plan["num_hidden"] > 0:
+                prediction[part], hidden[part] = complete_batch(model, config, image[part], label[part], unknown[part],
+                                                                plan["keys"], plan["num_hidden"], args, runtime,
+                                                                generator)
+                count += 1
+    return prediction, hidden, count
 
 
 def completion_inputs(args, num_classes):
@@ -1008,10 +1015,11 @@ def completion_inputs(args, num_classes):
             if folder and stem not in files:
                 raise DatasetError(f"{flag} {folder} has no file {stem}.png for label {labels[stem]}")
 
-    def read_pair(stem):
-        size = image_size_of(images[stem])
-        label = read_label_file(labels[stem], num_classes, args.void_id)
-        unknown = read_mask_file(unknowns[stem]) if args.unknown else label == IGNORE
+    def read_pair(stem):  # labels are read as training reads them (common.read_label; --void-id -> 255)
+        size = read_file(images[stem], "image", lambda image: image.size[::-1])  # (H, W) from the header alone
+        label = read_label(labels[stem], num_classes, args.void_id).astype(np.uint8)
+        unknown = (read_file(unknowns[stem], "unknown mask", lambda image: np.array(image.convert("L")) > 0)
+                   if args.unknown else label == IGNORE)  # --unknown masks: any single-channel image, non-zero
         for array, path in ((label, labels[stem]), (unknown, unknowns.get(stem))):
             if array.shape != size:
                 raise DatasetError(f"{path} is {array.shape[1]}x{array.shape[0]} but image {images[stem]} is "
@@ -1019,51 +1027,6 @@ def completion_inputs(args, num_classes):
         return label, unknown
 
     return images, labels, truths, read_pair
-
-
-def plan_image(models, index, label, unknown, args, device):
-    """plan_hidden of one image (label uint8 (H, W), unknown bool (H, W)) at checkpoint `index`'s grid, with
-    tiled = True when its scaled size exceeds --max-pixels (then it runs alone, in tiles: complete_tiled)."""
-    config = models[index][1]
-    size, padded = completion_grid(*label.shape, args.scale, config["patch_size"])
-    grid_labels, grid_unknown = to_model_grid(torch.from_numpy(label)[None].to(device),
-                                              torch.from_numpy(unknown)[None].to(device), size, padded)
-    return dict(plan_hidden(grid_labels, grid_unknown, config, args), checkpoint=index, shape=label.shape,
-                tiled=0 < args.max_pixels < size[0] * size[1])
-
-
-def route(models, label, unknown, args, device):
-    """Fig. 4: plan one image (label uint8 (H, W), unknown bool (H, W)) at every checkpoint's grid and pick the
-    checkpoint whose mask ratio is nearest the image's share; ties go to the larger ratio."""
-    plans = [plan_image(models, index, label, unknown, args, device) for index in range(len(models))]
-    return min(plans, key=lambda p: (abs(models[p["checkpoint"]][1]["mask_ratio"] - p["share"]),
-                                     -models[p["checkpoint"]][1]["mask_ratio"]))
-
-
-@torch.no_grad()
-def complete_tiled(model, config, image, label, unknown, args, runtime, generator):
-    """An image over --max-pixels (CHOICE C17): complete_batch on tiles of at most --max-pixels model pixels, cut
-    on the patch grid (at --scale 1 exactly `degrade`'s grid), each planned on its own; memory stays bounded.
-
-    image uint8 (1, H, W, 3), label uint8 (1, H, W), unknown bool (1, H, W) -> prediction uint8 (1, H, W) (the
-    label where nothing was hidden), hidden bool (1, H, W), the number of tiles run.
-    """
-    P = config["patch_size"]
-    side = max(P, math.isqrt(args.max_pixels) // P * P)  # tile side at the model grid
-    tile = max(1, round(side / args.scale))  # ... and at the native size
-    prediction, hidden, count = label.clone(), torch.zeros_like(unknown), 0
-    for top in range(0, label.shape[1], tile):
-        for left in range(0, label.shape[2], tile):
-            part = (slice(None), slice(top, top + tile), slice(left, left + tile))
-            tile_label, tile_unknown = label[part], unknown[part]  # (1, h, w)
-            size, padded = completion_grid(*tile_label.shape[1:], args.scale, P)
-            plan = plan_hidden(*to_model_grid(tile_label, tile_unknown, size, padded), config, args)
-            if plan["num_hidden"] == 0:
-                continue
-            predicted, tile_hidden = complete_batch(model, config, image[part], tile_label, tile_unknown, plan["keys"],
-                                                    plan["num_hidden"], args, runtime, generator)
-            prediction[part], hidden[part], count = predicted.to(torch.uint8), tile_hidden, count + 1
-    return prediction, hidden, count
 
 
 def completion_batches(models, plans, images, read, fill, args, runtime, generator):
@@ -1087,7 +1050,7 @@ def completion_batches(models, plans, images, read, fill, args, runtime, generat
             if fill == "nearest":
                 prediction, hidden = nearest_known_fill(label_t, ~unknown_t), unknown_t
             else:
-                image_t = torch.from_numpy(np.stack([read_image_file(images[s]) for s in batch])).to(device)
+                image_t = torch.from_numpy(np.stack([load_rgb(images[s]) for s in batch])).to(device)  # (B, H, W, 3)
                 if plans[batch[0]]["tiled"]:
                     prediction, hidden, tiles = complete_tiled(model, config, image_t, label_t, unknown_t, args,
                                                                runtime, generator)
@@ -1095,7 +1058,6 @@ def completion_batches(models, plans, images, read, fill, args, runtime, generat
                     keys = [torch.cat([plans[s]["keys"][k] for s in batch]) for k in range(2)]  # (B, L) each
                     prediction, hidden = complete_batch(model, config, image_t, label_t, unknown_t, keys, num_hidden,
                                                         args, runtime, generator)
-                    prediction = prediction.to(torch.uint8)
             yield batch, index, label_t, unknown_t, prediction, hidden, tiles
 
 
@@ -1108,14 +1070,13 @@ def say_done(done, total, what, detail):
 # --- phases: the self-check of `complete` (not in the paper, CHOICE C17) ---
 
 def check_pixels(label, unknown, config, args, stem):
-    """The known pixels `complete --self-check` hides in one image: ceil(--check-share x the patches, at the
+    """The known pixels the self-check hides: the pixels of ceil(--check-share x the patches, at the
     checkpoint's grid, that hold a labelled pixel and no unknown one), drawn with a generator keyed by (seed, name).
     label uint8 (H, W), unknown bool (H, W) numpy -> (H, W) bool numpy."""
     H, W = label.shape
     P = config["patch_size"]
-    size, padded = completion_grid(H, W, args.scale, P)
     label_t, unknown_t = torch.from_numpy(label)[None], torch.from_numpy(unknown)[None]
-    grid_labels, grid_unknown = to_model_grid(label_t, unknown_t, size, padded)  # (1, H_p, W_p)
+    grid_labels, grid_unknown, size, padded = to_model_grid(label_t, unknown_t, args.scale, P)  # (1, H_p, W_p)
     candidates = (pixel_fraction(grid_labels != IGNORE, P) > 0) & (pixel_fraction(grid_unknown, P) == 0)  # (1, L)
     ranked = rank_patches([candidates.float()], make_generator(args.seed, "self-check", stem))
     chosen, _ = hide_first(ranked, math.ceil(args.check_share * int(candidates.sum())))  # (1, L)
@@ -1169,7 +1130,7 @@ def self_check(models, plans, images, read_pair, num_classes, args, runtime):
         label, unknown = read_pair(stem)
         index = plans[stem]["checkpoint"]
         hide = check_pixels(label, unknown, models[index][1], args, stem)
-        checked[stem] = (hide, plan_image(models, index, label, unknown | hide, args, device))
+        checked[stem] = (hide, route(models, label, unknown | hide, args, device, only=index))
 
     def read(stem):  # the given label, with the checked pixels unknown too
         label, unknown = read_pair(stem)
@@ -1216,14 +1177,12 @@ def completion_summary(args, rows, models, scores, without_label):
             print(f"warning: {len(over)} images routed to {path} hid {max(r['hidden_share'] for r in over):.0%} of "
                   f"their patches, far above the ratio {config['mask_ratio']} it was trained at; train a checkpoint "
                   f"at a higher --mask-ratio for them", file=sys.stderr)
-    if args.truth:
+    if args.truth:  # pa_: over the unknown pixels; miou, pixel_acc: the completed label over all pixels
         result = {name: matrix.compute() for name, matrix in scores.items()}
-        summary.update(pa_miou=result["model"]["miou"], pa_pixel_acc=result["model"]["pixel_acc"],
-                       miou=result["completed"]["miou"], pixel_acc=result["completed"]["pixel_acc"],
-                       nearest_pa_miou=result["nearest"]["miou"], nearest_pa_pixel_acc=result["nearest"]["pixel_acc"],
-                       frequent_pa_miou=result["frequent"]["miou"],
-                       frequent_pa_pixel_acc=result["frequent"]["pixel_acc"],
-                       pa_per_class_iou=result["model"]["per_class_iou"])
+        for name, prefix in (("model", "pa_"), ("completed", ""), ("nearest", "nearest_pa_"),
+                             ("frequent", "frequent_pa_")):
+            summary.update({prefix + "miou": result[name]["miou"], prefix + "pixel_acc": result[name]["pixel_acc"]})
+        summary["pa_per_class_iou"] = result["model"]["per_class_iou"]
     return summary
 
 
@@ -1258,8 +1217,8 @@ def complete(args):
     written = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        summary = write_completion(models, plans, images, truths, read_pair, fill, K, info, args, runtime, written)
-        summary["images_without_label"] = len(without_label)
+        rows, scores = write_completion(models, plans, images, truths, read_pair, fill, info, args, runtime, written)
+        summary = completion_summary(args, rows, models, scores, without_label)
     except BaseException:  # a failure or Ctrl-C leaves no half-filled --out behind (nothing the user had is touched)
         for path in written:
             path.unlink(missing_ok=True)
@@ -1277,15 +1236,14 @@ def complete(args):
     return summary
 
 
-def write_completion(models, plans, images, truths, read_pair, fill, K, info, args, runtime, written):
-    """The writing pass of `complete`: one palette PNG per label (paths appended to `written`), report.csv; with
-    --truth the scores of this fill, the nearest fill and the most-frequent fill. -> the summary dict."""
-    out, device = Path(args.out), runtime.device
+def write_completion(models, plans, images, truths, read_pair, fill, info, args, runtime, written):
+    """The writing pass of `complete`: one palette PNG per label (paths appended to `written`); with --truth the
+    scores of this fill, the nearest fill and the most-frequent fill. -> report rows, {name: ConfusionMatrix}."""
+    out, device, K = Path(args.out), runtime.device, info["num_classes"]
     scores = {name: ConfusionMatrix(K, device=device) for name in ("model", "completed", "nearest", "frequent")}
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    rows, done = [], 0
+    rows, started = [], time.time()
     bar = progress(total=len(plans), iterable=None, runtime=runtime, desc="completing")
-    started = time.time()
     for batch, index, label_t, unknown_t, prediction, hidden, tiles in completion_batches(
             models, plans, images, read_pair, fill, args, runtime, generator):
         _, config, path = models[index]
@@ -1294,7 +1252,8 @@ def write_completion(models, plans, images, truths, read_pair, fill, K, info, ar
             writable |= hidden & (label_t == config["background_class"])
         completed = torch.where(writable, prediction, label_t)  # known pixels are copied, never predicted
         if args.truth:
-            truth_t = torch.from_numpy(np.stack([read_label_file(truths[s], K, args.void_id) for s in batch]))
+            truth_t = torch.from_numpy(np.stack([read_label(truths[s], K, args.void_id).astype(np.uint8)
+                                                 for s in batch]))
             if truth_t.shape != label_t.shape:
                 raise DatasetError(f"--truth {args.truth}: a truth label's size differs from its label in "
                                    f"{', '.join(batch)}; sizes must match")
@@ -1321,13 +1280,11 @@ def write_completion(models, plans, images, truths, read_pair, fill, K, info, ar
                 row["filled_accuracy"] = round(int((completed[i] == truth_t[i])[scored].sum()) / count, 6)
                 row["nearest_accuracy"] = round(int((nearest[i] == truth_t[i])[scored].sum()) / count, 6)
             rows.append(row)
-            done += 1
-            say_done(done, len(plans), "complete", f"{stem} {label_t.shape[2]}x{label_t.shape[1]} fill={fill} "
-                                                   f"tiles={tiles} {time.time() - started:.1f} s")
+            say_done(len(rows), len(plans), "complete", f"{stem} {label_t.shape[2]}x{label_t.shape[1]} fill={fill} "
+                                                        f"tiles={tiles} {time.time() - started:.1f} s")
         bar.update(len(batch))
     bar.close()
-    rows.sort(key=lambda r: r["name"])
-    return completion_summary(args, rows, models, scores, without_label=[])
+    return sorted(rows, key=lambda r: r["name"]), scores
 
 
 # --- phases: training (Sec. IV-A) ---
