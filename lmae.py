@@ -1457,8 +1457,9 @@ def train(args, runtime, resume_path):
 
 # --- command line ---
 
-IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
-LABELLED_SETS = [n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
+LABELLED_SETS = [n for n in DATASET_NAMES if n not in ("cifar10", "catsdogs")]  # the image-only sets have no labels
+MASKINGS = STRATEGIES + ("mixed",)
+FRACTION = "between 0 and 1 (exclusive)"
 # Recipes (--recipe): paper = the paper's model and masks; fill = ours, not in the paper (CHOICE C19): the conv head
 # with the nearest-known-pixel prior (C15), random masks (what `degrade` draws), boundary-weighted loss (C18).
 RECIPES = {
@@ -1507,6 +1508,21 @@ def parse_mix(text):
     return parts
 
 
+def add_dataset_arguments(add):  # training and `degrade`
+    add("--data", default="shapes", choices=LABELLED_SETS,
+        help="dataset (common.py readers; needs labels, 255 = unknown/void). Default: shapes, the synthetic set; "
+             "folder reads <root>/{train,val,test}/{images,masks} (what degrade writes)")
+    add("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
+    add("--download", action="store_true", help="let torchvision download the set where it can")
+
+
+def check_ranges(parser, args, checks):
+    """parser.error for the first (dest, valid, what) that is not valid: `--flag must be what, got value`."""
+    for name, valid, what in checks:
+        if not valid:
+            parser.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+
+
 def get_args(argv=None):
     """The whole CLI. The first word picks the job: `complete`, `degrade`, or none (training)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1515,175 +1531,127 @@ def get_args(argv=None):
     if argv and argv[0] == "degrade":
         return get_degrade_args(argv[1:])
 
-    parser = ArgumentParser(
-        description="L-MAE label completion: train (this command), or `lmae.py complete ...` / "
-                    "`lmae.py degrade ...` (see `lmae.py complete -h`, `lmae.py degrade -h`)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="shapes", choices=LABELLED_SETS,
-                      help="dataset (common.py readers; needs labels, 255 = unknown/void). Default: shapes, the "
-                           "synthetic set; folder reads <root>/{train,val,test}/{images,masks} (what degrade writes)")
-    data.add_argument("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
-    data.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
-    data.add_argument("--num-classes", type=int, default=None,
-                      help="--data folder only: the number of classes K (default: largest id in the masks + 1; "
-                           "give it for partial labels, whose masks may miss a class)")
-    data.add_argument("--train-split", default="train",
-                      help="split that trains (SPLIT:F = a seeded fraction F of SPLIT, --split-seed; the roles naming "
-                           "SPLIT plainly get the rest), e.g. the split degrade wrote")
-    data.add_argument("--val-split", default="val",
-                      help="split that picks best.pt (default val; or SPLIT:F; `train` validates on the training "
-                           "labels with fresh masks, for a set that only has partial labels)")
-    data.add_argument("--test-split", default="test",
-                      help="split scored at the end and by --eval-only (default test; or SPLIT:F)")
-    data.add_argument("--split-seed", type=int, default=0,
-                      help="seed of the readers' seeded splits and of SPLIT:F, kept apart from --seed so that every "
-                           "run seed meets the same test images")
-    data.add_argument("--void-id", type=int, default=None,
-                      help="class-id labels: this id marks unlabelled pixels and becomes 255 (ignore); CamVid's 11 "
-                           "is known without it")
-    data.add_argument("--img-size", type=parse_size, default=None,
-                      help="training input H or HxW, a multiple of --patch-size; paper: VOC 224 (crop 448 resized), "
-                           "Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
-    data.add_argument("--crop", type=parse_size, default=None,
-                      help="random crop taken before the resize to --img-size (equal to --img-size: crop only); "
-                           "paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid (native-scale crops), "
-                           "none elsewhere")
-    data.add_argument("--eval-size", type=parse_size, default=None,
-                      help="validation images are resized to this (CHOICE C10). Default: VOC 224, Cityscapes "
-                           "1024x2048, CamVid 352x480, otherwise --img-size")
-    data.add_argument("--background-class", type=int, default=0,
-                      help="class id treated as background by the mask strategies (CHOICE C4; default 0)")
+    parser = ArgumentParser(description="L-MAE label completion: train (this command), or `lmae.py complete ...` / "
+                                        "`lmae.py degrade ...` (see `lmae.py complete -h`, `lmae.py degrade -h`)")
+    add = parser.add_argument_group("data").add_argument
+    add_dataset_arguments(add)
+    add("--num-classes", type=int, default=None, help="--data folder only: the number of classes K (default: largest "
+        "id in the masks + 1; give it for partial labels, whose masks may miss a class)")
+    add("--train-split", default="train", help="split that trains (SPLIT:F = a seeded fraction F of SPLIT, "
+        "--split-seed; the roles naming SPLIT plainly get the rest), e.g. the split degrade wrote")
+    add("--val-split", default="val", help="split that picks best.pt (default val; or SPLIT:F; `train` validates on "
+        "the training labels with fresh masks, for a set that only has partial labels)")
+    add("--test-split", default="test", help="split scored at the end and by --eval-only (default test; or SPLIT:F)")
+    add("--split-seed", type=int, default=0, help="seed of the readers' seeded splits and of SPLIT:F, apart from "
+        "--seed so that every run seed meets the same test images")
+    add("--void-id", type=int, default=None, help="class-id labels: this id marks unlabelled pixels and becomes 255 "
+        "(ignore); CamVid's 11 is known without it")
+    add("--img-size", type=parse_size, default=None, help="training input H or HxW, a multiple of --patch-size; "
+        "paper: VOC 224 (crop 448 resized), Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
+    add("--crop", type=parse_size, default=None, help="random crop taken before the resize to --img-size (equal to "
+        "--img-size: crop only); paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid, none elsewhere")
+    add("--eval-size", type=parse_size, default=None, help="validation images are resized to this (CHOICE C10). "
+        "Default: VOC 224, Cityscapes 1024x2048, CamVid 352x480, otherwise --img-size")
+    add("--background-class", type=int, default=0,
+        help="class id treated as background by the mask strategies (CHOICE C4; default 0)")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--arch", default=None, choices=tuple(PRESETS),
-                       help=f"network EB/DB/ED/DD from Table IV (paper's choice {PAPER_PRESET}, the voc and "
-                            "cityscapes default) or small/tiny (tiny: the default elsewhere, C14, C19)")
-    model.add_argument("--patch-size", type=int, default=None,
-                       help="patch side P in pixels; Table IV's counts fix P=16 (default; shapes 8)")
-    model.add_argument("--fuse", default="layer", choices=FUSES,
-                       help="Stack Fuse variant, Table III: layer = one-hot layers + RGB (the paper's, default), "
-                            "direct = label as a 4th channel, insert = label copied after each RGB channel")
-    model.add_argument("--pos-embed", default="2d", choices=("2d", "1d"),
-                       help="fixed sin-cos positions: 2d (MAE, default) or 1d (the paper's Eqs. 2-3), CHOICE C2")
-    model.add_argument("--ips", action=argparse.BooleanOptionalAction, default=True,
-                       help="Image Patch Supplement (Sec. III-C, default on); --no-ips uses MAE's learned mask "
-                            "token (Fig. 6)")
-    model.add_argument("--drop-path", type=float, default=None,
-                       help="largest stochastic-depth rate (CHOICE C6; default 0.1 for voc and cityscapes, 0 "
-                            "elsewhere)")
-    model.add_argument("--recipe", default=None, choices=tuple(RECIPES),
-                       help="paper: the paper's model (linear head, mixed 1:2:2 masks, plain loss); fill: ours, not "
-                            "in the paper (conv head width 16 + nearest prior, random masks, boundary weight 5; "
-                            "CHOICE C19). Sets the defaults of --head, --head-width, --nearest-prior, --masking, "
-                            "--boundary-weight. Default: paper for voc and cityscapes, fill otherwise")
-    model.add_argument("--head", default=None, choices=HEADS,
-                       help="pixel head: linear (the paper's per-token map) or conv (CHOICE C15). Default: --recipe's")
-    model.add_argument("--head-width", type=int, default=None, help="channels of --head conv (default: --recipe's)")
-    model.add_argument("--nearest-prior", action=argparse.BooleanOptionalAction, default=None,
-                       help="--head conv also sees the nearest-known-pixel fill (CHOICE C15). Default: --recipe's")
+    add = parser.add_argument_group("model").add_argument
+    add("--arch", default=None, choices=tuple(PRESETS), help=f"network EB/DB/ED/DD from Table IV (paper's choice "
+        f"{PAPER_PRESET}, the voc and cityscapes default) or small/tiny (tiny: the default elsewhere, C14, C19)")
+    add("--patch-size", type=int, default=None, help="patch side P in pixels; Table IV's counts fix P=16 (default; "
+        "shapes 8)")
+    add("--fuse", default="layer", choices=FUSES, help="Stack Fuse variant, Table III: layer = one-hot layers + RGB "
+        "(the paper's, default), direct = label as a 4th channel, insert = label copied after each RGB channel")
+    add("--pos-embed", default="2d", choices=("2d", "1d"),
+        help="fixed sin-cos positions: 2d (MAE, default) or 1d (the paper's Eqs. 2-3), CHOICE C2")
+    add("--ips", action=argparse.BooleanOptionalAction, default=True,
+        help="Image Patch Supplement (Sec. III-C, default on); --no-ips uses MAE's learned mask token (Fig. 6)")
+    add("--drop-path", type=float, default=None,
+        help="largest stochastic-depth rate (CHOICE C6; default 0.1 for voc and cityscapes, 0 elsewhere)")
+    add("--recipe", default=None, choices=tuple(RECIPES), help="defaults of --head, --head-width, --nearest-prior, "
+        "--masking, --boundary-weight. paper: the paper's (linear head, mixed 1:2:2 masks, plain loss); fill: ours, "
+        "not in the paper (conv head width 16 + nearest prior, random masks, boundary weight 5; CHOICE C19). "
+        "Default: paper for voc and cityscapes, fill otherwise")
+    add("--head", default=None, choices=HEADS,
+        help="pixel head: linear (the paper's per-token map) or conv (CHOICE C15). Default: --recipe's")
+    add("--head-width", type=int, default=None, help="channels of --head conv (default: --recipe's)")
+    add("--nearest-prior", action=argparse.BooleanOptionalAction, default=None,
+        help="--head conv also sees the nearest-known-pixel fill (CHOICE C15). Default: --recipe's")
 
-    masking = parser.add_argument_group("masking")
-    masking.add_argument("--mask-ratio", type=float, default=0.5,
-                         help="fraction of patches hidden (paper: 0.5 and 0.6 in Table I, 0.5-0.8 in Table II/Fig. 6)")
-    masking.add_argument("--masking", default=None, choices=STRATEGIES + ("mixed",),
-                         help="Sec. III-B: random, label-first, background-first, or mixed per sample (the "
-                              "paper's). Default: --recipe's")
-    masking.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
-                         help="mixing weights random:label-first:background-first for --masking mixed "
-                              "(paper: 1:2:2, the default)")
-    masking.add_argument("--eval-masking", default="random", choices=STRATEGIES + ("mixed",),
-                         help="strategy of the validation masks (CHOICE C10; default random)")
-    masking.add_argument("--unknown-first", action=argparse.BooleanOptionalAction, default=False,
-                         help="hide the patches with the most unknown (255) pixels first, as complete does "
-                              "(CHOICE C3; for partial labels; default off)")
+    add = parser.add_argument_group("masking").add_argument
+    add("--mask-ratio", type=float, default=0.5,
+        help="fraction of patches hidden (paper: 0.5 and 0.6 in Table I, 0.5-0.8 in Table II/Fig. 6)")
+    add("--masking", default=None, choices=MASKINGS, help="Sec. III-B: random, label-first, background-first, or "
+        "mixed per sample (the paper's). Default: --recipe's")
+    add("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
+        help="weights random:label-first:background-first of --masking mixed (paper: 1:2:2, the default)")
+    add("--eval-masking", default="random", choices=MASKINGS,
+        help="strategy of the validation masks (CHOICE C10; default random)")
+    add("--unknown-first", action=argparse.BooleanOptionalAction, default=False, help="hide the patches with the "
+        "most unknown (255) pixels first, as complete does (CHOICE C3; for partial labels; default off)")
 
-    loss = parser.add_argument_group("loss (Eqs. 10-12)")
-    loss.add_argument("--class-weighting", default="none", choices=("paper", "none"),
-                      help="paper: Eq. (10) weights from class proportions with learnable beta, gamma; none: "
-                           "w_i = 1 in Eqs. (11)-(12), plain CE (default; see the README's Deviations)")
-    loss.add_argument("--freeze-weights", action="store_true",
-                      help="keep beta and gamma at their initial values (CHOICE C7)")
-    loss.add_argument("--beta-init", type=float, default=1.0, help="initial beta of Eq. (10), > 0 (CHOICE C7)")
-    loss.add_argument("--gamma-init", type=float, default=GAMMA_INIT, help="initial gamma of Eq. (10) (CHOICE C7)")
-    loss.add_argument("--loss-region", default="masked", choices=("masked", "all"),
-                      help="pixels in the loss: those of hidden patches (default, MAE) or all labelled pixels "
-                           "(CHOICE C8)")
-    loss.add_argument("--boundary-weight", type=float, default=None,
-                      help="loss weight of pixels within 2 px of a label boundary, 1 elsewhere (CHOICE C18, not in "
-                           "the paper; 1 = plain). Default: --recipe's")
-    loss.add_argument("--ignore-background-in-loss", action=argparse.BooleanOptionalAction, default=False,
-                      help="leave background pixels out of the loss, Eq. (12)'s literal reading (CHOICE C8; "
-                           "default off)")
+    add = parser.add_argument_group("loss (Eqs. 10-12)").add_argument
+    add("--class-weighting", default="none", choices=("paper", "none"), help="paper: Eq. (10) weights from class "
+        "proportions with learnable beta, gamma; none: w_i = 1, plain CE (default; see the README's Deviations)")
+    add("--freeze-weights", action="store_true", help="keep beta and gamma at their initial values (CHOICE C7)")
+    add("--beta-init", type=float, default=1.0, help="initial beta of Eq. (10), > 0 (CHOICE C7)")
+    add("--gamma-init", type=float, default=GAMMA_INIT, help="initial gamma of Eq. (10) (CHOICE C7)")
+    add("--loss-region", default="masked", choices=("masked", "all"), help="pixels in the loss: those of hidden "
+        "patches (default, MAE) or all labelled pixels (CHOICE C8)")
+    add("--boundary-weight", type=float, default=None, help="loss weight of pixels within 2 px of a label boundary, "
+        "1 elsewhere (CHOICE C18, not in the paper; 1 = plain). Default: --recipe's")
+    add("--ignore-background-in-loss", action=argparse.BooleanOptionalAction, default=False,
+        help="leave background pixels out of the loss, Eq. (12)'s literal reading (CHOICE C8; default off)")
 
-    optim = parser.add_argument_group("optimisation (Sec. IV-A)")
-    optim.add_argument("--epochs", type=int, default=None,
-                       help="paper: 400 (the voc and cityscapes default); 30 for other sets and shapes (C14, C19)")
-    optim.add_argument("--batch-size", type=int, default=None,
-                       help="per process; paper: 24 VOC, 48 Cityscapes. Default: those, other sets 8, shapes 16")
-    optim.add_argument("--lr", type=float, default=None,
-                       help="Adam learning rate; not given in the paper (CHOICE C9): 1e-4 for voc and cityscapes, "
-                            "1e-3 elsewhere")
-    optim.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
-    optim.add_argument("--plateau-patience", type=int, default=5, help="ReduceLROnPlateau patience (paper: 5)")
-    optim.add_argument("--plateau-factor", type=float, default=0.8, help="ReduceLROnPlateau factor (paper: 0.8)")
-    optim.add_argument("--plateau-threshold", type=float, default=1e-3,
-                       help="ReduceLROnPlateau relative threshold (paper: 0.001)")
-    optim.add_argument("--eval-every", type=int, default=None,
-                       help="validate every N epochs and at the last; best.pt is picked among those. Default 1; "
-                            "5 for sets the paper did not use")
+    add = parser.add_argument_group("optimisation (Sec. IV-A)").add_argument
+    add("--epochs", type=int, default=None,
+        help="paper: 400 (the voc and cityscapes default); 30 for other sets and shapes (C14, C19)")
+    add("--batch-size", type=int, default=None,
+        help="per process; paper: 24 VOC, 48 Cityscapes. Default: those, other sets 8, shapes 16")
+    add("--lr", type=float, default=None, help="Adam learning rate; not in the paper (CHOICE C9): 1e-4 for voc and "
+        "cityscapes, 1e-3 elsewhere")
+    add("--weight-decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
+    add("--plateau-patience", type=int, default=5, help="ReduceLROnPlateau patience (paper: 5)")
+    add("--plateau-factor", type=float, default=0.8, help="ReduceLROnPlateau factor (paper: 0.8)")
+    add("--plateau-threshold", type=float, default=1e-3, help="ReduceLROnPlateau relative threshold (paper: 0.001)")
+    add("--eval-every", type=int, default=None, help="validate every N epochs and at the last; best.pt is picked "
+        "among those. Default 1; 5 for sets the paper did not use")
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     args.command = "train"
     args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
                          for token in argv if token == option or token.startswith(option + "=")})
-
-    check_args(parser, args)
-    return args
+    return check_args(parser, args)
 
 
 def check_args(parser, args):
     """Resolve the data-dependent defaults and derived values of a training run; refuse impossible flags."""
     defaults = DATA_DEFAULTS.get(args.data, DATA_DEFAULTS["other"])
-    for key, value in defaults.items():
+    args.recipe = args.recipe or defaults["recipe"]
+    for key, value in {**defaults, **RECIPES[args.recipe]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.eval_size is None:
-        args.eval_size = args.img_size
-    for name in ("epochs", "batch_size", "patch_size", "plateau_patience", "head_width", "eval_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.eval_size = args.eval_size or args.img_size
+    check_ranges(parser, args, [(name, getattr(args, name) >= 1, ">= 1") for name in (
+        "epochs", "batch_size", "patch_size", "plateau_patience", "head_width", "eval_every")] + [
+        ("mask_ratio", 0.0 < args.mask_ratio < 1.0, FRACTION), ("lr", args.lr > 0, "positive"),
+        ("beta_init", args.beta_init > 0, "positive (beta is learned as log beta)"),
+        ("boundary_weight", args.boundary_weight > 0, "positive"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("plateau_factor", 0.0 < args.plateau_factor < 1.0, FRACTION),
+        ("drop_path", 0.0 <= args.drop_path < 1.0, "in [0, 1)"),
+        ("background_class", 0 <= args.background_class < IGNORE, "a class id in 0..254"),
+        ("void_id", args.void_id is None or 0 <= args.void_id < 65536, "a label value in 0..65535")])
     for name in ("img_size", "eval_size"):
         size = getattr(args, name)
         if size[0] % args.patch_size or size[1] % args.patch_size:
             parser.error(f"--{name.replace('_', '-')} {size[0]}x{size[1]} must be a multiple of --patch-size "
                          f"{args.patch_size} in both sides")
-    if not 0.0 < args.mask_ratio < 1.0:
-        parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
     patches = (args.img_size[0] // args.patch_size) * (args.img_size[1] // args.patch_size)
     eval_patches = (args.eval_size[0] // args.patch_size) * (args.eval_size[1] // args.patch_size)
     for count, flag in ((patches, "--img-size"), (eval_patches, "--eval-size")):
         if not 0 < round(args.mask_ratio * count) < count:
             parser.error(f"--mask-ratio {args.mask_ratio} hides {round(args.mask_ratio * count)} of {count} patches "
                          f"at {flag}; at least one must be hidden and one visible (change --mask-ratio or {flag})")
-    if args.lr <= 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if args.beta_init <= 0:
-        parser.error(f"--beta-init must be positive (beta is learned as log beta), got {args.beta_init}")
-    if args.boundary_weight <= 0:
-        parser.error(f"--boundary-weight must be positive, got {args.boundary_weight}")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0.0 < args.plateau_factor < 1.0:
-        parser.error(f"--plateau-factor must be between 0 and 1 (exclusive), got {args.plateau_factor}")
-    if not 0.0 <= args.drop_path < 1.0:
-        parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    if not 0 <= args.background_class < IGNORE:
-        parser.error(f"--background-class must be a class id in 0..254, got {args.background_class}")
-    if args.void_id is not None and not 0 <= args.void_id < 65536:
-        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
     try:
         plan_splits({"train": args.train_split, "val": args.val_split, "test": args.test_split})
     except DatasetError as error:
@@ -1692,8 +1660,7 @@ def check_args(parser, args):
         parser.error(f"--num-classes is read with --data folder only and must be in 2..254, got {args.num_classes}")
     if args.nearest_prior and args.head != "conv":
         parser.error("--nearest-prior feeds the conv head; pass it with --head conv")
-    dims = PRESETS[args.arch]
-    if dims["encoder_dim"] % 4 or dims["decoder_dim"] % 4:
+    if PRESETS[args.arch]["encoder_dim"] % 4 or PRESETS[args.arch]["decoder_dim"] % 4:
         parser.error(f"--arch {args.arch}: widths must be multiples of 4 for the sin-cos positions")
     check_run_arguments(parser, args, SCRIPT)
     args.num_patches = patches  # derived, printed and saved with the run
@@ -1703,61 +1670,49 @@ def check_args(parser, args):
 
 def get_complete_args(argv):
     """`lmae.py complete`: fill the unknown pixels of a folder of labels (Sec. III-D, Fig. 4)."""
-    parser = ArgumentParser(
-        prog="lmae.py complete",
-        description="Complete labels with trained L-MAE checkpoints (Sec. III-D). Known pixels are copied unchanged; "
-                    "inputs are only read.")
-    parser.add_argument("--checkpoint", nargs="+", required=True,
-                        help="one or more lmae.py checkpoints, ideally trained at different --mask-ratio values; "
-                             "each image goes to the one whose ratio fits its unknown share (Fig. 4)")
-    parser.add_argument("--images", required=True, help="folder of images (<name>.png/.jpg/...)")
-    parser.add_argument("--labels", required=True,
-                        help="folder of label PNGs with the images' names: class ids (grey or palette), "
-                             "255 = unknown")
-    parser.add_argument("--unknown", default=None,
-                        help="folder of masks with the labels' names, non-zero = unknown pixel; then 255 outside "
-                             "the masks stays void")
-    parser.add_argument("--truth", default=None,
-                        help="folder of complete labels (same names) to score the completion and the two "
-                             "baselines: PA-mIoU over the unknown pixels, mIoU over all pixels")
-    parser.add_argument("--out", required=True, help="new folder for the completed palette PNGs and report.csv")
-    parser.add_argument("--void-id", type=int, default=None,
-                        help="a class id of --labels and --truth that marks unlabelled pixels (e.g. CamVid's 11): "
-                             "read as 255, i.e. unknown and filled, or with --unknown masks void and written as 255 "
-                             "(default none)")
-    parser.add_argument("--missing", default="unknown", choices=("unknown", "background"),
-                        help="unknown: only unknown pixels are missing (default); background: background pixels "
-                             "may be missing too, the most-background patches are hidden up to the model's ratio "
-                             "and their background pixels may be overwritten (Sec. III-D)")
-    parser.add_argument("--route", default=None, choices=("unknown", "background"),
-                        help="which share picks the checkpoint (CHOICE C12): unknown = patches holding unknown "
-                             "pixels, background = background + unknown pixels (Fig. 4). Default: --missing's")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="images are resized by this factor (aspect kept) and padded to a multiple of the "
-                             "patch size (CHOICE C12; default 1: the grid of `degrade --patch-size P`)")
-    parser.add_argument("--windows", action=argparse.BooleanOptionalAction, default=False,
-                        help="cut the scaled, padded image into windows of the checkpoint's training --img-size "
-                             "(stride half a window, a multiple of P: one global patch grid) and average their "
-                             "probabilities (CHOICE C16); default off: the whole image in one pass")
-    parser.add_argument("--max-pixels", type=int, default=2 ** 20,
-                        help="an image whose scaled size exceeds this many pixels runs alone, in tiles of at most "
-                             "this many pixels on the same patch grid, so memory stays bounded (CHOICE C17; default "
-                             "1048576; 0 = never tile)")
-    parser.add_argument("--fill", default="auto", choices=("auto", "model", "nearest"),
-                        help="what writes the unknown pixels: model (the checkpoints), nearest (each unknown pixel's "
-                             "nearest known pixel's class, no model) or auto (default): the winner of --self-check, "
-                             "which auto runs")
-    parser.add_argument("--self-check", action=argparse.BooleanOptionalAction, default=None,
-                        help="before writing, hide --check-share of the known patches, fill them with the checkpoints "
-                             "and with the nearest fill and report both PA-mIoU with 95 %% bootstrap intervals over "
-                             "images (CHOICE C17; needs no ground truth). Default: on with --fill auto, else off")
-    parser.add_argument("--check-share", type=float, default=0.1,
-                        help="share of each image's known patches the self-check hides (default 0.1)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images of one size per forward pass (default 8)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on with CUDA, off on a CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-breaks between patches")
+    parser = ArgumentParser(prog="lmae.py complete", description="Complete labels with trained L-MAE checkpoints "
+                            "(Sec. III-D). Known pixels are copied unchanged; inputs are only read.")
+    add = parser.add_argument
+    add("--checkpoint", nargs="+", required=True, help="one or more lmae.py checkpoints, ideally trained at different "
+        "--mask-ratio values; each image goes to the one whose ratio fits its unknown share (Fig. 4)")
+    add("--images", required=True, help="folder of images (<name>.png/.jpg/...)")
+    add("--labels", required=True,
+        help="folder of label PNGs with the images' names: class ids (grey or palette), 255 = unknown")
+    add("--unknown", default=None, help="folder of masks with the labels' names, non-zero = unknown pixel; then 255 "
+        "outside the masks stays void")
+    add("--truth", default=None, help="folder of complete labels (same names) to score the completion and the two "
+        "baselines: PA-mIoU over the unknown pixels, mIoU over all pixels")
+    add("--out", required=True, help="new folder for the completed palette PNGs and report.csv")
+    add("--void-id", type=int, default=None, help="a class id of --labels and --truth that marks unlabelled pixels "
+        "(e.g. CamVid's 11): read as 255, i.e. unknown and filled, or with --unknown masks void and written as 255 "
+        "(default none)")
+    add("--missing", default="unknown", choices=("unknown", "background"), help="unknown: only unknown pixels are "
+        "missing (default); background: background pixels may be missing too, the most-background patches are "
+        "hidden up to the model's ratio and their background pixels may be overwritten (Sec. III-D)")
+    add("--route", default=None, choices=("unknown", "background"), help="which share picks the checkpoint (CHOICE "
+        "C12): unknown = patches holding unknown pixels, background = background + unknown pixels (Fig. 4). "
+        "Default: --missing's")
+    add("--scale", type=float, default=1.0, help="images are resized by this factor (aspect kept) and padded to a "
+        "multiple of the patch size (CHOICE C12; default 1: the grid of `degrade --patch-size P`)")
+    add("--windows", action=argparse.BooleanOptionalAction, default=False, help="cut the scaled, padded image into "
+        "windows of the checkpoint's training --img-size (stride half a window, a multiple of P: one global patch "
+        "grid) and average their probabilities (CHOICE C16); default off: the whole image in one pass")
+    add("--max-pixels", type=int, default=2 ** 20, help="an image whose scaled size exceeds this many pixels runs "
+        "alone, in tiles of at most this many pixels on the same patch grid, so memory stays bounded (CHOICE C17; "
+        "default 1048576; 0 = never tile)")
+    add("--fill", default="auto", choices=("auto", "model", "nearest"), help="what writes the unknown pixels: model "
+        "(the checkpoints), nearest (each unknown pixel's nearest known pixel's class, no model) or auto (default): "
+        "the winner of --self-check, which auto runs")
+    add("--self-check", action=argparse.BooleanOptionalAction, default=None, help="before writing, hide "
+        "--check-share of the known patches, fill them with the checkpoints and with the nearest fill and report "
+        "both PA-mIoU with 95 %% bootstrap intervals over images (CHOICE C17; needs no ground truth). Default: on "
+        "with --fill auto, else off")
+    add("--check-share", type=float, default=0.1, help="share of each image's known patches the self-check hides")
+    add("--batch-size", type=int, default=8, help="images of one size per forward pass")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    add("--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="bf16 autocast (default: on with CUDA, off on a CPU)")
+    add("--seed", type=int, default=0, help="seed of the random tie-breaks between patches")
     args = parser.parse_args(argv)
     args.command = "complete"
     args.route = args.route or args.missing
@@ -1766,62 +1721,47 @@ def get_complete_args(argv):
     if args.fill == "auto" and not args.self_check:
         parser.error("--fill auto picks the winner of the self-check; drop --no-self-check or pass --fill model or "
                      "--fill nearest")
-    if not 0.0 < args.check_share < 1.0:
-        parser.error(f"--check-share must be between 0 and 1 (exclusive), got {args.check_share}")
-    if args.max_pixels < 0:
-        parser.error(f"--max-pixels must be >= 0 (0 = never tile), got {args.max_pixels}")
-    if args.void_id is not None and not 0 <= args.void_id < 65536:
-        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
-    if not 0.0 < args.scale <= 8.0:
-        parser.error(f"--scale must be in (0, 8], got {args.scale}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    for name in ("images", "labels", "unknown", "truth"):
-        folder = getattr(args, name)
+    check_ranges(parser, args, [
+        ("check_share", 0.0 < args.check_share < 1.0, FRACTION),
+        ("max_pixels", args.max_pixels >= 0, ">= 0 (0 = never tile)"),
+        ("void_id", args.void_id is None or 0 <= args.void_id < 65536, "a label value in 0..65535"),
+        ("scale", 0.0 < args.scale <= 8.0, "in (0, 8]"), ("batch_size", args.batch_size >= 1, ">= 1")])
+    folders = {f"--{name}": getattr(args, name) for name in ("images", "labels", "unknown", "truth")}
+    for flag, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
-            parser.error(f"--{name} {folder}: no such folder")
+            parser.error(f"{flag} {folder}: no such folder")
     for path in args.checkpoint:
         if not Path(path).is_file():
             parser.error(f"--checkpoint {path}: no such file")
-    check_new_folder(parser, args.out, {f"--{name}": getattr(args, name) for name in ("images", "labels", "unknown",
-                                                                                       "truth")})
+    check_new_folder(parser, args.out, folders)
     return args
 
 
 def get_degrade_args(argv):
     """`lmae.py degrade`: hide patches of a dataset's labels (Sec. IV-C) so that `complete` can be scored."""
-    parser = ArgumentParser(
-        prog="lmae.py degrade",
-        description="Write a copy of dataset splits with a fraction of every label's patches set to 255 "
-                    "(Sec. IV-C): <out>/<split>/images, masks (degraded: `--data folder` reads them), unknown "
-                    "(255 = hidden), truth (complete).")
-    parser.add_argument("--data", default="shapes", choices=LABELLED_SETS, help="dataset (common.py readers); "
-                        "default shapes")
-    parser.add_argument("--data-root", default=None, help="dataset root in its original layout")
-    parser.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
-    parser.add_argument("--split", nargs="+", default=["train"], help="split(s) to degrade (default train)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
-    parser.add_argument("--img-size", type=parse_size, default=(64, 64), help="size shapes are drawn at (shapes only)")
-    parser.add_argument("--ratio", type=float, default=0.5,
-                        help="fraction of each label's patches set to 255 (paper: 50 %%, the default)")
-    parser.add_argument("--patch-size", type=int, default=16,
-                        help="patch side in pixels (default 16); the model's patch size / complete's --scale, so "
-                             "that both grids are the same (CHOICE C13)")
-    parser.add_argument("--strategy", default="random", choices=STRATEGIES + ("mixed",),
-                        help="which patches are hidden (default random, Sec. IV-C; CHOICE C13)")
-    parser.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0), help="weights for --strategy mixed "
-                        "(default 1:2:2)")
-    parser.add_argument("--background-class", type=int, default=0, help="background id for the strategies (C4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the hidden patches")
-    parser.add_argument("--out", required=True, help="new folder for the degraded copy")
+    parser = ArgumentParser(prog="lmae.py degrade", description="Write a copy of dataset splits with a fraction of "
+                            "every label's patches set to 255 (Sec. IV-C): <out>/<split>/images, masks (degraded: "
+                            "`--data folder` reads them), unknown (255 = hidden), truth (complete).")
+    add = parser.add_argument
+    add_dataset_arguments(add)
+    add("--split", nargs="+", default=["train"], help="split(s) to degrade (default train)")
+    add("--limit", type=int, default=None, help="only the first N images of each split")
+    add("--img-size", type=parse_size, default=(64, 64), help="size shapes are drawn at (shapes only)")
+    add("--ratio", type=float, default=0.5, help="fraction of each label's patches set to 255 (paper: 50 %%, the "
+        "default)")
+    add("--patch-size", type=int, default=16, help="patch side in pixels (default 16); the model's patch size / "
+        "complete's --scale, so that both grids are the same (CHOICE C13)")
+    add("--strategy", default="random", choices=MASKINGS,
+        help="which patches are hidden (default random, Sec. IV-C; CHOICE C13)")
+    add("--mix", type=parse_mix, default=(1.0, 2.0, 2.0), help="weights for --strategy mixed (default 1:2:2)")
+    add("--background-class", type=int, default=0, help="background id for the strategies (C4)")
+    add("--seed", type=int, default=0, help="seed of the hidden patches")
+    add("--out", required=True, help="new folder for the degraded copy")
     args = parser.parse_args(argv)
     args.command = "degrade"
-    if not 0.0 < args.ratio < 1.0:
-        parser.error(f"--ratio must be between 0 and 1 (exclusive), got {args.ratio}")
-    if args.patch_size < 1:
-        parser.error(f"--patch-size must be >= 1, got {args.patch_size}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
+    check_ranges(parser, args, [("ratio", 0.0 < args.ratio < 1.0, FRACTION),
+                                ("patch_size", args.patch_size >= 1, ">= 1"),
+                                ("limit", args.limit is None or args.limit >= 1, ">= 1")])
     check_new_folder(parser, args.out, {"--data-root": args.data_root})
     return args
 
