@@ -286,6 +286,15 @@ class ClassWeighting(nn.Module):
         return torch.sigmoid(self.log_beta - self.gamma * standardised)
 
 
+def xavier_init(root):
+    """MAE's initialisation: xavier-uniform linear maps (patch convolutions seen as linear), zero biases."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 class LMAE(nn.Module):
     """Label Masked Autoencoder (Fig. 3): Stack Fuse -> patch embedding + positions -> encoder on visible tokens
     -> Image Patch Supplement (or mask token) -> decoder on all L tokens -> per-pixel class logits.
@@ -319,17 +328,10 @@ class LMAE(nn.Module):
         self.head = nn.Linear(decoder_dim, P * P * num_classes)  # every token -> K logits for each of its pixels
         # Eq. (10)'s beta and gamma live in the model, so that the optimizer, DDP and the checkpoints see them
         self.class_weighting = ClassWeighting() if class_weighting is None else class_weighting
-        self.initialize()
-
-    def initialize(self):
-        """MAE's initialisation: xavier-uniform linear maps (patch convolutions seen as linear), zero biases."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if not self.ips:
+        xavier_init(self)
+        if not ips:
             nn.init.normal_(self.mask_token, std=0.02)
+
     def encode(self, fuse_map, ids_keep):
         """fuse_map (B, C_f, H, W), ids_keep (B, L_vis) -> encoded visible tokens (B, L_vis, D_e)."""
         tokens = self.patch_embed(fuse_map)  # (B, D_e, gh, gw)
@@ -546,10 +548,7 @@ class LMAEWithConvHead(nn.Module):
         K = lmae.num_classes
         self.lmae, self.nearest_prior = lmae, nearest_prior
         self.refine = ConvHead(K * (3 if nearest_prior else 2) + 3, K, width)
-        for module in self.refine.modules():  # LMAE's initialisation, then the correction's start
-            if isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                nn.init.zeros_(module.bias)
+        xavier_init(self.refine)  # LMAE's initialisation, then the correction's start
         nn.init.zeros_(self.refine.out.weight)
         nn.init.zeros_(self.refine.skip.weight)
         if nearest_prior:
@@ -605,10 +604,15 @@ def draw_mask(labels, strategy, args, generator=None, uniforms=None):
     return mask, ids_keep, pixel_mask(mask, args.patch_size, grid)
 
 
-def to_device(images, labels, args, device):
-    """A loader batch on the device; images in channels_last with --channels-last (faster convolutions on GPU)."""
-    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    return (images.contiguous(memory_format=torch.channels_last) if args.channels_last else images), labels
+def masked_batches(loader, key, args, runtime, desc):
+    """The loader's batches on the device (images channels_last with --channels-last: faster convolutions on GPU),
+    each with its items' mask draws item_uniforms(key, ...) (B, 1 + L)."""
+    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
+    for images, labels in progress(loader, runtime, desc):
+        images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
+        images = images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
+        yield images, labels, item_uniforms(key, indices[seen:seen + len(images)], labels, args.patch_size)
+        seen += len(images)
 
 
 def train_step(model, optimizer, images, labels, args, runtime, generator=None, uniforms=None):
@@ -634,15 +638,10 @@ def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch)
     one keyed by (seed, epoch, rank): a resumed epoch replays both.
     """
     model.train()
-    device = runtime.device
     torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # DropPath's global RNG
-    total = torch.zeros(2, device=device)  # loss sum, steps
-    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
-    for images, labels in progress(loader, runtime, f"epoch {epoch}"):
-        images, labels = to_device(images, labels, args, device)
-        uniforms = item_uniforms((args.seed, "masks", epoch), indices[seen:seen + len(images)], labels,
-                                 args.patch_size)  # (B, 1 + L)
-        seen += len(images)
+    total = torch.zeros(2, device=runtime.device)  # loss sum, steps
+    key = (args.seed, "masks", epoch)
+    for images, labels, uniforms in masked_batches(loader, key, args, runtime, f"epoch {epoch}"):
         loss = step(model, optimizer, images, labels, args, runtime, None, uniforms)
         guard.observe(loss)
         total[0] += loss
@@ -665,16 +664,11 @@ def evaluate(model, loader, args, runtime, num_classes):
     """
     model.eval()
     device = runtime.device
-    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
     names = ("model", "completed", "prediction", "nearest", "frequent", "blank")
     matrices = {name: ConfusionMatrix(num_classes, device=device) for name in names}
     total = torch.zeros(2, device=device)  # loss sum, batches
     weighting = model.class_weighting if args.class_weighting == "paper" else None
-    for images, labels in progress(loader, runtime, "evaluating"):
-        images, labels = to_device(images, labels, args, device)
-        uniforms = item_uniforms((args.seed, "eval-masks"), indices[seen:seen + len(images)], labels,
-                                 args.patch_size)  # (B, 1 + L)
-        seen += len(images)
+    for images, labels, uniforms in masked_batches(loader, (args.seed, "eval-masks"), args, runtime, "evaluating"):
         _, ids_keep, hidden = draw_mask(labels, args.eval_masking, args, None, uniforms)  # (B, L_vis), (B, H, W)
         with autocast(runtime):
             logits = model(images, labels, ids_keep)  # (B, K, H, W)
@@ -717,10 +711,13 @@ def colorize(labels, palette):
 
 
 @torch.no_grad()
-def save_samples(model, images, labels, args, runtime, palette, path):
-    """PNG grid, one row per image: image | masked fuse map (visible label over the image, hidden patches dark) |
-    completed label (prediction in hidden patches, given label elsewhere) | truth."""
+def save_samples(model, dataset, args, runtime, palette, path):
+    """PNG grid of the first 6 images of `dataset`, one row per image: image | masked fuse map (visible label over
+    the image, hidden patches dark) | completed label (prediction in hidden patches, given label elsewhere) | truth."""
     model.eval()
+    pairs = [dataset[i] for i in range(min(6, len(dataset)))]
+    images, labels = (torch.stack(t).to(runtime.device) for t in zip(*pairs))  # (B, 3, H, W), (B, H, W)
+    path.parent.mkdir(exist_ok=True)
     generator = make_generator(args.seed, "eval-masks", "samples", device=images.device)
     _, ids_keep, hidden = draw_mask(labels, args.eval_masking, args, generator)
     with autocast(runtime):
@@ -1351,10 +1348,10 @@ def build_splits(args, splits):
 
 def train(args, runtime, resume_path):
     """Training (Sec. IV-A), then the test split scored with best.pt; or, with --eval-only, only that score."""
-    device = runtime.device
+    device, out = runtime.device, Path(args.out)
     splits = {"test": args.test_split} if args.eval_only else {"train": args.train_split, "val": args.val_split,
                                                                 "test": args.test_split}
-    path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else resume_path
+    path = (Path(args.checkpoint) if args.checkpoint else out / "best.pt") if args.eval_only else resume_path
     if path is not None and path.is_file():  # the checkpoint's network and K, unless the command line gives them
         saved = load_checkpoint(path, SCRIPT)
         for key in ("arch", "patch_size", "fuse", "ips", "pos_embed", "head", "head_width", "nearest_prior"):
@@ -1373,12 +1370,9 @@ def train(args, runtime, resume_path):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     arch = architecture(args, K)
-    out = Path(args.out)
 
     if args.eval_only:
-        path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
-        state = load_checkpoint(path, SCRIPT, arch)
-        load_state(model, state["model"], path)
+        load_state(model, load_checkpoint(path, SCRIPT, arch)["model"], path)
         metrics = evaluate(model, loaders["test"], args, runtime, K)
         results = {"checkpoint": str(path), "test_split": args.test_split, "test": metrics}
         if runtime.main:
@@ -1407,13 +1401,7 @@ def train(args, runtime, resume_path):
               **{f"{role}_images": len(dataset) for role, dataset in datasets.items()}}
     out = create_run_dir(args, SCRIPT, config, runtime)
     log = MetricsLog(out, runtime, resume_state=state)
-    if runtime.main:
-        (out / "samples").mkdir(exist_ok=True)
-        sample_set = datasets["val"]
-        sample_images, sample_labels = (torch.stack(t).to(device) for t in
-                                        zip(*[sample_set[i] for i in range(min(6, len(sample_set)))]))
-    net = model
-    model = distribute(model, runtime)
+    net, model = model, distribute(model, runtime)
     step = torch.compile(train_step) if args.compile else train_step  # one compiled graph per step
     guard = FiniteGuard()
     info_state = {"num_classes": K, "class_names": list(info.class_names), "palette": [list(c) for c in info.palette]}
@@ -1439,7 +1427,7 @@ def train(args, runtime, resume_path):
             save_checkpoint(out / "last.pt", state, SCRIPT, arch, log)
             if improved:
                 link_checkpoint(out / "last.pt", out / "best.pt")
-                save_samples(net, sample_images, sample_labels, args, runtime, info.palette,
+                save_samples(net, datasets["val"], args, runtime, info.palette,
                              out / "samples" / f"epoch_{epoch:03d}.png")
         barrier()
 
