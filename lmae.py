@@ -106,17 +106,18 @@ def stack_fuse(images, labels, num_classes, fuse="layer"):
 
 # --- masking (Sec. III-B) ---
 
+def pixel_fraction(pixels, patch_size):
+    """(B, H, W) bool -> (B, L) fraction of True pixels per patch; patches are numbered row-major."""
+    B, H, W = pixels.shape
+    P = patch_size
+    return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
+
+
 def patch_fractions(labels, patch_size, background_class):
     """labels (B, H, W) int64 -> (object fraction, background fraction) per patch, each (B, L) float in [0, 1].
-
-    Object = neither background nor void; patches are numbered row-major.
-    """
-    B, H, W = labels.shape
-    P = patch_size
-    patches = labels.reshape(B, H // P, P, W // P, P)
-    background = (patches == background_class).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
-    objects = ((patches != background_class) & (patches != IGNORE)).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
-    return objects, background
+    Object = neither background nor void."""
+    background = pixel_fraction(labels == background_class, patch_size)  # (B, L)
+    return pixel_fraction((labels != background_class) & (labels != IGNORE), patch_size), background
 
 
 def rank_patches(keys, generator=None, noise=None):
@@ -381,24 +382,17 @@ class LMAE(nn.Module):
 
 # Table IV. Parameter counts measured by tests/test_lmae.py (count_parameters: K = 21 VOC classes, 24 fuse
 # channels, patch 16) next to the paper's figure. CHOICE C5: heads of width 64 (1024/512) or 72 (1440/720).
-PRESETS = {
-    "eb12-db8-ed1024-dd512": dict(encoder_depth=12, decoder_depth=8, encoder_dim=1024, decoder_dim=512,
-                                  encoder_heads=16, decoder_heads=8),  # 186.3 M (paper 186 M)
-    "eb12-db8-ed1440-dd720": dict(encoder_depth=12, decoder_depth=8, encoder_dim=1440, decoder_dim=720,
-                                  encoder_heads=20, decoder_heads=10),  # 363.0 M (paper 362 M)
-    "eb8-db6-ed1024-dd512": dict(encoder_depth=8, decoder_depth=6, encoder_dim=1024, decoder_dim=512,
-                                 encoder_heads=16, decoder_heads=8),  # 129.7 M (paper 129 M)
-    "eb8-db6-ed1440-dd720": dict(encoder_depth=8, decoder_depth=6, encoder_dim=1440, decoder_dim=720,
-                                 encoder_heads=20, decoder_heads=10),  # 250.9 M (paper 250 M), main results
-    "eb6-db4-ed1024-dd512": dict(encoder_depth=6, decoder_depth=4, encoder_dim=1024, decoder_dim=512,
-                                 encoder_heads=16, decoder_heads=8),  # 98.2 M (paper 98 M)
-    "eb6-db4-ed1440-dd720": dict(encoder_depth=6, decoder_depth=4, encoder_dim=1440, decoder_dim=720,
-                                 encoder_heads=20, decoder_heads=10),  # 188.7 M (paper 188 M)
-    "small": dict(encoder_depth=6, decoder_depth=4, encoder_dim=384, decoder_dim=256,
-                  encoder_heads=6, decoder_heads=8),  # 17.8 M, not in the paper
-    "tiny": dict(encoder_depth=4, decoder_depth=2, encoder_dim=128, decoder_dim=96,
-                 encoder_heads=2, decoder_heads=2),  # 2.4 M (1.1 M at K = 5, patch 8); shapes default (C14)
-}
+PRESETS = {name: dict(zip(("encoder_depth", "decoder_depth", "encoder_dim", "decoder_dim", "encoder_heads",
+                            "decoder_heads"), sizes)) for name, sizes in {
+    "eb12-db8-ed1024-dd512": (12, 8, 1024, 512, 16, 8),  # 186.3 M (paper 186 M)
+    "eb12-db8-ed1440-dd720": (12, 8, 1440, 720, 20, 10),  # 363.0 M (paper 362 M)
+    "eb8-db6-ed1024-dd512": (8, 6, 1024, 512, 16, 8),  # 129.7 M (paper 129 M)
+    "eb8-db6-ed1440-dd720": (8, 6, 1440, 720, 20, 10),  # 250.9 M (paper 250 M), main results
+    "eb6-db4-ed1024-dd512": (6, 4, 1024, 512, 16, 8),  # 98.2 M (paper 98 M)
+    "eb6-db4-ed1440-dd720": (6, 4, 1440, 720, 20, 10),  # 188.7 M (paper 188 M)
+    "small": (6, 4, 384, 256, 6, 8),  # 17.8 M, not in the paper
+    "tiny": (4, 2, 128, 96, 2, 2),  # 2.4 M (1.1 M at K = 5, patch 8); shapes default (C14)
+}.items()}
 PAPER_PRESET = "eb8-db6-ed1440-dd720"  # Table I, Sec. IV-E1: "we choose EB=8, DB=6, ED=1440, DD=720"
 
 
@@ -687,20 +681,13 @@ def evaluate(model, loader, args, runtime, num_classes):
         matrices["blank"].update(blank_logits.argmax(dim=1), labels, region=hidden)
     all_reduce_sum(total)
     scores = {name: matrix.all_reduce().compute() for name, matrix in matrices.items()}
-    return {
-        "loss": (total[0] / total[1].clamp(min=1)).item(),  # sync point
-        "pa_miou": scores["model"]["miou"],
-        "miou": scores["completed"]["miou"],
-        "pred_miou": scores["prediction"]["miou"],
-        "nearest_pa_miou": scores["nearest"]["miou"],
-        "frequent_pa_miou": scores["frequent"]["miou"],
-        "blank_pa_miou": scores["blank"]["miou"],
-        "pa_pixel_acc": scores["model"]["pixel_acc"],
-        "nearest_pa_pixel_acc": scores["nearest"]["pixel_acc"],
-        "frequent_pa_pixel_acc": scores["frequent"]["pixel_acc"],
-        "pa_per_class_iou": scores["model"]["per_class_iou"],
-        "per_class_iou": scores["completed"]["per_class_iou"],
-    }
+    return {"loss": (total[0] / total[1].clamp(min=1)).item(),  # sync point
+            "pa_miou": scores["model"]["miou"], "miou": scores["completed"]["miou"],
+            "pred_miou": scores["prediction"]["miou"], "nearest_pa_miou": scores["nearest"]["miou"],
+            "frequent_pa_miou": scores["frequent"]["miou"], "blank_pa_miou": scores["blank"]["miou"],
+            "pa_pixel_acc": scores["model"]["pixel_acc"], "nearest_pa_pixel_acc": scores["nearest"]["pixel_acc"],
+            "frequent_pa_pixel_acc": scores["frequent"]["pixel_acc"],
+            "pa_per_class_iou": scores["model"]["per_class_iou"], "per_class_iou": scores["completed"]["per_class_iou"]}
 
 
 def colorize(labels, palette):
@@ -849,13 +836,6 @@ def to_model_grid(labels, unknown, scale, patch_size):
         small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].to(labels.dtype)
     small_labels = torch.where(small_unknown, IGNORE, small_labels)
     return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False), size, padded
-
-
-def pixel_fraction(pixels, patch_size):
-    """(B, H, W) bool -> (B, L) fraction of True pixels per patch."""
-    B, H, W = pixels.shape
-    P = patch_size
-    return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
 
 
 def plan_hidden(labels, unknown, config, args):
@@ -1540,41 +1520,35 @@ def get_args(argv=None):
         "--img-size: crop only); paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid, none elsewhere")
     add("--eval-size", type=parse_size, default=None, help="validation images are resized to this (CHOICE C10). "
         "Default: VOC 224, Cityscapes 1024x2048, CamVid 352x480, otherwise --img-size")
-    add("--background-class", type=int, default=0,
-        help="class id treated as background by the mask strategies (CHOICE C4; default 0)")
+    add("--background-class", type=int, default=0, help="class id the mask strategies treat as background (CHOICE C4)")
 
     add = parser.add_argument_group("model").add_argument
     add("--arch", default=None, choices=tuple(PRESETS), help=f"network EB/DB/ED/DD from Table IV (paper's choice "
         f"{PAPER_PRESET}, the voc and cityscapes default) or small/tiny (tiny: the default elsewhere, C14, C19)")
-    add("--patch-size", type=int, default=None, help="patch side P in pixels; Table IV's counts fix P=16 (default; "
-        "shapes 8)")
+    add("--patch-size", type=int, help="patch side P in pixels; Table IV's counts fix P=16 (default; shapes 8)")
     add("--fuse", default="layer", choices=FUSES, help="Stack Fuse variant, Table III: layer = one-hot layers + RGB "
         "(the paper's, default), direct = label as a 4th channel, insert = label copied after each RGB channel")
     add("--pos-embed", default="2d", choices=("2d", "1d"),
         help="fixed sin-cos positions: 2d (MAE, default) or 1d (the paper's Eqs. 2-3), CHOICE C2")
     add("--ips", action=argparse.BooleanOptionalAction, default=True,
         help="Image Patch Supplement (Sec. III-C, default on); --no-ips uses MAE's learned mask token (Fig. 6)")
-    add("--drop-path", type=float, default=None,
-        help="largest stochastic-depth rate (CHOICE C6; default 0.1 for voc and cityscapes, 0 elsewhere)")
+    add("--drop-path", type=float, help="top stochastic-depth rate (CHOICE C6; default 0.1 voc, cityscapes, else 0)")
     add("--recipe", default=None, choices=tuple(RECIPES), help="defaults of --head, --head-width, --nearest-prior, "
         "--masking, --boundary-weight. paper: the paper's (linear head, mixed 1:2:2 masks, plain loss); fill: ours, "
         "not in the paper (conv head width 16 + nearest prior, random masks, boundary weight 5; CHOICE C19). "
         "Default: paper for voc and cityscapes, fill otherwise")
-    add("--head", default=None, choices=HEADS,
-        help="pixel head: linear (the paper's per-token map) or conv (CHOICE C15). Default: --recipe's")
-    add("--head-width", type=int, default=None, help="channels of --head conv (default: --recipe's)")
-    add("--nearest-prior", action=argparse.BooleanOptionalAction, default=None,
+    add("--head", choices=HEADS, help="linear (the paper's per-token map) or conv (CHOICE C15); default --recipe's")
+    add("--head-width", type=int, help="channels of --head conv (default: --recipe's)")
+    add("--nearest-prior", action=argparse.BooleanOptionalAction,
         help="--head conv also sees the nearest-known-pixel fill (CHOICE C15). Default: --recipe's")
 
     add = parser.add_argument_group("masking").add_argument
     add("--mask-ratio", type=float, default=0.5,
         help="fraction of patches hidden (paper: 0.5 and 0.6 in Table I, 0.5-0.8 in Table II/Fig. 6)")
-    add("--masking", default=None, choices=MASKINGS, help="Sec. III-B: random, label-first, background-first, or "
-        "mixed per sample (the paper's). Default: --recipe's")
+    add("--masking", choices=MASKINGS, help="Sec. III-B; mixed: drawn per sample (the paper's). Default: --recipe's")
     add("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
         help="weights random:label-first:background-first of --masking mixed (paper: 1:2:2, the default)")
-    add("--eval-masking", default="random", choices=MASKINGS,
-        help="strategy of the validation masks (CHOICE C10; default random)")
+    add("--eval-masking", default="random", choices=MASKINGS, help="strategy of the validation masks (CHOICE C10)")
     add("--unknown-first", action=argparse.BooleanOptionalAction, default=False, help="hide the patches with the "
         "most unknown (255) pixels first, as complete does (CHOICE C3; for partial labels; default off)")
 
@@ -1592,10 +1566,8 @@ def get_args(argv=None):
         help="leave background pixels out of the loss, Eq. (12)'s literal reading (CHOICE C8; default off)")
 
     add = parser.add_argument_group("optimisation (Sec. IV-A)").add_argument
-    add("--epochs", type=int, default=None,
-        help="paper: 400 (the voc and cityscapes default); 30 for other sets and shapes (C14, C19)")
-    add("--batch-size", type=int, default=None,
-        help="per process; paper: 24 VOC, 48 Cityscapes. Default: those, other sets 8, shapes 16")
+    add("--epochs", type=int, help="paper: 400 (the voc and cityscapes default); 30 for other sets, shapes (C14, C19)")
+    add("--batch-size", type=int, help="per process; paper: 24 VOC, 48 Cityscapes. Default: those; others 8, shapes 16")
     add("--lr", type=float, default=None, help="Adam learning rate; not in the paper (CHOICE C9): 1e-4 for voc and "
         "cityscapes, 1e-3 elsewhere")
     add("--weight-decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
