@@ -1636,42 +1636,35 @@ def get_complete_args(argv):
     add("--checkpoint", nargs="+", required=True, help="one or more lmae.py checkpoints, ideally trained at different "
         "--mask-ratio values; each image goes to the one whose ratio fits its unknown share (Fig. 4)")
     add("--images", required=True, help="folder of images (<name>.png/.jpg/...)")
-    add("--labels", required=True,
-        help="folder of label PNGs with the images' names: class ids (grey or palette), 255 = unknown")
-    add("--unknown", default=None, help="folder of masks with the labels' names, non-zero = unknown pixel; then 255 "
-        "outside the masks stays void")
-    add("--truth", default=None, help="folder of complete labels (same names) to score the completion and the two "
-        "baselines: PA-mIoU over the unknown pixels, mIoU over all pixels")
+    add("--labels", required=True, help="folder of labels named as the images: class ids (grey/palette), 255 = unknown")
+    add("--unknown", help="folder of masks named as the labels, non-zero = unknown; 255 outside them stays void")
+    add("--truth", help="folder of complete labels (same names) to score the completion and the two baselines: "
+        "PA-mIoU over the unknown pixels, mIoU over all pixels")
     add("--out", required=True, help="new folder for the completed palette PNGs and report.csv")
-    add("--void-id", type=int, default=None, help="a class id of --labels and --truth that marks unlabelled pixels "
-        "(e.g. CamVid's 11): read as 255, i.e. unknown and filled, or with --unknown masks void and written as 255 "
-        "(default none)")
+    add("--void-id", type=int, help="a class id of --labels and --truth marking unlabelled pixels (e.g. CamVid's 11): "
+        "read as 255, i.e. unknown and filled, or with --unknown masks void and written as 255 (default none)")
     add("--missing", default="unknown", choices=("unknown", "background"), help="unknown: only unknown pixels are "
         "missing (default); background: background pixels may be missing too, the most-background patches are "
         "hidden up to the model's ratio and their background pixels may be overwritten (Sec. III-D)")
-    add("--route", default=None, choices=("unknown", "background"), help="which share picks the checkpoint (CHOICE "
-        "C12): unknown = patches holding unknown pixels, background = background + unknown pixels (Fig. 4). "
-        "Default: --missing's")
+    add("--route", choices=("unknown", "background"), help="which share picks the checkpoint (CHOICE C12): unknown = "
+        "patches holding unknown pixels, background = background + unknown pixels (Fig. 4). Default: --missing's")
     add("--scale", type=float, default=1.0, help="images are resized by this factor (aspect kept) and padded to a "
         "multiple of the patch size (CHOICE C12; default 1: the grid of `degrade --patch-size P`)")
     add("--windows", action=argparse.BooleanOptionalAction, default=False, help="cut the scaled, padded image into "
         "windows of the checkpoint's training --img-size (stride half a window, a multiple of P: one global patch "
         "grid) and average their probabilities (CHOICE C16); default off: the whole image in one pass")
-    add("--max-pixels", type=int, default=2 ** 20, help="an image whose scaled size exceeds this many pixels runs "
-        "alone, in tiles of at most this many pixels on the same patch grid, so memory stays bounded (CHOICE C17; "
-        "default 1048576; 0 = never tile)")
+    add("--max-pixels", type=int, default=2 ** 20, help="an image whose scaled size exceeds this runs alone, in tiles "
+        "of at most this many pixels on the same patch grid: bounded memory (CHOICE C17; default 1048576; 0 = never)")
     add("--fill", default="auto", choices=("auto", "model", "nearest"), help="what writes the unknown pixels: model "
         "(the checkpoints), nearest (each unknown pixel's nearest known pixel's class, no model) or auto (default): "
         "the winner of --self-check, which auto runs")
-    add("--self-check", action=argparse.BooleanOptionalAction, default=None, help="before writing, hide "
-        "--check-share of the known patches, fill them with the checkpoints and with the nearest fill and report "
-        "both PA-mIoU with 95 %% bootstrap intervals over images (CHOICE C17; needs no ground truth). Default: on "
-        "with --fill auto, else off")
+    add("--self-check", action=argparse.BooleanOptionalAction, help="before writing, hide --check-share of the known "
+        "patches, fill them with the checkpoints and with the nearest fill, report both PA-mIoU with 95 %% bootstrap "
+        "intervals over images (CHOICE C17; needs no ground truth). Default: on with --fill auto, else off")
     add("--check-share", type=float, default=0.1, help="share of each image's known patches the self-check hides")
     add("--batch-size", type=int, default=8, help="images of one size per forward pass")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    add("--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="bf16 autocast (default: on with CUDA, off on a CPU)")
+    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA, off on a CPU)")
     add("--seed", type=int, default=0, help="seed of the random tie-breaks between patches")
     args = parser.parse_args(argv)
     args.command = "complete"
@@ -1705,14 +1698,12 @@ def get_degrade_args(argv):
     add = parser.add_argument
     add_dataset_arguments(add)
     add("--split", nargs="+", default=["train"], help="split(s) to degrade (default train)")
-    add("--limit", type=int, default=None, help="only the first N images of each split")
+    add("--limit", type=int, help="only the first N images of each split")
     add("--img-size", type=parse_size, default=(64, 64), help="size shapes are drawn at (shapes only)")
-    add("--ratio", type=float, default=0.5, help="fraction of each label's patches set to 255 (paper: 50 %%, the "
-        "default)")
+    add("--ratio", type=float, default=0.5, help="share of each label's patches set to 255 (paper: 50 %%, the default)")
     add("--patch-size", type=int, default=16, help="patch side in pixels (default 16); the model's patch size / "
         "complete's --scale, so that both grids are the same (CHOICE C13)")
-    add("--strategy", default="random", choices=MASKINGS,
-        help="which patches are hidden (default random, Sec. IV-C; CHOICE C13)")
+    add("--strategy", default="random", choices=MASKINGS, help="which patches are hidden (Sec. IV-C; CHOICE C13)")
     add("--mix", type=parse_mix, default=(1.0, 2.0, 2.0), help="weights for --strategy mixed (default 1:2:2)")
     add("--background-class", type=int, default=0, help="background id for the strategies (C4)")
     add("--seed", type=int, default=0, help="seed of the hidden patches")
