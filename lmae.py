@@ -1020,9 +1020,8 @@ def completion_batches(models, plans, images, read, fill, args, runtime, generat
         model, config, _ = models[index]
         for start in range(0, len(stems), args.batch_size):
             batch = stems[start:start + args.batch_size]
-            pairs = [read(stem) for stem in batch]
-            label_t = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device)  # (B, H, W) uint8
-            unknown_t = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)  # (B, H, W)
+            label_t, unknown_t = (torch.from_numpy(np.stack(arrays)).to(device)  # (B, H, W) uint8, bool
+                                  for arrays in zip(*[read(stem) for stem in batch]))
             tiles = 0
             if fill == "nearest":
                 prediction, hidden = nearest_known_fill(label_t, ~unknown_t), unknown_t
@@ -1071,17 +1070,10 @@ def score_rows(matrix, prediction, truth, region=None, rows=256):
     return matrix
 
 
-def class_counts(prediction, truth, region, num_classes):
-    """(3, K) int64 true positives, false positives, false negatives of prediction vs truth (H, W) in region."""
-    matrix = score_rows(ConfusionMatrix(num_classes, device=truth.device), prediction[None], truth[None],
-                        region[None]).matrix.cpu()
-    tp = matrix.diag()
-    return torch.stack([tp, matrix.sum(0) - tp, matrix.sum(1) - tp])
-
-
 def bootstrap_miou(counts, seed, draws=1000):
-    """counts (N images, F fills, 3, K) from class_counts -> per fill the mIoU (classes with a non-empty union)
-    and its 95 % interval over `draws` resamples of the images, and the same for fill 0 minus fill 1."""
+    """counts (N images, F fills, 3, K): true positives, false positives, false negatives -> per fill the mIoU
+    (classes with a non-empty union) and its 95 % interval over `draws` resamples of the images, and the same for
+    fill 0 minus fill 1."""
     N = counts.shape[0]
     picks = torch.randint(0, N, (draws, N), generator=make_generator(seed, "bootstrap"))
     ones = torch.ones(draws, N, dtype=torch.float64)
@@ -1102,32 +1094,34 @@ def self_check(models, plans, images, read_pair, num_classes, args, runtime):
     them with the checkpoints (each image's own, as routed) and with the nearest known pixel, and score both on the
     hidden known labels: PA-mIoU with 95 % bootstrap intervals over images. The winner is `model` only when its
     PA-mIoU is higher. Nothing is written."""
-    device, checked = runtime.device, {}
+    device, checked, check_plans = runtime.device, {}, {}
     for stem in progress(sorted(plans), runtime, "self-check: planning"):
         label, unknown = read_pair(stem)
         index = plans[stem]["checkpoint"]
-        hide = check_pixels(label, unknown, models[index][1], args, stem)
-        checked[stem] = (hide, route(models, label, unknown | hide, args, device, only=index))
+        checked[stem] = check_pixels(label, unknown, models[index][1], args, stem)
+        check_plans[stem] = route(models, label, unknown | checked[stem], args, device, only=index)
 
     def read(stem):  # the given label, with the checked pixels unknown too
         label, unknown = read_pair(stem)
-        return label, unknown | checked[stem][0]
+        return label, unknown | checked[stem]
 
     counts = {stem: [] for stem in checked}
     generator = make_generator(args.seed, "self-check", "ties", device=device)
-    check_plans = {stem: plan for stem, (_, plan) in checked.items()}
     for fill in ("model", "nearest"):
         done = 0
         for batch, _, label_t, _, prediction, _, _ in completion_batches(models, check_plans, images, read, fill, args,
                                                                       runtime, generator):
             for i, stem in enumerate(batch):  # label_t holds the given labels: the truth of the checked pixels
-                region = torch.from_numpy(checked[stem][0]).to(device)
-                counts[stem].append(class_counts(prediction[i], label_t[i], region, num_classes))
+                region = torch.from_numpy(checked[stem]).to(device)[None]  # (1, H, W)
+                matrix = score_rows(ConfusionMatrix(num_classes, device=device), prediction[i, None], label_t[i, None],
+                                    region).matrix.cpu()  # (K, K)
+                tp = matrix.diag()
+                counts[stem].append(torch.stack([tp, matrix.sum(0) - tp, matrix.sum(1) - tp]))  # (3, K)
                 done += 1
                 say_done(done, len(checked), f"self-check ({fill} fill)", stem)
     stacked = torch.stack([torch.stack(counts[stem]) for stem in sorted(counts)])  # (N, 2, 3, K)
     (model, nearest), difference = bootstrap_miou(stacked, args.seed)
-    pixels = int(sum(hide.sum() for hide, _ in checked.values()))
+    pixels = int(sum(hide.sum() for hide in checked.values()))
     winner = "model" if model["pa_miou"] > nearest["pa_miou"] else "nearest"  # NaN (no checked pixel): nearest
     return {"share": args.check_share, "images": len(checked), "checked_pixels": pixels,
             "model_pa_miou": model["pa_miou"], "model_interval": model["interval"],
