@@ -63,8 +63,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from common import (DATASET_NAMES, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset, check_labels,
-                    denormalize, joint_transform, plan_splits, read_label)
+from common import (DATASET_NAMES, IMAGE_EXTENSIONS, NORMALIZATION, ConfusionMatrix, DatasetError, build_dataset,
+                    check_labels, denormalize, joint_transform, load_rgb, plan_splits, read_label)
 
 SCRIPT = "lmae.py"
 IGNORE = 255  # void in the given labels, unknown in labels to complete
@@ -106,17 +106,18 @@ def stack_fuse(images, labels, num_classes, fuse="layer"):
 
 # --- masking (Sec. III-B) ---
 
+def pixel_fraction(pixels, patch_size):
+    """(B, H, W) bool -> (B, L) fraction of True pixels per patch; patches are numbered row-major."""
+    B, H, W = pixels.shape
+    P = patch_size
+    return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
+
+
 def patch_fractions(labels, patch_size, background_class):
     """labels (B, H, W) int64 -> (object fraction, background fraction) per patch, each (B, L) float in [0, 1].
-
-    Object = neither background nor void; patches are numbered row-major.
-    """
-    B, H, W = labels.shape
-    P = patch_size
-    patches = labels.reshape(B, H // P, P, W // P, P)
-    background = (patches == background_class).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
-    objects = ((patches != background_class) & (patches != IGNORE)).float().mean(dim=(2, 4)).flatten(1)  # (B, L)
-    return objects, background
+    Object = neither background nor void."""
+    background = pixel_fraction(labels == background_class, patch_size)  # (B, L)
+    return pixel_fraction((labels != background_class) & (labels != IGNORE), patch_size), background
 
 
 def rank_patches(keys, generator=None, noise=None):
@@ -286,6 +287,15 @@ class ClassWeighting(nn.Module):
         return torch.sigmoid(self.log_beta - self.gamma * standardised)
 
 
+def xavier_init(root):
+    """MAE's initialisation: xavier-uniform linear maps (patch convolutions seen as linear), zero biases."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 class LMAE(nn.Module):
     """Label Masked Autoencoder (Fig. 3): Stack Fuse -> patch embedding + positions -> encoder on visible tokens
     -> Image Patch Supplement (or mask token) -> decoder on all L tokens -> per-pixel class logits.
@@ -319,17 +329,10 @@ class LMAE(nn.Module):
         self.head = nn.Linear(decoder_dim, P * P * num_classes)  # every token -> K logits for each of its pixels
         # Eq. (10)'s beta and gamma live in the model, so that the optimizer, DDP and the checkpoints see them
         self.class_weighting = ClassWeighting() if class_weighting is None else class_weighting
-        self.initialize()
-
-    def initialize(self):
-        """MAE's initialisation: xavier-uniform linear maps (patch convolutions seen as linear), zero biases."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if not self.ips:
+        xavier_init(self)
+        if not ips:
             nn.init.normal_(self.mask_token, std=0.02)
+
     def encode(self, fuse_map, ids_keep):
         """fuse_map (B, C_f, H, W), ids_keep (B, L_vis) -> encoded visible tokens (B, L_vis, D_e)."""
         tokens = self.patch_embed(fuse_map)  # (B, D_e, gh, gw)
@@ -379,24 +382,17 @@ class LMAE(nn.Module):
 
 # Table IV. Parameter counts measured by tests/test_lmae.py (count_parameters: K = 21 VOC classes, 24 fuse
 # channels, patch 16) next to the paper's figure. CHOICE C5: heads of width 64 (1024/512) or 72 (1440/720).
-PRESETS = {
-    "eb12-db8-ed1024-dd512": dict(encoder_depth=12, decoder_depth=8, encoder_dim=1024, decoder_dim=512,
-                                  encoder_heads=16, decoder_heads=8),  # 186.3 M (paper 186 M)
-    "eb12-db8-ed1440-dd720": dict(encoder_depth=12, decoder_depth=8, encoder_dim=1440, decoder_dim=720,
-                                  encoder_heads=20, decoder_heads=10),  # 363.0 M (paper 362 M)
-    "eb8-db6-ed1024-dd512": dict(encoder_depth=8, decoder_depth=6, encoder_dim=1024, decoder_dim=512,
-                                 encoder_heads=16, decoder_heads=8),  # 129.7 M (paper 129 M)
-    "eb8-db6-ed1440-dd720": dict(encoder_depth=8, decoder_depth=6, encoder_dim=1440, decoder_dim=720,
-                                 encoder_heads=20, decoder_heads=10),  # 250.9 M (paper 250 M), main results
-    "eb6-db4-ed1024-dd512": dict(encoder_depth=6, decoder_depth=4, encoder_dim=1024, decoder_dim=512,
-                                 encoder_heads=16, decoder_heads=8),  # 98.2 M (paper 98 M)
-    "eb6-db4-ed1440-dd720": dict(encoder_depth=6, decoder_depth=4, encoder_dim=1440, decoder_dim=720,
-                                 encoder_heads=20, decoder_heads=10),  # 188.7 M (paper 188 M)
-    "small": dict(encoder_depth=6, decoder_depth=4, encoder_dim=384, decoder_dim=256,
-                  encoder_heads=6, decoder_heads=8),  # 17.8 M, not in the paper
-    "tiny": dict(encoder_depth=4, decoder_depth=2, encoder_dim=128, decoder_dim=96,
-                 encoder_heads=2, decoder_heads=2),  # 2.4 M (1.1 M at K = 5, patch 8); shapes default (C14)
-}
+PRESETS = {name: dict(zip(("encoder_depth", "decoder_depth", "encoder_dim", "decoder_dim", "encoder_heads",
+                            "decoder_heads"), sizes)) for name, sizes in {
+    "eb12-db8-ed1024-dd512": (12, 8, 1024, 512, 16, 8),  # 186.3 M (paper 186 M)
+    "eb12-db8-ed1440-dd720": (12, 8, 1440, 720, 20, 10),  # 363.0 M (paper 362 M)
+    "eb8-db6-ed1024-dd512": (8, 6, 1024, 512, 16, 8),  # 129.7 M (paper 129 M)
+    "eb8-db6-ed1440-dd720": (8, 6, 1440, 720, 20, 10),  # 250.9 M (paper 250 M), main results
+    "eb6-db4-ed1024-dd512": (6, 4, 1024, 512, 16, 8),  # 98.2 M (paper 98 M)
+    "eb6-db4-ed1440-dd720": (6, 4, 1440, 720, 20, 10),  # 188.7 M (paper 188 M)
+    "small": (6, 4, 384, 256, 6, 8),  # 17.8 M, not in the paper
+    "tiny": (4, 2, 128, 96, 2, 2),  # 2.4 M (1.1 M at K = 5, patch 8); shapes default (C14)
+}.items()}
 PAPER_PRESET = "eb8-db6-ed1440-dd720"  # Table I, Sec. IV-E1: "we choose EB=8, DB=6, ED=1440, DD=720"
 
 
@@ -546,10 +542,7 @@ class LMAEWithConvHead(nn.Module):
         K = lmae.num_classes
         self.lmae, self.nearest_prior = lmae, nearest_prior
         self.refine = ConvHead(K * (3 if nearest_prior else 2) + 3, K, width)
-        for module in self.refine.modules():  # LMAE's initialisation, then the correction's start
-            if isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                nn.init.zeros_(module.bias)
+        xavier_init(self.refine)  # LMAE's initialisation, then the correction's start
         nn.init.zeros_(self.refine.out.weight)
         nn.init.zeros_(self.refine.skip.weight)
         if nearest_prior:
@@ -605,10 +598,15 @@ def draw_mask(labels, strategy, args, generator=None, uniforms=None):
     return mask, ids_keep, pixel_mask(mask, args.patch_size, grid)
 
 
-def to_device(images, labels, args, device):
-    """A loader batch on the device; images in channels_last with --channels-last (faster convolutions on GPU)."""
-    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    return (images.contiguous(memory_format=torch.channels_last) if args.channels_last else images), labels
+def masked_batches(loader, key, args, runtime, desc):
+    """The loader's batches on the device (images channels_last with --channels-last: faster convolutions on GPU),
+    each with its items' mask draws item_uniforms(key, ...) (B, 1 + L)."""
+    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
+    for images, labels in progress(loader, runtime, desc):
+        images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
+        images = images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
+        yield images, labels, item_uniforms(key, indices[seen:seen + len(images)], labels, args.patch_size)
+        seen += len(images)
 
 
 def train_step(model, optimizer, images, labels, args, runtime, generator=None, uniforms=None):
@@ -634,15 +632,10 @@ def train_one_epoch(model, optimizer, loader, step, args, runtime, guard, epoch)
     one keyed by (seed, epoch, rank): a resumed epoch replays both.
     """
     model.train()
-    device = runtime.device
     torch.manual_seed(derive_seed(args.seed, "drop-path", epoch, runtime.rank))  # DropPath's global RNG
-    total = torch.zeros(2, device=device)  # loss sum, steps
-    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
-    for images, labels in progress(loader, runtime, f"epoch {epoch}"):
-        images, labels = to_device(images, labels, args, device)
-        uniforms = item_uniforms((args.seed, "masks", epoch), indices[seen:seen + len(images)], labels,
-                                 args.patch_size)  # (B, 1 + L)
-        seen += len(images)
+    total = torch.zeros(2, device=runtime.device)  # loss sum, steps
+    key = (args.seed, "masks", epoch)
+    for images, labels, uniforms in masked_batches(loader, key, args, runtime, f"epoch {epoch}"):
         loss = step(model, optimizer, images, labels, args, runtime, None, uniforms)
         guard.observe(loss)
         total[0] += loss
@@ -665,16 +658,11 @@ def evaluate(model, loader, args, runtime, num_classes):
     """
     model.eval()
     device = runtime.device
-    indices, seen = loader.sampler.indices(), 0  # this rank's items in loader order: each item's mask key
     names = ("model", "completed", "prediction", "nearest", "frequent", "blank")
     matrices = {name: ConfusionMatrix(num_classes, device=device) for name in names}
     total = torch.zeros(2, device=device)  # loss sum, batches
     weighting = model.class_weighting if args.class_weighting == "paper" else None
-    for images, labels in progress(loader, runtime, "evaluating"):
-        images, labels = to_device(images, labels, args, device)
-        uniforms = item_uniforms((args.seed, "eval-masks"), indices[seen:seen + len(images)], labels,
-                                 args.patch_size)  # (B, 1 + L)
-        seen += len(images)
+    for images, labels, uniforms in masked_batches(loader, (args.seed, "eval-masks"), args, runtime, "evaluating"):
         _, ids_keep, hidden = draw_mask(labels, args.eval_masking, args, None, uniforms)  # (B, L_vis), (B, H, W)
         with autocast(runtime):
             logits = model(images, labels, ids_keep)  # (B, K, H, W)
@@ -693,20 +681,13 @@ def evaluate(model, loader, args, runtime, num_classes):
         matrices["blank"].update(blank_logits.argmax(dim=1), labels, region=hidden)
     all_reduce_sum(total)
     scores = {name: matrix.all_reduce().compute() for name, matrix in matrices.items()}
-    return {
-        "loss": (total[0] / total[1].clamp(min=1)).item(),  # sync point
-        "pa_miou": scores["model"]["miou"],
-        "miou": scores["completed"]["miou"],
-        "pred_miou": scores["prediction"]["miou"],
-        "nearest_pa_miou": scores["nearest"]["miou"],
-        "frequent_pa_miou": scores["frequent"]["miou"],
-        "blank_pa_miou": scores["blank"]["miou"],
-        "pa_pixel_acc": scores["model"]["pixel_acc"],
-        "nearest_pa_pixel_acc": scores["nearest"]["pixel_acc"],
-        "frequent_pa_pixel_acc": scores["frequent"]["pixel_acc"],
-        "pa_per_class_iou": scores["model"]["per_class_iou"],
-        "per_class_iou": scores["completed"]["per_class_iou"],
-    }
+    return {"loss": (total[0] / total[1].clamp(min=1)).item(),  # sync point
+            "pa_miou": scores["model"]["miou"], "miou": scores["completed"]["miou"],
+            "pred_miou": scores["prediction"]["miou"], "nearest_pa_miou": scores["nearest"]["miou"],
+            "frequent_pa_miou": scores["frequent"]["miou"], "blank_pa_miou": scores["blank"]["miou"],
+            "pa_pixel_acc": scores["model"]["pixel_acc"], "nearest_pa_pixel_acc": scores["nearest"]["pixel_acc"],
+            "frequent_pa_pixel_acc": scores["frequent"]["pixel_acc"],
+            "pa_per_class_iou": scores["model"]["per_class_iou"], "per_class_iou": scores["completed"]["per_class_iou"]}
 
 
 def colorize(labels, palette):
@@ -717,10 +698,13 @@ def colorize(labels, palette):
 
 
 @torch.no_grad()
-def save_samples(model, images, labels, args, runtime, palette, path):
-    """PNG grid, one row per image: image | masked fuse map (visible label over the image, hidden patches dark) |
-    completed label (prediction in hidden patches, given label elsewhere) | truth."""
+def save_samples(model, dataset, args, runtime, palette, path):
+    """PNG grid of the first 6 images of `dataset`, one row per image: image | masked fuse map (visible label over
+    the image, hidden patches dark) | completed label (prediction in hidden patches, given label elsewhere) | truth."""
     model.eval()
+    pairs = [dataset[i] for i in range(min(6, len(dataset)))]
+    images, labels = (torch.stack(t).to(runtime.device) for t in zip(*pairs))  # (B, 3, H, W), (B, H, W)
+    path.parent.mkdir(exist_ok=True)
     generator = make_generator(args.seed, "eval-masks", "samples", device=images.device)
     _, ids_keep, hidden = draw_mask(labels, args.eval_masking, args, generator)
     with autocast(runtime):
@@ -805,12 +789,11 @@ def degrade(args):
 
 # --- phases: completing a dataset (Sec. III-D, Fig. 4) ---
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")  # files `complete` reads
 RATIO_WARNING = 0.15  # `complete` warns when the hidden share exceeds the checkpoint's ratio by more than this
 
 
 def files_by_stem(folder):
-    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    return {Path(p).stem: Path(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
 
 
 def read_file(path, what, convert):
@@ -818,33 +801,8 @@ def read_file(path, what, convert):
     try:
         with Image.open(path) as image:
             return convert(image)
-    except DatasetError:
-        raise
     except Exception as error:
         raise DatasetError(f"cannot read {what} {path} ({type(error).__name__}: {error}); replace the file") from None
-
-
-def read_label_file(path, num_classes, void_id=None):
-    """A class-id label (8/16-bit grey or palette PNG, read as training reads it: common.read_label; void_id -> 255)
-    -> uint8 (H, W), ids checked against the checkpoint's num_classes."""
-    try:
-        return read_label(path, num_classes, void_id).astype(np.uint8)
-    except DatasetError:
-        raise
-    except Exception as error:
-        raise DatasetError(f"cannot read label {path} ({type(error).__name__}: {error}); replace the file") from None
-
-
-def read_mask_file(path):  # --unknown masks: any single-channel image, non-zero = unknown -> bool (H, W)
-    return read_file(path, "unknown mask", lambda image: np.array(image.convert("L")) > 0)
-
-
-def read_image_file(path):  # -> uint8 (H, W, 3)
-    return read_file(path, "image", lambda image: np.array(image.convert("RGB")))
-
-
-def image_size_of(path):  # (H, W) from the file header, without decoding the pixels
-    return read_file(path, "image", lambda image: (image.size[1], image.size[0]))
 
 
 def load_completion_models(paths, device):
@@ -862,35 +820,22 @@ def load_completion_models(paths, device):
     return sorted(models, key=lambda m: m[1]["mask_ratio"]), info
 
 
-def completion_grid(height, width, scale, patch_size):
-    """CHOICE C12: the size (h, w) an H x W image is resized to (aspect kept) and the padded size, a multiple of P."""
-    h, w = max(1, round(height * scale)), max(1, round(width * scale))
-    return (h, w), (math.ceil(h / patch_size) * patch_size, math.ceil(w / patch_size) * patch_size)
-
-
-def to_model_grid(labels, unknown, size, padded):
-    """labels (B, H, W) int (uint8 or int64), unknown (B, H, W) bool -> both at the model's padded grid (B, H_p, W_p),
-    labels in their dtype.
-
-    Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any native pixel it
-    covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void, not unknown.
-    """
-    h, w = size
-    pad = (0, padded[1] - w, 0, padded[0] - h)
-    if size == tuple(labels.shape[1:]):  # --scale 1: no resize
+def to_model_grid(labels, unknown, scale, patch_size):
+    """labels (B, H, W) int (uint8 or int64), unknown (B, H, W) bool -> both at the model's grid (B, H_p, W_p),
+    labels in their dtype, and the sizes (h, w), (H_p, W_p). CHOICE C12: resized by `scale` (aspect kept), padded
+    to a multiple of P. Labels are resized with nearest, unknown pixels set to 255; a model pixel is unknown when any
+    native pixel it covers is (area resize > 0), so every unknown pixel lands in a hidden patch. Padding is void."""
+    H, W = labels.shape[1:]
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    padded = (math.ceil(size[0] / patch_size) * patch_size, math.ceil(size[1] / patch_size) * patch_size)
+    pad = (0, padded[1] - size[1], 0, padded[0] - size[0])
+    if size == (H, W):  # --scale 1: no resize
         small_unknown, small_labels = unknown, labels
     else:
         small_unknown = F.interpolate(unknown[:, None].float(), size=size, mode="area")[:, 0] > 0  # (B, h, w)
         small_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].to(labels.dtype)
     small_labels = torch.where(small_unknown, IGNORE, small_labels)
-    return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False)
-
-
-def pixel_fraction(pixels, patch_size):
-    """(B, H, W) bool -> (B, L) fraction of True pixels per patch."""
-    B, H, W = pixels.shape
-    P = patch_size
-    return pixels.reshape(B, H // P, P, W // P, P).float().mean(dim=(2, 4)).flatten(1)
+    return F.pad(small_labels, pad, value=IGNORE), F.pad(small_unknown, pad, value=False), size, padded
 
 
 def plan_hidden(labels, unknown, config, args):
@@ -913,6 +858,23 @@ def plan_hidden(labels, unknown, config, args):
     else:
         share = n_unknown / L
     return dict(num_hidden=min(num_hidden, L - 1), share=share, patches=L, keys=[holds_unknown.float(), background])
+
+
+def route(models, label, unknown, args, device, only=None):
+    """Fig. 4: plan one image (label uint8 (H, W), unknown bool (H, W)) at every checkpoint's grid (or only at
+    checkpoint `only`'s) and pick the checkpoint whose mask ratio is nearest the image's share; ties go to the
+    larger ratio. The plan: plan_hidden's dict, checkpoint, shape, tiled (the scaled size exceeds --max-pixels:
+    the image runs alone, in tiles, complete_tiled)."""
+    plans = []
+    for index in range(len(models)) if only is None else [only]:
+        config = models[index][1]
+        grid_labels, grid_unknown, size, _ = to_model_grid(torch.from_numpy(label)[None].to(device),
+                                                           torch.from_numpy(unknown)[None].to(device), args.scale,
+                                                           config["patch_size"])
+        plans.append(dict(plan_hidden(grid_labels, grid_unknown, config, args), checkpoint=index, shape=label.shape,
+                          tiled=0 < args.max_pixels < size[0] * size[1]))
+    return min(plans, key=lambda p: (abs(models[p["checkpoint"]][1]["mask_ratio"] - p["share"]),
+                                     -models[p["checkpoint"]][1]["mask_ratio"]))
 
 
 def window_starts(length, window, patch_size):
@@ -966,14 +928,12 @@ def window_logits(model, config, images, labels, mask, runtime):
 def complete_batch(model, config, images, labels, unknown, keys, num_hidden, args, runtime, generator):
     """Fill one batch of same-size images with one checkpoint (Sec. III-D).
 
-    images uint8 (B, H, W, 3), labels int64 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
-    rank_patches keys (B, L) at the model grid. Returns the prediction (B, H, W) int64 and the hidden pixels
-    (B, H, W) bool at the native size.
+    images uint8 (B, H, W, 3), labels uint8 (B, H, W) (255 = unknown/void), unknown bool (B, H, W), keys: the
+    rank_patches keys (B, L) at the model grid -> prediction uint8 (B, H, W), hidden pixels bool (B, H, W).
     """
     B, H, W = labels.shape
     P = config["patch_size"]
-    size, padded = completion_grid(H, W, args.scale, P)
-    model_labels = to_model_grid(labels, unknown, size, padded)[0].long()  # (B, H_p, W_p)
+    model_labels, _, size, padded = to_model_grid(labels.long(), unknown, args.scale, P)  # (B, H_p, W_p)
     mask, ids_keep = hide_first(rank_patches(keys, generator), num_hidden)  # unknown patches first, then background
     mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in NORMALIZATION["imagenet"])
     small = images.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
@@ -989,7 +949,31 @@ def complete_batch(model, config, images, labels, unknown, keys, num_hidden, arg
     if size != (H, W):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear")  # (B, K, H, W)
         hidden = F.interpolate(hidden, size=(H, W), mode="nearest")
-    return logits.argmax(dim=1), hidden[:, 0].bool()
+    return logits.argmax(dim=1).to(torch.uint8), hidden[:, 0].bool()
+
+
+@torch.no_grad()
+def complete_tiled(model, config, image, label, unknown, args, runtime, generator):
+    """An image over --max-pixels (CHOICE C17): complete_batch on tiles of at most --max-pixels model pixels, cut
+    on the patch grid (at --scale 1 exactly `degrade`'s grid), each planned on its own; memory stays bounded.
+
+    image uint8 (1, H, W, 3), label uint8 (1, H, W), unknown bool (1, H, W) -> prediction uint8 (1, H, W) (the
+    label where nothing was hidden), hidden bool (1, H, W), the number of tiles run.
+    """
+    P = config["patch_size"]
+    side = max(P, math.isqrt(args.max_pixels) // P * P)  # tile side at the model grid
+    tile = max(1, round(side / args.scale))  # ... and at the native size
+    prediction, hidden, count = label.clone(), torch.zeros_like(unknown), 0
+    for top in range(0, label.shape[1], tile):
+        for left in range(0, label.shape[2], tile):
+            part = (slice(None), slice(top, top + tile), slice(left, left + tile))
+            plan = plan_hidden(*to_model_grid(label[part], unknown[part], args.scale, P)[:2], config, args)
+            if plan["num_hidden"] > 0:
+                prediction[part], hidden[part] = complete_batch(model, config, image[part], label[part], unknown[part],
+                                                                plan["keys"], plan["num_hidden"], args, runtime,
+                                                                generator)
+                count += 1
+    return prediction, hidden, count
 
 
 def completion_inputs(args, num_classes):
@@ -1008,10 +992,11 @@ def completion_inputs(args, num_classes):
             if folder and stem not in files:
                 raise DatasetError(f"{flag} {folder} has no file {stem}.png for label {labels[stem]}")
 
-    def read_pair(stem):
-        size = image_size_of(images[stem])
-        label = read_label_file(labels[stem], num_classes, args.void_id)
-        unknown = read_mask_file(unknowns[stem]) if args.unknown else label == IGNORE
+    def read_pair(stem):  # labels are read as training reads them (common.read_label; --void-id -> 255)
+        size = read_file(images[stem], "image", lambda image: image.size[::-1])  # (H, W) from the header alone
+        label = read_label(labels[stem], num_classes, args.void_id).astype(np.uint8)
+        unknown = (read_file(unknowns[stem], "unknown mask", lambda image: np.array(image.convert("L")) > 0)
+                   if args.unknown else label == IGNORE)  # --unknown masks: any single-channel image, non-zero
         for array, path in ((label, labels[stem]), (unknown, unknowns.get(stem))):
             if array.shape != size:
                 raise DatasetError(f"{path} is {array.shape[1]}x{array.shape[0]} but image {images[stem]} is "
@@ -1019,51 +1004,6 @@ def completion_inputs(args, num_classes):
         return label, unknown
 
     return images, labels, truths, read_pair
-
-
-def plan_image(models, index, label, unknown, args, device):
-    """plan_hidden of one image (label uint8 (H, W), unknown bool (H, W)) at checkpoint `index`'s grid, with
-    tiled = True when its scaled size exceeds --max-pixels (then it runs alone, in tiles: complete_tiled)."""
-    config = models[index][1]
-    size, padded = completion_grid(*label.shape, args.scale, config["patch_size"])
-    grid_labels, grid_unknown = to_model_grid(torch.from_numpy(label)[None].to(device),
-                                              torch.from_numpy(unknown)[None].to(device), size, padded)
-    return dict(plan_hidden(grid_labels, grid_unknown, config, args), checkpoint=index, shape=label.shape,
-                tiled=0 < args.max_pixels < size[0] * size[1])
-
-
-def route(models, label, unknown, args, device):
-    """Fig. 4: plan one image (label uint8 (H, W), unknown bool (H, W)) at every checkpoint's grid and pick the
-    checkpoint whose mask ratio is nearest the image's share; ties go to the larger ratio."""
-    plans = [plan_image(models, index, label, unknown, args, device) for index in range(len(models))]
-    return min(plans, key=lambda p: (abs(models[p["checkpoint"]][1]["mask_ratio"] - p["share"]),
-                                     -models[p["checkpoint"]][1]["mask_ratio"]))
-
-
-@torch.no_grad()
-def complete_tiled(model, config, image, label, unknown, args, runtime, generator):
-    """An image over --max-pixels (CHOICE C17): complete_batch on tiles of at most --max-pixels model pixels, cut
-    on the patch grid (at --scale 1 exactly `degrade`'s grid), each planned on its own; memory stays bounded.
-
-    image uint8 (1, H, W, 3), label uint8 (1, H, W), unknown bool (1, H, W) -> prediction uint8 (1, H, W) (the
-    label where nothing was hidden), hidden bool (1, H, W), the number of tiles run.
-    """
-    P = config["patch_size"]
-    side = max(P, math.isqrt(args.max_pixels) // P * P)  # tile side at the model grid
-    tile = max(1, round(side / args.scale))  # ... and at the native size
-    prediction, hidden, count = label.clone(), torch.zeros_like(unknown), 0
-    for top in range(0, label.shape[1], tile):
-        for left in range(0, label.shape[2], tile):
-            part = (slice(None), slice(top, top + tile), slice(left, left + tile))
-            tile_label, tile_unknown = label[part], unknown[part]  # (1, h, w)
-            size, padded = completion_grid(*tile_label.shape[1:], args.scale, P)
-            plan = plan_hidden(*to_model_grid(tile_label, tile_unknown, size, padded), config, args)
-            if plan["num_hidden"] == 0:
-                continue
-            predicted, tile_hidden = complete_batch(model, config, image[part], tile_label, tile_unknown, plan["keys"],
-                                                    plan["num_hidden"], args, runtime, generator)
-            prediction[part], hidden[part], count = predicted.to(torch.uint8), tile_hidden, count + 1
-    return prediction, hidden, count
 
 
 def completion_batches(models, plans, images, read, fill, args, runtime, generator):
@@ -1080,14 +1020,13 @@ def completion_batches(models, plans, images, read, fill, args, runtime, generat
         model, config, _ = models[index]
         for start in range(0, len(stems), args.batch_size):
             batch = stems[start:start + args.batch_size]
-            pairs = [read(stem) for stem in batch]
-            label_t = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device)  # (B, H, W) uint8
-            unknown_t = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)  # (B, H, W)
+            label_t, unknown_t = (torch.from_numpy(np.stack(arrays)).to(device)  # (B, H, W) uint8, bool
+                                  for arrays in zip(*[read(stem) for stem in batch]))
             tiles = 0
             if fill == "nearest":
                 prediction, hidden = nearest_known_fill(label_t, ~unknown_t), unknown_t
             else:
-                image_t = torch.from_numpy(np.stack([read_image_file(images[s]) for s in batch])).to(device)
+                image_t = torch.from_numpy(np.stack([load_rgb(images[s]) for s in batch])).to(device)  # (B, H, W, 3)
                 if plans[batch[0]]["tiled"]:
                     prediction, hidden, tiles = complete_tiled(model, config, image_t, label_t, unknown_t, args,
                                                                runtime, generator)
@@ -1095,7 +1034,6 @@ def completion_batches(models, plans, images, read, fill, args, runtime, generat
                     keys = [torch.cat([plans[s]["keys"][k] for s in batch]) for k in range(2)]  # (B, L) each
                     prediction, hidden = complete_batch(model, config, image_t, label_t, unknown_t, keys, num_hidden,
                                                         args, runtime, generator)
-                    prediction = prediction.to(torch.uint8)
             yield batch, index, label_t, unknown_t, prediction, hidden, tiles
 
 
@@ -1108,14 +1046,13 @@ def say_done(done, total, what, detail):
 # --- phases: the self-check of `complete` (not in the paper, CHOICE C17) ---
 
 def check_pixels(label, unknown, config, args, stem):
-    """The known pixels `complete --self-check` hides in one image: ceil(--check-share x the patches, at the
+    """The known pixels the self-check hides: the pixels of ceil(--check-share x the patches, at the
     checkpoint's grid, that hold a labelled pixel and no unknown one), drawn with a generator keyed by (seed, name).
     label uint8 (H, W), unknown bool (H, W) numpy -> (H, W) bool numpy."""
     H, W = label.shape
     P = config["patch_size"]
-    size, padded = completion_grid(H, W, args.scale, P)
     label_t, unknown_t = torch.from_numpy(label)[None], torch.from_numpy(unknown)[None]
-    grid_labels, grid_unknown = to_model_grid(label_t, unknown_t, size, padded)  # (1, H_p, W_p)
+    grid_labels, grid_unknown, size, padded = to_model_grid(label_t, unknown_t, args.scale, P)  # (1, H_p, W_p)
     candidates = (pixel_fraction(grid_labels != IGNORE, P) > 0) & (pixel_fraction(grid_unknown, P) == 0)  # (1, L)
     ranked = rank_patches([candidates.float()], make_generator(args.seed, "self-check", stem))
     chosen, _ = hide_first(ranked, math.ceil(args.check_share * int(candidates.sum())))  # (1, L)
@@ -1133,17 +1070,10 @@ def score_rows(matrix, prediction, truth, region=None, rows=256):
     return matrix
 
 
-def class_counts(prediction, truth, region, num_classes):
-    """(3, K) int64 true positives, false positives, false negatives of prediction vs truth (H, W) in region."""
-    matrix = score_rows(ConfusionMatrix(num_classes, device=truth.device), prediction[None], truth[None],
-                        region[None]).matrix.cpu()
-    tp = matrix.diag()
-    return torch.stack([tp, matrix.sum(0) - tp, matrix.sum(1) - tp])
-
-
 def bootstrap_miou(counts, seed, draws=1000):
-    """counts (N images, F fills, 3, K) from class_counts -> per fill the mIoU (classes with a non-empty union)
-    and its 95 % interval over `draws` resamples of the images, and the same for fill 0 minus fill 1."""
+    """counts (N images, F fills, 3, K): true positives, false positives, false negatives -> per fill the mIoU
+    (classes with a non-empty union) and its 95 % interval over `draws` resamples of the images, and the same for
+    fill 0 minus fill 1."""
     N = counts.shape[0]
     picks = torch.randint(0, N, (draws, N), generator=make_generator(seed, "bootstrap"))
     ones = torch.ones(draws, N, dtype=torch.float64)
@@ -1164,32 +1094,34 @@ def self_check(models, plans, images, read_pair, num_classes, args, runtime):
     them with the checkpoints (each image's own, as routed) and with the nearest known pixel, and score both on the
     hidden known labels: PA-mIoU with 95 % bootstrap intervals over images. The winner is `model` only when its
     PA-mIoU is higher. Nothing is written."""
-    device, checked = runtime.device, {}
+    device, checked, check_plans = runtime.device, {}, {}
     for stem in progress(sorted(plans), runtime, "self-check: planning"):
         label, unknown = read_pair(stem)
         index = plans[stem]["checkpoint"]
-        hide = check_pixels(label, unknown, models[index][1], args, stem)
-        checked[stem] = (hide, plan_image(models, index, label, unknown | hide, args, device))
+        checked[stem] = check_pixels(label, unknown, models[index][1], args, stem)
+        check_plans[stem] = route(models, label, unknown | checked[stem], args, device, only=index)
 
     def read(stem):  # the given label, with the checked pixels unknown too
         label, unknown = read_pair(stem)
-        return label, unknown | checked[stem][0]
+        return label, unknown | checked[stem]
 
     counts = {stem: [] for stem in checked}
     generator = make_generator(args.seed, "self-check", "ties", device=device)
-    check_plans = {stem: plan for stem, (_, plan) in checked.items()}
     for fill in ("model", "nearest"):
         done = 0
         for batch, _, label_t, _, prediction, _, _ in completion_batches(models, check_plans, images, read, fill, args,
                                                                       runtime, generator):
             for i, stem in enumerate(batch):  # label_t holds the given labels: the truth of the checked pixels
-                region = torch.from_numpy(checked[stem][0]).to(device)
-                counts[stem].append(class_counts(prediction[i], label_t[i], region, num_classes))
+                region = torch.from_numpy(checked[stem]).to(device)[None]  # (1, H, W)
+                matrix = score_rows(ConfusionMatrix(num_classes, device=device), prediction[i, None], label_t[i, None],
+                                    region).matrix.cpu()  # (K, K)
+                tp = matrix.diag()
+                counts[stem].append(torch.stack([tp, matrix.sum(0) - tp, matrix.sum(1) - tp]))  # (3, K)
                 done += 1
                 say_done(done, len(checked), f"self-check ({fill} fill)", stem)
     stacked = torch.stack([torch.stack(counts[stem]) for stem in sorted(counts)])  # (N, 2, 3, K)
     (model, nearest), difference = bootstrap_miou(stacked, args.seed)
-    pixels = int(sum(hide.sum() for hide, _ in checked.values()))
+    pixels = int(sum(hide.sum() for hide in checked.values()))
     winner = "model" if model["pa_miou"] > nearest["pa_miou"] else "nearest"  # NaN (no checked pixel): nearest
     return {"share": args.check_share, "images": len(checked), "checked_pixels": pixels,
             "model_pa_miou": model["pa_miou"], "model_interval": model["interval"],
@@ -1216,14 +1148,12 @@ def completion_summary(args, rows, models, scores, without_label):
             print(f"warning: {len(over)} images routed to {path} hid {max(r['hidden_share'] for r in over):.0%} of "
                   f"their patches, far above the ratio {config['mask_ratio']} it was trained at; train a checkpoint "
                   f"at a higher --mask-ratio for them", file=sys.stderr)
-    if args.truth:
+    if args.truth:  # pa_: over the unknown pixels; miou, pixel_acc: the completed label over all pixels
         result = {name: matrix.compute() for name, matrix in scores.items()}
-        summary.update(pa_miou=result["model"]["miou"], pa_pixel_acc=result["model"]["pixel_acc"],
-                       miou=result["completed"]["miou"], pixel_acc=result["completed"]["pixel_acc"],
-                       nearest_pa_miou=result["nearest"]["miou"], nearest_pa_pixel_acc=result["nearest"]["pixel_acc"],
-                       frequent_pa_miou=result["frequent"]["miou"],
-                       frequent_pa_pixel_acc=result["frequent"]["pixel_acc"],
-                       pa_per_class_iou=result["model"]["per_class_iou"])
+        for name, prefix in (("model", "pa_"), ("completed", ""), ("nearest", "nearest_pa_"),
+                             ("frequent", "frequent_pa_")):
+            summary.update({prefix + "miou": result[name]["miou"], prefix + "pixel_acc": result[name]["pixel_acc"]})
+        summary["pa_per_class_iou"] = result["model"]["per_class_iou"]
     return summary
 
 
@@ -1258,8 +1188,8 @@ def complete(args):
     written = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        summary = write_completion(models, plans, images, truths, read_pair, fill, K, info, args, runtime, written)
-        summary["images_without_label"] = len(without_label)
+        rows, scores = write_completion(models, plans, images, truths, read_pair, fill, info, args, runtime, written)
+        summary = completion_summary(args, rows, models, scores, without_label)
     except BaseException:  # a failure or Ctrl-C leaves no half-filled --out behind (nothing the user had is touched)
         for path in written:
             path.unlink(missing_ok=True)
@@ -1277,15 +1207,14 @@ def complete(args):
     return summary
 
 
-def write_completion(models, plans, images, truths, read_pair, fill, K, info, args, runtime, written):
-    """The writing pass of `complete`: one palette PNG per label (paths appended to `written`), report.csv; with
-    --truth the scores of this fill, the nearest fill and the most-frequent fill. -> the summary dict."""
-    out, device = Path(args.out), runtime.device
+def write_completion(models, plans, images, truths, read_pair, fill, info, args, runtime, written):
+    """The writing pass of `complete`: one palette PNG per label (paths appended to `written`); with --truth the
+    scores of this fill, the nearest fill and the most-frequent fill. -> report rows, {name: ConfusionMatrix}."""
+    out, device, K = Path(args.out), runtime.device, info["num_classes"]
     scores = {name: ConfusionMatrix(K, device=device) for name in ("model", "completed", "nearest", "frequent")}
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    rows, done = [], 0
+    rows, started = [], time.time()
     bar = progress(total=len(plans), iterable=None, runtime=runtime, desc="completing")
-    started = time.time()
     for batch, index, label_t, unknown_t, prediction, hidden, tiles in completion_batches(
             models, plans, images, read_pair, fill, args, runtime, generator):
         _, config, path = models[index]
@@ -1294,7 +1223,8 @@ def write_completion(models, plans, images, truths, read_pair, fill, K, info, ar
             writable |= hidden & (label_t == config["background_class"])
         completed = torch.where(writable, prediction, label_t)  # known pixels are copied, never predicted
         if args.truth:
-            truth_t = torch.from_numpy(np.stack([read_label_file(truths[s], K, args.void_id) for s in batch]))
+            truth_t = torch.from_numpy(np.stack([read_label(truths[s], K, args.void_id).astype(np.uint8)
+                                                 for s in batch]))
             if truth_t.shape != label_t.shape:
                 raise DatasetError(f"--truth {args.truth}: a truth label's size differs from its label in "
                                    f"{', '.join(batch)}; sizes must match")
@@ -1321,13 +1251,11 @@ def write_completion(models, plans, images, truths, read_pair, fill, K, info, ar
                 row["filled_accuracy"] = round(int((completed[i] == truth_t[i])[scored].sum()) / count, 6)
                 row["nearest_accuracy"] = round(int((nearest[i] == truth_t[i])[scored].sum()) / count, 6)
             rows.append(row)
-            done += 1
-            say_done(done, len(plans), "complete", f"{stem} {label_t.shape[2]}x{label_t.shape[1]} fill={fill} "
-                                                   f"tiles={tiles} {time.time() - started:.1f} s")
+            say_done(len(rows), len(plans), "complete", f"{stem} {label_t.shape[2]}x{label_t.shape[1]} fill={fill} "
+                                                        f"tiles={tiles} {time.time() - started:.1f} s")
         bar.update(len(batch))
     bar.close()
-    rows.sort(key=lambda r: r["name"])
-    return completion_summary(args, rows, models, scores, without_label=[])
+    return sorted(rows, key=lambda r: r["name"]), scores
 
 
 # --- phases: training (Sec. IV-A) ---
@@ -1394,10 +1322,10 @@ def build_splits(args, splits):
 
 def train(args, runtime, resume_path):
     """Training (Sec. IV-A), then the test split scored with best.pt; or, with --eval-only, only that score."""
-    device = runtime.device
+    device, out = runtime.device, Path(args.out)
     splits = {"test": args.test_split} if args.eval_only else {"train": args.train_split, "val": args.val_split,
                                                                 "test": args.test_split}
-    path = (Path(args.checkpoint) if args.checkpoint else Path(args.out) / "best.pt") if args.eval_only else resume_path
+    path = (Path(args.checkpoint) if args.checkpoint else out / "best.pt") if args.eval_only else resume_path
     if path is not None and path.is_file():  # the checkpoint's network and K, unless the command line gives them
         saved = load_checkpoint(path, SCRIPT)
         for key in ("arch", "patch_size", "fuse", "ips", "pos_embed", "head", "head_width", "nearest_prior"):
@@ -1416,12 +1344,9 @@ def train(args, runtime, resume_path):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     arch = architecture(args, K)
-    out = Path(args.out)
 
     if args.eval_only:
-        path = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
-        state = load_checkpoint(path, SCRIPT, arch)
-        load_state(model, state["model"], path)
+        load_state(model, load_checkpoint(path, SCRIPT, arch)["model"], path)
         metrics = evaluate(model, loaders["test"], args, runtime, K)
         results = {"checkpoint": str(path), "test_split": args.test_split, "test": metrics}
         if runtime.main:
@@ -1450,13 +1375,7 @@ def train(args, runtime, resume_path):
               **{f"{role}_images": len(dataset) for role, dataset in datasets.items()}}
     out = create_run_dir(args, SCRIPT, config, runtime)
     log = MetricsLog(out, runtime, resume_state=state)
-    if runtime.main:
-        (out / "samples").mkdir(exist_ok=True)
-        sample_set = datasets["val"]
-        sample_images, sample_labels = (torch.stack(t).to(device) for t in
-                                        zip(*[sample_set[i] for i in range(min(6, len(sample_set)))]))
-    net = model
-    model = distribute(model, runtime)
+    net, model = model, distribute(model, runtime)
     step = torch.compile(train_step) if args.compile else train_step  # one compiled graph per step
     guard = FiniteGuard()
     info_state = {"num_classes": K, "class_names": list(info.class_names), "palette": [list(c) for c in info.palette]}
@@ -1482,7 +1401,7 @@ def train(args, runtime, resume_path):
             save_checkpoint(out / "last.pt", state, SCRIPT, arch, log)
             if improved:
                 link_checkpoint(out / "last.pt", out / "best.pt")
-                save_samples(net, sample_images, sample_labels, args, runtime, info.palette,
+                save_samples(net, datasets["val"], args, runtime, info.palette,
                              out / "samples" / f"epoch_{epoch:03d}.png")
         barrier()
 
@@ -1500,8 +1419,9 @@ def train(args, runtime, resume_path):
 
 # --- command line ---
 
-IMAGE_ONLY_SETS = ("cifar10", "catsdogs")
-LABELLED_SETS = [n for n in DATASET_NAMES if n not in IMAGE_ONLY_SETS]
+LABELLED_SETS = [n for n in DATASET_NAMES if n not in ("cifar10", "catsdogs")]  # the image-only sets have no labels
+MASKINGS = STRATEGIES + ("mixed",)
+FRACTION = "between 0 and 1 (exclusive)"
 # Recipes (--recipe): paper = the paper's model and masks; fill = ours, not in the paper (CHOICE C19): the conv head
 # with the nearest-known-pixel prior (C15), random masks (what `degrade` draws), boundary-weighted loss (C18).
 RECIPES = {
@@ -1550,6 +1470,21 @@ def parse_mix(text):
     return parts
 
 
+def add_dataset_arguments(add):  # training and `degrade`
+    add("--data", default="shapes", choices=LABELLED_SETS,
+        help="dataset (common.py readers; needs labels, 255 = unknown/void). Default: shapes, the synthetic set; "
+             "folder reads <root>/{train,val,test}/{images,masks} (what degrade writes)")
+    add("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
+    add("--download", action="store_true", help="let torchvision download the set where it can")
+
+
+def check_ranges(parser, args, checks):
+    """parser.error for the first (dest, valid, what) that is not valid: `--flag must be what, got value`."""
+    for name, valid, what in checks:
+        if not valid:
+            parser.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+
+
 def get_args(argv=None):
     """The whole CLI. The first word picks the job: `complete`, `degrade`, or none (training)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1558,175 +1493,119 @@ def get_args(argv=None):
     if argv and argv[0] == "degrade":
         return get_degrade_args(argv[1:])
 
-    parser = ArgumentParser(
-        description="L-MAE label completion: train (this command), or `lmae.py complete ...` / "
-                    "`lmae.py degrade ...` (see `lmae.py complete -h`, `lmae.py degrade -h`)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="shapes", choices=LABELLED_SETS,
-                      help="dataset (common.py readers; needs labels, 255 = unknown/void). Default: shapes, the "
-                           "synthetic set; folder reads <root>/{train,val,test}/{images,masks} (what degrade writes)")
-    data.add_argument("--data-root", default=None, help="dataset root in its original layout (default ./data/<name>)")
-    data.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
-    data.add_argument("--num-classes", type=int, default=None,
-                      help="--data folder only: the number of classes K (default: largest id in the masks + 1; "
-                           "give it for partial labels, whose masks may miss a class)")
-    data.add_argument("--train-split", default="train",
-                      help="split that trains (SPLIT:F = a seeded fraction F of SPLIT, --split-seed; the roles naming "
-                           "SPLIT plainly get the rest), e.g. the split degrade wrote")
-    data.add_argument("--val-split", default="val",
-                      help="split that picks best.pt (default val; or SPLIT:F; `train` validates on the training "
-                           "labels with fresh masks, for a set that only has partial labels)")
-    data.add_argument("--test-split", default="test",
-                      help="split scored at the end and by --eval-only (default test; or SPLIT:F)")
-    data.add_argument("--split-seed", type=int, default=0,
-                      help="seed of the readers' seeded splits and of SPLIT:F, kept apart from --seed so that every "
-                           "run seed meets the same test images")
-    data.add_argument("--void-id", type=int, default=None,
-                      help="class-id labels: this id marks unlabelled pixels and becomes 255 (ignore); CamVid's 11 "
-                           "is known without it")
-    data.add_argument("--img-size", type=parse_size, default=None,
-                      help="training input H or HxW, a multiple of --patch-size; paper: VOC 224 (crop 448 resized), "
-                           "Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
-    data.add_argument("--crop", type=parse_size, default=None,
-                      help="random crop taken before the resize to --img-size (equal to --img-size: crop only); "
-                           "paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid (native-scale crops), "
-                           "none elsewhere")
-    data.add_argument("--eval-size", type=parse_size, default=None,
-                      help="validation images are resized to this (CHOICE C10). Default: VOC 224, Cityscapes "
-                           "1024x2048, CamVid 352x480, otherwise --img-size")
-    data.add_argument("--background-class", type=int, default=0,
-                      help="class id treated as background by the mask strategies (CHOICE C4; default 0)")
+    parser = ArgumentParser(description="L-MAE label completion: train (this command), or `lmae.py complete ...` / "
+                                        "`lmae.py degrade ...` (see `lmae.py complete -h`, `lmae.py degrade -h`)")
+    add = parser.add_argument_group("data").add_argument
+    add_dataset_arguments(add)
+    add("--num-classes", type=int, default=None, help="--data folder only: the number of classes K (default: largest "
+        "id in the masks + 1; give it for partial labels, whose masks may miss a class)")
+    add("--train-split", default="train", help="split that trains (SPLIT:F = a seeded fraction F of SPLIT, "
+        "--split-seed; the roles naming SPLIT plainly get the rest), e.g. the split degrade wrote")
+    add("--val-split", default="val", help="split that picks best.pt (default val; or SPLIT:F; `train` validates on "
+        "the training labels with fresh masks, for a set that only has partial labels)")
+    add("--test-split", default="test", help="split scored at the end and by --eval-only (default test; or SPLIT:F)")
+    add("--split-seed", type=int, default=0, help="seed of the readers' seeded splits and of SPLIT:F, apart from "
+        "--seed so that every run seed meets the same test images")
+    add("--void-id", type=int, default=None, help="class-id labels: this id marks unlabelled pixels and becomes 255 "
+        "(ignore); CamVid's 11 is known without it")
+    add("--img-size", type=parse_size, default=None, help="training input H or HxW, a multiple of --patch-size; "
+        "paper: VOC 224 (crop 448 resized), Cityscapes 448 (crop). Default: those; other sets 224; shapes 64")
+    add("--crop", type=parse_size, default=None, help="random crop taken before the resize to --img-size (equal to "
+        "--img-size: crop only); paper: 448 (VOC, Cityscapes). Default: 448 there, 224 for camvid, none elsewhere")
+    add("--eval-size", type=parse_size, default=None, help="validation images are resized to this (CHOICE C10). "
+        "Default: VOC 224, Cityscapes 1024x2048, CamVid 352x480, otherwise --img-size")
+    add("--background-class", type=int, default=0, help="class id the mask strategies treat as background (CHOICE C4)")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--arch", default=None, choices=tuple(PRESETS),
-                       help=f"network EB/DB/ED/DD from Table IV (paper's choice {PAPER_PRESET}, the voc and "
-                            "cityscapes default) or small/tiny (tiny: the default elsewhere, C14, C19)")
-    model.add_argument("--patch-size", type=int, default=None,
-                       help="patch side P in pixels; Table IV's counts fix P=16 (default; shapes 8)")
-    model.add_argument("--fuse", default="layer", choices=FUSES,
-                       help="Stack Fuse variant, Table III: layer = one-hot layers + RGB (the paper's, default), "
-                            "direct = label as a 4th channel, insert = label copied after each RGB channel")
-    model.add_argument("--pos-embed", default="2d", choices=("2d", "1d"),
-                       help="fixed sin-cos positions: 2d (MAE, default) or 1d (the paper's Eqs. 2-3), CHOICE C2")
-    model.add_argument("--ips", action=argparse.BooleanOptionalAction, default=True,
-                       help="Image Patch Supplement (Sec. III-C, default on); --no-ips uses MAE's learned mask "
-                            "token (Fig. 6)")
-    model.add_argument("--drop-path", type=float, default=None,
-                       help="largest stochastic-depth rate (CHOICE C6; default 0.1 for voc and cityscapes, 0 "
-                            "elsewhere)")
-    model.add_argument("--recipe", default=None, choices=tuple(RECIPES),
-                       help="paper: the paper's model (linear head, mixed 1:2:2 masks, plain loss); fill: ours, not "
-                            "in the paper (conv head width 16 + nearest prior, random masks, boundary weight 5; "
-                            "CHOICE C19). Sets the defaults of --head, --head-width, --nearest-prior, --masking, "
-                            "--boundary-weight. Default: paper for voc and cityscapes, fill otherwise")
-    model.add_argument("--head", default=None, choices=HEADS,
-                       help="pixel head: linear (the paper's per-token map) or conv (CHOICE C15). Default: --recipe's")
-    model.add_argument("--head-width", type=int, default=None, help="channels of --head conv (default: --recipe's)")
-    model.add_argument("--nearest-prior", action=argparse.BooleanOptionalAction, default=None,
-                       help="--head conv also sees the nearest-known-pixel fill (CHOICE C15). Default: --recipe's")
+    add = parser.add_argument_group("model").add_argument
+    add("--arch", default=None, choices=tuple(PRESETS), help=f"network EB/DB/ED/DD from Table IV (paper's choice "
+        f"{PAPER_PRESET}, the voc and cityscapes default) or small/tiny (tiny: the default elsewhere, C14, C19)")
+    add("--patch-size", type=int, help="patch side P in pixels; Table IV's counts fix P=16 (default; shapes 8)")
+    add("--fuse", default="layer", choices=FUSES, help="Stack Fuse variant, Table III: layer = one-hot layers + RGB "
+        "(the paper's, default), direct = label as a 4th channel, insert = label copied after each RGB channel")
+    add("--pos-embed", default="2d", choices=("2d", "1d"),
+        help="fixed sin-cos positions: 2d (MAE, default) or 1d (the paper's Eqs. 2-3), CHOICE C2")
+    add("--ips", action=argparse.BooleanOptionalAction, default=True,
+        help="Image Patch Supplement (Sec. III-C, default on); --no-ips uses MAE's learned mask token (Fig. 6)")
+    add("--drop-path", type=float, help="top stochastic-depth rate (CHOICE C6; default 0.1 voc, cityscapes, else 0)")
+    add("--recipe", default=None, choices=tuple(RECIPES), help="defaults of --head, --head-width, --nearest-prior, "
+        "--masking, --boundary-weight. paper: the paper's (linear head, mixed 1:2:2 masks, plain loss); fill: ours, "
+        "not in the paper (conv head width 16 + nearest prior, random masks, boundary weight 5; CHOICE C19). "
+        "Default: paper for voc and cityscapes, fill otherwise")
+    add("--head", choices=HEADS, help="linear (the paper's per-token map) or conv (CHOICE C15); default --recipe's")
+    add("--head-width", type=int, help="channels of --head conv (default: --recipe's)")
+    add("--nearest-prior", action=argparse.BooleanOptionalAction,
+        help="--head conv also sees the nearest-known-pixel fill (CHOICE C15). Default: --recipe's")
 
-    masking = parser.add_argument_group("masking")
-    masking.add_argument("--mask-ratio", type=float, default=0.5,
-                         help="fraction of patches hidden (paper: 0.5 and 0.6 in Table I, 0.5-0.8 in Table II/Fig. 6)")
-    masking.add_argument("--masking", default=None, choices=STRATEGIES + ("mixed",),
-                         help="Sec. III-B: random, label-first, background-first, or mixed per sample (the "
-                              "paper's). Default: --recipe's")
-    masking.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
-                         help="mixing weights random:label-first:background-first for --masking mixed "
-                              "(paper: 1:2:2, the default)")
-    masking.add_argument("--eval-masking", default="random", choices=STRATEGIES + ("mixed",),
-                         help="strategy of the validation masks (CHOICE C10; default random)")
-    masking.add_argument("--unknown-first", action=argparse.BooleanOptionalAction, default=False,
-                         help="hide the patches with the most unknown (255) pixels first, as complete does "
-                              "(CHOICE C3; for partial labels; default off)")
+    add = parser.add_argument_group("masking").add_argument
+    add("--mask-ratio", type=float, default=0.5,
+        help="fraction of patches hidden (paper: 0.5 and 0.6 in Table I, 0.5-0.8 in Table II/Fig. 6)")
+    add("--masking", choices=MASKINGS, help="Sec. III-B; mixed: drawn per sample (the paper's). Default: --recipe's")
+    add("--mix", type=parse_mix, default=(1.0, 2.0, 2.0),
+        help="weights random:label-first:background-first of --masking mixed (paper: 1:2:2, the default)")
+    add("--eval-masking", default="random", choices=MASKINGS, help="strategy of the validation masks (CHOICE C10)")
+    add("--unknown-first", action=argparse.BooleanOptionalAction, default=False, help="hide the patches with the "
+        "most unknown (255) pixels first, as complete does (CHOICE C3; for partial labels; default off)")
 
-    loss = parser.add_argument_group("loss (Eqs. 10-12)")
-    loss.add_argument("--class-weighting", default="none", choices=("paper", "none"),
-                      help="paper: Eq. (10) weights from class proportions with learnable beta, gamma; none: "
-                           "w_i = 1 in Eqs. (11)-(12), plain CE (default; see the README's Deviations)")
-    loss.add_argument("--freeze-weights", action="store_true",
-                      help="keep beta and gamma at their initial values (CHOICE C7)")
-    loss.add_argument("--beta-init", type=float, default=1.0, help="initial beta of Eq. (10), > 0 (CHOICE C7)")
-    loss.add_argument("--gamma-init", type=float, default=GAMMA_INIT, help="initial gamma of Eq. (10) (CHOICE C7)")
-    loss.add_argument("--loss-region", default="masked", choices=("masked", "all"),
-                      help="pixels in the loss: those of hidden patches (default, MAE) or all labelled pixels "
-                           "(CHOICE C8)")
-    loss.add_argument("--boundary-weight", type=float, default=None,
-                      help="loss weight of pixels within 2 px of a label boundary, 1 elsewhere (CHOICE C18, not in "
-                           "the paper; 1 = plain). Default: --recipe's")
-    loss.add_argument("--ignore-background-in-loss", action=argparse.BooleanOptionalAction, default=False,
-                      help="leave background pixels out of the loss, Eq. (12)'s literal reading (CHOICE C8; "
-                           "default off)")
+    add = parser.add_argument_group("loss (Eqs. 10-12)").add_argument
+    add("--class-weighting", default="none", choices=("paper", "none"), help="paper: Eq. (10) weights from class "
+        "proportions with learnable beta, gamma; none: w_i = 1, plain CE (default; see the README's Deviations)")
+    add("--freeze-weights", action="store_true", help="keep beta and gamma at their initial values (CHOICE C7)")
+    add("--beta-init", type=float, default=1.0, help="initial beta of Eq. (10), > 0 (CHOICE C7)")
+    add("--gamma-init", type=float, default=GAMMA_INIT, help="initial gamma of Eq. (10) (CHOICE C7)")
+    add("--loss-region", default="masked", choices=("masked", "all"), help="pixels in the loss: those of hidden "
+        "patches (default, MAE) or all labelled pixels (CHOICE C8)")
+    add("--boundary-weight", type=float, default=None, help="loss weight of pixels within 2 px of a label boundary, "
+        "1 elsewhere (CHOICE C18, not in the paper; 1 = plain). Default: --recipe's")
+    add("--ignore-background-in-loss", action=argparse.BooleanOptionalAction, default=False,
+        help="leave background pixels out of the loss, Eq. (12)'s literal reading (CHOICE C8; default off)")
 
-    optim = parser.add_argument_group("optimisation (Sec. IV-A)")
-    optim.add_argument("--epochs", type=int, default=None,
-                       help="paper: 400 (the voc and cityscapes default); 30 for other sets and shapes (C14, C19)")
-    optim.add_argument("--batch-size", type=int, default=None,
-                       help="per process; paper: 24 VOC, 48 Cityscapes. Default: those, other sets 8, shapes 16")
-    optim.add_argument("--lr", type=float, default=None,
-                       help="Adam learning rate; not given in the paper (CHOICE C9): 1e-4 for voc and cityscapes, "
-                            "1e-3 elsewhere")
-    optim.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
-    optim.add_argument("--plateau-patience", type=int, default=5, help="ReduceLROnPlateau patience (paper: 5)")
-    optim.add_argument("--plateau-factor", type=float, default=0.8, help="ReduceLROnPlateau factor (paper: 0.8)")
-    optim.add_argument("--plateau-threshold", type=float, default=1e-3,
-                       help="ReduceLROnPlateau relative threshold (paper: 0.001)")
-    optim.add_argument("--eval-every", type=int, default=None,
-                       help="validate every N epochs and at the last; best.pt is picked among those. Default 1; "
-                            "5 for sets the paper did not use")
+    add = parser.add_argument_group("optimisation (Sec. IV-A)").add_argument
+    add("--epochs", type=int, help="paper: 400 (the voc and cityscapes default); 30 for other sets, shapes (C14, C19)")
+    add("--batch-size", type=int, help="per process; paper: 24 VOC, 48 Cityscapes. Default: those; others 8, shapes 16")
+    add("--lr", type=float, default=None, help="Adam learning rate; not in the paper (CHOICE C9): 1e-4 for voc and "
+        "cityscapes, 1e-3 elsewhere")
+    add("--weight-decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
+    add("--plateau-patience", type=int, default=5, help="ReduceLROnPlateau patience (paper: 5)")
+    add("--plateau-factor", type=float, default=0.8, help="ReduceLROnPlateau factor (paper: 0.8)")
+    add("--plateau-threshold", type=float, default=1e-3, help="ReduceLROnPlateau relative threshold (paper: 0.001)")
+    add("--eval-every", type=int, default=None, help="validate every N epochs and at the last; best.pt is picked "
+        "among those. Default 1; 5 for sets the paper did not use")
     add_run_arguments(parser, SCRIPT)
     args = parser.parse_args(argv)
     args.command = "train"
     args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
                          for token in argv if token == option or token.startswith(option + "=")})
-
-    check_args(parser, args)
-    return args
+    return check_args(parser, args)
 
 
 def check_args(parser, args):
     """Resolve the data-dependent defaults and derived values of a training run; refuse impossible flags."""
     defaults = DATA_DEFAULTS.get(args.data, DATA_DEFAULTS["other"])
-    for key, value in defaults.items():
+    args.recipe = args.recipe or defaults["recipe"]
+    for key, value in {**defaults, **RECIPES[args.recipe]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.eval_size is None:
-        args.eval_size = args.img_size
-    for name in ("epochs", "batch_size", "patch_size", "plateau_patience", "head_width", "eval_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.eval_size = args.eval_size or args.img_size
+    check_ranges(parser, args, [(name, getattr(args, name) >= 1, ">= 1") for name in (
+        "epochs", "batch_size", "patch_size", "plateau_patience", "head_width", "eval_every")] + [
+        ("mask_ratio", 0.0 < args.mask_ratio < 1.0, FRACTION), ("lr", args.lr > 0, "positive"),
+        ("beta_init", args.beta_init > 0, "positive (beta is learned as log beta)"),
+        ("boundary_weight", args.boundary_weight > 0, "positive"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("plateau_factor", 0.0 < args.plateau_factor < 1.0, FRACTION),
+        ("drop_path", 0.0 <= args.drop_path < 1.0, "in [0, 1)"),
+        ("background_class", 0 <= args.background_class < IGNORE, "a class id in 0..254"),
+        ("void_id", args.void_id is None or 0 <= args.void_id < 65536, "a label value in 0..65535")])
     for name in ("img_size", "eval_size"):
         size = getattr(args, name)
         if size[0] % args.patch_size or size[1] % args.patch_size:
             parser.error(f"--{name.replace('_', '-')} {size[0]}x{size[1]} must be a multiple of --patch-size "
                          f"{args.patch_size} in both sides")
-    if not 0.0 < args.mask_ratio < 1.0:
-        parser.error(f"--mask-ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
     patches = (args.img_size[0] // args.patch_size) * (args.img_size[1] // args.patch_size)
     eval_patches = (args.eval_size[0] // args.patch_size) * (args.eval_size[1] // args.patch_size)
     for count, flag in ((patches, "--img-size"), (eval_patches, "--eval-size")):
         if not 0 < round(args.mask_ratio * count) < count:
             parser.error(f"--mask-ratio {args.mask_ratio} hides {round(args.mask_ratio * count)} of {count} patches "
                          f"at {flag}; at least one must be hidden and one visible (change --mask-ratio or {flag})")
-    if args.lr <= 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if args.beta_init <= 0:
-        parser.error(f"--beta-init must be positive (beta is learned as log beta), got {args.beta_init}")
-    if args.boundary_weight <= 0:
-        parser.error(f"--boundary-weight must be positive, got {args.boundary_weight}")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0.0 < args.plateau_factor < 1.0:
-        parser.error(f"--plateau-factor must be between 0 and 1 (exclusive), got {args.plateau_factor}")
-    if not 0.0 <= args.drop_path < 1.0:
-        parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    if not 0 <= args.background_class < IGNORE:
-        parser.error(f"--background-class must be a class id in 0..254, got {args.background_class}")
-    if args.void_id is not None and not 0 <= args.void_id < 65536:
-        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
     try:
         plan_splits({"train": args.train_split, "val": args.val_split, "test": args.test_split})
     except DatasetError as error:
@@ -1735,8 +1614,7 @@ def check_args(parser, args):
         parser.error(f"--num-classes is read with --data folder only and must be in 2..254, got {args.num_classes}")
     if args.nearest_prior and args.head != "conv":
         parser.error("--nearest-prior feeds the conv head; pass it with --head conv")
-    dims = PRESETS[args.arch]
-    if dims["encoder_dim"] % 4 or dims["decoder_dim"] % 4:
+    if PRESETS[args.arch]["encoder_dim"] % 4 or PRESETS[args.arch]["decoder_dim"] % 4:
         parser.error(f"--arch {args.arch}: widths must be multiples of 4 for the sin-cos positions")
     check_run_arguments(parser, args, SCRIPT)
     args.num_patches = patches  # derived, printed and saved with the run
@@ -1746,61 +1624,42 @@ def check_args(parser, args):
 
 def get_complete_args(argv):
     """`lmae.py complete`: fill the unknown pixels of a folder of labels (Sec. III-D, Fig. 4)."""
-    parser = ArgumentParser(
-        prog="lmae.py complete",
-        description="Complete labels with trained L-MAE checkpoints (Sec. III-D). Known pixels are copied unchanged; "
-                    "inputs are only read.")
-    parser.add_argument("--checkpoint", nargs="+", required=True,
-                        help="one or more lmae.py checkpoints, ideally trained at different --mask-ratio values; "
-                             "each image goes to the one whose ratio fits its unknown share (Fig. 4)")
-    parser.add_argument("--images", required=True, help="folder of images (<name>.png/.jpg/...)")
-    parser.add_argument("--labels", required=True,
-                        help="folder of label PNGs with the images' names: class ids (grey or palette), "
-                             "255 = unknown")
-    parser.add_argument("--unknown", default=None,
-                        help="folder of masks with the labels' names, non-zero = unknown pixel; then 255 outside "
-                             "the masks stays void")
-    parser.add_argument("--truth", default=None,
-                        help="folder of complete labels (same names) to score the completion and the two "
-                             "baselines: PA-mIoU over the unknown pixels, mIoU over all pixels")
-    parser.add_argument("--out", required=True, help="new folder for the completed palette PNGs and report.csv")
-    parser.add_argument("--void-id", type=int, default=None,
-                        help="a class id of --labels and --truth that marks unlabelled pixels (e.g. CamVid's 11): "
-                             "read as 255, i.e. unknown and filled, or with --unknown masks void and written as 255 "
-                             "(default none)")
-    parser.add_argument("--missing", default="unknown", choices=("unknown", "background"),
-                        help="unknown: only unknown pixels are missing (default); background: background pixels "
-                             "may be missing too, the most-background patches are hidden up to the model's ratio "
-                             "and their background pixels may be overwritten (Sec. III-D)")
-    parser.add_argument("--route", default=None, choices=("unknown", "background"),
-                        help="which share picks the checkpoint (CHOICE C12): unknown = patches holding unknown "
-                             "pixels, background = background + unknown pixels (Fig. 4). Default: --missing's")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="images are resized by this factor (aspect kept) and padded to a multiple of the "
-                             "patch size (CHOICE C12; default 1: the grid of `degrade --patch-size P`)")
-    parser.add_argument("--windows", action=argparse.BooleanOptionalAction, default=False,
-                        help="cut the scaled, padded image into windows of the checkpoint's training --img-size "
-                             "(stride half a window, a multiple of P: one global patch grid) and average their "
-                             "probabilities (CHOICE C16); default off: the whole image in one pass")
-    parser.add_argument("--max-pixels", type=int, default=2 ** 20,
-                        help="an image whose scaled size exceeds this many pixels runs alone, in tiles of at most "
-                             "this many pixels on the same patch grid, so memory stays bounded (CHOICE C17; default "
-                             "1048576; 0 = never tile)")
-    parser.add_argument("--fill", default="auto", choices=("auto", "model", "nearest"),
-                        help="what writes the unknown pixels: model (the checkpoints), nearest (each unknown pixel's "
-                             "nearest known pixel's class, no model) or auto (default): the winner of --self-check, "
-                             "which auto runs")
-    parser.add_argument("--self-check", action=argparse.BooleanOptionalAction, default=None,
-                        help="before writing, hide --check-share of the known patches, fill them with the checkpoints "
-                             "and with the nearest fill and report both PA-mIoU with 95 %% bootstrap intervals over "
-                             "images (CHOICE C17; needs no ground truth). Default: on with --fill auto, else off")
-    parser.add_argument("--check-share", type=float, default=0.1,
-                        help="share of each image's known patches the self-check hides (default 0.1)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images of one size per forward pass (default 8)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on with CUDA, off on a CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-breaks between patches")
+    parser = ArgumentParser(prog="lmae.py complete", description="Complete labels with trained L-MAE checkpoints "
+                            "(Sec. III-D). Known pixels are copied unchanged; inputs are only read.")
+    add = parser.add_argument
+    add("--checkpoint", nargs="+", required=True, help="one or more lmae.py checkpoints, ideally trained at different "
+        "--mask-ratio values; each image goes to the one whose ratio fits its unknown share (Fig. 4)")
+    add("--images", required=True, help="folder of images (<name>.png/.jpg/...)")
+    add("--labels", required=True, help="folder of labels named as the images: class ids (grey/palette), 255 = unknown")
+    add("--unknown", help="folder of masks named as the labels, non-zero = unknown; 255 outside them stays void")
+    add("--truth", help="folder of complete labels (same names) to score the completion and the two baselines: "
+        "PA-mIoU over the unknown pixels, mIoU over all pixels")
+    add("--out", required=True, help="new folder for the completed palette PNGs and report.csv")
+    add("--void-id", type=int, help="a class id of --labels and --truth marking unlabelled pixels (e.g. CamVid's 11): "
+        "read as 255, i.e. unknown and filled, or with --unknown masks void and written as 255 (default none)")
+    add("--missing", default="unknown", choices=("unknown", "background"), help="unknown: only unknown pixels are "
+        "missing (default); background: background pixels may be missing too, the most-background patches are "
+        "hidden up to the model's ratio and their background pixels may be overwritten (Sec. III-D)")
+    add("--route", choices=("unknown", "background"), help="which share picks the checkpoint (CHOICE C12): unknown = "
+        "patches holding unknown pixels, background = background + unknown pixels (Fig. 4). Default: --missing's")
+    add("--scale", type=float, default=1.0, help="images are resized by this factor (aspect kept) and padded to a "
+        "multiple of the patch size (CHOICE C12; default 1: the grid of `degrade --patch-size P`)")
+    add("--windows", action=argparse.BooleanOptionalAction, default=False, help="cut the scaled, padded image into "
+        "windows of the checkpoint's training --img-size (stride half a window, a multiple of P: one global patch "
+        "grid) and average their probabilities (CHOICE C16); default off: the whole image in one pass")
+    add("--max-pixels", type=int, default=2 ** 20, help="an image whose scaled size exceeds this runs alone, in tiles "
+        "of at most this many pixels on the same patch grid: bounded memory (CHOICE C17; default 1048576; 0 = never)")
+    add("--fill", default="auto", choices=("auto", "model", "nearest"), help="what writes the unknown pixels: model "
+        "(the checkpoints), nearest (each unknown pixel's nearest known pixel's class, no model) or auto (default): "
+        "the winner of --self-check, which auto runs")
+    add("--self-check", action=argparse.BooleanOptionalAction, help="before writing, hide --check-share of the known "
+        "patches, fill them with the checkpoints and with the nearest fill, report both PA-mIoU with 95 %% bootstrap "
+        "intervals over images (CHOICE C17; needs no ground truth). Default: on with --fill auto, else off")
+    add("--check-share", type=float, default=0.1, help="share of each image's known patches the self-check hides")
+    add("--batch-size", type=int, default=8, help="images of one size per forward pass")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA, off on a CPU)")
+    add("--seed", type=int, default=0, help="seed of the random tie-breaks between patches")
     args = parser.parse_args(argv)
     args.command = "complete"
     args.route = args.route or args.missing
@@ -1809,62 +1668,45 @@ def get_complete_args(argv):
     if args.fill == "auto" and not args.self_check:
         parser.error("--fill auto picks the winner of the self-check; drop --no-self-check or pass --fill model or "
                      "--fill nearest")
-    if not 0.0 < args.check_share < 1.0:
-        parser.error(f"--check-share must be between 0 and 1 (exclusive), got {args.check_share}")
-    if args.max_pixels < 0:
-        parser.error(f"--max-pixels must be >= 0 (0 = never tile), got {args.max_pixels}")
-    if args.void_id is not None and not 0 <= args.void_id < 65536:
-        parser.error(f"--void-id must be a label value in 0..65535, got {args.void_id}")
-    if not 0.0 < args.scale <= 8.0:
-        parser.error(f"--scale must be in (0, 8], got {args.scale}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    for name in ("images", "labels", "unknown", "truth"):
-        folder = getattr(args, name)
+    check_ranges(parser, args, [
+        ("check_share", 0.0 < args.check_share < 1.0, FRACTION),
+        ("max_pixels", args.max_pixels >= 0, ">= 0 (0 = never tile)"),
+        ("void_id", args.void_id is None or 0 <= args.void_id < 65536, "a label value in 0..65535"),
+        ("scale", 0.0 < args.scale <= 8.0, "in (0, 8]"), ("batch_size", args.batch_size >= 1, ">= 1")])
+    folders = {f"--{name}": getattr(args, name) for name in ("images", "labels", "unknown", "truth")}
+    for flag, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
-            parser.error(f"--{name} {folder}: no such folder")
+            parser.error(f"{flag} {folder}: no such folder")
     for path in args.checkpoint:
         if not Path(path).is_file():
             parser.error(f"--checkpoint {path}: no such file")
-    check_new_folder(parser, args.out, {f"--{name}": getattr(args, name) for name in ("images", "labels", "unknown",
-                                                                                       "truth")})
+    check_new_folder(parser, args.out, folders)
     return args
 
 
 def get_degrade_args(argv):
     """`lmae.py degrade`: hide patches of a dataset's labels (Sec. IV-C) so that `complete` can be scored."""
-    parser = ArgumentParser(
-        prog="lmae.py degrade",
-        description="Write a copy of dataset splits with a fraction of every label's patches set to 255 "
-                    "(Sec. IV-C): <out>/<split>/images, masks (degraded: `--data folder` reads them), unknown "
-                    "(255 = hidden), truth (complete).")
-    parser.add_argument("--data", default="shapes", choices=LABELLED_SETS, help="dataset (common.py readers); "
-                        "default shapes")
-    parser.add_argument("--data-root", default=None, help="dataset root in its original layout")
-    parser.add_argument("--download", action="store_true", help="let torchvision download the set where it can")
-    parser.add_argument("--split", nargs="+", default=["train"], help="split(s) to degrade (default train)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
-    parser.add_argument("--img-size", type=parse_size, default=(64, 64), help="size shapes are drawn at (shapes only)")
-    parser.add_argument("--ratio", type=float, default=0.5,
-                        help="fraction of each label's patches set to 255 (paper: 50 %%, the default)")
-    parser.add_argument("--patch-size", type=int, default=16,
-                        help="patch side in pixels (default 16); the model's patch size / complete's --scale, so "
-                             "that both grids are the same (CHOICE C13)")
-    parser.add_argument("--strategy", default="random", choices=STRATEGIES + ("mixed",),
-                        help="which patches are hidden (default random, Sec. IV-C; CHOICE C13)")
-    parser.add_argument("--mix", type=parse_mix, default=(1.0, 2.0, 2.0), help="weights for --strategy mixed "
-                        "(default 1:2:2)")
-    parser.add_argument("--background-class", type=int, default=0, help="background id for the strategies (C4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the hidden patches")
-    parser.add_argument("--out", required=True, help="new folder for the degraded copy")
+    parser = ArgumentParser(prog="lmae.py degrade", description="Write a copy of dataset splits with a fraction of "
+                            "every label's patches set to 255 (Sec. IV-C): <out>/<split>/images, masks (degraded: "
+                            "`--data folder` reads them), unknown (255 = hidden), truth (complete).")
+    add = parser.add_argument
+    add_dataset_arguments(add)
+    add("--split", nargs="+", default=["train"], help="split(s) to degrade (default train)")
+    add("--limit", type=int, help="only the first N images of each split")
+    add("--img-size", type=parse_size, default=(64, 64), help="size shapes are drawn at (shapes only)")
+    add("--ratio", type=float, default=0.5, help="share of each label's patches set to 255 (paper: 50 %%, the default)")
+    add("--patch-size", type=int, default=16, help="patch side in pixels (default 16); the model's patch size / "
+        "complete's --scale, so that both grids are the same (CHOICE C13)")
+    add("--strategy", default="random", choices=MASKINGS, help="which patches are hidden (Sec. IV-C; CHOICE C13)")
+    add("--mix", type=parse_mix, default=(1.0, 2.0, 2.0), help="weights for --strategy mixed (default 1:2:2)")
+    add("--background-class", type=int, default=0, help="background id for the strategies (C4)")
+    add("--seed", type=int, default=0, help="seed of the hidden patches")
+    add("--out", required=True, help="new folder for the degraded copy")
     args = parser.parse_args(argv)
     args.command = "degrade"
-    if not 0.0 < args.ratio < 1.0:
-        parser.error(f"--ratio must be between 0 and 1 (exclusive), got {args.ratio}")
-    if args.patch_size < 1:
-        parser.error(f"--patch-size must be >= 1, got {args.patch_size}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
+    check_ranges(parser, args, [("ratio", 0.0 < args.ratio < 1.0, FRACTION),
+                                ("patch_size", args.patch_size >= 1, ">= 1"),
+                                ("limit", args.limit is None or args.limit >= 1, ">= 1")])
     check_new_folder(parser, args.out, {"--data-root": args.data_root})
     return args
 
