@@ -4,9 +4,10 @@ and the smallest real lane of its experiment, 3 seeds each, `--no-amp` vs `--amp
     OMP_NUM_THREADS=1 python experiments/bf16/run.py --methods masksup selective_mim [--lanes default real]
     python experiments/bf16/run.py --only-table          # tabulate the finished runs
 
-One thread per run (OMP_NUM_THREADS=1); runs that finished (results.json present) are not repeated. Writes
-<runs>/<method>-<lane>-s<seed>-<fp32|bf16>/, <runs>/bf16.json and prints the table (mean +- sample std over seeds;
-the paired difference bf16 - fp32 per seed, then its mean +- std). Needs a CPU with AVX512-BF16 or AMX.
+Runs masksup.py, simclr_seg.py, selective_mim.py and lmae.py, one thread each (OMP_NUM_THREADS=1); runs that
+finished (results.json present) are not repeated. Writes <runs>/<method>-<lane>-s<seed>-<fp32|bf16>/,
+<runs>/bf16.json and prints the table (mean +- sample std over seeds; the paired difference bf16 - fp32 per seed,
+then its mean +- std). Needs a CPU with AVX512-BF16 or AMX.
 """
 import argparse
 import importlib.util
