@@ -8,7 +8,8 @@
 # 50 %-degraded train labels only (the Table V setting: --data folder, --unknown-first --mask-ratio 0.75).
 # best.pt = the last epoch (validated only there): nothing is selected on the val frames that are completed.
 # Each training run is meant to take at most 45 min on 2 CPU cores (EPOCHS, default 30 = the camvid default).
-# Usage: [LANES='fill paper filldeg'] [SEEDS='0 1 2'] [EPOCHS=30] [FLAGS=--no-amp] bash experiments/lmae_camvid_full/run.sh [OUT]
+# Usage: [LANES='fill paper filldeg'] [SEEDS='0 1 2'] [EPOCHS=30] [FLAGS=--no-amp] \
+#        bash experiments/lmae_camvid_full/run.sh [OUT]
 #        (default runs/lmae_camvid_full); one process per lane, OMP_NUM_THREADS=1 each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +19,7 @@ PY=${PYTHON:-.venv/bin/python}
 EPOCHS=${EPOCHS:-30}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
-RUN=(--epochs "$EPOCHS" --eval-every "$EPOCHS" --workers 0 ${FLAGS:-})  # FLAGS: extra training flags, e.g. --no-amp
+RUN=(--epochs "$EPOCHS" --eval-every "$EPOCHS" --workers 0 ${FLAGS:-})  # FLAGS: extra training flags
 score() {  # name seed (the checkpoint: $OUT/NAME-sSEED/best.pt)
   for ratio in 0.5 0.7; do
     local deg="$OUT/val-r$ratio-s$2"
