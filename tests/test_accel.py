@@ -156,29 +156,32 @@ def test_bf16_channels_last_runs_save_fp32_weights_an_eager_model_loads(name, ro
 
 
 # The --amp default on a CPU: on where the README's bf16 table shows the method's metric holds (all but selective_mim),
-# only on a CPU with bf16; off for the others; always on with CUDA; a typed --amp/--no-amp always wins.
+# only on a CPU with bf16; a typed --amp/--no-amp always wins (--amp without bf16 is refused).
 AMP_ON_CPU = {"masksup": True, "simclr_seg": True, "selective_mim": False, "lmae": True}
+
+
+class SetUp(Exception):
+    pass
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 @pytest.mark.parametrize("bf16", (True, False))
-def test_the_amp_default_on_a_cpu_is_per_method(name, bf16, monkeypatch, tmp_path):
+@pytest.mark.parametrize("typed", ([], ["--amp"], ["--no-amp"]))
+def test_the_amp_default_on_a_cpu_is_per_method(name, bf16, typed, monkeypatch, tmp_path):
     module = importlib.import_module(name)
     monkeypatch.setattr(module, "cpu_supports_bf16", lambda: bf16)
-    calls = []
-    monkeypatch.setattr(module, "setup_runtime", lambda args, **kw: calls.append((args, kw)) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):  # stop right after the runtime is set up: no data, no training
-        module.main(module.get_args(ACCEL_FLAGS[name] + ["--out", str(tmp_path / "run")]))
-    (args, kw), = calls
-    monkeypatch.undo()
-    monkeypatch.setattr(module, "cpu_supports_bf16", lambda: bf16)
-    assert args.amp is None
-    module.setup_runtime(args, **kw)
-    assert args.amp is (bf16 and AMP_ON_CPU[name])
-    for typed in (True, False):
-        args.amp = typed
-        if typed and not bf16:
-            with pytest.raises(module.UsageError, match="--amp: this CPU has no bf16"):
-                module.setup_runtime(args, **kw)
-        else:
-            assert module.setup_runtime(args, **kw).amp is typed
+    real, resolved = module.setup_runtime, []
+
+    def setup_then_stop(args, **kw):  # main's own call, with its own arguments; then stop before any data is read
+        resolved.append(real(args, **kw).amp)
+        raise SetUp
+
+    monkeypatch.setattr(module, "setup_runtime", setup_then_stop)
+    args = module.get_args(ACCEL_FLAGS[name] + typed + ["--out", str(tmp_path / "run")])
+    if typed == ["--amp"] and not bf16:
+        with pytest.raises(module.UsageError, match="--amp: this CPU has no bf16"):
+            module.main(args)
+        return
+    with pytest.raises(SetUp):
+        module.main(args)
+    assert resolved == [{"--amp": True, "--no-amp": False}[typed[0]] if typed else bf16 and AMP_ON_CPU[name]]
