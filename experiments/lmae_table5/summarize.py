@@ -1,5 +1,6 @@
-"""Table of experiments/lmae_table5/run.sh: test mIoU of the segmentation model per label variant (mean +- std over
-seeds) and the completion quality of the training labels (reads results.json / summary.json files only)."""
+"""Table of experiments/lmae_table5/run.sh and camvid_full.sh: test mIoU of the segmentation model per label variant
+(mean +- std over seeds, and paired by seed against the degraded labels) and the completion quality of the unknown
+training pixels (reads results.json / summary.json files only)."""
 import json
 import statistics
 import sys
@@ -13,13 +14,22 @@ def fmt(values):
     return f"{statistics.mean(values):.3f} +- {spread:.3f} (n={len(values)})"
 
 
-print("| training labels of the segmentation model | test mIoU (CamVid val) |")
-print("| --- | --- |")
-for variant in ("degraded", "completed", "full"):
-    values = [json.loads(p.read_text())["test"]["miou"] for p in sorted(out.glob(f"seg-{variant}-s*/results.json"))]
-    if values:
-        print(f"| {variant} | {fmt(values)} |")
-summaries = [json.loads(p.read_text()) for p in sorted(out.glob("completed-s*/summary.json"))]
+def test_miou(variant):
+    return {p.parent.name.rsplit("-s", 1)[1]: json.loads(p.read_text())["test"]["miou"]
+            for p in sorted(out.glob(f"seg-{variant}-s*/results.json"))}
+
+
+base = test_miou("degraded")
+print("| training labels of the segmentation model | test mIoU (CamVid val) | minus degraded, paired by seed |")
+print("| --- | --- | --- |")
+for variant in ("degraded", "nearest", "completed", "full"):
+    scores = test_miou(variant)
+    paired = [scores[s] - base[s] for s in scores if s in base]
+    if scores:
+        print(f"| {variant} | {fmt(list(scores.values()))} | {fmt(paired) if variant != 'degraded' and paired else ''} |")
+# run.sh writes completed-sN/, camvid_full.sh model-sN/ (and nearest-sN/, whose summary holds the same nearest score)
+summaries = [json.loads(p.read_text()) for p in sorted([*out.glob("completed-s*/summary.json"),
+                                                        *out.glob("model-s*/summary.json")])]
 if summaries:
     print()
     print("| completion of the unknown training pixels | PA-mIoU |")
