@@ -40,3 +40,16 @@ for ratio in sorted(rows):
         gap = fmt(gaps[(ratio, name)]) if name else ""
         print(f"| {float(ratio):.0%} | {label} | {fmt(rows[ratio][label])} | {fmt(rows[ratio][label + ' acc'])} | "
               f"{gap} |")
+
+# Levers (experiments/lmae_camvid_full/run.sh): each lane minus the default lane `fill`, same seed and masks.
+levers = {(ratio, name): [] for ratio, name in gaps if name not in ("fill", None)}
+for (ratio, name), values in levers.items():
+    for summary in sorted(out.glob(f"completed-{name}-r{ratio}-s*/summary.json")):
+        fill = summary.parent.parent / summary.parent.name.replace(f"-{name}-", "-fill-") / "summary.json"
+        if fill.is_file():
+            values.append(json.loads(summary.read_text())["pa_miou"] - json.loads(fill.read_text())["pa_miou"])
+if any(levers.values()):
+    print("\n| unknown share | lane | PA-mIoU minus the fill lane's, paired by seed |\n| --- | --- | --- |")
+    for (ratio, name), values in sorted(levers.items()):
+        if values:
+            print(f"| {float(ratio):.0%} | {name} | {fmt(values)} |")
