@@ -10,7 +10,7 @@
 # Lever lanes (item 2): the fill lane with one change, named in LEVER below; a lever that costs more per epoch
 # trains fewer epochs so that its run stays within the same 45 min (its --epochs comes after EPOCHS and wins).
 # Each training run is meant to take at most 45 min on 2 CPU cores (EPOCHS, default 30 = the camvid default).
-# Usage: [LANES='fill paper filldeg bw1 mixed hw32 p8 full small'] [SEEDS='0 1 2'] [EPOCHS=30] [FLAGS=--no-amp] \
+# Usage: [LANES='fill paper filldeg linear bw1 mixed hw32 p8 full small'] [SEEDS='0 1 2'] [EPOCHS=30] [FLAGS=--no-amp] \
 #        bash experiments/lmae_camvid_full/run.sh [OUT]
 #        (default runs/lmae_camvid_full); one process per lane, OMP_NUM_THREADS=1 each.
 set -euo pipefail
@@ -23,7 +23,7 @@ export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 RUN=(--epochs "$EPOCHS" --eval-every "$EPOCHS" --workers 0 ${FLAGS:-})  # FLAGS: extra training flags
 declare -A LEVER=(  # lane name (no '-') -> the flags it adds to the fill lane
-  [bw1]="--boundary-weight 1" [mixed]="--masking mixed" [p8]="--patch-size 8"
+  [linear]="--head linear" [bw1]="--boundary-weight 1" [mixed]="--masking mixed" [p8]="--patch-size 8"
   [hw32]="--head-width 32 --epochs 20" [full]="--img-size 352x480 --crop 352x480 --epochs 9"
   [small]="--arch small --epochs 22")  # epochs: 45 min at the first epoch's measured speed (one thread, fp32)
 score() {  # name seed (the checkpoint: $OUT/NAME-sSEED/best.pt)
@@ -45,7 +45,7 @@ lane() {  # name
     case $1 in
       fill) [ -f "$run/results.json" ] || "$PY" lmae.py --data camvid --data-root "$DATA" --test-split val "${RUN[@]}" \
                 --seed "$seed" --out "$run" > "$run.log" 2>&1 ;;
-      bw1|mixed|hw32|p8|full|small) [ -f "$run/results.json" ] || "$PY" lmae.py --data camvid --data-root "$DATA" \
+      linear|bw1|mixed|hw32|p8|full|small) [ -f "$run/results.json" ] || "$PY" lmae.py --data camvid --data-root "$DATA" \
           --test-split val "${RUN[@]}" ${LEVER[$1]} --seed "$seed" --out "$run" > "$run.log" 2>&1 ;;
       paper) [ -f "$run/results.json" ] || "$PY" lmae.py --data camvid --data-root "$DATA" --test-split val \
                  --recipe paper "${RUN[@]}" --seed "$seed" --out "$run" > "$run.log" 2>&1 ;;
