@@ -29,7 +29,7 @@ for seed in ${SEEDS:-0 1 2}; do
     done_dir="$OUT/$fill-s$seed"
     [ -f "$done_dir/summary.json" ] || "$PY" lmae.py complete --fill "$fill" --checkpoint "$model" \
         --images "$deg/train/images" --labels "$deg/train/masks" --unknown "$deg/train/unknown" \
-        --truth "$deg/train/truth" --out "$done_dir" > "$done_dir.log" 2>&1
+        --truth "$deg/train/truth" --out "$done_dir" >> "$done_dir.log" 2>&1
   done
   for variant in ${VARIANTS:-degraded nearest completed full}; do
     case $variant in
@@ -52,7 +52,7 @@ for seed in ${SEEDS:-0 1 2}; do
     [ -f "$seg/results.json" ] || { "$PY" masksup.py --data folder --data-root "$tree" --mask-mode ids \
         --num-classes 11 --alpha2 0 --alpha3 0 --arch unet --unet-width 16 --img-size "$SEG_SIZE" \
         --epochs "$SEG_EPOCHS" --batch-size 8 --optimizer adam --lr 1e-3 --workers 0 --seed "$seed" \
-        --out "$seg" > "$seg.log" 2>&1
+        --out "$seg" >> "$seg.log" 2>&1  # appended: a second copy refused by the lock keeps the log
       echo "seg $variant seed $seed: $(( $(date +%s) - start )) s, load $(cut -d' ' -f1-3 /proc/loadavg)" \
           | tee -a "$OUT/wall.txt"; }
   done
